@@ -1,0 +1,294 @@
+//! Configuration: one typed `Config`, loaded once from flags and environment variables.
+//!
+//! Every setting is a flag with an environment variable; `parley --help` lists them, and the README
+//! has the table. Durations take humantime forms (`500ms`, `30s`, `7d`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Command line of the `parley` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "parley",
+    version,
+    about = "A chat-session microservice: sessions, history and streamed agent replies."
+)]
+pub struct Cli {
+    /// What to do; serves the API when omitted.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// The service configuration.
+    #[command(flatten)]
+    pub config: Config,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Serve the HTTP API (the default).
+    Serve,
+    /// Apply the PostgreSQL migrations to DATABASE_URL and exit.
+    Migrate,
+}
+
+/// Which conversation store to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StoreKind {
+    /// In-process memory: one replica, nothing survives a restart.
+    Memory,
+    /// Redis, shared by replicas.
+    Redis,
+    /// PostgreSQL, shared by replicas.
+    Postgres,
+}
+
+/// Which model provider to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ModelProvider {
+    /// The offline development model.
+    Echo,
+    /// An OpenAI-compatible chat-completions endpoint.
+    Openai,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Parses a humantime duration (`30s`, `500ms`, `2h`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+/// The whole service configuration.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on.
+    #[arg(long, env = "PARLEY_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Log filter (tracing EnvFilter syntax).
+    #[arg(long, env = "PARLEY_LOG", default_value = "info")]
+    pub log: String,
+    /// Log format.
+    #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    #[command(flatten)]
+    /// Limits and the agent loop.
+    pub agent: AgentConfig,
+    #[command(flatten)]
+    /// HTTP behaviour.
+    pub http: HttpConfig,
+    #[command(flatten)]
+    /// The conversation store.
+    pub store: StoreConfig,
+    #[command(flatten)]
+    /// The model.
+    pub model: ModelConfig,
+}
+
+/// The agent loop and input limits.
+#[derive(Debug, Clone, Args)]
+pub struct AgentConfig {
+    /// How many past messages are sent to the model with each turn.
+    #[arg(long, env = "PARLEY_HISTORY_SIZE", default_value_t = 20)]
+    pub history_size: usize,
+    /// System prompt for sessions that set none.
+    #[arg(long, env = "PARLEY_SYSTEM_PROMPT")]
+    pub system_prompt: Option<String>,
+    /// Largest user message content, in bytes.
+    #[arg(long, env = "PARLEY_MAX_CONTENT_BYTES", default_value_t = 32 * 1024)]
+    pub max_content_bytes: usize,
+    /// Most model calls with tools in one turn before a last call without tools forces an answer.
+    #[arg(long, env = "PARLEY_MAX_ITERATIONS", default_value_t = 8)]
+    pub max_iterations: usize,
+    /// Append each completed tool round as soon as it ends, instead of the whole turn at the end.
+    #[arg(long, env = "PARLEY_SAVE_ON_ITERATION", default_value_t = false, action = clap::ArgAction::Set)]
+    pub save_on_iteration: bool,
+    /// Longest a turn may run, model calls and tools included.
+    #[arg(long, env = "PARLEY_TURN_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
+    pub turn_timeout: Duration,
+    /// A JSON or TOML file declaring HTTP tools.
+    #[arg(long, env = "PARLEY_TOOLS_FILE")]
+    pub tools_file: Option<PathBuf>,
+}
+
+/// HTTP behaviour.
+#[derive(Debug, Clone, Args)]
+pub struct HttpConfig {
+    /// Largest request body, in bytes.
+    #[arg(long, env = "PARLEY_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+    /// Timeout of non-streaming requests other than turns.
+    #[arg(long, env = "PARLEY_REQUEST_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub request_timeout: Duration,
+    /// Interval of SSE keep-alive comments.
+    #[arg(long, env = "PARLEY_SSE_KEEPALIVE", value_parser = parse_duration, default_value = "15s")]
+    pub sse_keepalive: Duration,
+    /// Origins allowed by CORS, comma-separated (`*` for any); none when empty.
+    #[arg(long, env = "PARLEY_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
+    pub cors_origins: Vec<String>,
+    /// How long running turns may take to finish after SIGTERM before they are cancelled.
+    #[arg(long, env = "PARLEY_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
+    pub shutdown_grace: Duration,
+}
+
+/// The conversation store.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// Which store keeps the history.
+    #[arg(long = "store", env = "PARLEY_STORE", value_enum, default_value = "memory")]
+    pub kind: StoreKind,
+    /// Declares that several replicas share state; refuses to start with a non-distributed store.
+    #[arg(long, env = "PARLEY_DISTRIBUTED", default_value_t = false, action = clap::ArgAction::Set)]
+    pub distributed: bool,
+    /// Memory store: most messages kept per session (the oldest go first).
+    #[arg(long, env = "PARLEY_MEMORY_MAX_MESSAGES", default_value_t = 10_000)]
+    pub memory_max_messages: usize,
+    /// Redis and PostgreSQL: most messages kept per session (the oldest go first); 0 keeps all.
+    #[arg(long, env = "PARLEY_STORE_MAX_MESSAGES", default_value_t = 0)]
+    pub max_messages: usize,
+    /// Redis and PostgreSQL: sessions idle this long expire (sliding on each write); off when unset.
+    #[arg(long, env = "PARLEY_SESSION_TTL", value_parser = parse_duration)]
+    pub session_ttl: Option<Duration>,
+    /// Timeout of one store operation.
+    #[arg(long, env = "PARLEY_STORE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub store_timeout: Duration,
+    /// Redis connection URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// Redis key prefix.
+    #[arg(long, env = "PARLEY_REDIS_PREFIX", default_value = "parley")]
+    pub redis_prefix: String,
+    /// Redis connection pool size.
+    #[arg(long, env = "PARLEY_REDIS_POOL_SIZE", default_value_t = 32)]
+    pub redis_pool_size: usize,
+    /// PostgreSQL connection URL.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub database_url: String,
+    /// PostgreSQL connection pool size.
+    #[arg(long, env = "PARLEY_PG_POOL_SIZE", default_value_t = 16)]
+    pub pg_pool_size: u32,
+}
+
+/// The model.
+#[derive(Debug, Clone, Args)]
+pub struct ModelConfig {
+    /// Which provider answers turns.
+    #[arg(long = "model-provider", env = "PARLEY_MODEL_PROVIDER", value_enum, default_value = "echo")]
+    pub provider: ModelProvider,
+    /// Base URL of the OpenAI-compatible API.
+    #[arg(long, env = "OPENAI_BASE_URL", default_value = "https://api.openai.com/v1")]
+    pub openai_base_url: String,
+    /// API key for the OpenAI-compatible API (local servers need none). Never logged.
+    #[arg(long, env = "OPENAI_API_KEY", hide_env_values = true)]
+    pub openai_api_key: Option<String>,
+    /// Model name sent upstream.
+    #[arg(long = "model", env = "PARLEY_MODEL", default_value = "gpt-4o-mini")]
+    pub name: String,
+    /// Sampling temperature; the upstream default when unset.
+    #[arg(long, env = "PARLEY_TEMPERATURE")]
+    pub temperature: Option<f32>,
+    /// Most tokens per model reply; the upstream default when unset.
+    #[arg(long, env = "PARLEY_MAX_TOKENS")]
+    pub max_tokens: Option<u32>,
+    /// Timeout to connect to the model endpoint.
+    #[arg(long, env = "PARLEY_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
+    /// Timeout until the first chunk of a reply, and between two chunks.
+    #[arg(long, env = "PARLEY_MODEL_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub request_timeout: Duration,
+    /// Retries of a model call that failed before its first token (connect errors, 408, 429, 5xx).
+    #[arg(long, env = "PARLEY_MODEL_MAX_RETRIES", default_value_t = 2)]
+    pub max_retries: u32,
+    /// Echo model: pause before each streamed word, in milliseconds.
+    #[arg(long, env = "PARLEY_ECHO_DELAY_MS", default_value_t = 0)]
+    pub echo_delay_ms: u64,
+}
+
+impl Config {
+    /// The configuration from the environment only (no flags), as tests and embedders build it.
+    pub fn from_env() -> Self {
+        Cli::parse_from(["parley"]).config
+    }
+
+    /// Checks settings that depend on each other; the message names the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.store.distributed && self.store.kind == StoreKind::Memory {
+            return Err(
+                "PARLEY_DISTRIBUTED=true but PARLEY_STORE=memory: the memory store cannot be shared \
+                 by several replicas. Set PARLEY_STORE=redis (with REDIS_URL) or PARLEY_STORE=postgres \
+                 (with DATABASE_URL), or run a single replica with PARLEY_DISTRIBUTED=false."
+                    .to_owned(),
+            );
+        }
+        if self.agent.history_size == 0 {
+            return Err("PARLEY_HISTORY_SIZE must be at least 1".to_owned());
+        }
+        if self.agent.max_content_bytes > self.http.max_body_bytes {
+            return Err("PARLEY_MAX_CONTENT_BYTES must not exceed PARLEY_MAX_BODY_BYTES".to_owned());
+        }
+        if self.http.cors_origins.iter().any(|o| o == "*") && self.http.cors_origins.len() > 1 {
+            return Err("PARLEY_CORS_ORIGINS: `*` cannot be combined with other origins".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// Hides the password of a connection URL for logs.
+pub fn redact_url(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) => {
+            if parsed.password().is_some() {
+                let _ = parsed.set_password(Some("***"));
+            }
+            parsed.to_string()
+        }
+        Err(_) => "<unparseable url>".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        let mut all = vec!["parley"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).expect("parse").config
+    }
+
+    #[test]
+    fn defaults_are_the_embedded_ones() {
+        let c = parse(&[]);
+        assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.store.kind, StoreKind::Memory);
+        assert_eq!(c.model.provider, ModelProvider::Echo);
+        assert_eq!(c.agent.history_size, 20);
+        assert_eq!(c.agent.max_content_bytes, 32 * 1024);
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn a_distributed_memory_store_is_refused_with_the_fix() {
+        let c = parse(&["--distributed", "true"]);
+        let err = c.validate().unwrap_err();
+        assert!(err.contains("PARLEY_STORE=redis"), "{err}");
+        assert!(parse(&["--distributed", "true", "--store", "redis"]).validate().is_ok());
+    }
+
+    #[test]
+    fn urls_are_redacted() {
+        assert_eq!(redact_url("redis://user:hunter2@h:6379/0"), "redis://user:***@h:6379/0");
+        assert!(!redact_url("postgres://u:pw@db/x").contains("pw"));
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    }
+}

@@ -1,0 +1,250 @@
+//! One error type for the HTTP API, rendered as RFC 9457 `application/problem+json`.
+//!
+//! Every error has a stable `code`; `type` is `urn:parley:problem:<code>`. Internal details are
+//! logged where the error is turned into a response and never sent to the client.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::llm::ModelError;
+use crate::store::StoreError;
+
+/// The media type of problem responses.
+pub const PROBLEM_JSON: &str = "application/problem+json";
+
+/// Short alias used by handlers.
+pub type Result<T, E = AppError> = std::result::Result<T, E>;
+
+/// An RFC 9457 problem object.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Problem {
+    /// `urn:parley:problem:<code>`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// A short summary of the problem type.
+    pub title: String,
+    /// The HTTP status.
+    pub status: u16,
+    /// What happened, for a person.
+    pub detail: String,
+    /// A stable machine-readable code.
+    pub code: String,
+    /// The running turn, for `turn_in_progress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub turn_id: Option<Uuid>,
+}
+
+/// Every error the API reports.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    /// 400: unparseable input (malformed JSON, an invalid session id, a bad cursor).
+    #[error("{0}")]
+    BadRequest(String),
+    /// 422: well-formed input that breaks a rule (wrong types, missing or empty fields, ranges).
+    #[error("{0}")]
+    Validation(String),
+    /// 413: a body or a field over its limit.
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 404: no session with this id.
+    #[error("session {0:?} not found")]
+    SessionNotFound(String),
+    /// 404: no turn with this id in the session.
+    #[error("turn {0} not found")]
+    TurnNotFound(Uuid),
+    /// 404: no such route.
+    #[error("no route for {0}")]
+    RouteNotFound(String),
+    /// 405: the route exists but not with this method.
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 409: the session id is taken.
+    #[error("session {0:?} already exists")]
+    SessionExists(String),
+    /// 409: another turn is running in this session.
+    #[error("another turn is running in this session")]
+    TurnInProgress(Uuid),
+    /// 409: the turn has already ended.
+    #[error("turn {0} has already ended")]
+    TurnFinished(Uuid),
+    /// 502: the model endpoint failed.
+    #[error("the model failed: {0}")]
+    Upstream(String),
+    /// 504: the model endpoint timed out.
+    #[error("the model timed out: {0}")]
+    UpstreamTimeout(String),
+    /// 503: the store cannot be reached.
+    #[error("the conversation store is unavailable")]
+    StoreUnavailable(String),
+    /// 503: the service is shutting down.
+    #[error("the service is shutting down")]
+    ShuttingDown,
+    /// 408: the request took too long.
+    #[error("the request took too long")]
+    RequestTimeout,
+    /// 500: a bug or an unexpected backend failure.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl AppError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            AppError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::SessionNotFound(_) | AppError::TurnNotFound(_) | AppError::RouteNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            AppError::SessionExists(_) | AppError::TurnInProgress(_) | AppError::TurnFinished(_) => {
+                StatusCode::CONFLICT
+            }
+            AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            AppError::StoreUnavailable(_) | AppError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
+            AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AppError::BadRequest(_) => "invalid_request",
+            AppError::Validation(_) => "validation_failed",
+            AppError::PayloadTooLarge(_) => "payload_too_large",
+            AppError::SessionNotFound(_) => "session_not_found",
+            AppError::TurnNotFound(_) => "turn_not_found",
+            AppError::RouteNotFound(_) => "not_found",
+            AppError::MethodNotAllowed => "method_not_allowed",
+            AppError::SessionExists(_) => "session_exists",
+            AppError::TurnInProgress(_) => "turn_in_progress",
+            AppError::TurnFinished(_) => "turn_finished",
+            AppError::Upstream(_) => "upstream_error",
+            AppError::UpstreamTimeout(_) => "upstream_timeout",
+            AppError::StoreUnavailable(_) => "store_unavailable",
+            AppError::ShuttingDown => "shutting_down",
+            AppError::RequestTimeout => "request_timeout",
+            AppError::Internal(_) => "internal_error",
+        }
+    }
+
+    /// The text shown to clients: never internal details of stores or upstreams.
+    fn public_detail(&self) -> String {
+        match self {
+            AppError::StoreUnavailable(_) => "the conversation store is unavailable; retry later".to_owned(),
+            AppError::Internal(_) => "an internal error occurred".to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The problem object for this error.
+    pub fn problem(&self) -> Problem {
+        let status = self.status();
+        Problem {
+            kind: format!("urn:parley:problem:{}", self.code()),
+            title: status.canonical_reason().unwrap_or("Error").to_owned(),
+            status: status.as_u16(),
+            detail: self.public_detail(),
+            code: self.code().to_owned(),
+            turn_id: match self {
+                AppError::TurnInProgress(id) | AppError::TurnFinished(id) => Some(*id),
+                _ => None,
+            },
+        }
+    }
+
+    fn log(&self) {
+        match self {
+            AppError::Internal(detail) => {
+                tracing::error!(error.code = self.code(), error.detail = %detail, "request failed")
+            }
+            AppError::StoreUnavailable(detail) => {
+                tracing::warn!(error.code = self.code(), error.detail = %detail, "store unavailable")
+            }
+            AppError::Upstream(_) | AppError::UpstreamTimeout(_) => {
+                tracing::warn!(error.code = self.code(), error.detail = %self, "model failed")
+            }
+            _ => tracing::debug!(error.code = self.code(), "request rejected"),
+        }
+    }
+}
+
+/// Builds a problem+json response from a problem object.
+pub fn problem_response(problem: &Problem) -> Response {
+    let status = StatusCode::from_u16(problem.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = serde_json::to_vec(problem).unwrap_or_default();
+    let mut response = (status, body).into_response();
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));
+    response
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        self.log();
+        let mut response = problem_response(&self.problem());
+        if let AppError::StoreUnavailable(_) | AppError::ShuttingDown = self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl AppError {
+    /// Maps a store error, naming the session for not-found errors.
+    pub fn from_store(err: StoreError, session_id: &str) -> Self {
+        match err {
+            StoreError::SessionNotFound => AppError::SessionNotFound(session_id.to_owned()),
+            StoreError::SessionExists => AppError::SessionExists(session_id.to_owned()),
+            other => other.into(),
+        }
+    }
+}
+
+impl From<StoreError> for AppError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::SessionNotFound => AppError::SessionNotFound(String::new()),
+            StoreError::SessionExists => AppError::SessionExists(String::new()),
+            StoreError::InvalidCursor => AppError::BadRequest("invalid cursor".to_owned()),
+            StoreError::Unavailable(detail) => AppError::StoreUnavailable(detail),
+            StoreError::Backend(detail) => AppError::Internal(detail),
+        }
+    }
+}
+
+impl From<ModelError> for AppError {
+    fn from(err: ModelError) -> Self {
+        match err {
+            ModelError::Timeout(_) => AppError::UpstreamTimeout(err.to_string()),
+            other => AppError::Upstream(other.to_string()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_outages_do_not_leak_their_detail() {
+        let err = AppError::StoreUnavailable("redis://user:secret@host refused".into());
+        let p = err.problem();
+        assert_eq!(p.status, 503);
+        assert_eq!(p.code, "store_unavailable");
+        assert!(!p.detail.contains("secret"));
+    }
+
+    #[test]
+    fn model_timeouts_are_504_and_failures_502() {
+        assert_eq!(AppError::from(ModelError::Timeout("x".into())).status(), StatusCode::GATEWAY_TIMEOUT);
+        let e = AppError::from(ModelError::Status { status: 500, message: "boom".into() });
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(e.code(), "upstream_error");
+    }
+}

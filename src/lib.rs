@@ -1,0 +1,23 @@
+//! parley: a chat-session microservice. Sessions, history and streamed agent replies that never
+//! lose a message.
+//!
+//! # Layout
+//! - [`config`]: the typed configuration (flags and environment variables).
+//! - [`error`]: the API error type, rendered as RFC 9457 problem+json.
+//! - [`domain`]: sessions, messages, tool calls, turns.
+//! - [`store`]: the conversation store trait, its backends and its contract suite.
+//! - [`llm`]: the chat model trait and its providers (echo, OpenAI-compatible).
+//! - [`tools`]: the tool trait, the registry and the built-in and HTTP tools.
+//! - [`agent`]: the turn: load the window, call the model, run tools, append.
+//! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI.
+//! - [`app`]: wiring: build the state from a config, serve until shutdown.
+
+pub mod agent;
+pub mod app;
+pub mod config;
+pub mod domain;
+pub mod error;
+pub mod http;
+pub mod llm;
+pub mod store;
+pub mod tools;

@@ -1,0 +1,508 @@
+//! The store contract: one suite of cases that every [`ConversationStore`] must pass.
+//!
+//! Each case takes a factory that builds a fresh, isolated store (its own key prefix, schema or
+//! process-local instance) from a [`Setup`], so cases run in parallel. The
+//! [`store_contract_tests!`](crate::store_contract_tests) macro turns the whole suite into
+//! `#[tokio::test]` functions for one backend:
+//!
+//! ```ignore
+//! mod my_backend {
+//!     async fn store(setup: parley::store::contract::Setup) -> parley::store::DynStore { todo!() }
+//!     parley::store_contract_tests!(store, distributed = true, ttl = true);
+//! }
+//! ```
+//! Cases fail by panicking, like any test.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::{AppendBatch, DynStore, Order, PageQuery, SessionCursor, StoreError};
+use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, new_id};
+
+/// How the factory must configure the store it builds.
+#[derive(Debug, Clone, Default)]
+pub struct Setup {
+    /// Cap on messages per session; `None` means the backend's default (unbounded for durable
+    /// stores, the memory default for memory).
+    pub max_messages: Option<usize>,
+    /// Session time-to-live; `None` means nothing expires.
+    pub ttl: Option<Duration>,
+}
+
+/// The tenant most cases use.
+pub const TENANT: &str = "tenant-a";
+/// A second tenant, for isolation cases.
+pub const OTHER_TENANT: &str = "tenant-b";
+
+async fn build<F, Fut>(factory: &F, setup: Setup) -> DynStore
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    factory(setup).await
+}
+
+async fn new_session(store: &DynStore, tenant: &str, id: &str) {
+    store
+        .create_session(tenant, NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() })
+        .await
+        .expect("create session");
+}
+
+/// A message of `turn` with the given role and text.
+pub fn msg(session: &str, turn: Uuid, role: Role, text: &str) -> Message {
+    Message::new(session, turn, role, text)
+}
+
+/// A user + assistant pair forming one turn.
+pub fn pair(session: &str, text: &str) -> Vec<Message> {
+    let turn = new_id();
+    vec![msg(session, turn, Role::User, text), msg(session, turn, Role::Assistant, &format!("re: {text}"))]
+}
+
+async fn append(store: &DynStore, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
+    store.append(tenant, session, AppendBatch { messages, turn: None }).await.expect("append")
+}
+
+async fn fill(store: &DynStore, session: &str, count: usize) {
+    let turn = new_id();
+    let batch: Vec<Message> = (1..=count).map(|i| msg(session, turn, Role::User, &format!("m{i}"))).collect();
+    append(store, TENANT, session, batch).await;
+}
+
+fn seqs(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.seq).collect()
+}
+
+fn query(limit: usize, order: Order, after: Option<u64>, before: Option<u64>) -> PageQuery {
+    PageQuery { limit, order, after, before }
+}
+
+/// Appended messages read back in order, with seqs 1, 2, 3… and every field intact.
+pub async fn append_and_read_back_in_order<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let first = append(&store, TENANT, "s1", pair("s1", "one")).await;
+    let second = append(&store, TENANT, "s1", pair("s1", "two")).await;
+    assert_eq!(seqs(&first), vec![1, 2]);
+    assert_eq!(seqs(&second), vec![3, 4]);
+    let page = store.read_page(TENANT, "s1", query(10, Order::Asc, None, None)).await.unwrap();
+    assert!(!page.has_more);
+    let expected: Vec<Message> = first.into_iter().chain(second).collect();
+    assert_eq!(page.messages, expected);
+    let session = store.get_session(TENANT, "s1").await.unwrap().expect("session");
+    assert_eq!(session.message_count, 4);
+    assert!(session.updated_at >= session.created_at);
+}
+
+/// Walking pages by cursor, in both orders, visits every message once, with no gap or repeat.
+pub async fn pages_by_cursor_in_both_orders<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    fill(&store, "s1", 23).await;
+    for order in [Order::Asc, Order::Desc] {
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let (after, before) = match order {
+                Order::Asc => (cursor, None),
+                Order::Desc => (None, cursor),
+            };
+            let page = store.read_page(TENANT, "s1", query(5, order, after, before)).await.unwrap();
+            assert!(page.messages.len() <= 5);
+            seen.extend(seqs(&page.messages));
+            match page.next_seq() {
+                Some(next) => cursor = Some(next),
+                None => break,
+            }
+        }
+        let mut expected: Vec<u64> = (1..=23).collect();
+        if order == Order::Desc {
+            expected.reverse();
+        }
+        assert_eq!(seen, expected, "order {order:?}");
+    }
+    let window = store.read_page(TENANT, "s1", query(100, Order::Asc, Some(5), Some(9))).await.unwrap();
+    assert_eq!(seqs(&window.messages), vec![6, 7, 8]);
+    assert!(!window.has_more);
+    let window = store.read_page(TENANT, "s1", query(2, Order::Desc, Some(5), Some(9))).await.unwrap();
+    assert_eq!(seqs(&window.messages), vec![8, 7]);
+    assert!(window.has_more);
+    let beyond = store.read_page(TENANT, "s1", query(5, Order::Asc, Some(23), None)).await.unwrap();
+    assert!(beyond.messages.is_empty() && !beyond.has_more);
+}
+
+/// `last_n` returns the newest n messages, oldest first.
+pub async fn last_n_returns_the_newest_messages_oldest_first<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    assert!(store.last_n(TENANT, "s1", 5).await.unwrap().is_empty());
+    fill(&store, "s1", 12).await;
+    assert_eq!(seqs(&store.last_n(TENANT, "s1", 5).await.unwrap()), vec![8, 9, 10, 11, 12]);
+    assert_eq!(store.last_n(TENANT, "s1", 50).await.unwrap().len(), 12);
+    assert!(matches!(store.last_n(TENANT, "missing", 5).await, Err(StoreError::SessionNotFound)));
+}
+
+/// Clearing keeps the session, empties the history, and later seqs continue after the old ones.
+pub async fn clear_keeps_the_session_and_never_reuses_a_seq<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    fill(&store, "s1", 3).await;
+    store.clear(TENANT, "s1").await.unwrap();
+    let session = store.get_session(TENANT, "s1").await.unwrap().expect("session kept");
+    assert_eq!(session.message_count, 0);
+    assert!(store.last_n(TENANT, "s1", 10).await.unwrap().is_empty());
+    let again = append(&store, TENANT, "s1", pair("s1", "after clear")).await;
+    assert_eq!(seqs(&again), vec![4, 5]);
+    assert!(matches!(store.clear(TENANT, "missing").await, Err(StoreError::SessionNotFound)));
+}
+
+/// Deleting removes the session, its history, its turns and its place in the list.
+pub async fn delete_removes_everything<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    new_session(&store, TENANT, "s2").await;
+    fill(&store, "s1", 3).await;
+    let turn = Turn::start("s1");
+    store.put_turn(TENANT, &turn).await.unwrap();
+    assert!(store.delete_session(TENANT, "s1").await.unwrap());
+    assert!(store.get_session(TENANT, "s1").await.unwrap().is_none());
+    assert!(store.get_turn(TENANT, "s1", turn.id).await.unwrap().is_none());
+    assert!(matches!(store.last_n(TENANT, "s1", 5).await, Err(StoreError::SessionNotFound)));
+    let list = store.list_sessions(TENANT, 10, None).await.unwrap();
+    assert_eq!(list.sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec!["s2"]);
+    assert!(!store.delete_session(TENANT, "s1").await.unwrap());
+    // A new session with the same id starts from an empty history and seq 1.
+    new_session(&store, TENANT, "s1").await;
+    assert_eq!(seqs(&append(&store, TENANT, "s1", pair("s1", "x")).await), vec![1, 2]);
+}
+
+/// A session holds at most the configured number of messages; the oldest go first.
+pub async fn the_per_session_cap_drops_the_oldest<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup { max_messages: Some(5), ttl: None }).await;
+    new_session(&store, TENANT, "s1").await;
+    fill(&store, "s1", 4).await;
+    fill(&store, "s1", 4).await;
+    let all = store.read_page(TENANT, "s1", query(100, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(seqs(&all.messages), vec![4, 5, 6, 7, 8]);
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 5);
+    assert_eq!(seqs(&append(&store, TENANT, "s1", pair("s1", "x")).await), vec![9, 10]);
+}
+
+/// 64 concurrent appenders to one session lose nothing; seqs are unique, contiguous, and each
+/// batch stays adjacent.
+pub async fn concurrent_appenders_lose_nothing<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let mut tasks = Vec::new();
+    for i in 0..64 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move {
+            append(&store, TENANT, "s1", pair("s1", &format!("writer {i}"))).await
+        }));
+    }
+    for task in tasks {
+        let stored = task.await.expect("appender task");
+        assert_eq!(stored[1].seq, stored[0].seq + 1, "a batch is adjacent");
+    }
+    let all = store.read_page(TENANT, "s1", query(200, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(seqs(&all.messages), (1..=128).collect::<Vec<u64>>());
+    for chunk in all.messages.chunks(2) {
+        assert_eq!(chunk[0].turn_id, chunk[1].turn_id, "turns are not interleaved");
+        assert_eq!(chunk[1].content, format!("re: {}", chunk[0].content));
+    }
+    let distinct: HashSet<Uuid> = all.messages.iter().map(|m| m.id).collect();
+    assert_eq!(distinct.len(), 128);
+}
+
+/// A 1 MiB message is stored and read back intact.
+pub async fn a_one_mib_message_round_trips<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let big = "x".repeat(1024 * 1024);
+    append(&store, TENANT, "s1", vec![msg("s1", new_id(), Role::User, &big)]).await;
+    let back = store.last_n(TENANT, "s1", 1).await.unwrap();
+    assert_eq!(back[0].content.len(), big.len());
+    assert_eq!(back[0].content, big);
+}
+
+/// Non-ASCII text and emoji survive unchanged.
+pub async fn non_ascii_text_and_emoji_round_trip<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    let id = "unicode".to_owned();
+    new_session(&store, TENANT, &id).await;
+    let text = "héllo wörld — 日本語 — العربية — 👋🏽 family: 👨‍👩‍👧 — \"quoted\" \\ back\nslash";
+    let stored = append(&store, TENANT, &id, vec![msg(&id, new_id(), Role::User, text)]).await;
+    let back = store.last_n(TENANT, &id, 1).await.unwrap();
+    assert_eq!(back, stored);
+    assert_eq!(back[0].content, text);
+}
+
+/// Metadata, tool calls, tool results and timestamps round-trip exactly.
+pub async fn metadata_and_tool_calls_round_trip_exactly<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    let mut meta = Metadata::new();
+    meta.insert("z".into(), json!(1));
+    meta.insert("a".into(), json!({"nested": [1, 2.5, "three", null, true], "ü": "✓"}));
+    let created = store
+        .create_session(
+            TENANT,
+            NewSession { id: "s1".into(), system_prompt: Some("Be terse.".into()), metadata: meta.clone() },
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap(), created);
+    let turn = new_id();
+    let mut user = msg("s1", turn, Role::User, "what time is it?");
+    user.metadata = meta.clone();
+    let mut call = msg("s1", turn, Role::Assistant, "");
+    call.tool_calls = Some(vec![
+        ToolCall {
+            id: "call_1".into(),
+            name: "current_time".into(),
+            arguments: json!({"utc_offset": "+02:00"}),
+        },
+        ToolCall { id: "call_2".into(), name: "calculator".into(), arguments: json!({"expression": "2^10"}) },
+    ]);
+    let mut result = msg("s1", turn, Role::Tool, "2026-01-01T00:00:00Z");
+    result.tool_call_id = Some("call_1".into());
+    result.name = Some("current_time".into());
+    let mut status = Metadata::new();
+    status.insert("status".into(), json!("cancelled"));
+    let mut answer = msg("s1", turn, Role::Assistant, "It is midnight.");
+    answer.metadata = status;
+    let stored = append(&store, TENANT, "s1", vec![user, call, result, answer]).await;
+    let back = store.read_page(TENANT, "s1", query(10, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(back.messages, stored);
+    let json_back: Vec<serde_json::Value> =
+        back.messages.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    let json_stored: Vec<serde_json::Value> =
+        stored.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
+    assert_eq!(json_back, json_stored, "key order and types survive");
+}
+
+/// Turn records are saved, replaced, and written atomically with an append.
+pub async fn turn_records_round_trip<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let mut turn = Turn::start("s1");
+    store.put_turn(TENANT, &turn).await.unwrap();
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
+    let messages = pair("s1", "hello");
+    turn.status = TurnStatus::Completed;
+    turn.message_ids = messages.iter().map(|m| m.id).collect();
+    turn.usage = Some(crate::domain::Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
+    turn.completed_at = Some(crate::domain::now());
+    store.append(TENANT, "s1", AppendBatch { messages, turn: Some(turn.clone()) }).await.unwrap();
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
+    let mut failed = Turn::start("s1");
+    failed.status = TurnStatus::Failed;
+    failed.error = Some(json!({"code": "upstream_error", "status": 502}));
+    store.put_turn(TENANT, &failed).await.unwrap();
+    assert_eq!(store.get_turn(TENANT, "s1", failed.id).await.unwrap(), Some(failed));
+    assert!(store.get_turn(TENANT, "s1", new_id()).await.unwrap().is_none());
+    assert!(store.get_turn(TENANT, "missing", turn.id).await.unwrap().is_none());
+}
+
+/// Creating a taken id conflicts; appending to an unknown session is not found.
+pub async fn conflicts_and_unknown_sessions_are_reported<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let again = store
+        .create_session(
+            TENANT,
+            NewSession { id: "s1".into(), system_prompt: None, metadata: Metadata::new() },
+        )
+        .await;
+    assert!(matches!(again, Err(StoreError::SessionExists)));
+    let lost = store.append(TENANT, "nope", AppendBatch { messages: pair("nope", "x"), turn: None }).await;
+    assert!(matches!(lost, Err(StoreError::SessionNotFound)));
+    assert!(store.get_session(TENANT, "nope").await.unwrap().is_none());
+    let page = store.read_page(TENANT, "nope", query(5, Order::Asc, None, None)).await;
+    assert!(matches!(page, Err(StoreError::SessionNotFound)));
+}
+
+/// Sessions list newest-updated first and page by cursor with no gap or repeat.
+pub async fn sessions_list_newest_first_by_cursor<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    for i in 0..7 {
+        new_session(&store, TENANT, &format!("s{i}")).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Writing to s2 moves it to the top.
+    append(&store, TENANT, "s2", pair("s2", "bump")).await;
+    let mut seen = Vec::new();
+    let mut cursor: Option<SessionCursor> = None;
+    loop {
+        let page = store.list_sessions(TENANT, 3, cursor.as_ref()).await.unwrap();
+        assert!(page.sessions.len() <= 3);
+        seen.extend(page.sessions.iter().map(|s| s.id.clone()));
+        if !page.has_more {
+            break;
+        }
+        cursor = Some(SessionCursor::after(page.sessions.last().unwrap()));
+    }
+    assert_eq!(seen, vec!["s2", "s6", "s5", "s4", "s3", "s1", "s0"]);
+    let empty = store.list_sessions(OTHER_TENANT, 10, None).await.unwrap();
+    assert!(empty.sessions.is_empty() && !empty.has_more);
+}
+
+/// One tenant never sees, changes or deletes another's session, even with the same id.
+pub async fn tenants_are_isolated<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "shared-id").await;
+    fill(&store, "shared-id", 3).await;
+    assert!(store.get_session(OTHER_TENANT, "shared-id").await.unwrap().is_none());
+    assert!(matches!(store.last_n(OTHER_TENANT, "shared-id", 5).await, Err(StoreError::SessionNotFound)));
+    assert!(matches!(store.clear(OTHER_TENANT, "shared-id").await, Err(StoreError::SessionNotFound)));
+    assert!(!store.delete_session(OTHER_TENANT, "shared-id").await.unwrap());
+    let turn = Turn::start("shared-id");
+    assert!(store.put_turn(OTHER_TENANT, &turn).await.is_err());
+    new_session(&store, OTHER_TENANT, "shared-id").await;
+    assert_eq!(seqs(&append(&store, OTHER_TENANT, "shared-id", pair("shared-id", "b")).await), vec![1, 2]);
+    assert_eq!(store.last_n(TENANT, "shared-id", 10).await.unwrap().len(), 3);
+    assert_eq!(store.list_sessions(OTHER_TENANT, 10, None).await.unwrap().sessions.len(), 1);
+}
+
+/// With a TTL, an idle session expires whole; each write slides the TTL.
+pub async fn sessions_expire_after_the_ttl_and_writes_slide_it<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let ttl = Duration::from_secs(2);
+    let store = build(factory, Setup { max_messages: None, ttl: Some(ttl) }).await;
+    new_session(&store, TENANT, "idle").await;
+    new_session(&store, TENANT, "busy").await;
+    fill(&store, "idle", 2).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        append(&store, TENANT, "busy", pair("busy", "keep alive")).await;
+    }
+    // 2.7 s after its last write, "idle" is gone; "busy" was written 0 s ago.
+    assert!(store.get_session(TENANT, "idle").await.unwrap().is_none(), "idle session expired");
+    assert!(matches!(store.last_n(TENANT, "idle", 5).await, Err(StoreError::SessionNotFound)));
+    let busy = store.get_session(TENANT, "busy").await.unwrap().expect("busy session kept alive");
+    assert_eq!(busy.message_count, 6);
+    let listed: Vec<String> =
+        store.list_sessions(TENANT, 10, None).await.unwrap().sessions.into_iter().map(|s| s.id).collect();
+    assert_eq!(listed, vec!["busy"]);
+}
+
+/// Whether the store reports itself as shareable across replicas.
+pub async fn reports_whether_it_is_distributed<F, Fut>(factory: &F, expected: bool)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    assert_eq!(store.is_distributed(), expected);
+    store.ping().await.expect("ping");
+}
+
+/// Expands to one `#[tokio::test]` per contract case for a backend.
+///
+/// `$factory` is an `async fn(Setup) -> DynStore` building an isolated store; `distributed` is what
+/// `is_distributed()` must answer; `ttl` says whether the backend supports session expiry.
+#[macro_export]
+macro_rules! store_contract_tests {
+    ($factory:path, distributed = $distributed:expr, ttl = $ttl:tt) => {
+        $crate::store_contract_tests!(@cases $factory;
+            append_and_read_back_in_order,
+            pages_by_cursor_in_both_orders,
+            last_n_returns_the_newest_messages_oldest_first,
+            clear_keeps_the_session_and_never_reuses_a_seq,
+            delete_removes_everything,
+            the_per_session_cap_drops_the_oldest,
+            concurrent_appenders_lose_nothing,
+            a_one_mib_message_round_trips,
+            non_ascii_text_and_emoji_round_trip,
+            metadata_and_tool_calls_round_trip_exactly,
+            turn_records_round_trip,
+            conflicts_and_unknown_sessions_are_reported,
+            sessions_list_newest_first_by_cursor,
+            tenants_are_isolated
+        );
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn reports_whether_it_is_distributed() {
+            $crate::store::contract::reports_whether_it_is_distributed(&$factory, $distributed).await;
+        }
+        $crate::store_contract_tests!(@ttl $factory, $ttl);
+    };
+    (@cases $factory:path; $($case:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store::contract::$case(&$factory).await;
+            }
+        )+
+    };
+    (@ttl $factory:path, true) => {
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn sessions_expire_after_the_ttl_and_writes_slide_it() {
+            $crate::store::contract::sessions_expire_after_the_ttl_and_writes_slide_it(&$factory).await;
+        }
+    };
+    (@ttl $factory:path, false) => {};
+}

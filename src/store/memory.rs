@@ -1,0 +1,268 @@
+//! The in-memory store: the default for one process. Nothing survives a restart, and replicas cannot
+//! share it (`is_distributed()` is false).
+//!
+//! Each session keeps its messages in a `VecDeque` ordered by seq, so the window and any page are
+//! found by binary search and cost O(log n + page). A session holds at most `max_messages`
+//! messages: appending past the cap drops the oldest. Locks are `std::sync` locks held only for
+//! in-memory work, never across an `.await`.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+use super::{
+    AppendBatch, ConversationStore, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError,
+    StoreResult,
+};
+use crate::domain::{Message, NewSession, Session, Turn, now};
+
+/// Default cap on messages per session (`PARLEY_MEMORY_MAX_MESSAGES`).
+pub const DEFAULT_MAX_MESSAGES: usize = 10_000;
+
+/// The in-memory conversation store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    /// Every tenant's data, behind one lock: critical sections are short and never await.
+    inner: RwLock<HashMap<String, TenantData>>,
+    /// Most messages one session keeps; the oldest go first.
+    max_messages: usize,
+}
+
+#[derive(Debug, Default)]
+struct TenantData {
+    sessions: HashMap<String, SessionData>,
+    /// (updated_at micros, id) of every session, for listing newest first.
+    by_updated: BTreeSet<(i64, String)>,
+}
+
+#[derive(Debug)]
+struct SessionData {
+    session: Session,
+    messages: VecDeque<Message>,
+    /// The last seq handed out; survives clears and trimming.
+    last_seq: u64,
+    turns: HashMap<Uuid, Turn>,
+    /// Turn ids oldest first, to bound how many records a session keeps.
+    turn_order: VecDeque<Uuid>,
+}
+
+impl MemoryStore {
+    /// A store that keeps at most `max_messages` messages per session (at least 1).
+    pub fn new(max_messages: usize) -> Self {
+        MemoryStore { inner: RwLock::new(HashMap::new()), max_messages: max_messages.max(1) }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, TenantData>> {
+        // A panic while holding the lock leaves data that is still consistent (every mutation is
+        // completed before anything can panic), so a poisoned lock is used as is.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, TenantData>> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with_session<T>(&self, tenant: &str, id: &str, f: impl FnOnce(&SessionData) -> T) -> StoreResult<T> {
+        let guard = self.read();
+        let data = guard.get(tenant).and_then(|t| t.sessions.get(id)).ok_or(StoreError::SessionNotFound)?;
+        Ok(f(data))
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new(DEFAULT_MAX_MESSAGES)
+    }
+}
+
+impl TenantData {
+    fn touch(&mut self, id: &str, old_micros: i64, new_micros: i64) {
+        if old_micros != new_micros {
+            self.by_updated.remove(&(old_micros, id.to_owned()));
+            self.by_updated.insert((new_micros, id.to_owned()));
+        }
+    }
+}
+
+impl SessionData {
+    fn remember_turn(&mut self, turn: Turn, cap: usize) {
+        if self.turns.insert(turn.id, turn.clone()).is_none() {
+            self.turn_order.push_back(turn.id);
+        }
+        while self.turn_order.len() > cap {
+            if let Some(old) = self.turn_order.pop_front() {
+                self.turns.remove(&old);
+            }
+        }
+    }
+
+    fn page(&self, q: PageQuery) -> MessagePage {
+        let msgs = &self.messages;
+        let start = q.after.map_or(0, |a| msgs.partition_point(|m| m.seq <= a));
+        let end = q.before.map_or(msgs.len(), |b| msgs.partition_point(|m| m.seq < b));
+        let end = end.max(start);
+        let available = end - start;
+        let take = q.limit.min(available);
+        let messages: Vec<Message> = match q.order {
+            Order::Asc => msgs.range(start..start + take).cloned().collect(),
+            Order::Desc => msgs.range(end - take..end).rev().cloned().collect(),
+        };
+        MessagePage { messages, has_more: available > take }
+    }
+}
+
+#[async_trait]
+impl ConversationStore for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn is_distributed(&self) -> bool {
+        false
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        Ok(())
+    }
+
+    async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
+        let mut guard = self.write();
+        let t = guard.entry(tenant.to_owned()).or_default();
+        if t.sessions.contains_key(&new.id) {
+            return Err(StoreError::SessionExists);
+        }
+        let at = now();
+        let session = Session {
+            id: new.id.clone(),
+            created_at: at,
+            updated_at: at,
+            system_prompt: new.system_prompt,
+            metadata: new.metadata,
+            message_count: 0,
+        };
+        t.by_updated.insert((at.timestamp_micros(), new.id.clone()));
+        let data = SessionData {
+            session: session.clone(),
+            messages: VecDeque::new(),
+            last_seq: 0,
+            turns: HashMap::new(),
+            turn_order: VecDeque::new(),
+        };
+        t.sessions.insert(new.id, data);
+        Ok(session)
+    }
+
+    async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
+        match self.with_session(tenant, id, |d| d.session.clone()) {
+            Ok(s) => Ok(Some(s)),
+            Err(StoreError::SessionNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn list_sessions(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<&SessionCursor>,
+    ) -> StoreResult<SessionPage> {
+        let guard = self.read();
+        let Some(t) = guard.get(tenant) else {
+            return Ok(SessionPage { sessions: Vec::new(), has_more: false });
+        };
+        let keys: Box<dyn Iterator<Item = &(i64, String)>> = match cursor {
+            Some(c) => Box::new(t.by_updated.range(..(c.updated_at_micros, c.id.clone())).rev()),
+            None => Box::new(t.by_updated.iter().rev()),
+        };
+        let mut sessions = Vec::with_capacity(limit.min(100));
+        let mut has_more = false;
+        for (_, id) in keys {
+            if sessions.len() == limit {
+                has_more = true;
+                break;
+            }
+            if let Some(d) = t.sessions.get(id) {
+                sessions.push(d.session.clone());
+            }
+        }
+        Ok(SessionPage { sessions, has_more })
+    }
+
+    async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
+        let mut guard = self.write();
+        let Some(t) = guard.get_mut(tenant) else {
+            return Ok(false);
+        };
+        let Some(d) = t.sessions.remove(id) else {
+            return Ok(false);
+        };
+        t.by_updated.remove(&(d.session.updated_at.timestamp_micros(), id.to_owned()));
+        Ok(true)
+    }
+
+    async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
+        let mut guard = self.write();
+        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
+        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
+        let mut stored = batch.messages;
+        for m in &mut stored {
+            d.last_seq += 1;
+            m.seq = d.last_seq;
+            m.session_id = session_id.to_owned();
+        }
+        d.messages.extend(stored.iter().cloned());
+        while d.messages.len() > self.max_messages {
+            d.messages.pop_front();
+        }
+        if let Some(turn) = batch.turn {
+            d.remember_turn(turn, self.max_messages);
+        }
+        let old = d.session.updated_at.timestamp_micros();
+        d.session.updated_at = now().max(d.session.updated_at);
+        d.session.message_count = d.messages.len() as u64;
+        let new = d.session.updated_at.timestamp_micros();
+        t.touch(session_id, old, new);
+        Ok(stored)
+    }
+
+    async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
+        self.with_session(tenant, session_id, |d| d.page(query))
+    }
+
+    async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
+        self.with_session(tenant, session_id, |d| {
+            let skip = d.messages.len().saturating_sub(n);
+            d.messages.range(skip..).cloned().collect()
+        })
+    }
+
+    async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
+        let mut guard = self.write();
+        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
+        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
+        d.messages = VecDeque::new();
+        let old = d.session.updated_at.timestamp_micros();
+        d.session.updated_at = now().max(d.session.updated_at);
+        d.session.message_count = 0;
+        let new = d.session.updated_at.timestamp_micros();
+        t.touch(session_id, old, new);
+        Ok(())
+    }
+
+    async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()> {
+        let mut guard = self.write();
+        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
+        let d = t.sessions.get_mut(&turn.session_id).ok_or(StoreError::SessionNotFound)?;
+        d.remember_turn(turn.clone(), self.max_messages);
+        Ok(())
+    }
+
+    async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {
+        match self.with_session(tenant, session_id, |d| d.turns.get(&turn_id).cloned()) {
+            Err(StoreError::SessionNotFound) => Ok(None),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! The conversation store: the trait every backend implements, its query types and errors.
+//!
+//! Backends: [`memory`] (the default, one process), [`redis`] and [`postgres`] (shared by replicas).
+//! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
+
+pub mod contract;
+pub mod memory;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::domain::{Message, NewSession, Session, Turn};
+
+/// A shared handle to whichever store the service runs on.
+pub type DynStore = Arc<dyn ConversationStore>;
+
+/// What can go wrong in a store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The session does not exist (for this tenant).
+    #[error("session not found")]
+    SessionNotFound,
+    /// A session with this id already exists (for this tenant).
+    #[error("session already exists")]
+    SessionExists,
+    /// A cursor that this store did not issue.
+    #[error("invalid cursor")]
+    InvalidCursor,
+    /// The backend cannot be reached or timed out; the caller may retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else the backend reported.
+    #[error("store error: {0}")]
+    Backend(String),
+}
+
+/// Short alias for store results.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Reading direction of a history page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Order {
+    /// Oldest first.
+    #[default]
+    Asc,
+    /// Newest first.
+    Desc,
+}
+
+/// A request for one page of history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Page size, at least 1.
+    pub limit: usize,
+    /// Direction.
+    pub order: Order,
+    /// Only messages with a seq greater than this.
+    pub after: Option<u64>,
+    /// Only messages with a seq less than this.
+    pub before: Option<u64>,
+}
+
+/// One page of history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MessagePage {
+    /// The messages, in the requested order.
+    pub messages: Vec<Message>,
+    /// Whether more messages follow in the same direction.
+    pub has_more: bool,
+}
+
+impl MessagePage {
+    /// The seq to pass as `after` (asc) or `before` (desc) for the next page, if there is one.
+    pub fn next_seq(&self) -> Option<u64> {
+        if self.has_more { self.messages.last().map(|m| m.seq) } else { None }
+    }
+}
+
+/// Position in the session list, which is ordered by `updated_at` descending, then id descending.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCursor {
+    /// `updated_at` of the last session returned, in microseconds since the epoch.
+    pub updated_at_micros: i64,
+    /// Id of the last session returned.
+    pub id: String,
+}
+
+impl SessionCursor {
+    /// The cursor that continues after `session`.
+    pub fn after(session: &Session) -> Self {
+        SessionCursor { updated_at_micros: session.updated_at.timestamp_micros(), id: session.id.clone() }
+    }
+
+    /// The opaque text form handed to clients.
+    pub fn encode(&self) -> String {
+        format!("{}.{}", self.updated_at_micros, self.id)
+    }
+
+    /// Parses what [`SessionCursor::encode`] produced.
+    pub fn decode(text: &str) -> StoreResult<Self> {
+        let (micros, id) = text.split_once('.').ok_or(StoreError::InvalidCursor)?;
+        let updated_at_micros = micros.parse().map_err(|_| StoreError::InvalidCursor)?;
+        if !crate::domain::is_valid_session_id(id) {
+            return Err(StoreError::InvalidCursor);
+        }
+        Ok(SessionCursor { updated_at_micros, id: id.to_owned() })
+    }
+
+    /// Whether a session with these keys comes after this cursor in list order.
+    pub fn precedes(&self, updated_at: DateTime<Utc>, id: &str) -> bool {
+        let micros = updated_at.timestamp_micros();
+        micros < self.updated_at_micros || (micros == self.updated_at_micros && id < self.id.as_str())
+    }
+}
+
+/// One page of the session list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionPage {
+    /// Sessions, most recently updated first.
+    pub sessions: Vec<Session>,
+    /// Whether more sessions follow.
+    pub has_more: bool,
+}
+
+/// A batch written atomically: messages of one turn and, optionally, the turn's new record.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AppendBatch {
+    /// Messages in order; the store assigns their `seq`.
+    pub messages: Vec<Message>,
+    /// The turn record to save in the same atomic step (e.g. `completed` with its message ids).
+    pub turn: Option<Turn>,
+}
+
+/// The conversation store. Every method is scoped by tenant: a session id is unique per tenant,
+/// and one tenant never sees another's sessions, messages or turns.
+///
+/// Contract (pinned by [`contract`]): `append` is atomic (all messages or none, and readers never
+/// see part of a batch); seqs are 1, 2, 3… per session, strictly increasing in append order and
+/// never reused, even after `clear` or trimming; reads of a page or of the last N cost O(page).
+#[async_trait]
+pub trait ConversationStore: Send + Sync + 'static {
+    /// Short backend name for logs and `/readyz` (`memory`, `redis`, `postgres`).
+    fn backend(&self) -> &'static str;
+
+    /// Whether several parley replicas can share this store.
+    fn is_distributed(&self) -> bool;
+
+    /// Checks that the backend is reachable.
+    async fn ping(&self) -> StoreResult<()>;
+
+    /// Creates a session; `SessionExists` if the id is taken for this tenant.
+    async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session>;
+
+    /// Reads a session.
+    async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>>;
+
+    /// Lists sessions, most recently updated first (ties: id descending).
+    async fn list_sessions(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<&SessionCursor>,
+    ) -> StoreResult<SessionPage>;
+
+    /// Deletes a session, its history and its turns; false if it did not exist.
+    async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool>;
+
+    /// Appends a batch atomically and returns the messages with their seqs.
+    /// `SessionNotFound` if the session does not exist.
+    async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>>;
+
+    /// Reads one page of history.
+    async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage>;
+
+    /// Reads the last `n` messages, oldest first.
+    async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>>;
+
+    /// Removes every message but keeps the session and its seq counter.
+    async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
+
+    /// Creates or replaces a turn record.
+    async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()>;
+
+    /// Reads a turn record.
+    async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>>;
+}

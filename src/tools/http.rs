@@ -1,0 +1,1 @@
+//! HTTP tools declared in a config file (`PARLEY_TOOLS_FILE`).

@@ -1,0 +1,4 @@
+//! Integration tests: one binary. `helpers` starts parley on a free port; each module covers one
+//! part of the API or one backend.
+
+mod store_memory;
