@@ -1,4 +1,5 @@
 //! Integration tests: one binary. `helpers` starts parley on a free port; each module covers one
 //! part of the API or one backend.
 
+mod helpers;
 mod store_memory;
