@@ -1,1 +1,114 @@
-//! Wiring.
+//! Wiring: build the store, model, tools and agent from a `Config`, and serve the API on a bound
+//! listener until a shutdown future resolves (then drain turns within the grace period).
+
+use std::future::{Future, IntoFuture};
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+
+use crate::agent::{Agent, AgentSettings};
+use crate::config::{Config, ModelProvider, StoreKind};
+use crate::http::{AppState, Limits};
+use crate::llm::echo::EchoModel;
+use crate::llm::{DynModel, EchoSettings};
+use crate::store::DynStore;
+use crate::store::memory::MemoryStore;
+use crate::tools::ToolRegistry;
+
+/// Builds the application state from a validated configuration.
+pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let store = build_store(config).await?;
+    let model = build_model(config)?;
+    let tools = build_tools(config)?;
+    Ok(state_from_parts(config, store, model, tools))
+}
+
+/// Assembles the state from already-built parts (tests use this to inject a store or model).
+pub fn state_from_parts(config: &Config, store: DynStore, model: DynModel, tools: ToolRegistry) -> AppState {
+    let settings = AgentSettings {
+        history_size: config.agent.history_size,
+        system_prompt: config.agent.system_prompt.clone(),
+        max_iterations: config.agent.max_iterations,
+        save_on_iteration: config.agent.save_on_iteration,
+        turn_timeout: config.agent.turn_timeout,
+    };
+    let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
+    AppState { agent, store, limits: Arc::new(limits(config)) }
+}
+
+fn limits(config: &Config) -> Limits {
+    Limits {
+        max_body_bytes: config.http.max_body_bytes,
+        max_content_bytes: config.agent.max_content_bytes,
+        request_timeout: config.http.request_timeout,
+        store_timeout: config.store.store_timeout,
+        sse_keepalive: config.http.sse_keepalive,
+        cors_origins: config.http.cors_origins.iter().filter(|o| !o.is_empty()).cloned().collect(),
+        ..Limits::default()
+    }
+}
+
+/// Builds the configured store. Durable stores connect lazily: parley starts while they are down
+/// and reports 503 until they answer.
+pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
+    match config.store.kind {
+        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.store.memory_max_messages))),
+        StoreKind::Redis | StoreKind::Postgres => {
+            anyhow::bail!("this build does not include the {:?} store yet", config.store.kind)
+        }
+    }
+}
+
+/// Builds the configured model.
+pub fn build_model(config: &Config) -> anyhow::Result<DynModel> {
+    match config.model.provider {
+        ModelProvider::Echo => Ok(Arc::new(EchoModel::new(EchoSettings {
+            delay: std::time::Duration::from_millis(config.model.echo_delay_ms),
+        }))),
+        ModelProvider::Openai => anyhow::bail!("this build does not include the openai provider yet"),
+    }
+}
+
+/// The built-in tools plus those declared in `PARLEY_TOOLS_FILE`.
+pub fn build_tools(config: &Config) -> anyhow::Result<ToolRegistry> {
+    let registry = ToolRegistry::with_builtins();
+    if let Some(path) = &config.agent.tools_file {
+        anyhow::bail!("PARLEY_TOOLS_FILE ({}) is not supported by this build yet", path.display());
+    }
+    Ok(registry)
+}
+
+/// Serves the API on `listener` until `shutdown` resolves; then refuses new turns, lets running
+/// turns finish within `grace` (cancelling the rest, which saves their partial text), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    grace: std::time::Duration,
+) -> anyhow::Result<()> {
+    let agent = Arc::clone(&state.agent);
+    let router = crate::http::router(state);
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!(grace_ms = grace.as_millis() as u64, "shutting down: draining running turns");
+        agent.registry().shutdown(grace).await;
+        let _ = drained_tx.send(());
+    };
+    let server = axum::serve(listener, router).with_graceful_shutdown(signal).into_future();
+    tokio::pin!(server);
+    tokio::select! {
+        result = &mut server => result.context("server error")?,
+        _ = async { let _ = drained_rx.await; tokio::time::sleep(std::time::Duration::from_secs(5)).await } => {
+            tracing::warn!("connections still open 5 s after the turns drained: closing them");
+        }
+    }
+    Ok(())
+}
+
+/// Applies the PostgreSQL migrations (`parley migrate`).
+pub async fn migrate(_config: &Config) -> anyhow::Result<()> {
+    anyhow::bail!("this build does not include the postgres store yet")
+}

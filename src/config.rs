@@ -32,6 +32,8 @@ pub enum Command {
     Serve,
     /// Apply the PostgreSQL migrations to DATABASE_URL and exit.
     Migrate,
+    /// Print the OpenAPI document (as committed in openapi/openapi.json) and exit.
+    Openapi,
 }
 
 /// Which conversation store to use.
@@ -201,10 +203,10 @@ pub struct ModelConfig {
     #[arg(long, env = "PARLEY_MAX_TOKENS")]
     pub max_tokens: Option<u32>,
     /// Timeout to connect to the model endpoint.
-    #[arg(long, env = "PARLEY_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    #[arg(id = "model_connect_timeout", long = "model-connect-timeout", env = "PARLEY_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,
     /// Timeout until the first chunk of a reply, and between two chunks.
-    #[arg(long, env = "PARLEY_MODEL_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    #[arg(id = "model_timeout", long = "model-timeout", env = "PARLEY_MODEL_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
     pub request_timeout: Duration,
     /// Retries of a model call that failed before its first token (connect errors, 408, 429, 5xx).
     #[arg(long, env = "PARLEY_MODEL_MAX_RETRIES", default_value_t = 2)]

@@ -1,1 +1,74 @@
-fn main() {}
+//! The `parley` binary: telemetry, configuration, then serve (or migrate, or print the spec).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use parley::config::{Cli, Command, Config, LogFormat, redact_url};
+use tokio::net::TcpListener;
+use tracing_subscriber::EnvFilter;
+
+fn init_tracing(config: &Config) {
+    let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+}
+
+async fn serve(config: Config) -> anyhow::Result<()> {
+    let state = parley::app::build_state(&config).await?;
+    let listener = TcpListener::bind(config.addr).await?;
+    tracing::info!(
+        addr = %listener.local_addr()?,
+        store = state.store.backend(),
+        model = ?config.model.provider,
+        "parley listening"
+    );
+    parley::app::serve(listener, state, shutdown_signal(), config.http.shutdown_grace).await
+}
+
+async fn migrate(config: Config) -> anyhow::Result<()> {
+    tracing::info!(database = %redact_url(&config.store.database_url), "applying migrations");
+    parley::app::migrate(&config).await
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.config);
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => serve(cli.config).await,
+        Command::Migrate => migrate(cli.config).await,
+        Command::Openapi => {
+            println!("{}", parley::http::openapi_json());
+            Ok(())
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("parley: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,1 +1,194 @@
-//! The HTTP API.
+//! The HTTP API: one module per resource, each with its own `router()`, merged here under one
+//! tuple of layers. The OpenAPI document is generated from the same routers, so it cannot drift.
+//!
+//! - [`sessions`], [`messages`], [`turns`], [`health`]: the resources.
+//! - [`extract`]: extractors that reject bad input as problem+json.
+//! - [`middleware`]: the problem+json fallback for errors raised outside handlers.
+//! - [`sse`]: the Server-Sent Events encoding of a turn.
+
+pub mod extract;
+pub mod health;
+pub mod messages;
+pub mod middleware;
+pub mod sessions;
+pub mod sse;
+pub mod turns;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+use utoipa::OpenApi;
+use utoipa::openapi::OpenApi as OpenApiDoc;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::agent::Agent;
+use crate::domain::Metadata;
+use crate::error::{AppError, Result};
+use crate::store::DynStore;
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    /// The agent, which owns the running turns.
+    pub agent: Arc<Agent>,
+    /// The conversation store.
+    pub store: DynStore,
+    /// Input limits and HTTP settings.
+    pub limits: Arc<Limits>,
+}
+
+/// Limits on what clients send, and HTTP timings.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest request body.
+    pub max_body_bytes: usize,
+    /// Largest message content or system prompt.
+    pub max_content_bytes: usize,
+    /// Largest metadata object, serialised.
+    pub max_metadata_bytes: usize,
+    /// Timeout of non-turn requests.
+    pub request_timeout: Duration,
+    /// Timeout of one store operation (readiness).
+    pub store_timeout: Duration,
+    /// SSE keep-alive interval.
+    pub sse_keepalive: Duration,
+    /// CORS origins; `*` for any.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 256 * 1024,
+            max_content_bytes: 32 * 1024,
+            max_metadata_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            store_timeout: Duration::from_secs(5),
+            sse_keepalive: Duration::from_secs(15),
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// 413 if a text field is over the content limit.
+    pub fn check_text(&self, field: &str, text: &str) -> Result<()> {
+        if text.len() > self.max_content_bytes {
+            return Err(AppError::PayloadTooLarge(format!(
+                "{field} is {} bytes; the limit is {} bytes (PARLEY_MAX_CONTENT_BYTES)",
+                text.len(),
+                self.max_content_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// 413 if a metadata object is over its limit.
+    pub fn check_metadata(&self, metadata: &Metadata) -> Result<()> {
+        let size = serde_json::to_vec(metadata).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > self.max_metadata_bytes {
+            return Err(AppError::PayloadTooLarge(format!(
+                "metadata is {size} bytes; the limit is {} bytes",
+                self.max_metadata_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The OpenAPI document's fixed parts; paths and schemas come from the routers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "parley",
+        description = "A chat-session microservice: sessions, history and streamed agent replies. Errors are RFC 9457 problem+json with a stable `code`."
+    ),
+    tags(
+        (name = "sessions", description = "Create, list, read and delete sessions"),
+        (name = "messages", description = "Post turns and read history"),
+        (name = "turns", description = "Turn records and cancellation"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+fn api_router(state: &AppState) -> OpenApiRouter<AppState> {
+    let timed = OpenApiRouter::new()
+        .merge(sessions::router())
+        .merge(messages::router())
+        .merge(turns::router())
+        .merge(health::router())
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout));
+    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(timed).merge(messages::turn_router())
+}
+
+/// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
+pub fn openapi() -> OpenApiDoc {
+    let state = AppState {
+        agent: Arc::new(Agent::new(
+            Arc::new(crate::store::memory::MemoryStore::default()),
+            Arc::new(crate::llm::echo::EchoModel::default()),
+            crate::tools::ToolRegistry::new(),
+            Default::default(),
+        )),
+        store: Arc::new(crate::store::memory::MemoryStore::default()),
+        limits: Arc::new(Limits::default()),
+    };
+    api_router(&state).split_for_parts().1
+}
+
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::ACCEPT,
+            HeaderName::from_static("idempotency-key"),
+        ])
+        .expose_headers([header::LOCATION, HeaderName::from_static("x-request-id")])
+}
+
+/// The whole application: every route, the docs, and one tuple of layers.
+pub fn router(state: AppState) -> Router {
+    let (api, spec) = api_router(&state).split_for_parts();
+    let request_id = HeaderName::from_static("x-request-id");
+    let layers = ServiceBuilder::new()
+        .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
+        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
+        .layer(TraceLayer::new_for_http().make_span_with(middleware::make_span))
+        .layer(PropagateRequestIdLayer::new(request_id))
+        .layer(CatchPanicLayer::custom(middleware::panic_response))
+        .layer(cors(&state.limits.cors_origins))
+        .layer(axum::middleware::map_response(middleware::problem_fallback))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
+    api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .fallback(middleware::not_found)
+        .method_not_allowed_fallback(middleware::method_not_allowed)
+        .with_state(state)
+        .layer(layers)
+}
+
+/// The OpenAPI document as pretty JSON with a trailing newline, exactly as committed.
+pub fn openapi_json() -> String {
+    let mut text = openapi().to_pretty_json().expect("the OpenAPI document serialises");
+    text.push('\n');
+    text
+}

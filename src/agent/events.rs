@@ -1,0 +1,109 @@
+//! Typed events of a turn, as streamed to clients over SSE, and the turn's final result.
+
+use serde::Serialize;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::domain::{Message, Usage};
+use crate::error::Problem;
+
+/// Something that happened during a turn. The SSE event name is [`TurnEvent::name`]; the data is
+/// the variant's fields as one JSON object.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum TurnEvent {
+    /// The turn began; the user message is not stored yet (its `seq` is 0 until `turn.completed`).
+    Started {
+        /// The turn.
+        turn_id: Uuid,
+        /// The session.
+        session_id: String,
+        /// The user message as it will be stored.
+        user_message: Message,
+    },
+    /// A piece of assistant text.
+    Delta {
+        /// The turn.
+        turn_id: Uuid,
+        /// The assistant message the text belongs to.
+        message_id: Uuid,
+        /// The text.
+        delta: String,
+    },
+    /// The model asked for tools: the assistant message with its `tool_calls`.
+    ToolCall {
+        /// The turn.
+        turn_id: Uuid,
+        /// The assistant message.
+        message: Message,
+    },
+    /// A tool answered: the tool message.
+    ToolResult {
+        /// The turn.
+        turn_id: Uuid,
+        /// The tool message.
+        message: Message,
+    },
+    /// The final assistant message, exactly as stored.
+    MessageCompleted {
+        /// The turn.
+        turn_id: Uuid,
+        /// The stored message.
+        message: Message,
+    },
+    /// The turn is stored: every message of it, in order.
+    Completed {
+        /// The turn.
+        turn_id: Uuid,
+        /// The stored messages.
+        messages: Vec<Message>,
+        /// Token usage over the turn.
+        usage: Option<Usage>,
+    },
+    /// The turn failed; nothing more was stored.
+    Failed {
+        /// The turn.
+        turn_id: Uuid,
+        /// The problem.
+        error: Problem,
+    },
+    /// The turn was cancelled; partial text, if any, was stored.
+    Cancelled {
+        /// The turn.
+        turn_id: Uuid,
+        /// The messages stored for the cancelled turn (possibly none).
+        messages: Vec<Message>,
+    },
+}
+
+impl TurnEvent {
+    /// The SSE event name.
+    pub fn name(&self) -> &'static str {
+        match self {
+            TurnEvent::Started { .. } => "turn.started",
+            TurnEvent::Delta { .. } => "message.delta",
+            TurnEvent::ToolCall { .. } => "tool.call",
+            TurnEvent::ToolResult { .. } => "tool.result",
+            TurnEvent::MessageCompleted { .. } => "message.completed",
+            TurnEvent::Completed { .. } => "turn.completed",
+            TurnEvent::Failed { .. } => "turn.failed",
+            TurnEvent::Cancelled { .. } => "turn.cancelled",
+        }
+    }
+
+    /// Whether this event ends the stream.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, TurnEvent::Completed { .. } | TurnEvent::Failed { .. } | TurnEvent::Cancelled { .. })
+    }
+}
+
+/// The answer to a non-streamed turn.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TurnResult {
+    /// The turn.
+    pub turn_id: Uuid,
+    /// Every message of the turn as stored: the user message, any tool rounds, the final answer.
+    pub messages: Vec<Message>,
+    /// Token usage over the turn, when the model reported it.
+    pub usage: Option<Usage>,
+}

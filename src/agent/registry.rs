@@ -1,0 +1,154 @@
+//! The turns running in this process: one per session at a time, each cancellable, all tracked so
+//! that shutdown can wait for them and then cancel the rest.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+/// Registry of running turns.
+#[derive(Debug, Default)]
+pub struct TurnRegistry {
+    /// Running turns by (tenant, session).
+    running: Mutex<HashMap<(String, String), RunningTurn>>,
+    /// Every turn task, for graceful shutdown.
+    tracker: TaskTracker,
+    /// Set once shutdown begins: no new turns.
+    closed: AtomicBool,
+}
+
+#[derive(Debug, Clone)]
+struct RunningTurn {
+    turn_id: Uuid,
+    cancel: CancellationToken,
+}
+
+/// Why a turn could not be registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterError {
+    /// Another turn is running in the session.
+    Busy(Uuid),
+    /// The service is shutting down.
+    Closed,
+}
+
+impl TurnRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), RunningTurn>> {
+        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers a turn; fails if the session already runs one or shutdown has begun.
+    pub fn register(
+        &self,
+        tenant: &str,
+        session: &str,
+        turn_id: Uuid,
+    ) -> Result<CancellationToken, RegisterError> {
+        if self.closed.load(Ordering::SeqCst) {
+            return Err(RegisterError::Closed);
+        }
+        let mut running = self.lock();
+        let key = (tenant.to_owned(), session.to_owned());
+        if let Some(existing) = running.get(&key) {
+            return Err(RegisterError::Busy(existing.turn_id));
+        }
+        let cancel = CancellationToken::new();
+        running.insert(key, RunningTurn { turn_id, cancel: cancel.clone() });
+        Ok(cancel)
+    }
+
+    /// Removes a finished turn.
+    pub fn finish(&self, tenant: &str, session: &str, turn_id: Uuid) {
+        let mut running = self.lock();
+        let key = (tenant.to_owned(), session.to_owned());
+        if running.get(&key).is_some_and(|r| r.turn_id == turn_id) {
+            running.remove(&key);
+        }
+    }
+
+    /// The turn running in a session, if any.
+    pub fn running_in(&self, tenant: &str, session: &str) -> Option<Uuid> {
+        self.lock().get(&(tenant.to_owned(), session.to_owned())).map(|r| r.turn_id)
+    }
+
+    /// Cancels a running turn; false if it is not running here.
+    pub fn cancel(&self, tenant: &str, session: &str, turn_id: Uuid) -> bool {
+        match self.lock().get(&(tenant.to_owned(), session.to_owned())) {
+            Some(r) if r.turn_id == turn_id => {
+                r.cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The tracker turn tasks are spawned on.
+    pub fn tracker(&self) -> &TaskTracker {
+        &self.tracker
+    }
+
+    /// Whether shutdown has begun.
+    pub fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// Stops new turns, waits up to `grace` for running ones, then cancels the rest (they save
+    /// their partial text) and waits for them to finish saving.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.tracker.close();
+        if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
+            return;
+        }
+        let running: Vec<RunningTurn> = self.lock().values().cloned().collect();
+        tracing::warn!(turns = running.len(), "grace period over: cancelling running turns");
+        for turn in running {
+            turn.cancel.cancel();
+        }
+        self.tracker.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_turn_per_session_and_tenant() {
+        let r = TurnRegistry::new();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        r.register("t", "s", a).unwrap();
+        assert_eq!(r.register("t", "s", b), Err(RegisterError::Busy(a)));
+        assert!(r.register("t2", "s", b).is_ok(), "another tenant's session is another session");
+        assert!(r.register("t", "s2", b).is_ok());
+        r.finish("t", "s", a);
+        assert!(r.register("t", "s", b).is_ok());
+    }
+
+    #[test]
+    fn cancel_reaches_only_the_named_turn() {
+        let r = TurnRegistry::new();
+        let a = Uuid::now_v7();
+        let token = r.register("t", "s", a).unwrap();
+        assert!(!r.cancel("t", "s", Uuid::now_v7()));
+        assert!(!token.is_cancelled());
+        assert!(r.cancel("t", "s", a));
+        assert!(token.is_cancelled());
+    }
+
+    #[tokio::test]
+    async fn shutdown_refuses_new_turns() {
+        let r = TurnRegistry::new();
+        r.shutdown(Duration::from_millis(10)).await;
+        assert_eq!(r.register("t", "s", Uuid::now_v7()), Err(RegisterError::Closed));
+    }
+}

@@ -1,0 +1,180 @@
+//! `/v1/sessions/{id}/messages`: post a user turn (JSON or SSE), read history pages, clear history.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{ApiJson, ApiQuery, Tenant, page_limit, session_id};
+use super::sse;
+use crate::agent::{TurnInput, TurnResult};
+use crate::domain::{Message, Metadata};
+use crate::error::{AppError, Problem, Result};
+use crate::store::{Order, PageQuery};
+
+/// The turn route (no request timeout: turns have their own).
+pub fn turn_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(post_message))
+}
+
+/// The history routes.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(list_messages, clear_messages))
+}
+
+/// Body of `POST /v1/sessions/{id}/messages`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct PostMessage {
+    /// The user's text: not empty, at most `PARLEY_MAX_CONTENT_BYTES` bytes.
+    pub content: String,
+    /// Metadata stored with the user message (a JSON object).
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Metadata>,
+}
+
+/// Query of `POST /v1/sessions/{id}/messages`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct PostMessageQuery {
+    /// Stream the turn as Server-Sent Events (same as `Accept: text/event-stream`).
+    pub stream: Option<bool>,
+}
+
+/// Query of `GET /v1/sessions/{id}/messages`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListMessagesQuery {
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<i64>,
+    /// `asc` (oldest first, the default) or `desc`.
+    pub order: Option<Order>,
+    /// Only messages with a greater seq.
+    pub after: Option<u64>,
+    /// Only messages with a smaller seq.
+    pub before: Option<u64>,
+    /// The `next_cursor` of the previous page (same as `after` for asc, `before` for desc).
+    pub cursor: Option<u64>,
+}
+
+/// A page of history.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageList {
+    /// Messages in the requested order.
+    pub data: Vec<Message>,
+    /// Whether another page follows.
+    pub has_more: bool,
+    /// Pass as `cursor` (or as `after` for asc, `before` for desc) to get the next page.
+    pub next_cursor: Option<String>,
+}
+
+fn wants_stream(headers: &HeaderMap, query: &PostMessageQuery) -> bool {
+    query.stream.unwrap_or(false)
+        || headers
+            .get_all(header::ACCEPT)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|part| part.trim().starts_with("text/event-stream")))
+}
+
+fn validate_content(state: &AppState, content: &str) -> Result<()> {
+    if content.trim().is_empty() {
+        return Err(AppError::Validation("content must not be empty".to_owned()));
+    }
+    if content.contains('\0') {
+        return Err(AppError::Validation("content must not contain NUL characters".to_owned()));
+    }
+    state.limits.check_text("content", content)
+}
+
+/// Post a user turn; the reply comes back as JSON, or as Server-Sent Events when asked.
+#[utoipa::path(post, path = "/v1/sessions/{id}/messages", tag = "messages",
+    params(("id" = String, Path, description = "Session id"), PostMessageQuery),
+    request_body(content = PostMessage, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The turn's stored messages (JSON), or its events (SSE: turn.started, message.delta, tool.call, tool.result, message.completed, turn.completed | turn.failed | turn.cancelled)",
+            content((TurnResult = "application/json"), (String = "text/event-stream"))),
+        (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "Another turn is running in the session", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Content or body too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The model failed; nothing was stored", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable or shutting down", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The model timed out; nothing was stored", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn post_message(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<PostMessageQuery>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<PostMessage>,
+) -> Result<Response> {
+    let session_id = session_id(id)?;
+    validate_content(&state, &body.content)?;
+    let metadata = body.metadata.unwrap_or_default();
+    state.limits.check_metadata(&metadata)?;
+    let input = TurnInput { tenant, session_id, content: body.content, metadata };
+    let started = state.agent.start_turn(input).await?;
+    if wants_stream(&headers, &query) {
+        return Ok(sse::turn_stream(started.events, state.limits.sse_keepalive).into_response());
+    }
+    let result =
+        started.outcome.await.map_err(|e| AppError::Internal(format!("turn task failed: {e}")))??;
+    Ok(Json(result).into_response())
+}
+
+/// Read a page of history.
+#[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
+    params(("id" = String, Path, description = "Session id"), ListMessagesQuery),
+    responses(
+        (status = 200, description = "A page of history", body = MessageList),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_messages(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiQuery(query): ApiQuery<ListMessagesQuery>,
+) -> Result<Json<MessageList>> {
+    let id = session_id(id)?;
+    let limit = page_limit(query.limit)?;
+    let order = query.order.unwrap_or_default();
+    let (after, before) = match (order, query.cursor) {
+        (Order::Asc, Some(c)) => (Some(query.after.map_or(c, |a| a.max(c))), query.before),
+        (Order::Desc, Some(c)) => (query.after, Some(query.before.map_or(c, |b| b.min(c)))),
+        (_, None) => (query.after, query.before),
+    };
+    let page = state
+        .store
+        .read_page(&tenant, &id, PageQuery { limit, order, after, before })
+        .await
+        .map_err(|e| AppError::from_store(e, &id))?;
+    let next_cursor = page.next_seq().map(|s| s.to_string());
+    Ok(Json(MessageList { data: page.messages, has_more: page.has_more, next_cursor }))
+}
+
+/// Clear the history; the session stays, and seqs are never reused.
+#[utoipa::path(delete, path = "/v1/sessions/{id}/messages", tag = "messages",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 204, description = "Cleared"),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn clear_messages(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let id = session_id(id)?;
+    state.store.clear(&tenant, &id).await.map_err(|e| AppError::from_store(e, &id))?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,91 @@
+//! Middleware pieces: the problem+json fallback for errors produced outside handlers (timeouts,
+//! body limits, unknown routes, panics) and the request span.
+
+use std::any::Any;
+
+use axum::body::Body;
+use axum::http::{Request, Response, StatusCode, Uri, header};
+use axum::response::IntoResponse;
+use tracing::Span;
+
+use crate::error::{AppError, PROBLEM_JSON, Problem, problem_response};
+
+/// 404 for an unknown route, as problem+json.
+pub async fn not_found(uri: Uri) -> AppError {
+    AppError::RouteNotFound(uri.path().to_owned())
+}
+
+/// 405 for a known route with the wrong method, as problem+json.
+pub async fn method_not_allowed() -> AppError {
+    AppError::MethodNotAllowed
+}
+
+/// 500 for a panic in a handler, as problem+json; the panic text is logged, not sent.
+pub fn panic_response(panic: Box<dyn Any + Send + 'static>) -> Response<Body> {
+    let detail = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("unknown panic");
+    AppError::Internal(format!("handler panicked: {detail}")).into_response()
+}
+
+/// Rewrites an error response that is not problem+json (from a layer such as the timeout or the
+/// body limit) into one, keeping its status and headers.
+pub async fn problem_fallback(response: Response<Body>) -> Response<Body> {
+    let status = response.status();
+    if !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with(PROBLEM_JSON));
+    if is_problem {
+        return response;
+    }
+    let (parts, _) = response.into_parts();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => AppError::PayloadTooLarge(
+            "the request body is larger than the limit (PARLEY_MAX_BODY_BYTES)".into(),
+        ),
+        StatusCode::REQUEST_TIMEOUT => AppError::RequestTimeout,
+        StatusCode::NOT_FOUND => AppError::RouteNotFound(String::new()),
+        StatusCode::METHOD_NOT_ALLOWED => AppError::MethodNotAllowed,
+        _ => return generic(status, parts),
+    };
+    let mut rebuilt = problem_response(&error.problem());
+    *rebuilt.status_mut() = status;
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rebuilt.headers_mut().insert(name, value.clone());
+        }
+    }
+    rebuilt
+}
+
+fn generic(status: StatusCode, parts: axum::http::response::Parts) -> Response<Body> {
+    let code = if status.is_server_error() { "internal_error" } else { "invalid_request" };
+    let problem = Problem {
+        kind: format!("urn:parley:problem:{code}"),
+        title: status.canonical_reason().unwrap_or("Error").to_owned(),
+        status: status.as_u16(),
+        detail: status.canonical_reason().unwrap_or("error").to_lowercase(),
+        code: code.to_owned(),
+        turn_id: None,
+    };
+    let mut rebuilt = problem_response(&problem);
+    for (name, value) in parts.headers.iter() {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            rebuilt.headers_mut().insert(name, value.clone());
+        }
+    }
+    rebuilt
+}
+
+/// The span of one request: method, path and request id (never the body or credentials).
+pub fn make_span(request: &Request<Body>) -> Span {
+    let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
+    tracing::info_span!("request", http.method = %request.method(), http.path = %request.uri().path(), request.id = %request_id)
+}

@@ -1,0 +1,145 @@
+//! `/v1/sessions`: create, list, read and delete sessions.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::AppState;
+use super::extract::{ApiQuery, OptionalJson, Tenant, page_limit, session_id};
+use crate::domain::{Metadata, NewSession, Session, new_id};
+use crate::error::{AppError, Problem, Result};
+use crate::store::SessionCursor;
+
+/// The routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_session, list_sessions))
+        .routes(routes!(get_session, delete_session))
+}
+
+/// Body of `POST /v1/sessions`; every field is optional.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct CreateSession {
+    /// The session id, `[A-Za-z0-9._:-]{1,128}`; a UUID v7 is chosen when omitted.
+    pub id: Option<String>,
+    /// The session's system prompt; the server default applies when omitted.
+    pub system_prompt: Option<String>,
+    /// Client metadata (a JSON object).
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Metadata>,
+}
+
+/// Query of `GET /v1/sessions`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListSessionsQuery {
+    /// Page size, 1 to 100 (default 20).
+    pub limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
+    pub cursor: Option<String>,
+}
+
+/// A page of sessions.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SessionList {
+    /// Sessions, most recently updated first.
+    pub data: Vec<Session>,
+    /// Whether another page follows.
+    pub has_more: bool,
+    /// Pass as `cursor` to get the next page.
+    pub next_cursor: Option<String>,
+}
+
+/// Create a session.
+#[utoipa::path(post, path = "/v1/sessions", tag = "sessions",
+    request_body(content = Option<CreateSession>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Created", body = Session, headers(("Location" = String))),
+        (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn create_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    OptionalJson(body): OptionalJson<CreateSession>,
+) -> Result<Response> {
+    let id = match body.id {
+        Some(id) => session_id(id)?,
+        None => new_id().to_string(),
+    };
+    if let Some(prompt) = &body.system_prompt {
+        state.limits.check_text("system_prompt", prompt)?;
+    }
+    let metadata = body.metadata.unwrap_or_default();
+    state.limits.check_metadata(&metadata)?;
+    let new = NewSession { id: id.clone(), system_prompt: body.system_prompt, metadata };
+    let session = state.store.create_session(&tenant, new).await.map_err(|e| AppError::from_store(e, &id))?;
+    let location = format!("/v1/sessions/{}", session.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(session)).into_response())
+}
+
+/// List sessions, most recently updated first.
+#[utoipa::path(get, path = "/v1/sessions", tag = "sessions", params(ListSessionsQuery),
+    responses(
+        (status = 200, description = "A page of sessions", body = SessionList),
+        (status = 400, description = "Invalid cursor", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid limit", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_sessions(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    ApiQuery(query): ApiQuery<ListSessionsQuery>,
+) -> Result<Json<SessionList>> {
+    let limit = page_limit(query.limit)?;
+    let cursor = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
+    let page = state.store.list_sessions(&tenant, limit, cursor.as_ref()).await?;
+    let next_cursor =
+        if page.has_more { page.sessions.last().map(|s| SessionCursor::after(s).encode()) } else { None };
+    Ok(Json(SessionList { data: page.sessions, has_more: page.has_more, next_cursor }))
+}
+
+/// Read a session.
+#[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 200, description = "The session", body = Session),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<Json<Session>> {
+    let id = session_id(id)?;
+    let session = state.store.get_session(&tenant, &id).await?;
+    session.map(Json).ok_or(AppError::SessionNotFound(id))
+}
+
+/// Delete a session and all its history.
+#[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
+    params(("id" = String, Path, description = "Session id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn delete_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+) -> Result<StatusCode> {
+    let id = session_id(id)?;
+    if state.store.delete_session(&tenant, &id).await? {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(AppError::SessionNotFound(id))
+    }
+}

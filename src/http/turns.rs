@@ -1,0 +1,82 @@
+//! `/v1/sessions/{id}/turns/{turn_id}`: read a turn's record, cancel a running turn.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use super::AppState;
+use super::extract::{Tenant, session_id};
+use crate::domain::{Turn, TurnStatus};
+use crate::error::{AppError, Problem, Result};
+
+/// The routes of this resource.
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(get_turn)).routes(routes!(cancel_turn))
+}
+
+async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
+    if state.store.get_session(tenant, id).await?.is_none() {
+        return Err(AppError::SessionNotFound(id.to_owned()));
+    }
+    state.store.get_turn(tenant, id, turn_id).await?.ok_or(AppError::TurnNotFound(turn_id))
+}
+
+/// Read a turn: its status, error, message ids and usage.
+#[utoipa::path(get, path = "/v1/sessions/{id}/turns/{turn_id}", tag = "turns",
+    params(("id" = String, Path, description = "Session id"), ("turn_id" = Uuid, Path, description = "Turn id")),
+    responses(
+        (status = 200, description = "The turn", body = Turn),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or turn", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_turn(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, turn_id)): Path<(String, String)>,
+) -> Result<Json<Turn>> {
+    let id = session_id(id)?;
+    let turn_id = parse_turn_id(&turn_id)?;
+    read_turn(&state, &tenant, &id, turn_id).await.map(Json)
+}
+
+/// Cancel a running turn: the model call and tools stop, the text produced so far is saved with
+/// `metadata.status = "cancelled"`, and an open stream gets `turn.cancelled`.
+#[utoipa::path(post, path = "/v1/sessions/{id}/turns/{turn_id}/cancel", tag = "turns",
+    params(("id" = String, Path, description = "Session id"), ("turn_id" = Uuid, Path, description = "Turn id")),
+    responses(
+        (status = 200, description = "The cancelled turn", body = Turn),
+        (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or turn", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The turn has already ended", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn cancel_turn(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, turn_id)): Path<(String, String)>,
+) -> Result<Json<Turn>> {
+    let id = session_id(id)?;
+    let turn_id = parse_turn_id(&turn_id)?;
+    let registry = state.agent.registry();
+    if !registry.cancel(&tenant, &id, turn_id) {
+        let turn = read_turn(&state, &tenant, &id, turn_id).await?;
+        return Err(match turn.status {
+            TurnStatus::Running => AppError::TurnInProgress(turn_id),
+            _ => AppError::TurnFinished(turn_id),
+        });
+    }
+    // The turn saves its partial text and leaves the registry; wait for that, boundedly.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while registry.running_in(&tenant, &id) == Some(turn_id) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    read_turn(&state, &tenant, &id, turn_id).await.map(Json)
+}
+
+fn parse_turn_id(text: &str) -> Result<Uuid> {
+    Uuid::parse_str(text)
+        .map_err(|_| AppError::BadRequest(format!("invalid turn id {text:?}: expected a UUID")))
+}
