@@ -59,7 +59,7 @@ async fn main() -> ExitCode {
         Command::Serve => serve(cli.config).await,
         Command::Migrate => migrate(cli.config).await,
         Command::Openapi => {
-            println!("{}", parley::http::openapi_json());
+            print!("{}", parley::http::openapi_json());
             Ok(())
         }
     };

@@ -1,5 +1,20 @@
-#![expect(dead_code, reason = "helpers are used by backend modules as they land")]
-//! Shared test helpers: environment requirements and, later, `spawn_app()`.
+//! Shared test helpers: `spawn_app()` starts parley on a free port with the chosen store and model,
+//! and `TestApp` has typed helpers for the API. Environment requirements fail loudly.
+#![allow(dead_code, reason = "each test module uses a different subset")]
+
+use std::sync::Arc;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use parley::config::{Cli, Config};
+use parley::llm::DynModel;
+use parley::store::DynStore;
+use parley::store::memory::MemoryStore;
+use parley::tools::ToolRegistry;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 
 /// The value of a variable a test needs; fails the test, naming the variable, when it is unset.
 pub fn require_env(var: &str, what: &str) -> String {
@@ -25,4 +40,222 @@ pub fn database_url() -> String {
 /// A short unique name for isolating a test's data (key prefix, schema).
 pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Installs the TLS crypto provider reqwest needs (once per process).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Which store a test app runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// The in-memory store.
+    Memory,
+}
+
+impl Backend {
+    /// A fresh, isolated store of this kind.
+    pub async fn store(self, config: &Config) -> DynStore {
+        match self {
+            Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+        }
+    }
+}
+
+/// Parses flags as the binary would (environment variables apply too).
+pub fn config(args: &[&str]) -> Config {
+    let mut all = vec!["parley", "--addr", "127.0.0.1:0"];
+    all.extend_from_slice(args);
+    use clap::Parser;
+    Cli::try_parse_from(all).expect("valid test flags").config
+}
+
+/// A running parley.
+pub struct TestApp {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client for it.
+    pub client: reqwest::Client,
+    /// The store it runs on.
+    pub store: DynStore,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<()>>,
+}
+
+/// Options of [`spawn_app_with`].
+#[derive(Default)]
+pub struct Spawn {
+    /// Flags, as on the command line.
+    pub args: Vec<String>,
+    /// A model to use instead of the configured one.
+    pub model: Option<DynModel>,
+    /// A store to use instead of a fresh memory store.
+    pub store: Option<DynStore>,
+    /// Tools instead of the configured ones.
+    pub tools: Option<ToolRegistry>,
+}
+
+/// Starts parley on the memory store and the echo model with these flags.
+pub async fn spawn_app(args: &[&str]) -> TestApp {
+    spawn_app_with(Spawn { args: args.iter().map(|s| s.to_string()).collect(), ..Spawn::default() }).await
+}
+
+/// Starts parley on a backend with these flags.
+pub async fn spawn_app_on(backend: Backend, args: &[&str]) -> TestApp {
+    let cfg = config(args);
+    let store = backend.store(&cfg).await;
+    spawn_app_with(Spawn {
+        args: args.iter().map(|s| s.to_string()).collect(),
+        store: Some(store),
+        ..Spawn::default()
+    })
+    .await
+}
+
+/// Starts parley with full control over its parts.
+pub async fn spawn_app_with(spawn: Spawn) -> TestApp {
+    install_crypto();
+    let args: Vec<&str> = spawn.args.iter().map(String::as_str).collect();
+    let cfg = config(&args);
+    cfg.validate().expect("valid test config");
+    let store = match spawn.store {
+        Some(store) => store,
+        None => Backend::Memory.store(&cfg).await,
+    };
+    let model = match spawn.model {
+        Some(model) => model,
+        None => parley::app::build_model(&cfg).expect("model"),
+    };
+    let tools = match spawn.tools {
+        Some(tools) => tools,
+        None => parley::app::build_tools(&cfg).expect("tools"),
+    };
+    let state = parley::app::state_from_parts(&cfg, Arc::clone(&store), model, tools);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (tx, rx) = oneshot::channel::<()>();
+    let grace = cfg.http.shutdown_grace;
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = rx.await;
+        };
+        parley::app::serve(listener, state, shutdown, grace).await.expect("serve");
+    });
+    TestApp { base, client: reqwest::Client::new(), store, shutdown: Some(tx), server: Some(server) }
+}
+
+impl TestApp {
+    /// The full URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Starts the graceful shutdown and returns the server task.
+    pub fn begin_shutdown(&mut self) -> JoinHandle<()> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        self.server.take().expect("server running")
+    }
+
+    /// `POST /v1/sessions` with a body; returns the response.
+    pub async fn create_session_with(&self, body: Value) -> reqwest::Response {
+        self.client.post(self.url("/v1/sessions")).json(&body).send().await.expect("request")
+    }
+
+    /// Creates a session with this id and returns its JSON.
+    pub async fn create_session(&self, id: &str) -> Value {
+        let response = self.create_session_with(json!({ "id": id })).await;
+        assert_eq!(response.status(), 201, "create session {id}");
+        response.json().await.unwrap()
+    }
+
+    /// `GET` a path and return status and JSON body.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Posts a user turn (JSON answer); returns the response.
+    pub async fn post_message_raw(&self, session: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/sessions/{session}/messages")))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    /// Posts a user turn and returns the turn JSON, asserting 200.
+    pub async fn post_message(&self, session: &str, content: &str) -> Value {
+        let response = self.post_message_raw(session, json!({ "content": content })).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "post message: {body}");
+        body
+    }
+
+    /// Every message of a session, oldest first, read page by page.
+    pub async fn history(&self, session: &str) -> Vec<Value> {
+        let mut all = Vec::new();
+        let mut path = format!("/v1/sessions/{session}/messages?limit=100");
+        loop {
+            let (status, page) = self.get_json(&path).await;
+            assert_eq!(status, 200, "history: {page}");
+            all.extend(page["data"].as_array().unwrap().iter().cloned());
+            match page["next_cursor"].as_str() {
+                Some(c) => path = format!("/v1/sessions/{session}/messages?limit=100&cursor={c}"),
+                None => return all,
+            }
+        }
+    }
+
+    /// Posts a streamed turn and collects every SSE event until the stream ends.
+    pub async fn stream_turn(&self, session: &str, content: &str) -> Vec<SseEvent> {
+        let response = self
+            .client
+            .post(self.url(&format!("/v1/sessions/{session}/messages")))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "content": content }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        collect_events(response).await
+    }
+}
+
+/// One received SSE event.
+#[derive(Debug, Clone)]
+pub struct SseEvent {
+    /// `event:` name.
+    pub event: String,
+    /// `id:`.
+    pub id: String,
+    /// `data:` parsed as JSON.
+    pub data: Value,
+}
+
+/// Reads an SSE response to its end.
+pub async fn collect_events(response: reqwest::Response) -> Vec<SseEvent> {
+    let content_type = response.headers().get("content-type").unwrap().to_str().unwrap().to_owned();
+    assert!(content_type.starts_with("text/event-stream"), "content type {content_type}");
+    let mut stream = response.bytes_stream().eventsource();
+    let mut events = Vec::new();
+    while let Some(event) = stream.next().await {
+        let event = event.expect("valid SSE");
+        let data = serde_json::from_str(&event.data).expect("one line of JSON data");
+        events.push(SseEvent { event: event.event, id: event.id, data });
+    }
+    events
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
 }

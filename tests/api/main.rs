@@ -1,5 +1,27 @@
 //! Integration tests: one binary. `helpers` starts parley on a free port; each module covers one
-//! part of the API or one backend.
+//! part of the API, and `for_each_backend!` runs a module's cases against every store.
 
+/// Runs each listed `async fn case(backend: Backend)` of the calling module once per backend, as
+/// `<module>::<backend>::<case>`.
+macro_rules! for_each_backend {
+    ($($case:ident),+ $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::helpers::Backend::Memory).await
+                }
+            )+
+        }
+    };
+}
+
+mod docs;
+mod errors;
 mod helpers;
+mod history;
+mod lifecycle;
+mod sessions;
 mod store_memory;
+mod streaming;
+mod turns;

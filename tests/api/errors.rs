@@ -1,0 +1,105 @@
+//! Bad input: every rejection is problem+json with the right status and code, and appends nothing.
+
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, TestApp, spawn_app, spawn_app_on};
+
+async fn problem(response: reqwest::Response, status: u16, code: &str) -> Value {
+    assert_eq!(response.status().as_u16(), status);
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["status"], status);
+    assert_eq!(body["type"], format!("urn:parley:problem:{code}"));
+    assert!(body["title"].is_string() && body["detail"].is_string());
+    body
+}
+
+async fn post_raw(app: &TestApp, session: &str, body: &'static str) -> reqwest::Response {
+    app.client
+        .post(app.url(&format!("/v1/sessions/{session}/messages")))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .unwrap()
+}
+
+async fn rejected_turns_are_problems_and_append_nothing(backend: Backend) {
+    let app = spawn_app_on(backend, &["--max-content-bytes", "64", "--max-body-bytes", "1024"]).await;
+    app.create_session("e").await;
+    app.post_message("e", "kept").await;
+    problem(post_raw(&app, "e", "{\"content\": ").await, 400, "invalid_request").await;
+    problem(post_raw(&app, "e", "not json").await, 400, "invalid_request").await;
+    problem(post_raw(&app, "e", "{\"content\": 42}").await, 422, "validation_failed").await;
+    problem(post_raw(&app, "e", "{\"metadata\": {}}").await, 422, "validation_failed").await;
+    problem(post_raw(&app, "e", "{\"content\": \"\"}").await, 422, "validation_failed").await;
+    problem(post_raw(&app, "e", "{\"content\": \"   \"}").await, 422, "validation_failed").await;
+    problem(post_raw(&app, "e", "{\"content\": \"x\", \"metadata\": [1]}").await, 422, "validation_failed")
+        .await;
+    problem(post_raw(&app, "e", "{\"content\": \"a\\u0000b\"}").await, 422, "validation_failed").await;
+    let long = json!({"content": "x".repeat(65)});
+    problem(app.post_message_raw("e", long).await, 413, "payload_too_large").await;
+    let huge = json!({"content": "ok", "metadata": {"pad": "y".repeat(2000)}});
+    problem(app.post_message_raw("e", huge).await, 413, "payload_too_large").await;
+    problem(app.post_message_raw("nobody", json!({"content": "hi"})).await, 404, "session_not_found").await;
+    let history = app.history("e").await;
+    assert_eq!(history.len(), 2, "only the accepted turn is stored");
+}
+
+async fn invalid_ids_limits_and_cursors_are_rejected(backend: Backend) {
+    let app = spawn_app_on(backend, &[]).await;
+    app.create_session("ok").await;
+    let bad_id = app.create_session_with(json!({"id": "has space"})).await;
+    problem(bad_id, 400, "invalid_request").await;
+    let too_long = app.create_session_with(json!({"id": "x".repeat(129)})).await;
+    problem(too_long, 400, "invalid_request").await;
+    let wrong_type = app.create_session_with(json!({"metadata": "not an object"})).await;
+    problem(wrong_type, 422, "validation_failed").await;
+    let get = |path: &str| app.client.get(app.url(path)).send();
+    problem(get("/v1/sessions/bad%20id").await.unwrap(), 400, "invalid_request").await;
+    problem(get("/v1/sessions/bad%20id/messages").await.unwrap(), 400, "invalid_request").await;
+    for limit in ["0", "101", "-1", "abc"] {
+        problem(
+            get(&format!("/v1/sessions/ok/messages?limit={limit}")).await.unwrap(),
+            422,
+            "validation_failed",
+        )
+        .await;
+        problem(get(&format!("/v1/sessions?limit={limit}")).await.unwrap(), 422, "validation_failed").await;
+    }
+    problem(get("/v1/sessions/ok/messages?order=sideways").await.unwrap(), 422, "validation_failed").await;
+    problem(get("/v1/sessions?cursor=garbage").await.unwrap(), 400, "invalid_request").await;
+    let (status, _) = app.get_json("/v1/sessions?limit=100").await;
+    assert_eq!(status, 200);
+}
+
+for_each_backend!(
+    rejected_turns_are_problems_and_append_nothing,
+    invalid_ids_limits_and_cursors_are_rejected
+);
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_413() {
+    let app = spawn_app(&["--max-body-bytes", "1000", "--max-content-bytes", "1000"]).await;
+    app.create_session("b").await;
+    let body = json!({"content": "z".repeat(2000)});
+    problem(app.post_message_raw("b", body).await, 413, "payload_too_large").await;
+    let big_session = app.create_session_with(json!({"metadata": {"pad": "q".repeat(5000)}})).await;
+    problem(big_session, 413, "payload_too_large").await;
+    assert!(app.history("b").await.is_empty());
+}
+
+#[tokio::test]
+async fn unknown_routes_are_404_and_wrong_methods_405_as_problems() {
+    let app = spawn_app(&[]).await;
+    let response = app.client.get(app.url("/v2/nothing")).send().await.unwrap();
+    problem(response, 404, "not_found").await;
+    let response = app.client.put(app.url("/v1/sessions")).send().await.unwrap();
+    let allow = response.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("POST") && allow.contains("GET"), "{allow}");
+    problem(response, 405, "method_not_allowed").await;
+    let response = app.client.patch(app.url("/v1/sessions/x/messages")).send().await.unwrap();
+    problem(response, 405, "method_not_allowed").await;
+}
