@@ -3,17 +3,19 @@
 
 use std::future::{Future, IntoFuture};
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
-use crate::config::{Config, ModelProvider, StoreKind};
+use crate::config::{Config, ModelProvider, StoreKind, redact_url};
 use crate::http::{AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::{DynModel, EchoSettings};
-use crate::store::DynStore;
 use crate::store::memory::MemoryStore;
+use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::{DynStore, StoreError};
 use crate::tools::ToolRegistry;
 
 /// Builds the application state from a validated configuration.
@@ -55,11 +57,52 @@ fn limits(config: &Config) -> Limits {
 pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
     match config.store.kind {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.store.memory_max_messages))),
-        StoreKind::Redis | StoreKind::Postgres => {
+        StoreKind::Postgres => Ok(postgres_store(config).await?),
+        StoreKind::Redis => {
             anyhow::bail!("this build does not include the {:?} store yet", config.store.kind)
         }
     }
 }
+
+fn pg_options(config: &Config) -> PgOptions {
+    let store = &config.store;
+    PgOptions {
+        url: store.database_url.clone(),
+        pool_size: store.pg_pool_size,
+        schema: store.pg_schema.clone(),
+        max_messages: Some(store.max_messages).filter(|&m| m > 0),
+        ttl: store.session_ttl,
+        op_timeout: store.store_timeout,
+    }
+}
+
+/// The PostgreSQL store, migrated. If PostgreSQL is down at start-up, parley starts anyway
+/// (`/readyz` answers 503) and applies the migrations as soon as it answers.
+async fn postgres_store(config: &Config) -> anyhow::Result<Arc<PgStore>> {
+    let store = Arc::new(PgStore::new(pg_options(config))?);
+    let target = redact_url(&config.store.database_url);
+    match store.migrate().await {
+        Ok(()) => tracing::info!(database = %target, "postgres store ready"),
+        Err(StoreError::Unavailable(e)) => {
+            tracing::warn!(database = %target, error = %e, "postgres unreachable at start-up; will migrate when it answers");
+            let retry = Arc::clone(&store);
+            tokio::spawn(async move {
+                while retry.migrate().await.is_err() {
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                tracing::info!("postgres reachable again: migrations applied");
+            });
+        }
+        Err(e) => return Err(anyhow::anyhow!("could not migrate {target}: {e}")),
+    }
+    if config.store.session_ttl.is_some() {
+        store.spawn_ttl_sweeper(SWEEP_EVERY);
+    }
+    Ok(store)
+}
+
+/// How often expired PostgreSQL sessions are swept when a TTL is set.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Builds the configured model.
 pub fn build_model(config: &Config) -> anyhow::Result<DynModel> {
@@ -109,6 +152,9 @@ pub async fn serve(
 }
 
 /// Applies the PostgreSQL migrations (`parley migrate`).
-pub async fn migrate(_config: &Config) -> anyhow::Result<()> {
-    anyhow::bail!("this build does not include the postgres store yet")
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let store = PgStore::new(pg_options(config))?;
+    store.migrate().await.context("could not apply the migrations")?;
+    tracing::info!("migrations applied");
+    Ok(())
 }

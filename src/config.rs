@@ -176,6 +176,9 @@ pub struct StoreConfig {
     /// PostgreSQL connection URL.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub database_url: String,
+    /// PostgreSQL schema for parley's tables (created if missing); the server's search path when unset.
+    #[arg(long, env = "PARLEY_PG_SCHEMA")]
+    pub pg_schema: Option<String>,
     /// PostgreSQL connection pool size.
     #[arg(long, env = "PARLEY_PG_POOL_SIZE", default_value_t = 16)]
     pub pg_pool_size: u32,

@@ -319,11 +319,11 @@ where
     let stored = append(&store, TENANT, "s1", vec![user, call, result, answer]).await;
     let back = store.read_page(TENANT, "s1", query(10, Order::Asc, None, None)).await.unwrap();
     assert_eq!(back.messages, stored);
-    let json_back: Vec<serde_json::Value> =
-        back.messages.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
-    let json_stored: Vec<serde_json::Value> =
-        stored.iter().map(|m| serde_json::to_value(m).unwrap()).collect();
-    assert_eq!(json_back, json_stored, "key order and types survive");
+    // `Map` equality ignores key order, so compare the serialised text.
+    let text = |m: &[Message]| serde_json::to_string(m).expect("serialise");
+    assert_eq!(text(&back.messages), text(&stored), "key order and types survive");
+    let session = store.get_session(TENANT, "s1").await.unwrap().unwrap();
+    assert_eq!(serde_json::to_string(&session.metadata).unwrap(), serde_json::to_string(&meta).unwrap());
 }
 
 /// Turn records are saved, replaced, and written atomically with an append.

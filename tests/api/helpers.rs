@@ -10,6 +10,7 @@ use parley::config::{Cli, Config};
 use parley::llm::DynModel;
 use parley::store::DynStore;
 use parley::store::memory::MemoryStore;
+use parley::store::postgres::{PgOptions, PgStore};
 use parley::tools::ToolRegistry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -52,6 +53,8 @@ pub fn install_crypto() {
 pub enum Backend {
     /// The in-memory store.
     Memory,
+    /// PostgreSQL, on a fresh schema (needs `DATABASE_URL`).
+    Postgres,
 }
 
 impl Backend {
@@ -59,6 +62,19 @@ impl Backend {
     pub async fn store(self, config: &Config) -> DynStore {
         match self {
             Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+            Backend::Postgres => {
+                let store = PgStore::new(PgOptions {
+                    url: database_url(),
+                    pool_size: 4,
+                    schema: Some(unique_name("t")),
+                    max_messages: None,
+                    ttl: None,
+                    op_timeout: std::time::Duration::from_secs(10),
+                })
+                .expect("postgres store");
+                store.migrate().await.expect("migrate");
+                Arc::new(store)
+            }
         }
     }
 }

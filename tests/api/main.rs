@@ -13,6 +13,14 @@ macro_rules! for_each_backend {
                 }
             )+
         }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::helpers::Backend::Postgres).await
+                }
+            )+
+        }
     };
 }
 
@@ -23,5 +31,6 @@ mod history;
 mod lifecycle;
 mod sessions;
 mod store_memory;
+mod store_postgres;
 mod streaming;
 mod turns;

@@ -1,0 +1,750 @@
+//! The PostgreSQL store: durable, shared by every parley replica (`is_distributed()` is true).
+//!
+//! The schema is in `migrations/` (embedded with `sqlx::migrate!`); `0001_init.sql` explains it.
+//! In short: `sessions` holds `last_seq`, the last seq handed out, and `message_count`; the
+//! messages a session holds are exactly those with seq in `(last_seq - message_count, last_seq]`,
+//! and every read filters on that window.
+//!
+//! Costs, in statements sent to the server:
+//! - `append`: one statement, whatever the batch size. A CTE bumps `last_seq` (which row-locks
+//!   the session, so concurrent appenders to one session queue there and each gets a contiguous
+//!   range), inserts every message from `unnest` arrays, trims past the cap and upserts the turn
+//!   record. One statement is one implicit transaction: all of it or none.
+//! - `get_session`, `list_sessions`, `read_page`, `last_n`, `get_turn`, `put_turn`,
+//!   `delete_session`, `ping`: one statement each. Pages and windows are range scans of the
+//!   messages primary key.
+//! - `create_session`: one statement (two more only to replace an expired, not yet swept session).
+//! - `clear`: one transaction of two statements (`begin`, update, delete, `commit`).
+//!
+//! Every operation is bounded by `op_timeout` (pool acquire included) and fails with
+//! [`StoreError::Unavailable`] when PostgreSQL cannot be reached in time.
+
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::types::Json;
+use sqlx::{AssertSqlSafe, Row};
+use uuid::Uuid;
+
+use super::{
+    AppendBatch, ConversationStore, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError,
+    StoreResult,
+};
+use crate::config::redact_url;
+use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage};
+use sql::*;
+
+/// The embedded migrations (`migrations/`).
+pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+
+/// Most expired sessions the sweeper deletes in one statement.
+pub const SWEEP_BATCH: i64 = 500;
+
+/// Longest TTL applied (about 1000 years), so that `now() + ttl` stays a valid timestamp.
+const MAX_TTL_MICROS: i64 = 1000 * 366 * 24 * 3600 * 1_000_000;
+
+/// How to reach PostgreSQL and how the store behaves.
+#[derive(Clone)]
+pub struct PgOptions {
+    /// Connection URL (`postgres://user:password@host:port/db`).
+    pub url: String,
+    /// Most connections in the pool (at least 1).
+    pub pool_size: u32,
+    /// Schema holding the tables, created by [`PgStore::migrate`] if missing and set as the
+    /// `search_path` of every connection; `None` uses the server's default search path.
+    pub schema: Option<String>,
+    /// Most messages kept per session, the oldest going first; `None` (or 0) keeps all.
+    pub max_messages: Option<usize>,
+    /// Sessions idle this long expire (each write slides it); `None` (or zero) keeps them.
+    pub ttl: Option<Duration>,
+    /// Longest one store operation may take, waiting for a connection included.
+    pub op_timeout: Duration,
+}
+
+impl std::fmt::Debug for PgOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgOptions")
+            .field("url", &redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("schema", &self.schema)
+            .field("max_messages", &self.max_messages)
+            .field("ttl", &self.ttl)
+            .field("op_timeout", &self.op_timeout)
+            .finish()
+    }
+}
+
+/// The PostgreSQL conversation store.
+#[derive(Debug)]
+pub struct PgStore {
+    pool: PgPool,
+    schema: Option<String>,
+    /// The cap on messages per session, as bound to queries.
+    max_messages: Option<i64>,
+    /// The TTL in microseconds, as bound to queries.
+    ttl_micros: Option<i64>,
+    op_timeout: Duration,
+}
+
+impl PgStore {
+    /// Builds the store without connecting: connections open on first use, so parley starts while
+    /// PostgreSQL is down and reports it through [`ConversationStore::ping`]. Must be called
+    /// within a Tokio runtime (the pool spawns its maintenance task).
+    pub fn new(opts: PgOptions) -> StoreResult<Self> {
+        let mut connect = PgConnectOptions::from_str(&opts.url).map_err(|e| {
+            StoreError::Backend(format!("invalid PostgreSQL URL {}: {e}", redact_url(&opts.url)))
+        })?;
+        connect = connect.application_name("parley");
+        if let Some(schema) = &opts.schema {
+            check_schema_name(schema)?;
+            connect = connect.options([("search_path", schema)]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(opts.pool_size.max(1))
+            .acquire_timeout(opts.op_timeout)
+            .connect_lazy_with(connect);
+        Ok(PgStore {
+            pool,
+            schema: opts.schema,
+            max_messages: opts.max_messages.filter(|&m| m > 0).map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
+            ttl_micros: opts
+                .ttl
+                .filter(|t| !t.is_zero())
+                .map(|t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)),
+            op_timeout: opts.op_timeout,
+        })
+    }
+
+    /// Creates the schema if one is configured and missing, then applies pending migrations.
+    pub async fn migrate(&self) -> StoreResult<()> {
+        if let Some(schema) = &self.schema {
+            let sql = format!("create schema if not exists \"{schema}\"");
+            // The name was checked to be a plain identifier in `new`.
+            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
+        }
+        MIGRATOR.run(&self.pool).await.map_err(migrate_err)
+    }
+
+    /// The connection pool, for tests and tools that need raw access.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Deletes every expired session (with its messages and turns), [`SWEEP_BATCH`] per
+    /// statement; returns how many went.
+    pub async fn sweep_expired(&self) -> StoreResult<u64> {
+        let mut total = 0;
+        loop {
+            let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.pool)).await?;
+            total += done.rows_affected();
+            if done.rows_affected() < SWEEP_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// Runs [`PgStore::sweep_expired`] every `every` (at least 10 ms) until the store is dropped
+    /// or the handle aborted. Errors are logged and retried at the next tick.
+    pub fn spawn_ttl_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                match store.sweep_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::debug!(sessions = n, "swept expired sessions"),
+                    Err(error) => tracing::warn!(%error, "sweeping expired sessions failed"),
+                }
+            }
+        })
+    }
+
+    /// Bounds `fut` by the operation timeout, leaving the driver's error to the caller.
+    async fn within<T>(
+        &self,
+        fut: impl Future<Output = Result<T, sqlx::Error>>,
+    ) -> StoreResult<Result<T, sqlx::Error>> {
+        tokio::time::timeout(self.op_timeout, fut).await.map_err(|_| {
+            StoreError::Unavailable(format!(
+                "PostgreSQL did not answer within {} ms",
+                self.op_timeout.as_millis()
+            ))
+        })
+    }
+
+    /// Bounds `fut` by the operation timeout and maps its error.
+    async fn timed<T>(&self, fut: impl Future<Output = Result<T, sqlx::Error>>) -> StoreResult<T> {
+        self.within(fut).await?.map_err(db)
+    }
+
+    async fn insert_session(&self, tenant: &str, new: &NewSession) -> Result<PgRow, sqlx::Error> {
+        sqlx::query(CREATE_SESSION)
+            .bind(tenant)
+            .bind(&new.id)
+            .bind(new.system_prompt.as_deref())
+            .bind(json_text(&new.metadata))
+            .bind(self.ttl_micros)
+            .fetch_one(&self.pool)
+            .await
+    }
+
+    /// Deletes the session if it has expired but was not swept yet; true if it did.
+    async fn drop_if_expired(&self, tenant: &str, id: &str) -> StoreResult<bool> {
+        let done = self.timed(sqlx::query(DROP_EXPIRED).bind(tenant).bind(id).execute(&self.pool)).await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    /// Reads a window of messages: `(after, before)` exclusive, `limit` rows in `order`.
+    /// `None` if the session does not exist.
+    async fn window(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        order: Order,
+        (after, before): (u64, u64),
+        limit: usize,
+    ) -> StoreResult<Option<Vec<Message>>> {
+        let sql = match order {
+            Order::Asc => PAGE_ASC,
+            Order::Desc => PAGE_DESC,
+        };
+        let rows = self
+            .timed(
+                sqlx::query(sql)
+                    .bind(tenant)
+                    .bind(session_id)
+                    .bind(to_i64(after))
+                    .bind(to_i64(before))
+                    .bind(to_i64(limit as u64))
+                    .fetch_all(&self.pool),
+            )
+            .await?;
+        if rows.is_empty() {
+            return Ok(None);
+        }
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(message) = message_from_row(row, session_id)? {
+                messages.push(message);
+            }
+        }
+        Ok(Some(messages))
+    }
+}
+
+/// Accepts only plain lowercase identifiers, so the name needs no quoting anywhere.
+fn check_schema_name(schema: &str) -> StoreResult<()> {
+    let mut chars = schema.chars();
+    let first_ok = chars.next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+    let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if first_ok && rest_ok && schema.len() <= 63 {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "invalid PostgreSQL schema name {schema:?}: use [a-z_][a-z0-9_]*, at most 63 characters"
+        )))
+    }
+}
+
+/// Maps a driver error: unreachable server or exhausted pool is `Unavailable`, the rest `Backend`.
+/// No message carries the connection URL.
+fn db(error: sqlx::Error) -> StoreError {
+    use sqlx::Error as E;
+    match error {
+        E::PoolTimedOut => StoreError::Unavailable("no PostgreSQL connection available in time".to_owned()),
+        E::PoolClosed => StoreError::Unavailable("the PostgreSQL pool is closed".to_owned()),
+        E::Io(e) => StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")),
+        E::Tls(e) => StoreError::Unavailable(format!("TLS with PostgreSQL failed: {e}")),
+        E::WorkerCrashed => StoreError::Unavailable("the PostgreSQL connection worker crashed".to_owned()),
+        E::Database(e) if e.code().is_some_and(|c| is_unavailable_code(&c)) => {
+            StoreError::Unavailable(format!("PostgreSQL: {}", e.message()))
+        }
+        other => StoreError::Backend(other.to_string()),
+    }
+}
+
+/// SQLSTATEs that mean "the server cannot serve now": connection exceptions, shutdown, too many
+/// connections, statement timeout.
+fn is_unavailable_code(code: &str) -> bool {
+    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
+}
+
+fn migrate_err(error: MigrateError) -> StoreError {
+    match error {
+        MigrateError::Execute(e) => db(e),
+        other => StoreError::Backend(format!("migration failed: {other}")),
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|e| e.is_unique_violation())
+}
+
+fn is_foreign_key_violation(error: &sqlx::Error) -> bool {
+    error.as_database_error().is_some_and(|e| e.is_foreign_key_violation())
+}
+
+/// JSON text exactly as serde writes it (key order kept); bound as text and cast to `json`.
+fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
+    // Serialising maps with string keys and serde_json values cannot fail.
+    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
+}
+
+fn to_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+fn to_u64(n: i64) -> u64 {
+    u64::try_from(n).unwrap_or(0)
+}
+
+fn decode(error: sqlx::Error) -> StoreError {
+    StoreError::Backend(format!("unexpected row from PostgreSQL: {error}"))
+}
+
+fn session_from_row(row: &PgRow) -> StoreResult<Session> {
+    let metadata: Json<Metadata> = row.try_get("metadata").map_err(decode)?;
+    let count: i64 = row.try_get("message_count").map_err(decode)?;
+    Ok(Session {
+        id: row.try_get("id").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+        updated_at: row.try_get("updated_at").map_err(decode)?,
+        system_prompt: row.try_get("system_prompt").map_err(decode)?,
+        metadata: metadata.0,
+        message_count: to_u64(count),
+    })
+}
+
+/// The message of a `left join lateral` row, or `None` when the session has none.
+fn message_from_row(row: &PgRow, session_id: &str) -> StoreResult<Option<Message>> {
+    let Some(seq) = row.try_get::<Option<i64>, _>("seq").map_err(decode)? else {
+        return Ok(None);
+    };
+    let role: String = row.try_get("role").map_err(decode)?;
+    let metadata: Json<Metadata> = row.try_get("metadata").map_err(decode)?;
+    let tool_calls: Option<Json<Vec<ToolCall>>> = row.try_get("tool_calls").map_err(decode)?;
+    Ok(Some(Message {
+        id: row.try_get("id").map_err(decode)?,
+        session_id: session_id.to_owned(),
+        seq: to_u64(seq),
+        turn_id: row.try_get("turn_id").map_err(decode)?,
+        role: parse_role(&role)?,
+        content: row.try_get("content").map_err(decode)?,
+        metadata: metadata.0,
+        tool_calls: tool_calls.map(|c| c.0),
+        tool_call_id: row.try_get("tool_call_id").map_err(decode)?,
+        name: row.try_get("name").map_err(decode)?,
+        created_at: row.try_get("created_at").map_err(decode)?,
+    }))
+}
+
+fn turn_from_row(row: &PgRow, session_id: &str) -> StoreResult<Turn> {
+    let status: String = row.try_get("status").map_err(decode)?;
+    let error: Option<Json<serde_json::Value>> = row.try_get("error").map_err(decode)?;
+    let usage: Option<Json<Usage>> = row.try_get("usage").map_err(decode)?;
+    Ok(Turn {
+        id: row.try_get("id").map_err(decode)?,
+        session_id: session_id.to_owned(),
+        status: parse_status(&status)?,
+        error: error.map(|e| e.0),
+        message_ids: row.try_get("message_ids").map_err(decode)?,
+        usage: usage.map(|u| u.0),
+        created_at: row.try_get("created_at").map_err(decode)?,
+        completed_at: row.try_get("completed_at").map_err(decode)?,
+    })
+}
+
+fn parse_role(text: &str) -> StoreResult<Role> {
+    match text {
+        "system" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        "tool" => Ok(Role::Tool),
+        other => Err(StoreError::Backend(format!("unknown message role {other:?} in PostgreSQL"))),
+    }
+}
+
+fn status_str(status: TurnStatus) -> &'static str {
+    match status {
+        TurnStatus::Running => "running",
+        TurnStatus::Completed => "completed",
+        TurnStatus::Failed => "failed",
+        TurnStatus::Cancelled => "cancelled",
+    }
+}
+
+fn parse_status(text: &str) -> StoreResult<TurnStatus> {
+    match text {
+        "running" => Ok(TurnStatus::Running),
+        "completed" => Ok(TurnStatus::Completed),
+        "failed" => Ok(TurnStatus::Failed),
+        "cancelled" => Ok(TurnStatus::Cancelled),
+        other => Err(StoreError::Backend(format!("unknown turn status {other:?} in PostgreSQL"))),
+    }
+}
+
+/// A batch split into one array per column, for `unnest`.
+struct Columns<'a> {
+    ids: Vec<Uuid>,
+    turn_ids: Vec<Uuid>,
+    roles: Vec<&'static str>,
+    contents: Vec<&'a str>,
+    metadata: Vec<String>,
+    tool_calls: Vec<Option<String>>,
+    tool_call_ids: Vec<Option<&'a str>>,
+    names: Vec<Option<&'a str>>,
+    created_at: Vec<DateTime<Utc>>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(messages: &'a [Message]) -> Self {
+        Columns {
+            ids: messages.iter().map(|m| m.id).collect(),
+            turn_ids: messages.iter().map(|m| m.turn_id).collect(),
+            roles: messages.iter().map(|m| m.role.as_str()).collect(),
+            contents: messages.iter().map(|m| m.content.as_str()).collect(),
+            metadata: messages.iter().map(|m| json_text(&m.metadata)).collect(),
+            tool_calls: messages.iter().map(|m| m.tool_calls.as_ref().map(json_text)).collect(),
+            tool_call_ids: messages.iter().map(|m| m.tool_call_id.as_deref()).collect(),
+            names: messages.iter().map(|m| m.name.as_deref()).collect(),
+            created_at: messages.iter().map(|m| m.created_at).collect(),
+        }
+    }
+}
+
+/// The `on conflict` clause that makes a turn insert replace the record.
+macro_rules! turn_upsert {
+    () => {
+        " on conflict (tenant, session_id, id) do update set status = excluded.status, \
+         error = excluded.error, message_ids = excluded.message_ids, usage = excluded.usage, \
+         created_at = excluded.created_at, completed_at = excluded.completed_at"
+    };
+}
+
+/// The filter every read applies to a session row aliased `s`.
+macro_rules! live {
+    () => {
+        "(s.expires_at is null or s.expires_at > now())"
+    };
+}
+
+/// One page of messages in direction `$dir`: a range scan of the messages primary key, joined
+/// to the live session so that a missing session yields no row and an empty one yields one row
+/// of nulls. Binds: tenant, session, after, before, limit.
+macro_rules! page_sql {
+    ($dir:literal) => {
+        concat!(
+            "select m.* from sessions s left join lateral (",
+            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at",
+            " from messages",
+            " where tenant = s.tenant and session_id = s.id",
+            " and seq > s.last_seq - s.message_count and seq > $3 and seq < $4",
+            " order by seq ",
+            $dir,
+            " limit $5",
+            ") m on true where s.tenant = $1 and s.id = $2 and ",
+            live!(),
+            " order by m.seq ",
+            $dir
+        )
+    };
+}
+
+/// The statements this store sends; public so that tests can `EXPLAIN` them.
+pub mod sql {
+    /// One page, oldest first. Binds: tenant, session, after, before, limit.
+    pub const PAGE_ASC: &str = page_sql!("asc");
+    /// One page (or the last N), newest first. Binds: tenant, session, after, before, limit.
+    pub const PAGE_DESC: &str = page_sql!("desc");
+
+    /// Creates a session. Binds: tenant, id, system prompt, metadata text, ttl in µs.
+    pub const CREATE_SESSION: &str = "insert into sessions \
+         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, expires_at) \
+         values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
+         returning id, created_at, updated_at, system_prompt, metadata, message_count";
+
+    /// Deletes one session if it has expired. Binds: tenant, id.
+    pub const DROP_EXPIRED: &str =
+        "delete from sessions where tenant = $1 and id = $2 and expires_at <= now()";
+
+    /// Reads a live session. Binds: tenant, id.
+    pub const GET_SESSION: &str = concat!(
+        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!()
+    );
+
+    /// The first page of the session list. Binds: tenant, limit.
+    pub const LIST_FIRST: &str = concat!(
+        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
+        " where s.tenant = $1 and ",
+        live!(),
+        " order by updated_at desc, id desc limit $2"
+    );
+
+    /// A later page of the session list. Binds: tenant, limit, cursor's updated_at, cursor's id.
+    pub const LIST_AFTER: &str = concat!(
+        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
+        " where s.tenant = $1 and (updated_at, id) < ($3, $4) and ",
+        live!(),
+        " order by updated_at desc, id desc limit $2"
+    );
+
+    /// Deletes a session (cascading to its messages and turns); returns whether it was live.
+    /// Binds: tenant, id.
+    pub const DELETE_SESSION: &str = "delete from sessions where tenant = $1 and id = $2 \
+         returning (expires_at is null or expires_at > now()) as live";
+
+    /// The whole append in one statement. Binds: $1 tenant, $2 session, $3 batch size, $4 cap
+    /// (null: none), $5 ttl in µs (null: none), $6..$14 the message columns, $15..$21 the turn
+    /// (null id: no turn). Returns the session's new `last_seq`, or no row if it does not exist.
+    ///
+    /// `s` row-locks the session and takes the next seqs; `ins` writes the batch (skipping what the
+    /// cap would drop at once); `trimmed` deletes what fell out of the window; `saved_turn` upserts the
+    /// turn. Rows that a concurrent appender committed after this statement's snapshot are
+    /// invisible to `trimmed`; they are outside the window already and the next trim deletes them.
+    pub const APPEND: &str = concat!(
+        "with s as (",
+        " update sessions set last_seq = last_seq + $3,",
+        " message_count = case when $4::bigint is null then message_count + $3",
+        " else least(message_count + $3, $4::bigint) end,",
+        " updated_at = greatest(now(), updated_at),",
+        " expires_at = now() + $5::bigint * interval '1 microsecond'",
+        " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
+        " returning last_seq",
+        "), ins as (",
+        " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
+        " tool_calls, tool_call_id, name, created_at)",
+        " select $1, $2, s.last_seq - $3 + m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
+        " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
+        " from s, unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[],",
+        " $12::text[], $13::text[], $14::timestamptz[]) with ordinality",
+        " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
+        " where $4::bigint is null or m.ord > $3 - $4::bigint",
+        "), trimmed as (",
+        " delete from messages d using s",
+        " where d.tenant = $1 and d.session_id = $2 and d.seq <= s.last_seq - $4::bigint",
+        "), saved_turn as (",
+        " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
+        " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
+        turn_upsert!(),
+        ") select last_seq from s"
+    );
+
+    /// Empties a live session's window and returns its `last_seq`. Binds: tenant, id, ttl in µs.
+    pub const CLEAR_SESSION: &str = concat!(
+        "update sessions s set message_count = 0, updated_at = greatest(now(), updated_at),",
+        " expires_at = now() + $3::bigint * interval '1 microsecond'",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        " returning last_seq"
+    );
+
+    /// Deletes the messages a clear gave up. Binds: tenant, session, last seq.
+    pub const CLEAR_MESSAGES: &str =
+        "delete from messages where tenant = $1 and session_id = $2 and seq <= $3";
+
+    /// Creates or replaces a turn of a live session. Binds: tenant, session, then the turn's fields.
+    pub const PUT_TURN: &str = concat!(
+        "insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
+        " select $1, $2, $3, $4, $5::text::json, $6, $7, $8, $9 from sessions s",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        turn_upsert!()
+    );
+
+    /// Reads a turn of a live session. Binds: tenant, session, turn id.
+    pub const GET_TURN: &str = concat!(
+        "select t.id, t.status, t.error, t.message_ids, t.usage, t.created_at, t.completed_at",
+        " from turns t join sessions s on s.tenant = t.tenant and s.id = t.session_id",
+        " where t.tenant = $1 and t.session_id = $2 and t.id = $3 and ",
+        live!()
+    );
+
+    /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
+    pub const SWEEP: &str = "delete from sessions where (tenant, id) in (\
+         select tenant, id from sessions where expires_at <= now() \
+         order by expires_at limit $1 for update skip locked)";
+}
+
+#[async_trait]
+impl ConversationStore for PgStore {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn is_distributed(&self) -> bool {
+        true
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        self.timed(sqlx::query("select 1").execute(&self.pool)).await.map(|_| ())
+    }
+
+    async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
+        let row = match self.within(self.insert_session(tenant, &new)).await? {
+            Ok(row) => row,
+            Err(e) if is_unique_violation(&e) => {
+                // The id may belong to an expired session the sweeper has not reached yet.
+                if !self.drop_if_expired(tenant, &new.id).await? {
+                    return Err(StoreError::SessionExists);
+                }
+                match self.within(self.insert_session(tenant, &new)).await? {
+                    Err(e) if is_unique_violation(&e) => return Err(StoreError::SessionExists),
+                    other => other.map_err(db)?,
+                }
+            }
+            Err(e) => return Err(db(e)),
+        };
+        session_from_row(&row)
+    }
+
+    async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
+        let row =
+            self.timed(sqlx::query(GET_SESSION).bind(tenant).bind(id).fetch_optional(&self.pool)).await?;
+        row.as_ref().map(session_from_row).transpose()
+    }
+
+    async fn list_sessions(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<&SessionCursor>,
+    ) -> StoreResult<SessionPage> {
+        let fetch = to_i64(limit as u64).saturating_add(1);
+        let query = match cursor {
+            None => sqlx::query(LIST_FIRST).bind(tenant).bind(fetch),
+            Some(c) => {
+                let at = DateTime::<Utc>::from_timestamp_micros(c.updated_at_micros)
+                    .ok_or(StoreError::InvalidCursor)?;
+                sqlx::query(LIST_AFTER).bind(tenant).bind(fetch).bind(at).bind(c.id.as_str())
+            }
+        };
+        let rows = self.timed(query.fetch_all(&self.pool)).await?;
+        let has_more = rows.len() > limit;
+        let sessions = rows.iter().take(limit).map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
+        Ok(SessionPage { sessions, has_more })
+    }
+
+    async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
+        let query = sqlx::query_scalar::<_, bool>(DELETE_SESSION).bind(tenant).bind(id);
+        Ok(self.timed(query.fetch_optional(&self.pool)).await?.unwrap_or(false))
+    }
+
+    async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
+        let n = batch.messages.len() as i64;
+        let cols = Columns::of(&batch.messages);
+        let turn = batch.turn.as_ref();
+        let query = sqlx::query_scalar::<_, i64>(APPEND)
+            .bind(tenant)
+            .bind(session_id)
+            .bind(n)
+            .bind(self.max_messages)
+            .bind(self.ttl_micros)
+            .bind(&cols.ids)
+            .bind(&cols.turn_ids)
+            .bind(&cols.roles)
+            .bind(&cols.contents)
+            .bind(&cols.metadata)
+            .bind(&cols.tool_calls)
+            .bind(&cols.tool_call_ids)
+            .bind(&cols.names)
+            .bind(&cols.created_at)
+            .bind(turn.map(|t| t.id))
+            .bind(turn.map(|t| status_str(t.status)))
+            .bind(turn.and_then(|t| t.error.as_ref()).map(json_text))
+            .bind(turn.map(|t| t.message_ids.clone()))
+            .bind(turn.and_then(|t| t.usage).map(Json))
+            .bind(turn.map(|t| t.created_at))
+            .bind(turn.and_then(|t| t.completed_at));
+        let last_seq =
+            self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)?;
+        let first = to_u64(last_seq - n) + 1;
+        let mut stored = batch.messages;
+        for (i, m) in stored.iter_mut().enumerate() {
+            m.seq = first + i as u64;
+            m.session_id = session_id.to_owned();
+        }
+        Ok(stored)
+    }
+
+    async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
+        let bounds = (query.after.unwrap_or(0), query.before.unwrap_or(u64::MAX));
+        let fetch = query.limit.saturating_add(1);
+        let mut messages = self
+            .window(tenant, session_id, query.order, bounds, fetch)
+            .await?
+            .ok_or(StoreError::SessionNotFound)?;
+        let has_more = messages.len() > query.limit;
+        messages.truncate(query.limit);
+        Ok(MessagePage { messages, has_more })
+    }
+
+    async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
+        let mut messages = self
+            .window(tenant, session_id, Order::Desc, (0, u64::MAX), n)
+            .await?
+            .ok_or(StoreError::SessionNotFound)?;
+        messages.reverse();
+        Ok(messages)
+    }
+
+    async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
+        let work = async {
+            let mut tx = self.pool.begin().await?;
+            let last_seq: Option<i64> = sqlx::query_scalar(CLEAR_SESSION)
+                .bind(tenant)
+                .bind(session_id)
+                .bind(self.ttl_micros)
+                .fetch_optional(&mut *tx)
+                .await?;
+            let Some(last_seq) = last_seq else { return Ok(false) };
+            // A new statement, so a new snapshot: it sees every append that committed before
+            // the update above took the session's lock.
+            sqlx::query(CLEAR_MESSAGES)
+                .bind(tenant)
+                .bind(session_id)
+                .bind(last_seq)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        };
+        if self.timed(work).await? { Ok(()) } else { Err(StoreError::SessionNotFound) }
+    }
+
+    async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()> {
+        let query = sqlx::query(PUT_TURN)
+            .bind(tenant)
+            .bind(&turn.session_id)
+            .bind(turn.id)
+            .bind(status_str(turn.status))
+            .bind(turn.error.as_ref().map(json_text))
+            .bind(&turn.message_ids)
+            .bind(turn.usage.map(Json))
+            .bind(turn.created_at)
+            .bind(turn.completed_at);
+        let done = match self.within(query.execute(&self.pool)).await? {
+            Ok(done) => done,
+            // The session was deleted between the check and the insert.
+            Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::SessionNotFound),
+            Err(e) => return Err(db(e)),
+        };
+        if done.rows_affected() == 0 { Err(StoreError::SessionNotFound) } else { Ok(()) }
+    }
+
+    async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {
+        let query = sqlx::query(GET_TURN).bind(tenant).bind(session_id).bind(turn_id);
+        let row = self.timed(query.fetch_optional(&self.pool)).await?;
+        row.map(|r| turn_from_row(&r, session_id)).transpose()
+    }
+}

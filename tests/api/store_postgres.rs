@@ -1,0 +1,248 @@
+//! The store contract and PostgreSQL-specific checks against the postgres backend.
+//!
+//! Each test gets its own schema (`search_path`), so tests run in parallel on one database.
+//! Needs `DATABASE_URL`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parley::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, new_id};
+use parley::store::contract::Setup;
+use parley::store::postgres::{PgOptions, PgStore, sql};
+use parley::store::{AppendBatch, ConversationStore, DynStore, Order, PageQuery, StoreError};
+
+use crate::helpers::{database_url, unique_name};
+
+const TENANT: &str = "tenant-a";
+
+fn options(setup: &Setup) -> PgOptions {
+    PgOptions {
+        url: database_url(),
+        pool_size: 4,
+        schema: Some(unique_name("t")),
+        max_messages: setup.max_messages,
+        ttl: setup.ttl,
+        op_timeout: Duration::from_secs(10),
+    }
+}
+
+/// A migrated store on a fresh schema.
+async fn pg_store(setup: Setup) -> Arc<PgStore> {
+    let store = PgStore::new(options(&setup)).expect("build store");
+    store.migrate().await.expect("migrate");
+    if !OLD_SCHEMAS_DROPPED.swap(true, Ordering::SeqCst) {
+        drop_old_schemas(&store).await;
+    }
+    Arc::new(store)
+}
+
+static OLD_SCHEMAS_DROPPED: AtomicBool = AtomicBool::new(false);
+
+/// Drops the schemas earlier runs left (the contract cases cannot drop theirs): those named
+/// `t_<uuid v7>` whose id is more than ten minutes old, so no running test loses its schema.
+async fn drop_old_schemas(store: &PgStore) {
+    let old: Vec<String> = sqlx::query_scalar(
+        "select nspname::text from pg_namespace where nspname ~ '^t_[0-9a-f]{32}$' \
+         and to_timestamp(('x' || substr(nspname, 3, 12))::bit(48)::bigint / 1000.0) \
+             < now() - interval '10 minutes'",
+    )
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    for schema in old {
+        let sql = format!("drop schema if exists \"{schema}\" cascade");
+        // Another run may be dropping it too; either way it goes.
+        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pool()).await;
+    }
+}
+
+async fn store(setup: Setup) -> DynStore {
+    pg_store(setup).await
+}
+
+parley::store_contract_tests!(store, distributed = true, ttl = true);
+
+/// Drops the test's schema; the contract cases leave theirs (they only get a `DynStore`).
+async fn drop_schema(store: &PgStore) {
+    let schema: String = sqlx::query_scalar("select current_schema()").fetch_one(store.pool()).await.unwrap();
+    assert!(schema.starts_with("t_"), "only test schemas are dropped, not {schema}");
+    let sql = format!("drop schema \"{schema}\" cascade");
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(store.pool()).await.unwrap();
+}
+
+async fn new_session(store: &PgStore, id: &str) {
+    let new = NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() };
+    store.create_session(TENANT, new).await.expect("create session");
+}
+
+async fn fill(store: &PgStore, session: &str, count: usize) -> Vec<Message> {
+    let turn = new_id();
+    let messages = (1..=count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
+    store.append(TENANT, session, AppendBatch { messages, turn: None }).await.expect("append")
+}
+
+async fn count(store: &PgStore, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(store.pool()).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_comes_back_byte_for_byte_with_its_key_order() {
+    // `Map` equality ignores key order, so compare the serialised text.
+    let store = pg_store(Setup::default()).await;
+    let meta: Metadata =
+        serde_json::from_str(r#"{"z":1,"a":{"y":[1,2.5,"\u0000"],"b":null},"m":"ü"}"#).unwrap();
+    let new = NewSession { id: "s1".into(), system_prompt: None, metadata: meta.clone() };
+    let created = store.create_session(TENANT, new).await.unwrap();
+    let read = store.get_session(TENANT, "s1").await.unwrap().unwrap();
+    for session in [&created, &read] {
+        assert_eq!(serde_json::to_string(&session.metadata).unwrap(), serde_json::to_string(&meta).unwrap());
+    }
+    let mut call = Message::new("s1", new_id(), Role::Assistant, "");
+    call.metadata = meta.clone();
+    call.tool_calls = Some(vec![ToolCall {
+        id: "c1".into(),
+        name: "calc".into(),
+        arguments: serde_json::from_str(r#"{"zeta":1,"alpha":2}"#).unwrap(),
+    }]);
+    let stored = store.append(TENANT, "s1", AppendBatch { messages: vec![call], turn: None }).await.unwrap();
+    let back = store.last_n(TENANT, "s1", 1).await.unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&stored).unwrap());
+    let mut turn = Turn::start("s1");
+    turn.error =
+        Some(serde_json::from_str(r#"{"type":"about:blank","title":"Bad Gateway","status":502}"#).unwrap());
+    store.put_turn(TENANT, &turn).await.unwrap();
+    let back = store.get_turn(TENANT, "s1", turn.id).await.unwrap().unwrap();
+    assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&turn).unwrap());
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sweeper_deletes_expired_sessions_in_batches() {
+    let store = pg_store(Setup { max_messages: None, ttl: Some(Duration::from_millis(500)) }).await;
+    // 1200 expired sessions: more than two sweep batches.
+    sqlx::query(
+        "insert into sessions (tenant, id, created_at, updated_at, metadata, expires_at) \
+         select 'bulk', 'b' || i, now(), now(), '{}', now() - interval '1 second' \
+         from generate_series(1, 1200) as i",
+    )
+    .execute(store.pool())
+    .await
+    .unwrap();
+    assert_eq!(store.sweep_expired().await.unwrap(), 1200);
+    new_session(&store, "old").await;
+    fill(&store, "old", 3).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    new_session(&store, "fresh").await;
+    fill(&store, "fresh", 2).await;
+    let sweeper = store.spawn_ttl_sweeper(Duration::from_millis(50));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while count(&store, "select count(*) from sessions").await > 1 {
+        assert!(Instant::now() < deadline, "the sweeper did not delete the expired session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sweeper.abort();
+    let ids: Vec<String> =
+        sqlx::query_scalar("select id from sessions").fetch_all(store.pool()).await.unwrap();
+    assert_eq!(ids, vec!["fresh"]);
+    assert_eq!(count(&store, "select count(*) from messages").await, 2, "messages went with their session");
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_session_id_can_be_created_again() {
+    let store = pg_store(Setup { max_messages: None, ttl: Some(Duration::from_millis(300)) }).await;
+    new_session(&store, "s1").await;
+    fill(&store, "s1", 3).await;
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.get_session(TENANT, "s1").await.unwrap().is_none(), "expired, not yet swept");
+    new_session(&store, "s1").await;
+    assert!(store.last_n(TENANT, "s1", 10).await.unwrap().is_empty());
+    let again = fill(&store, "s1", 1).await;
+    assert_eq!(again[0].seq, 1);
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_unavailable_quickly() {
+    let store = PgStore::new(PgOptions {
+        url: "postgres://postgres:hunter2@127.0.0.1:1/x".into(),
+        pool_size: 2,
+        schema: None,
+        max_messages: None,
+        ttl: None,
+        op_timeout: Duration::from_millis(500),
+    })
+    .expect("building the store does no I/O");
+    let ping = timed(store.ping()).await;
+    let read = timed(store.get_session(TENANT, "s1")).await;
+    let migrate = timed(store.migrate()).await;
+    for result in [ping.map(|_| ()), read.map(|_| ()), migrate] {
+        match result {
+            Err(StoreError::Unavailable(message)) => assert!(!message.contains("hunter2"), "{message}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}
+
+/// Awaits `fut` and checks that it answered within two seconds.
+async fn timed<T>(fut: impl std::future::Future<Output = T>) -> T {
+    let started = Instant::now();
+    let out = fut.await;
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_session_stays_exact_under_concurrent_appenders() {
+    let store = pg_store(Setup { max_messages: Some(10), ttl: None }).await;
+    new_session(&store, "s1").await;
+    let mut tasks = Vec::new();
+    for _ in 0..32 {
+        let store = Arc::clone(&store);
+        tasks.push(tokio::spawn(async move { fill(&store, "s1", 3).await }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let session = store.get_session(TENANT, "s1").await.unwrap().unwrap();
+    assert_eq!(session.message_count, 10);
+    let page = PageQuery { limit: 100, order: Order::Asc, after: None, before: None };
+    let all = store.read_page(TENANT, "s1", page).await.unwrap();
+    assert_eq!(all.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (87..=96).collect::<Vec<u64>>());
+    // One more append deletes whatever a concurrent trim could not see.
+    fill(&store, "s1", 1).await;
+    assert_eq!(count(&store, "select count(*) from messages").await, 10);
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn page_and_window_reads_use_the_primary_key() {
+    let store = pg_store(Setup::default()).await;
+    for session in ["a", "b", "c"] {
+        new_session(&store, session).await;
+        fill(&store, session, 3000).await;
+    }
+    sqlx::query("analyze").execute(store.pool()).await.unwrap();
+    let cases: [(&str, i64, i64, i64); 3] = [
+        (sql::PAGE_ASC, 1500, i64::MAX, 21),
+        (sql::PAGE_DESC, 0, 1500, 21),
+        (sql::PAGE_DESC, 0, i64::MAX, 20),
+    ];
+    for (query, after, before, limit) in cases {
+        let explain = format!("explain {query}");
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+            .bind(TENANT)
+            .bind("b")
+            .bind(after)
+            .bind(before)
+            .bind(limit)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan on messages"), "{plan}");
+        assert!(plan.contains("using messages_pkey"), "{plan}");
+    }
+    drop_schema(&store).await;
+}
