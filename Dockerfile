@@ -1,0 +1,27 @@
+# syntax=docker/dockerfile:1
+# parley: multi-stage build. The builder compiles a release binary; the runtime image holds only
+# that binary, CA certificates and a non-root user.
+
+FROM rust:1.95-slim-bookworm AS builder
+WORKDIR /src
+# Build the dependencies first so that source changes reuse this layer.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir -p src migrations && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && cargo build --release --locked --bin parley || true
+COPY migrations ./migrations
+COPY src ./src
+RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin parley \
+    && strip target/release/parley
+
+FROM debian:bookworm-slim AS runtime
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin parley
+COPY --from=builder /src/target/release/parley /usr/local/bin/parley
+USER parley:parley
+ENV PARLEY_ADDR=0.0.0.0:8080 \
+    PARLEY_LOG_FORMAT=json
+EXPOSE 8080
+STOPSIGNAL SIGTERM
+ENTRYPOINT ["/usr/local/bin/parley"]
