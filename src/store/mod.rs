@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod memory;
+pub mod redis;
 
 use std::sync::Arc;
 
