@@ -1,4 +1,4 @@
-#![expect(dead_code, reason = "helpers are used by backend modules as they land")]
+#![allow(dead_code, reason = "each backend module uses only some helpers")]
 //! Shared test helpers: environment requirements and, later, `spawn_app()`.
 
 /// The value of a variable a test needs; fails the test, naming the variable, when it is unset.

@@ -3,3 +3,4 @@
 
 mod helpers;
 mod store_memory;
+mod store_redis;
