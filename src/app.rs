@@ -15,6 +15,7 @@ use crate::llm::echo::EchoModel;
 use crate::llm::{DynModel, EchoSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
+use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::{DynStore, StoreError};
 use crate::tools::ToolRegistry;
 
@@ -59,7 +60,9 @@ pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
         StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.store.memory_max_messages))),
         StoreKind::Postgres => Ok(postgres_store(config).await?),
         StoreKind::Redis => {
-            anyhow::bail!("this build does not include the {:?} store yet", config.store.kind)
+            let store = RedisStore::new(RedisOptions::from_config(&config.store))?;
+            tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis store configured");
+            Ok(Arc::new(store))
         }
     }
 }

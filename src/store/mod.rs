@@ -6,6 +6,7 @@
 pub mod contract;
 pub mod memory;
 pub mod postgres;
+pub mod redis;
 
 use std::sync::Arc;
 

@@ -11,6 +11,7 @@ use parley::llm::DynModel;
 use parley::store::DynStore;
 use parley::store::memory::MemoryStore;
 use parley::store::postgres::{PgOptions, PgStore};
+use parley::store::redis::{RedisOptions, RedisStore};
 use parley::tools::ToolRegistry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -53,6 +54,8 @@ pub fn install_crypto() {
 pub enum Backend {
     /// The in-memory store.
     Memory,
+    /// Redis, under a fresh key prefix (needs `REDIS_URL`).
+    Redis,
     /// PostgreSQL, on a fresh schema (needs `DATABASE_URL`).
     Postgres,
 }
@@ -62,6 +65,13 @@ impl Backend {
     pub async fn store(self, config: &Config) -> DynStore {
         match self {
             Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+            Backend::Redis => {
+                let mut options = RedisOptions::from_config(&config.store);
+                options.url = redis_url();
+                options.prefix = unique_name("parley_test");
+                options.pool_size = 4;
+                Arc::new(RedisStore::new(options).expect("redis store"))
+            }
             Backend::Postgres => {
                 let store = PgStore::new(PgOptions {
                     url: database_url(),

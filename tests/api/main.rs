@@ -13,6 +13,14 @@ macro_rules! for_each_backend {
                 }
             )+
         }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::helpers::Backend::Redis).await
+                }
+            )+
+        }
         mod postgres {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -32,5 +40,6 @@ mod lifecycle;
 mod sessions;
 mod store_memory;
 mod store_postgres;
+mod store_redis;
 mod streaming;
 mod turns;

@@ -1,0 +1,243 @@
+//! The store contract against the Redis backend (needs `REDIS_URL`), plus what only Redis has:
+//! key layout, behaviour when Redis is unreachable, and O(page) reads on long histories.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_redis::redis::{self, AsyncCommands};
+use parley::domain::{Message, Metadata, NewSession, Role, Turn, new_id};
+use parley::store::contract::Setup;
+use parley::store::redis::{RedisOptions, RedisStore};
+use parley::store::{AppendBatch, ConversationStore, DynStore, Order, PageQuery, StoreError};
+
+use crate::helpers::{redis_url, unique_name};
+
+fn options(prefix: String, setup: &Setup) -> RedisOptions {
+    RedisOptions {
+        url: redis_url(),
+        prefix,
+        pool_size: 4,
+        max_messages: setup.max_messages,
+        ttl: setup.ttl,
+        op_timeout: Duration::from_secs(5),
+    }
+}
+
+/// A store on its own key prefix, so tests run in parallel.
+async fn store(setup: Setup) -> DynStore {
+    let opts = options(unique_name("parley_test"), &setup);
+    Arc::new(RedisStore::new(opts).expect("redis store"))
+}
+
+parley::store_contract_tests!(store, distributed = true, ttl = true);
+
+async fn raw_connection() -> redis::aio::MultiplexedConnection {
+    let client = redis::Client::open(redis_url()).expect("redis client");
+    client.get_multiplexed_async_connection().await.expect("redis connection")
+}
+
+async fn keys_under(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Vec<String> {
+    let mut keys: Vec<String> = Vec::new();
+    let mut iter = conn.scan_match::<_, String>(format!("{prefix}:*")).await.expect("scan");
+    while let Some(key) = iter.next_item().await {
+        keys.push(key.expect("scan item"));
+    }
+    keys.sort();
+    keys
+}
+
+async fn create(store: &RedisStore, tenant: &str, id: &str) {
+    let new =
+        NewSession { id: id.into(), system_prompt: Some("Be brief.".into()), metadata: Metadata::new() };
+    store.create_session(tenant, new).await.expect("create session");
+}
+
+fn batch(session: &str, count: usize) -> AppendBatch {
+    let turn = new_id();
+    let messages = (0..count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
+    AppendBatch { messages, turn: None }
+}
+
+#[tokio::test]
+async fn every_key_of_a_session_shares_its_hash_tag_and_delete_leaves_none() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix.clone(), &Setup::default())).expect("store");
+    create(&store, "acme", "chat-1").await;
+    let mut with_turn = batch("chat-1", 3);
+    with_turn.turn = Some(Turn::start("chat-1"));
+    store.append("acme", "chat-1", with_turn).await.expect("append");
+    let mut conn = raw_connection().await;
+    let keys = keys_under(&mut conn, &prefix).await;
+    let tag = "{acme/chat-1}";
+    let session_keys: Vec<&String> = keys.iter().filter(|k| k.contains(tag)).collect();
+    assert_eq!(session_keys.len(), 4, "meta, messages, turns, turn_order: {keys:?}");
+    assert!(session_keys.iter().all(|k| k.starts_with(&format!("{prefix}:{tag}:"))));
+    assert_eq!(keys.len(), 5, "plus the tenant index: {keys:?}");
+    assert!(keys.contains(&format!("{prefix}:{{acme}}:sessions")));
+
+    assert!(store.delete_session("acme", "chat-1").await.expect("delete"));
+    let left = keys_under(&mut conn, &prefix).await;
+    assert!(left.is_empty(), "delete leaves nothing (the emptied index disappears too): {left:?}");
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_answers_unavailable_quickly() {
+    let opts = RedisOptions {
+        url: "redis://:not-this-password@127.0.0.1:1".into(),
+        prefix: unique_name("parley_test"),
+        pool_size: 2,
+        max_messages: None,
+        ttl: None,
+        op_timeout: Duration::from_millis(500),
+    };
+    let store = RedisStore::new(opts).expect("building the store does no I/O");
+    let started = Instant::now();
+    let results = [
+        store.ping().await.map(|_| ()),
+        store.get_session("t", "s").await.map(|_| ()),
+        store.append("t", "s", batch("s", 1)).await.map(|_| ()),
+    ];
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    for result in results {
+        let err = result.expect_err("unreachable");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+        assert!(!err.to_string().contains("not-this-password"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_password_is_not_echoed() {
+    let mut url = url::Url::parse(&redis_url()).expect("REDIS_URL parses");
+    url.set_password(Some("wrong-secret-pw")).expect("url takes a password");
+    let mut opts = options(unique_name("parley_test"), &Setup::default());
+    opts.url = url.to_string();
+    let store = RedisStore::new(opts).expect("store");
+    let err = store.ping().await.expect_err("the password is wrong");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(!err.to_string().contains("wrong-secret-pw"), "{err}");
+}
+
+async fn median_read(store: &RedisStore, session: &str, last_seq: u64) -> Duration {
+    let mut times = Vec::new();
+    for round in 0..20 {
+        let started = Instant::now();
+        let query = PageQuery { limit: 20, order: Order::Desc, after: None, before: Some(last_seq - 100) };
+        let page = store.read_page("t", session, query).await.expect("page");
+        assert_eq!(page.messages.len(), 20);
+        assert_eq!(store.last_n("t", session, 20).await.expect("last n").len(), 20);
+        if round >= 5 {
+            // The first rounds only warm up.
+            times.push(started.elapsed());
+        }
+    }
+    times.sort();
+    times[times.len() / 2]
+}
+
+#[tokio::test]
+async fn a_window_of_a_long_history_reads_as_fast_as_of_a_short_one() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix, &Setup::default())).expect("store");
+    create(&store, "t", "long").await;
+    create(&store, "t", "short").await;
+    for _ in 0..100 {
+        store.append("t", "long", batch("long", 1000)).await.expect("append 1000");
+    }
+    store.append("t", "short", batch("short", 130)).await.expect("append");
+    let long = median_read(&store, "long", 100_000).await;
+    let short = median_read(&store, "short", 130).await;
+    store.delete_session("t", "long").await.expect("delete");
+    store.delete_session("t", "short").await.expect("delete");
+    assert!(long < short * 4 + Duration::from_millis(3), "long {long:?} vs short {short:?}");
+}
+
+#[tokio::test]
+async fn sessions_updated_in_the_same_microsecond_list_by_id_descending() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix.clone(), &Setup::default())).expect("store");
+    for id in ["a", "b", "c", "d", "e", "older"] {
+        create(&store, "t", id).await;
+    }
+    // Give five sessions the same updated_at, and "older" an earlier one.
+    let mut conn = raw_connection().await;
+    let at: i64 = 1_767_225_600_000_000;
+    for (id, micros) in [("a", at), ("b", at), ("c", at), ("d", at), ("e", at), ("older", at - 1)] {
+        let _: () = conn.hset(format!("{prefix}:{{t/{id}}}:meta"), "updated_at", micros).await.expect("hset");
+        let _: () = conn.zadd(format!("{prefix}:{{t}}:sessions"), id, micros).await.expect("zadd");
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store.list_sessions("t", 2, cursor.as_ref()).await.expect("list");
+        seen.extend(page.sessions.iter().map(|s| s.id.clone()));
+        if !page.has_more {
+            break;
+        }
+        cursor = page.sessions.last().map(parley::store::SessionCursor::after);
+    }
+    assert_eq!(seen, vec!["e", "d", "c", "b", "a", "older"]);
+}
+
+#[tokio::test]
+async fn listing_drops_index_entries_of_expired_sessions() {
+    let prefix = unique_name("parley_test");
+    let setup = Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) };
+    let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
+    create(&store, "t", "idle").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    create(&store, "t", "busy").await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let listed = store.list_sessions("t", 10, None).await.expect("list");
+    assert_eq!(listed.sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec!["busy"]);
+    let mut conn = raw_connection().await;
+    let members: Vec<String> = conn.zrange(format!("{prefix}:{{t}}:sessions"), 0, -1).await.expect("zrange");
+    assert_eq!(members, vec!["busy"], "the expired session left the index");
+}
+
+#[tokio::test]
+async fn the_cap_also_bounds_turn_records() {
+    let setup = Setup { max_messages: Some(2), ttl: None };
+    let store = RedisStore::new(options(unique_name("parley_test"), &setup)).expect("store");
+    create(&store, "t", "s").await;
+    let turns: Vec<Turn> = (0..3).map(|_| Turn::start("s")).collect();
+    for turn in &turns {
+        store.put_turn("t", turn).await.expect("put turn");
+    }
+    // Replacing a kept record does not make it newer.
+    store.put_turn("t", &turns[1]).await.expect("replace turn");
+    assert!(store.get_turn("t", "s", turns[0].id).await.expect("get").is_none(), "oldest dropped");
+    assert_eq!(store.get_turn("t", "s", turns[1].id).await.expect("get").as_ref(), Some(&turns[1]));
+    assert_eq!(store.get_turn("t", "s", turns[2].id).await.expect("get").as_ref(), Some(&turns[2]));
+}
+
+/// Kills every client connection to logical database `db` (only the store under test uses it).
+async fn kill_clients_of_db(db: u8) {
+    let mut conn = raw_connection().await;
+    let list: String = redis::cmd("CLIENT").arg("LIST").query_async(&mut conn).await.expect("client list");
+    for line in list.lines().filter(|l| l.split(' ').any(|f| f == format!("db={db}"))) {
+        let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).expect("client id");
+        let _: i64 =
+            redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query_async(&mut conn).await.expect("kill");
+    }
+}
+
+#[tokio::test]
+async fn a_dropped_connection_is_replaced_reads_retry_and_writes_do_not() {
+    const DB: u8 = 15;
+    let mut url = url::Url::parse(&redis_url()).expect("REDIS_URL parses");
+    url.set_path(&format!("/{DB}"));
+    let mut opts = options(unique_name("parley_test"), &Setup::default());
+    opts.url = url.to_string();
+    let store = RedisStore::new(opts).expect("store");
+    create(&store, "t", "s").await;
+
+    kill_clients_of_db(DB).await;
+    assert!(store.get_session("t", "s").await.expect("a read retries").is_some());
+
+    kill_clients_of_db(DB).await;
+    let lost = store.append("t", "s", batch("s", 1)).await;
+    assert!(matches!(lost, Err(StoreError::Unavailable(_))), "a write is never sent twice: {lost:?}");
+    let stored = store.append("t", "s", batch("s", 1)).await.expect("the broken connection was dropped");
+    assert!(store.delete_session("t", "s").await.expect("delete"));
+    assert!(stored[0].seq <= 2, "the lost write may or may not have run, but only once");
+}
