@@ -143,7 +143,7 @@ impl OpenAiModel {
             .connect_timeout(settings.connect_timeout)
             .user_agent(concat!("parley/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| ModelError::Connect(format!("cannot build the HTTP client: {}", error_chain(&e))))?;
+            .map_err(|e| ModelError::Connect(format!("cannot build the HTTP client: {}", error_chain(e))))?;
         Ok(OpenAiModel { settings, client, url, authorization })
     }
 
@@ -185,8 +185,8 @@ impl OpenAiModel {
                 "no response within {}",
                 humantime::format_duration(timeout)
             )))),
-            Ok(Err(e)) if e.is_timeout() => Err(Failure::transient(ModelError::Timeout(error_chain(&e)))),
-            Ok(Err(e)) => Err(Failure::transient(ModelError::Connect(error_chain(&e)))),
+            Ok(Err(e)) if e.is_timeout() => Err(Failure::transient(ModelError::Timeout(error_chain(e)))),
+            Ok(Err(e)) => Err(Failure::transient(ModelError::Connect(error_chain(e)))),
             Ok(Ok(response)) => Ok(response),
         }
     }
@@ -311,10 +311,11 @@ async fn read_capped(mut response: reqwest::Response, max: usize) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
-/// An error and its sources, without the URL.
-fn error_chain(error: &reqwest::Error) -> String {
+/// An error and its sources, without the URL (which may carry credentials).
+fn error_chain(error: reqwest::Error) -> String {
+    let error = error.without_url();
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(e) = source {
         let part = e.to_string();
         if !text.contains(&part) {
