@@ -5,3 +5,4 @@ mod fake_openai;
 mod helpers;
 mod openai;
 mod store_memory;
+mod tools_http;
