@@ -1,7 +1,8 @@
 //! The `openai` provider: any OpenAI-compatible `/chat/completions` endpoint, streamed.
 //!
 //! One call POSTs `{base}/chat/completions` with `stream: true` and reads the SSE reply as it comes
-//! ([`stream`]). Failures before the first chunk are retried when safe ([`retry`]); after it, never.
+//! (module `stream`). Failures before the first chunk are retried when safe (module `retry`); after
+//! it, never.
 //! `request_timeout` bounds the wait for the response, for its first chunk and between two chunks,
 //! not the length of a long reply. The API key is never logged and never part of an error.
 
@@ -162,9 +163,6 @@ impl OpenAiModel {
                 Ok(stream::model_stream(futures::stream::once(async { Ok(first) }).chain(events).boxed()))
             }
             Some(Err(e @ (ModelError::Timeout(_) | ModelError::Connect(_)))) => Err(Failure::transient(e)),
-            Some(Err(ModelError::Protocol(m))) if m.starts_with("the connection broke off") => {
-                Err(Failure::transient(ModelError::Protocol(m)))
-            }
             Some(Err(e)) => Err(Failure::permanent(e)),
             None => {
                 Err(Failure::permanent(ModelError::Protocol("the reply ended before any data".to_owned())))

@@ -218,7 +218,9 @@ async fn nothing_is_retried_after_the_first_chunk() {
     let fake = FakeOpenAi::start(vec![partial.then_drop(), Script::text("should not be used")]).await;
     let run = run(&model(settings(&fake)), ask("hi")).await.unwrap();
     assert_eq!(run.deltas, vec!["one ", "two"]);
-    assert!(run.end.is_err());
+    let err = run.end.unwrap_err();
+    assert!(matches!(err, ModelError::Connect(_)), "the cut is reported: {err}");
+    assert_eq!(AppError::from(err).status().as_u16(), 502);
     assert_eq!(fake.requests().len(), 1);
     assert_eq!(fake.scripts_left(), 1);
 }
@@ -245,6 +247,15 @@ async fn timeouts_before_the_first_chunk_are_retried() {
     let (_, out) = complete(&model(s), ask("hi")).await;
     assert_eq!(out.content, "finally");
     assert_eq!(fake.requests().len(), 3);
+}
+
+#[tokio::test]
+async fn a_connection_cut_before_the_first_chunk_is_retried() {
+    let cut = Script::raw(": hello\n\n").then_drop();
+    let fake = FakeOpenAi::start(vec![cut, Script::text("second try")]).await;
+    let (_, out) = complete(&model(settings(&fake)), ask("hi")).await;
+    assert_eq!(out.content, "second try");
+    assert_eq!(fake.requests().len(), 2);
 }
 
 #[tokio::test]

@@ -253,7 +253,7 @@ where
             Ok(None) => None,
             Ok(Some(Ok(piece))) => Some((Ok(piece), Some(bytes))),
             Ok(Some(Err(e))) => {
-                Some((Err(ModelError::Protocol(format!("the connection broke off: {e}"))), None))
+                Some((Err(ModelError::Connect(format!("the connection was lost: {e}"))), None))
             }
         }
     })
