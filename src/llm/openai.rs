@@ -17,7 +17,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures::StreamExt;
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
+use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::Value;
 
 use self::retry::Failure;
@@ -172,8 +172,12 @@ impl OpenAiModel {
 
     /// Sends the request and waits for the response head, within `request_timeout`.
     async fn send(&self, body: Bytes) -> Result<reqwest::Response, Failure> {
-        let mut request =
-            self.client.post(self.url.clone()).header(CONTENT_TYPE, "application/json").body(body);
+        let mut request = self
+            .client
+            .post(self.url.clone())
+            .header(CONTENT_TYPE, "application/json")
+            .header(ACCEPT, "text/event-stream")
+            .body(body);
         if let Some(auth) = &self.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
         }
@@ -220,7 +224,8 @@ impl ChatModel for OpenAiModel {
             };
             attempt += 1;
             let error = self.scrub(failure.error);
-            tracing::warn!(model = %s.model, attempt, wait_ms = wait.as_millis() as u64, %error, "model call failed; retrying");
+            let wait_ms = wait.as_millis() as u64;
+            tracing::warn!(model = %s.model, attempt, wait_ms, %error, "model call failed; retrying");
             tokio::time::sleep(wait).await;
         }
     }

@@ -341,6 +341,7 @@ async fn the_request_body_has_the_openai_shape() {
     complete(&model(s), request).await;
     let sent = &fake.requests()[0];
     assert_eq!(sent.header("content-type").as_deref(), Some("application/json"));
+    assert_eq!(sent.header("accept").as_deref(), Some("text/event-stream"));
     assert_eq!(
         sent.body,
         json!({
