@@ -12,12 +12,14 @@ use crate::agent::{Agent, AgentSettings};
 use crate::config::{Config, ModelProvider, StoreKind, redact_url};
 use crate::http::{AppState, Limits};
 use crate::llm::echo::EchoModel;
+use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::{DynStore, StoreError};
 use crate::tools::ToolRegistry;
+use crate::tools::http::load_tools_file;
 
 /// Builds the application state from a validated configuration.
 pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
@@ -113,15 +115,23 @@ pub fn build_model(config: &Config) -> anyhow::Result<DynModel> {
         ModelProvider::Echo => Ok(Arc::new(EchoModel::new(EchoSettings {
             delay: std::time::Duration::from_millis(config.model.echo_delay_ms),
         }))),
-        ModelProvider::Openai => anyhow::bail!("this build does not include the openai provider yet"),
+        ModelProvider::Openai => {
+            let settings = OpenAiSettings::from(&config.model);
+            tracing::info!(model = %settings.model, "openai-compatible model configured");
+            Ok(Arc::new(OpenAiModel::new(settings).context("invalid openai settings")?))
+        }
     }
 }
 
 /// The built-in tools plus those declared in `PARLEY_TOOLS_FILE`.
 pub fn build_tools(config: &Config) -> anyhow::Result<ToolRegistry> {
-    let registry = ToolRegistry::with_builtins();
+    let mut registry = ToolRegistry::with_builtins();
     if let Some(path) = &config.agent.tools_file {
-        anyhow::bail!("PARLEY_TOOLS_FILE ({}) is not supported by this build yet", path.display());
+        for tool in load_tools_file(path).map_err(anyhow::Error::msg)? {
+            registry
+                .register(tool)
+                .map_err(|e| anyhow::anyhow!("PARLEY_TOOLS_FILE {}: {e}", path.display()))?;
+        }
     }
     Ok(registry)
 }

@@ -46,7 +46,7 @@ pub fn unique_name(prefix: &str) -> String {
 
 /// Installs the TLS crypto provider reqwest needs (once per process).
 pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    parley::llm::openai::install_crypto_provider();
 }
 
 /// Which store a test app runs on.

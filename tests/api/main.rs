@@ -32,14 +32,18 @@ macro_rules! for_each_backend {
     };
 }
 
+mod agent_loop;
 mod docs;
 mod errors;
+mod fake_openai;
 mod helpers;
 mod history;
 mod lifecycle;
+mod openai;
 mod sessions;
 mod store_memory;
 mod store_postgres;
 mod store_redis;
 mod streaming;
+mod tools_http;
 mod turns;
