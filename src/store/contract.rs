@@ -21,7 +21,10 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{AppendBatch, DynStore, Order, PageQuery, SessionCursor, StoreError};
+use super::{
+    AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
+    SessionCursor, StoreError,
+};
 use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, new_id};
 
 /// How the factory must configure the store it builds.
@@ -450,6 +453,122 @@ where
     assert_eq!(listed, vec!["busy"]);
 }
 
+/// One turn at a time holds a session; the lock is compare-and-delete, and per tenant.
+pub async fn turn_locks_admit_one_turn_per_session<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    new_session(&store, OTHER_TENANT, "s1").await;
+    let (a, b) = (new_id(), new_id());
+    let lease = Duration::from_secs(30);
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
+    assert_eq!(store.acquire_turn_lock(TENANT, "s1", a, lease).await.unwrap(), LockOutcome::Acquired);
+    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Busy(a));
+    assert_eq!(store.acquire_turn_lock(OTHER_TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Acquired);
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a));
+    let held = store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap();
+    assert_eq!(held, LockStatus { held: true, cancel_requested: false });
+    assert!(!store.renew_turn_lock(TENANT, "s1", b, lease).await.unwrap().held);
+    store.release_turn_lock(TENANT, "s1", b).await.unwrap();
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "only the owner releases");
+    store.release_turn_lock(TENANT, "s1", a).await.unwrap();
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
+    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Acquired);
+    assert!(matches!(
+        store.acquire_turn_lock(TENANT, "missing", a, lease).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    assert!(store.delete_session(TENANT, "s1").await.unwrap());
+    new_session(&store, TENANT, "s1").await;
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None, "the lock goes with the session");
+}
+
+/// A lease that is not renewed runs out, and the session is free again.
+pub async fn turn_locks_expire_after_their_lease<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let (a, b) = (new_id(), new_id());
+    let short = Duration::from_millis(300);
+    assert_eq!(store.acquire_turn_lock(TENANT, "s1", a, short).await.unwrap(), LockOutcome::Acquired);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(store.renew_turn_lock(TENANT, "s1", a, short).await.unwrap().held, "renewed in time");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "the renewal extended it");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
+    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, short).await.unwrap(), LockOutcome::Acquired);
+    assert!(!store.renew_turn_lock(TENANT, "s1", a, short).await.unwrap().held, "the old holder lost it");
+}
+
+/// A cancel request reaches the turn holding the session through its next renewal.
+pub async fn cancel_requests_reach_the_lock_holder<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let (a, b) = (new_id(), new_id());
+    let lease = Duration::from_secs(30);
+    store.acquire_turn_lock(TENANT, "s1", a, lease).await.unwrap();
+    assert!(!store.request_cancel(TENANT, "s1", b).await.unwrap(), "b does not hold the session");
+    assert!(!store.request_cancel(OTHER_TENANT, "s1", a).await.unwrap_or(false));
+    assert!(!store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap().cancel_requested);
+    assert!(store.request_cancel(TENANT, "s1", a).await.unwrap());
+    let status = store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap();
+    assert_eq!(status, LockStatus { held: true, cancel_requested: true });
+    store.release_turn_lock(TENANT, "s1", a).await.unwrap();
+    store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap();
+    assert!(
+        !store.renew_turn_lock(TENANT, "s1", b, lease).await.unwrap().cancel_requested,
+        "a new turn starts clean"
+    );
+}
+
+/// An idempotency key remembers its first request, its turn and, once saved, its answer.
+pub async fn idempotency_keys_remember_the_first_request<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    new_session(&store, OTHER_TENANT, "s1").await;
+    let ttl = Duration::from_secs(60);
+    let (t1, t2) = (new_id(), new_id());
+    let begin = store.begin_idempotent(TENANT, "s1", "key-1", "fp-a", t1, ttl).await.unwrap();
+    assert_eq!(begin, IdempotencyBegin::Started);
+    let again = store.begin_idempotent(TENANT, "s1", "key-1", "fp-b", t2, ttl).await.unwrap();
+    let pending = IdempotencyRecord { fingerprint: "fp-a".into(), turn_id: t1, response: None };
+    assert_eq!(again, IdempotencyBegin::Existing(pending));
+    let other = store.begin_idempotent(OTHER_TENANT, "s1", "key-1", "fp-b", t2, ttl).await.unwrap();
+    assert_eq!(other, IdempotencyBegin::Started, "keys are per tenant");
+    let answer = json!({"turn_id": t1.to_string(), "messages": [{"content": "ü ✓"}], "z": 1, "a": 2});
+    store.complete_idempotent(TENANT, "s1", "key-1", &answer, ttl).await.unwrap();
+    let done = store.begin_idempotent(TENANT, "s1", "key-1", "fp-a", t2, ttl).await.unwrap();
+    let IdempotencyBegin::Existing(record) = done else { panic!("the key is remembered") };
+    assert_eq!((record.fingerprint.as_str(), record.turn_id), ("fp-a", t1));
+    assert_eq!(
+        serde_json::to_string(&record.response).unwrap(),
+        serde_json::to_string(&Some(answer)).unwrap()
+    );
+    store.abort_idempotent(TENANT, "s1", "key-1").await.unwrap();
+    let fresh = store.begin_idempotent(TENANT, "s1", "key-1", "fp-c", t2, ttl).await.unwrap();
+    assert_eq!(fresh, IdempotencyBegin::Started, "an aborted key is forgotten");
+    let short = Duration::from_millis(300);
+    store.begin_idempotent(TENANT, "s1", "key-2", "fp", t1, short).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let expired = store.begin_idempotent(TENANT, "s1", "key-2", "fp", t2, ttl).await.unwrap();
+    assert_eq!(expired, IdempotencyBegin::Started, "keys are forgotten after their ttl");
+}
+
 /// Whether the store reports itself as shareable across replicas.
 pub async fn reports_whether_it_is_distributed<F, Fut>(factory: &F, expected: bool)
 where
@@ -482,7 +601,11 @@ macro_rules! store_contract_tests {
             turn_records_round_trip,
             conflicts_and_unknown_sessions_are_reported,
             sessions_list_newest_first_by_cursor,
-            tenants_are_isolated
+            tenants_are_isolated,
+            turn_locks_admit_one_turn_per_session,
+            turn_locks_expire_after_their_lease,
+            cancel_requests_reach_the_lock_holder,
+            idempotency_keys_remember_the_first_request
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn reports_whether_it_is_distributed() {

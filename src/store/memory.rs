@@ -8,13 +8,14 @@
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::RwLock;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError,
-    StoreResult,
+    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
+    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
 };
 use crate::domain::{Message, NewSession, Session, Turn, now};
 
@@ -46,6 +47,17 @@ struct SessionData {
     turns: HashMap<Uuid, Turn>,
     /// Turn ids oldest first, to bound how many records a session keeps.
     turn_order: VecDeque<Uuid>,
+    /// The turn holding the session, if its lease has not run out.
+    lock: Option<HeldLock>,
+    /// Remembered idempotency keys and when they are forgotten.
+    idempotency: HashMap<String, (IdempotencyRecord, Instant)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct HeldLock {
+    turn_id: Uuid,
+    expires: Instant,
+    cancel_requested: bool,
 }
 
 impl MemoryStore {
@@ -62,6 +74,18 @@ impl MemoryStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, TenantData>> {
         self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn with_session_mut<T>(
+        &self,
+        tenant: &str,
+        id: &str,
+        f: impl FnOnce(&mut SessionData) -> T,
+    ) -> StoreResult<T> {
+        let mut guard = self.write();
+        let data =
+            guard.get_mut(tenant).and_then(|t| t.sessions.get_mut(id)).ok_or(StoreError::SessionNotFound)?;
+        Ok(f(data))
     }
 
     fn with_session<T>(&self, tenant: &str, id: &str, f: impl FnOnce(&SessionData) -> T) -> StoreResult<T> {
@@ -96,6 +120,21 @@ impl SessionData {
                 self.turns.remove(&old);
             }
         }
+    }
+
+    /// The live lock, dropping one whose lease ran out.
+    fn live_lock(&mut self) -> Option<&mut HeldLock> {
+        if self.lock.is_some_and(|l| l.expires <= Instant::now()) {
+            self.lock = None;
+        }
+        self.lock.as_mut()
+    }
+
+    fn live_idempotency(&mut self, key: &str) -> Option<&mut IdempotencyRecord> {
+        if self.idempotency.get(key).is_some_and(|(_, until)| *until <= Instant::now()) {
+            self.idempotency.remove(key);
+        }
+        self.idempotency.get_mut(key).map(|(record, _)| record)
     }
 
     fn page(&self, q: PageQuery) -> MessagePage {
@@ -149,6 +188,8 @@ impl ConversationStore for MemoryStore {
             last_seq: 0,
             turns: HashMap::new(),
             turn_order: VecDeque::new(),
+            lock: None,
+            idempotency: HashMap::new(),
         };
         t.sessions.insert(new.id, data);
         Ok(session)
@@ -263,6 +304,110 @@ impl ConversationStore for MemoryStore {
         match self.with_session(tenant, session_id, |d| d.turns.get(&turn_id).cloned()) {
             Err(StoreError::SessionNotFound) => Ok(None),
             other => other,
+        }
+    }
+
+    async fn acquire_turn_lock(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockOutcome> {
+        self.with_session_mut(tenant, session_id, |d| match d.live_lock() {
+            Some(held) if held.turn_id != turn_id => LockOutcome::Busy(held.turn_id),
+            _ => {
+                d.lock = Some(HeldLock { turn_id, expires: Instant::now() + lease, cancel_requested: false });
+                LockOutcome::Acquired
+            }
+        })
+    }
+
+    async fn renew_turn_lock(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockStatus> {
+        let status = self.with_session_mut(tenant, session_id, |d| match d.live_lock() {
+            Some(held) if held.turn_id == turn_id => {
+                held.expires = Instant::now() + lease;
+                LockStatus { held: true, cancel_requested: held.cancel_requested }
+            }
+            _ => LockStatus { held: false, cancel_requested: false },
+        });
+        match status {
+            Err(StoreError::SessionNotFound) => Ok(LockStatus { held: false, cancel_requested: false }),
+            other => other,
+        }
+    }
+
+    async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let released = self.with_session_mut(tenant, session_id, |d| {
+            if d.lock.is_some_and(|l| l.turn_id == turn_id) {
+                d.lock = None;
+            }
+        });
+        match released {
+            Err(StoreError::SessionNotFound) => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>> {
+        self.with_session_mut(tenant, session_id, |d| d.live_lock().map(|l| l.turn_id))
+    }
+
+    async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {
+        self.with_session_mut(tenant, session_id, |d| match d.live_lock() {
+            Some(held) if held.turn_id == turn_id => {
+                held.cancel_requested = true;
+                true
+            }
+            _ => false,
+        })
+    }
+
+    async fn begin_idempotent(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        fingerprint: &str,
+        turn_id: Uuid,
+        ttl: Duration,
+    ) -> StoreResult<IdempotencyBegin> {
+        self.with_session_mut(tenant, session_id, |d| {
+            if let Some(existing) = d.live_idempotency(key) {
+                return IdempotencyBegin::Existing(existing.clone());
+            }
+            let record = IdempotencyRecord { fingerprint: fingerprint.to_owned(), turn_id, response: None };
+            d.idempotency.insert(key.to_owned(), (record, Instant::now() + ttl));
+            IdempotencyBegin::Started
+        })
+    }
+
+    async fn complete_idempotent(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        response: &serde_json::Value,
+        ttl: Duration,
+    ) -> StoreResult<()> {
+        self.with_session_mut(tenant, session_id, |d| {
+            if let Some((record, until)) = d.idempotency.get_mut(key) {
+                record.response = Some(response.clone());
+                *until = Instant::now() + ttl;
+            }
+        })
+    }
+
+    async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
+        match self.with_session_mut(tenant, session_id, |d| d.idempotency.remove(key)) {
+            Err(StoreError::SessionNotFound) | Ok(_) => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }

@@ -9,6 +9,7 @@ pub mod postgres;
 pub mod redis;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -137,6 +138,44 @@ pub struct AppendBatch {
     pub turn: Option<Turn>,
 }
 
+/// The outcome of claiming a session for a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockOutcome {
+    /// The turn holds the session until it releases it or its lease runs out.
+    Acquired,
+    /// Another turn holds it.
+    Busy(Uuid),
+}
+
+/// What renewing a turn's lease found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockStatus {
+    /// Whether the turn still holds the session (false once its lease ran out and another took it).
+    pub held: bool,
+    /// Whether someone asked, from any replica, for the turn to be cancelled.
+    pub cancel_requested: bool,
+}
+
+/// A remembered `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IdempotencyRecord {
+    /// A digest of the request the key was first used with.
+    pub fingerprint: String,
+    /// The turn that request started.
+    pub turn_id: Uuid,
+    /// The answer, once the turn completed.
+    pub response: Option<serde_json::Value>,
+}
+
+/// The outcome of starting a request with an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IdempotencyBegin {
+    /// The key was new: it now points at the given turn.
+    Started,
+    /// The key was used before.
+    Existing(IdempotencyRecord),
+}
+
 /// The conversation store. Every method is scoped by tenant: a session id is unique per tenant,
 /// and one tenant never sees another's sessions, messages or turns.
 ///
@@ -189,4 +228,57 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Reads a turn record.
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>>;
+
+    /// Claims the session for a turn for `lease`, unless another turn holds it (across every
+    /// replica sharing the store). The lock lives with the session: deleting the session drops it.
+    async fn acquire_turn_lock(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockOutcome>;
+
+    /// Extends the lease of a turn that holds the session and reports any cancel request.
+    async fn renew_turn_lock(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockStatus>;
+
+    /// Releases the session if `turn_id` holds it (compare-and-delete); otherwise does nothing.
+    async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()>;
+
+    /// The turn holding the session, if any (an expired lease holds nothing).
+    async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>>;
+
+    /// Asks the turn holding the session to stop; false if `turn_id` does not hold it.
+    async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool>;
+
+    /// Remembers `key` for `ttl` as used by a request with this fingerprint that starts `turn_id`,
+    /// unless the key is already remembered, in which case its record is returned unchanged.
+    async fn begin_idempotent(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        fingerprint: &str,
+        turn_id: Uuid,
+        ttl: Duration,
+    ) -> StoreResult<IdempotencyBegin>;
+
+    /// Saves the answer of the turn the key started.
+    async fn complete_idempotent(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        response: &serde_json::Value,
+        ttl: Duration,
+    ) -> StoreResult<()>;
+
+    /// Forgets a key (its turn failed before storing anything, so a retry may run again).
+    async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
 }

@@ -747,4 +747,56 @@ impl ConversationStore for PgStore {
         let row = self.timed(query.fetch_optional(&self.pool)).await?;
         row.map(|r| turn_from_row(&r, session_id)).transpose()
     }
+    // Placeholder until the backend implements turn locks and idempotency keys (in progress).
+    async fn acquire_turn_lock(
+        &self,
+        _: &str,
+        _: &str,
+        _: Uuid,
+        _: std::time::Duration,
+    ) -> StoreResult<super::LockOutcome> {
+        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+    }
+    async fn renew_turn_lock(
+        &self,
+        _: &str,
+        _: &str,
+        _: Uuid,
+        _: std::time::Duration,
+    ) -> StoreResult<super::LockStatus> {
+        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+    }
+    async fn release_turn_lock(&self, _: &str, _: &str, _: Uuid) -> StoreResult<()> {
+        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+    }
+    async fn turn_lock_holder(&self, _: &str, _: &str) -> StoreResult<Option<Uuid>> {
+        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+    }
+    async fn request_cancel(&self, _: &str, _: &str, _: Uuid) -> StoreResult<bool> {
+        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+    }
+    async fn begin_idempotent(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: Uuid,
+        _: std::time::Duration,
+    ) -> StoreResult<super::IdempotencyBegin> {
+        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+    }
+    async fn complete_idempotent(
+        &self,
+        _: &str,
+        _: &str,
+        _: &str,
+        _: &serde_json::Value,
+        _: std::time::Duration,
+    ) -> StoreResult<()> {
+        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+    }
+    async fn abort_idempotent(&self, _: &str, _: &str, _: &str) -> StoreResult<()> {
+        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+    }
 }
