@@ -38,6 +38,9 @@ pub fn state_from_parts(config: &Config, store: DynStore, model: DynModel, tools
         max_iterations: config.agent.max_iterations,
         save_on_iteration: config.agent.save_on_iteration,
         turn_timeout: config.agent.turn_timeout,
+        turn_lease: config.agent.turn_lease,
+        if_busy_timeout: config.agent.if_busy_timeout,
+        idempotency_ttl: config.agent.idempotency_ttl,
     };
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
     AppState { agent, store, limits: Arc::new(limits(config)) }
@@ -51,6 +54,7 @@ fn limits(config: &Config) -> Limits {
         store_timeout: config.store.store_timeout,
         sse_keepalive: config.http.sse_keepalive,
         cors_origins: config.http.cors_origins.iter().filter(|o| !o.is_empty()).cloned().collect(),
+        if_busy: config.agent.if_busy,
         ..Limits::default()
     }
 }

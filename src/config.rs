@@ -56,6 +56,17 @@ pub enum ModelProvider {
     Openai,
 }
 
+/// What a turn does when another turn runs in its session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IfBusy {
+    /// Answer 409 `turn_in_progress` with the running turn's id.
+    #[default]
+    Reject,
+    /// Wait for the running turn (bounded by `PARLEY_IF_BUSY_TIMEOUT`), then run, in arrival order.
+    Wait,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -118,6 +129,19 @@ pub struct AgentConfig {
     /// Longest a turn may run, model calls and tools included.
     #[arg(long, env = "PARLEY_TURN_TIMEOUT", value_parser = parse_duration, default_value = "5m")]
     pub turn_timeout: Duration,
+    /// What a turn posted while another runs in the session does: `reject` (409) or `wait`.
+    #[arg(long, env = "PARLEY_IF_BUSY", value_enum, default_value = "reject")]
+    pub if_busy: IfBusy,
+    /// Longest a turn waits for the running one with `if_busy = wait`, before answering 409.
+    #[arg(long, env = "PARLEY_IF_BUSY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub if_busy_timeout: Duration,
+    /// Lease of a turn's lock on its session, renewed every second while the turn runs; a turn
+    /// whose replica died frees the session when the lease runs out.
+    #[arg(long, env = "PARLEY_TURN_LEASE", value_parser = parse_duration, default_value = "15s")]
+    pub turn_lease: Duration,
+    /// How long an `Idempotency-Key` is remembered.
+    #[arg(long, env = "PARLEY_IDEMPOTENCY_TTL", value_parser = parse_duration, default_value = "24h")]
+    pub idempotency_ttl: Duration,
     /// A JSON or TOML file declaring HTTP tools.
     #[arg(long, env = "PARLEY_TOOLS_FILE")]
     pub tools_file: Option<PathBuf>,

@@ -70,6 +70,9 @@ pub enum AppError {
     /// 409: the turn has already ended.
     #[error("turn {0} has already ended")]
     TurnFinished(Uuid),
+    /// 422: an `Idempotency-Key` reused with a different request.
+    #[error("this Idempotency-Key was used with a different request")]
+    IdempotencyKeyReused,
     /// 502: the model endpoint failed.
     #[error("the model failed: {0}")]
     Upstream(String),
@@ -95,7 +98,7 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::Validation(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            AppError::Validation(_) | AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::SessionNotFound(_) | AppError::TurnNotFound(_) | AppError::RouteNotFound(_) => {
                 StatusCode::NOT_FOUND
@@ -125,6 +128,7 @@ impl AppError {
             AppError::SessionExists(_) => "session_exists",
             AppError::TurnInProgress(_) => "turn_in_progress",
             AppError::TurnFinished(_) => "turn_finished",
+            AppError::IdempotencyKeyReused => "idempotency_key_reused",
             AppError::Upstream(_) => "upstream_error",
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",

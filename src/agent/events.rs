@@ -1,6 +1,6 @@
 //! Typed events of a turn, as streamed to clients over SSE, and the turn's final result.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -92,13 +92,29 @@ impl TurnEvent {
     }
 
     /// Whether this event ends the stream.
+    /// The events that replay a completed turn: started, the final message, completed.
+    pub fn replay(result: &TurnResult) -> Vec<TurnEvent> {
+        let turn_id = result.turn_id;
+        let mut events = Vec::with_capacity(3);
+        if let Some(first) = result.messages.first() {
+            let session_id = first.session_id.clone();
+            events.push(TurnEvent::Started { turn_id, session_id, user_message: first.clone() });
+        }
+        if let Some(last) = result.messages.last() {
+            events.push(TurnEvent::MessageCompleted { turn_id, message: last.clone() });
+        }
+        events.push(TurnEvent::Completed { turn_id, messages: result.messages.clone(), usage: result.usage });
+        events
+    }
+
+    /// Whether this event ends the stream.
     pub fn is_terminal(&self) -> bool {
         matches!(self, TurnEvent::Completed { .. } | TurnEvent::Failed { .. } | TurnEvent::Cancelled { .. })
     }
 }
 
 /// The answer to a non-streamed turn.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct TurnResult {
     /// The turn.
     pub turn_id: Uuid,

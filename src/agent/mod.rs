@@ -9,6 +9,7 @@
 //! in one atomic batch when the turn completes (or, with save-on-iteration, one batch per tool
 //! round and one at the end); a turn that fails appends nothing more and records why.
 
+pub mod claim;
 pub mod events;
 pub mod registry;
 pub mod window;
@@ -24,8 +25,9 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use events::{TurnEvent, TurnResult};
-use registry::{RegisterError, TurnRegistry};
+use registry::TurnRegistry;
 
+use crate::config::IfBusy;
 use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, new_id, now};
 use crate::error::AppError;
 use crate::llm::{ChatRequest, DynModel, ModelError, ModelEvent, ModelOutput, PromptMessage};
@@ -45,6 +47,12 @@ pub struct AgentSettings {
     pub save_on_iteration: bool,
     /// Longest a turn may run.
     pub turn_timeout: Duration,
+    /// Lease of a turn's lock on its session.
+    pub turn_lease: Duration,
+    /// Longest a turn waits for a busy session with `IfBusy::Wait`.
+    pub if_busy_timeout: Duration,
+    /// How long idempotency keys are remembered.
+    pub idempotency_ttl: Duration,
 }
 
 impl Default for AgentSettings {
@@ -55,6 +63,9 @@ impl Default for AgentSettings {
             max_iterations: 8,
             save_on_iteration: false,
             turn_timeout: Duration::from_secs(300),
+            turn_lease: Duration::from_secs(15),
+            if_busy_timeout: Duration::from_secs(30),
+            idempotency_ttl: Duration::from_secs(24 * 3600),
         }
     }
 }
@@ -70,6 +81,19 @@ pub struct TurnInput {
     pub content: String,
     /// The user message's metadata.
     pub metadata: Metadata,
+    /// What to do if another turn runs in the session.
+    pub if_busy: IfBusy,
+    /// The client's `Idempotency-Key`, if any.
+    pub idempotency_key: Option<String>,
+}
+
+/// How a turn request was answered.
+#[derive(Debug)]
+pub enum TurnStart {
+    /// A new turn runs.
+    Started(StartedTurn),
+    /// A retry of a completed request: its saved answer.
+    Replayed(TurnResult),
 }
 
 /// A turn that has started: its events as they happen, and its outcome.
@@ -113,6 +137,8 @@ struct TurnState {
     partial_text: String,
     usage: Option<Usage>,
     events: mpsc::UnboundedSender<TurnEvent>,
+    /// The request's idempotency key, settled when the turn ends.
+    idempotency_key: Option<String>,
 }
 
 impl TurnState {
@@ -194,26 +220,51 @@ impl Agent {
     }
 
     /// Starts a turn: checks the session, records the turn as running and spawns the loop.
-    pub async fn start_turn(self: &Arc<Self>, input: TurnInput) -> Result<StartedTurn, AppError> {
+    pub async fn start_turn(self: &Arc<Self>, input: TurnInput) -> Result<TurnStart, AppError> {
         let session = self
             .store
             .get_session(&input.tenant, &input.session_id)
             .await?
             .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
         let turn = Turn::start(&session.id);
-        let cancel = match self.registry.register(&input.tenant, &session.id, turn.id) {
-            Ok(token) => token,
-            Err(RegisterError::Busy(running)) => return Err(AppError::TurnInProgress(running)),
-            Err(RegisterError::Closed) => return Err(AppError::ShuttingDown),
+        if let claim::Replay::Done(result) = self.begin_idempotent(&input, turn.id).await? {
+            return Ok(TurnStart::Replayed(result));
+        }
+        match self.launch(&input, session.system_prompt.as_deref(), turn).await {
+            Ok(started) => Ok(TurnStart::Started(started)),
+            Err(e) => {
+                if let Some(key) = &input.idempotency_key {
+                    let _ = self.store.abort_idempotent(&input.tenant, &input.session_id, key).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Claims the session, prepares the prompt and spawns the turn.
+    async fn launch(
+        self: &Arc<Self>,
+        input: &TurnInput,
+        session_prompt: Option<&str>,
+        turn: Turn,
+    ) -> Result<StartedTurn, AppError> {
+        let cancel = self.claim_session(input, turn.id).await?;
+        let turn_id = turn.id;
+        let prepared = self.prepare(input, session_prompt, turn).await;
+        let (turn, prompt) = match prepared {
+            Ok(parts) => parts,
+            Err(e) => {
+                let _ = self.store.release_turn_lock(&input.tenant, &input.session_id, turn_id).await;
+                return Err(e);
+            }
         };
-        let prepared = self.prepare(&input, session.system_prompt.as_deref(), turn).await;
         let (tx, rx) = mpsc::unbounded_channel();
-        let (turn, prompt) = prepared?;
-        let state = new_state(&input, turn, prompt, tx);
-        let turn_id = state.turn.id;
+        let mut state = new_state(input, turn, prompt, tx);
+        state.idempotency_key = input.idempotency_key.clone();
+        let session = &input.session_id;
         state.emit(TurnEvent::Started {
             turn_id,
-            session_id: session.id.clone(),
+            session_id: session.clone(),
             user_message: state.pending[0].clone(),
         });
         let agent = Arc::clone(self);
@@ -267,14 +318,49 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<TurnResult, AppError> {
         let timeout = self.settings.turn_timeout;
+        let renewer = tokio::spawn(claim::renew_lease(
+            Arc::clone(&self.store),
+            state.tenant.clone(),
+            state.session_id().to_owned(),
+            state.turn.id,
+            self.settings.turn_lease,
+            cancel.clone(),
+        ));
         let interrupt = Interrupt { cancel, deadline: tokio::time::Instant::now() + timeout, timeout };
         let result = match self.run(&mut state, &interrupt).await {
             Ok(result) => Ok(result),
             Err(Stop::Error(e)) => Err(self.fail(&mut state, e).await),
             Err(Stop::Cancelled) => self.save_cancelled(&mut state).await,
         };
-        self.registry.finish(&state.tenant, state.session_id(), state.turn.id);
+        renewer.abort();
+        self.settle_idempotency(&state, &result).await;
+        let (tenant, session, turn_id) = (&state.tenant, state.session_id(), state.turn.id);
+        if let Err(e) = self.store.release_turn_lock(tenant, session, turn_id).await {
+            tracing::warn!(turn.id = %turn_id, error = %e, "could not release the session lock; its lease will run out");
+        }
+        self.registry.finish(tenant, session, turn_id);
         result
+    }
+
+    /// Saves the answer for the turn's idempotency key, or forgets the key if the turn failed.
+    async fn settle_idempotency(&self, state: &TurnState, result: &Result<TurnResult, AppError>) {
+        let Some(key) = &state.idempotency_key else { return };
+        let (tenant, session) = (&state.tenant, state.session_id());
+        let saved = match result {
+            Ok(answer) => match serde_json::to_value(answer) {
+                Ok(value) => {
+                    self.store
+                        .complete_idempotent(tenant, session, key, &value, self.settings.idempotency_ttl)
+                        .await
+                }
+                Err(_) => Ok(()),
+            },
+            Err(_) if state.stored.is_empty() => self.store.abort_idempotent(tenant, session, key).await,
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = saved {
+            tracing::warn!(turn.id = %state.turn.id, error = %e, "could not save the idempotency record");
+        }
     }
 
     /// The agent loop proper.
@@ -448,6 +534,7 @@ fn new_state(
         partial_text: String::new(),
         usage: None,
         events,
+        idempotency_key: None,
     }
 }
 

@@ -2,13 +2,19 @@
 //! that shutdown can wait for them and then cancel the rest.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
+
+/// (tenant, session).
+type SessionKey = (String, String);
+
+/// Turns waiting for one session; tokio's mutex is fair, so they go in arrival order.
+type WaitQueue = Arc<tokio::sync::Mutex<()>>;
 
 /// Registry of running turns.
 #[derive(Debug, Default)]
@@ -19,6 +25,8 @@ pub struct TurnRegistry {
     tracker: TaskTracker,
     /// Set once shutdown begins: no new turns.
     closed: AtomicBool,
+    /// Per-session queues of turns waiting for a busy session, in arrival order.
+    queues: Mutex<HashMap<SessionKey, WaitQueue>>,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +72,21 @@ impl TurnRegistry {
         let cancel = CancellationToken::new();
         running.insert(key, RunningTurn { turn_id, cancel: cancel.clone() });
         Ok(cancel)
+    }
+
+    /// The queue of turns waiting for this session (tokio's mutex is fair: first come, first served).
+    pub fn queue(&self, tenant: &str, session: &str) -> WaitQueue {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        Arc::clone(queues.entry((tenant.to_owned(), session.to_owned())).or_default())
+    }
+
+    /// Drops a session's queue once nobody waits in it.
+    pub fn forget_queue(&self, tenant: &str, session: &str) {
+        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (tenant.to_owned(), session.to_owned());
+        if queues.get(&key).is_some_and(|q| Arc::strong_count(q) == 1) {
+            queues.remove(&key);
+        }
     }
 
     /// Removes a finished turn.

@@ -12,7 +12,8 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, Tenant, page_limit, session_id};
 use super::sse;
-use crate::agent::{TurnInput, TurnResult};
+use crate::agent::{TurnEvent, TurnInput, TurnResult, TurnStart};
+use crate::config::IfBusy;
 use crate::domain::{Message, Metadata};
 use crate::error::{AppError, Problem, Result};
 use crate::store::{Order, PageQuery};
@@ -35,6 +36,8 @@ pub struct PostMessage {
     /// Metadata stored with the user message (a JSON object).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Metadata>,
+    /// If another turn runs in the session: `reject` (409) or `wait` for it; default `PARLEY_IF_BUSY`.
+    pub if_busy: Option<IfBusy>,
 }
 
 /// Query of `POST /v1/sessions/{id}/messages`.
@@ -93,7 +96,8 @@ fn validate_content(state: &AppState, content: &str) -> Result<()> {
 
 /// Post a user turn; the reply comes back as JSON, or as Server-Sent Events when asked.
 #[utoipa::path(post, path = "/v1/sessions/{id}/messages", tag = "messages",
-    params(("id" = String, Path, description = "Session id"), PostMessageQuery),
+    params(("id" = String, Path, description = "Session id"), PostMessageQuery,
+        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: a retry with the same key and body returns the same turn without running the model again")),
     request_body(content = PostMessage, content_type = "application/json"),
     responses(
         (status = 200, description = "The turn's stored messages (JSON), or its events (SSE: turn.started, message.delta, tool.call, tool.result, message.completed, turn.completed | turn.failed | turn.cancelled)",
@@ -119,14 +123,47 @@ pub async fn post_message(
     validate_content(&state, &body.content)?;
     let metadata = body.metadata.unwrap_or_default();
     state.limits.check_metadata(&metadata)?;
-    let input = TurnInput { tenant, session_id, content: body.content, metadata };
-    let started = state.agent.start_turn(input).await?;
-    if wants_stream(&headers, &query) {
-        return Ok(sse::turn_stream(started.events, state.limits.sse_keepalive).into_response());
+    let idempotency_key = idempotency_key(&headers)?;
+    let if_busy = body.if_busy.unwrap_or(state.limits.if_busy);
+    let input = TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key };
+    let stream = wants_stream(&headers, &query);
+    match state.agent.start_turn(input).await? {
+        TurnStart::Started(started) if stream => {
+            Ok(sse::turn_stream(started.events, state.limits.sse_keepalive).into_response())
+        }
+        TurnStart::Started(started) => {
+            let result =
+                started.outcome.await.map_err(|e| AppError::Internal(format!("turn task failed: {e}")))??;
+            Ok(Json(result).into_response())
+        }
+        TurnStart::Replayed(result) => {
+            let mut response = if stream {
+                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+                for event in TurnEvent::replay(&result) {
+                    let _ = tx.send(event);
+                }
+                sse::turn_stream(rx, state.limits.sse_keepalive).into_response()
+            } else {
+                Json(result).into_response()
+            };
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+            Ok(response)
+        }
     }
-    let result =
-        started.outcome.await.map_err(|e| AppError::Internal(format!("turn task failed: {e}")))??;
-    Ok(Json(result).into_response())
+}
+
+/// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
+    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = value
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic()));
+    key.map(|k| Some(k.to_owned())).ok_or_else(|| {
+        AppError::BadRequest("Idempotency-Key must be 1 to 255 visible ASCII characters".to_owned())
+    })
 }
 
 /// Read a page of history.

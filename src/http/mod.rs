@@ -65,6 +65,8 @@ pub struct Limits {
     pub sse_keepalive: Duration,
     /// CORS origins; `*` for any.
     pub cors_origins: Vec<String>,
+    /// What a turn posted to a busy session does when the request does not say.
+    pub if_busy: crate::config::IfBusy,
 }
 
 impl Default for Limits {
@@ -77,6 +79,7 @@ impl Default for Limits {
             store_timeout: Duration::from_secs(5),
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
+            if_busy: crate::config::IfBusy::Reject,
         }
     }
 }

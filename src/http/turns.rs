@@ -22,7 +22,7 @@ async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> R
     if state.store.get_session(tenant, id).await?.is_none() {
         return Err(AppError::SessionNotFound(id.to_owned()));
     }
-    state.store.get_turn(tenant, id, turn_id).await?.ok_or(AppError::TurnNotFound(turn_id))
+    state.agent.repaired_turn(tenant, id, turn_id).await?.ok_or(AppError::TurnNotFound(turn_id))
 }
 
 /// Read a turn: its status, error, message ids and usage.
@@ -60,20 +60,27 @@ pub async fn cancel_turn(
 ) -> Result<Json<Turn>> {
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
-    let registry = state.agent.registry();
-    if !registry.cancel(&tenant, &id, turn_id) {
+    let local = state.agent.registry().cancel(&tenant, &id, turn_id);
+    // A turn running on another replica sees the request at its next lease renewal (≤ 1 s).
+    if !local
+        && !state
+            .store
+            .request_cancel(&tenant, &id, turn_id)
+            .await
+            .map_err(|e| AppError::from_store(e, &id))?
+    {
         let turn = read_turn(&state, &tenant, &id, turn_id).await?;
-        return Err(match turn.status {
-            TurnStatus::Running => AppError::TurnInProgress(turn_id),
-            _ => AppError::TurnFinished(turn_id),
-        });
+        return Err(AppError::TurnFinished(turn.id));
     }
-    // The turn saves its partial text and leaves the registry; wait for that, boundedly.
+    // The turn saves its partial text and records itself as cancelled; wait for that, boundedly.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while registry.running_in(&tenant, &id) == Some(turn_id) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    loop {
+        let turn = read_turn(&state, &tenant, &id, turn_id).await?;
+        if turn.status != TurnStatus::Running || tokio::time::Instant::now() >= deadline {
+            return Ok(Json(turn));
+        }
+        tokio::time::sleep(Duration::from_millis(if local { 5 } else { 50 })).await;
     }
-    read_turn(&state, &tenant, &id, turn_id).await.map(Json)
 }
 
 fn parse_turn_id(text: &str) -> Result<Uuid> {

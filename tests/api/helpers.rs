@@ -285,3 +285,18 @@ impl Drop for TestApp {
         }
     }
 }
+
+/// Starts `n` parley replicas sharing one fresh store of this backend.
+pub async fn spawn_replicas(backend: Backend, n: usize, args: &[&str]) -> Vec<TestApp> {
+    let store = backend.store(&config(args)).await;
+    let mut apps = Vec::with_capacity(n);
+    for _ in 0..n {
+        let spawn = Spawn {
+            args: args.iter().map(|s| s.to_string()).collect(),
+            store: Some(Arc::clone(&store)),
+            ..Spawn::default()
+        };
+        apps.push(spawn_app_with(spawn).await);
+    }
+    apps
+}

@@ -38,6 +38,7 @@ mod errors;
 mod fake_openai;
 mod helpers;
 mod history;
+mod integrity;
 mod lifecycle;
 mod openai;
 mod sessions;

@@ -1,0 +1,221 @@
+//! Claiming a session for a turn across replicas, and idempotent retries.
+//!
+//! A turn holds its session through the store's lock (a lease renewed every second while it runs,
+//! which also carries cancel requests from any replica). A turn posted while another runs is
+//! rejected with the running turn's id, or waits for it: waiters on one replica queue in arrival
+//! order, and poll the store lock. An `Idempotency-Key` maps a request to the turn it started, so
+//! a retry returns the same turn instead of running the model again.
+
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::registry::RegisterError;
+use super::{Agent, TurnInput, TurnResult};
+use crate::config::IfBusy;
+use crate::domain::{Turn, TurnStatus, now};
+use crate::error::{AppError, Problem};
+use crate::store::{DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome};
+
+/// How often a running turn renews its lease and checks for cancel requests.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// What an idempotent request found.
+pub(super) enum Replay {
+    /// The key is new (or no key was given): run the turn.
+    Run,
+    /// The key's turn completed: its answer.
+    Done(TurnResult),
+}
+
+/// A digest of what a turn request asks for, to recognise a retry of the same request.
+pub fn fingerprint(input: &TurnInput) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(input.content.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(serde_json::to_vec(&input.metadata).unwrap_or_default());
+    hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl Agent {
+    /// Starts an idempotent request, or finds what the key's first request did.
+    pub(super) async fn begin_idempotent(
+        &self,
+        input: &TurnInput,
+        turn_id: Uuid,
+    ) -> Result<Replay, AppError> {
+        let Some(key) = &input.idempotency_key else { return Ok(Replay::Run) };
+        let (tenant, session) = (&input.tenant, &input.session_id);
+        let fp = fingerprint(input);
+        let ttl = self.settings.idempotency_ttl;
+        for _ in 0..2 {
+            let record = match self.store.begin_idempotent(tenant, session, key, &fp, turn_id, ttl).await? {
+                IdempotencyBegin::Started => return Ok(Replay::Run),
+                IdempotencyBegin::Existing(record) => record,
+            };
+            if record.fingerprint != fp {
+                return Err(AppError::IdempotencyKeyReused);
+            }
+            match self.replay(tenant, session, &record).await? {
+                Some(replay) => return Ok(replay),
+                // The first request failed without storing anything: forget the key, run again.
+                None => self.store.abort_idempotent(tenant, session, key).await?,
+            }
+        }
+        Err(AppError::TurnInProgress(turn_id))
+    }
+
+    /// The answer to a retry: the saved result, 409 while the first request runs, or `None`
+    /// when the first request failed and the retry may run.
+    async fn replay(
+        &self,
+        tenant: &str,
+        session: &str,
+        record: &IdempotencyRecord,
+    ) -> Result<Option<Replay>, AppError> {
+        if let Some(response) = &record.response {
+            let result = serde_json::from_value(response.clone())
+                .map_err(|e| AppError::Internal(format!("unreadable idempotent response: {e}")))?;
+            return Ok(Some(Replay::Done(result)));
+        }
+        let turn = self.repaired_turn(tenant, session, record.turn_id).await?;
+        match turn.map(|t| t.status) {
+            Some(TurnStatus::Running) => Err(AppError::TurnInProgress(record.turn_id)),
+            Some(TurnStatus::Completed | TurnStatus::Cancelled) => {
+                // Completed, but the process stopped before saving the answer: rebuild it.
+                let messages = self.store.last_n(tenant, session, 1000).await?;
+                let turn = self.store.get_turn(tenant, session, record.turn_id).await?;
+                let messages = messages.into_iter().filter(|m| m.turn_id == record.turn_id).collect();
+                let usage = turn.and_then(|t| t.usage);
+                Ok(Some(Replay::Done(TurnResult { turn_id: record.turn_id, messages, usage })))
+            }
+            Some(TurnStatus::Failed) | None => Ok(None),
+        }
+    }
+
+    /// Claims the session for a turn: the store lock (shared by replicas) and the local registry.
+    pub(super) async fn claim_session(
+        &self,
+        input: &TurnInput,
+        turn_id: Uuid,
+    ) -> Result<CancellationToken, AppError> {
+        let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
+        if self.registry.is_closed() {
+            return Err(AppError::ShuttingDown);
+        }
+        match input.if_busy {
+            IfBusy::Reject => self.try_lock(tenant, session, turn_id).await?,
+            IfBusy::Wait => self.wait_for_lock(tenant, session, turn_id).await?,
+        }
+        match self.registry.register(tenant, session, turn_id) {
+            Ok(token) => Ok(token),
+            Err(e) => {
+                let _ = self.store.release_turn_lock(tenant, session, turn_id).await;
+                Err(match e {
+                    RegisterError::Busy(running) => AppError::TurnInProgress(running),
+                    RegisterError::Closed => AppError::ShuttingDown,
+                })
+            }
+        }
+    }
+
+    async fn try_lock(&self, tenant: &str, session: &str, turn_id: Uuid) -> Result<(), AppError> {
+        let lease = self.settings.turn_lease;
+        match self.store.acquire_turn_lock(tenant, session, turn_id, lease).await {
+            Ok(LockOutcome::Acquired) => Ok(()),
+            Ok(LockOutcome::Busy(running)) => Err(AppError::TurnInProgress(running)),
+            Err(e) => Err(AppError::from_store(e, session)),
+        }
+    }
+
+    /// Waits in arrival order (within this replica) for the session, up to the busy timeout.
+    async fn wait_for_lock(&self, tenant: &str, session: &str, turn_id: Uuid) -> Result<(), AppError> {
+        let deadline = Instant::now() + self.settings.if_busy_timeout;
+        let queue = self.registry.queue(tenant, session);
+        let result = async {
+            let _place = tokio::time::timeout_at(deadline, queue.lock()).await.map_err(|_| ())?;
+            let mut pause = Duration::from_millis(10);
+            loop {
+                match self.try_lock(tenant, session, turn_id).await {
+                    Err(AppError::TurnInProgress(_)) if Instant::now() + pause < deadline => {
+                        tokio::time::sleep(pause).await;
+                        pause = (pause * 2).min(Duration::from_millis(200));
+                    }
+                    Err(AppError::TurnInProgress(_)) => return Err(()),
+                    other => return Ok(other),
+                }
+            }
+        }
+        .await;
+        drop(queue);
+        self.registry.forget_queue(tenant, session);
+        match result {
+            Ok(outcome) => outcome,
+            Err(()) => {
+                let running = self.store.turn_lock_holder(tenant, session).await.ok().flatten();
+                Err(AppError::TurnInProgress(running.unwrap_or(turn_id)))
+            }
+        }
+    }
+
+    /// Reads a turn, first marking it failed if it claims to run but holds no lock (the replica
+    /// that ran it stopped and its lease ran out).
+    pub async fn repaired_turn(
+        &self,
+        tenant: &str,
+        session: &str,
+        turn_id: Uuid,
+    ) -> Result<Option<Turn>, AppError> {
+        let Some(mut turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
+        if turn.status != TurnStatus::Running
+            || self.store.turn_lock_holder(tenant, session).await? == Some(turn_id)
+        {
+            return Ok(Some(turn));
+        }
+        turn.status = TurnStatus::Failed;
+        turn.error = serde_json::to_value(abandoned_problem()).ok();
+        turn.completed_at = Some(now());
+        self.store.put_turn(tenant, &turn).await?;
+        Ok(Some(turn))
+    }
+}
+
+fn abandoned_problem() -> Problem {
+    Problem {
+        kind: "urn:parley:problem:turn_abandoned".to_owned(),
+        title: "Turn abandoned".to_owned(),
+        status: 503,
+        detail: "the replica running this turn stopped before it ended; nothing more was saved".to_owned(),
+        code: "turn_abandoned".to_owned(),
+        turn_id: None,
+    }
+}
+
+/// Renews a turn's lease every second until aborted; a cancel request from any replica cancels
+/// the turn.
+pub(super) async fn renew_lease(
+    store: DynStore,
+    tenant: String,
+    session: String,
+    turn_id: Uuid,
+    lease: Duration,
+    cancel: CancellationToken,
+) {
+    let every = RENEW_EVERY.min(lease / 3).max(Duration::from_millis(10));
+    let mut lost = false;
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew_turn_lock(&tenant, &session, turn_id, lease).await {
+            Ok(status) if status.cancel_requested => cancel.cancel(),
+            Ok(status) if !status.held && !lost => {
+                lost = true;
+                tracing::warn!(turn.id = %turn_id, session.id = %session, "the turn lost its session lock");
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(turn.id = %turn_id, error = %e, "could not renew the turn lease"),
+        }
+    }
+}

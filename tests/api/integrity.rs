@@ -1,0 +1,263 @@
+//! Turn integrity: one turn at a time per session across replicas, waiting in arrival order,
+//! idempotent retries, cancel from another replica, abandoned turns, and a concurrency storm.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use parley::domain::Turn;
+use serde_json::{Value, json};
+
+use crate::helpers::{Backend, TestApp, collect_events, spawn_replicas};
+
+async fn post(app: &TestApp, session: &str, body: Value, key: Option<&str>) -> reqwest::Response {
+    let mut request = app.client.post(app.url(&format!("/v1/sessions/{session}/messages"))).json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    request.send().await.unwrap()
+}
+
+async fn open_stream(app: &TestApp, session: &str, content: &str) -> reqwest::Response {
+    let response = app
+        .client
+        .post(app.url(&format!("/v1/sessions/{session}/messages?stream=true")))
+        .json(&json!({ "content": content }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response
+}
+
+async fn a_busy_session_is_409_on_every_replica(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "80"]).await;
+    apps[0].create_session("busy").await;
+    let mut stream = open_stream(&apps[0], "busy", "one two three four").await.bytes_stream().eventsource();
+    let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
+    let response = post(&apps[1], "busy", json!({"content": "from the other replica"}), None).await;
+    assert_eq!(response.status(), 409);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "turn_in_progress");
+    assert_eq!(problem["turn_id"], started["turn_id"]);
+    while stream.next().await.is_some() {}
+    assert_eq!(apps[1].post_message("busy", "now").await["messages"].as_array().unwrap().len(), 2);
+}
+
+async fn waiting_turns_run_after_the_running_one_in_arrival_order(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
+    let app = &apps[0];
+    app.create_session("queue").await;
+    let first = open_stream(app, "queue", "first turn is slow").await;
+    let reader = tokio::spawn(collect_events(first));
+    let mut waiters = Vec::new();
+    for name in ["second", "third", "fourth"] {
+        let client = app.client.clone();
+        let url = app.url("/v1/sessions/queue/messages");
+        waiters.push(tokio::spawn(async move {
+            client.post(url).json(&json!({"content": name, "if_busy": "wait"})).send().await.unwrap().status()
+        }));
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    for waiter in waiters {
+        assert_eq!(waiter.await.unwrap(), 200);
+    }
+    reader.await.unwrap();
+    let users: Vec<String> = app
+        .history("queue")
+        .await
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(users, vec!["first turn is slow", "second", "third", "fourth"]);
+}
+
+async fn a_wait_past_the_busy_timeout_is_409(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "200", "--if-busy-timeout", "150ms"]).await;
+    let app = &apps[0];
+    app.create_session("slow").await;
+    let _first = open_stream(app, "slow", "a b c d e").await;
+    let response = post(app, "slow", json!({"content": "x", "if_busy": "wait"}), None).await;
+    assert_eq!(response.status(), 409);
+}
+
+async fn an_idempotent_retry_returns_the_same_turn_without_running_it_again(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &[]).await;
+    apps[0].create_session("idem").await;
+    let body = json!({"content": "pay once", "metadata": {"order": 7}});
+    let first = post(&apps[0], "idem", body.clone(), Some("key-123")).await;
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let retry = post(&apps[1], "idem", body.clone(), Some("key-123")).await;
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let retry: Value = retry.json().await.unwrap();
+    assert_eq!(retry, first, "same turn, same ids, same messages");
+    assert_eq!(apps[0].history("idem").await.len(), 2, "the model ran once");
+    let other = post(&apps[0], "idem", json!({"content": "something else"}), Some("key-123")).await;
+    assert_eq!(other.status(), 422);
+    let problem: Value = other.json().await.unwrap();
+    assert_eq!(problem["code"], "idempotency_key_reused");
+    let streamed = apps[1]
+        .client
+        .post(apps[1].url("/v1/sessions/idem/messages?stream=true"))
+        .header("idempotency-key", "key-123")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    let events = collect_events(streamed).await;
+    assert_eq!(events.last().unwrap().event, "turn.completed");
+    assert_eq!(events.last().unwrap().data["messages"], first["messages"]);
+    let bad_key = post(&apps[0], "idem", body, Some("")).await;
+    assert_eq!(bad_key.status(), 400);
+}
+
+async fn an_idempotent_retry_while_the_turn_runs_is_409_with_its_id(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "80"]).await;
+    let app = &apps[0];
+    app.create_session("run").await;
+    let body = json!({"content": "one two three"});
+    let client = app.client.clone();
+    let url = app.url("/v1/sessions/run/messages");
+    let first_body = body.clone();
+    let first = tokio::spawn(async move {
+        client.post(url).header("idempotency-key", "k").json(&first_body).send().await.unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let retry = post(app, "run", body.clone(), Some("k")).await;
+    assert_eq!(retry.status(), 409);
+    let problem: Value = retry.json().await.unwrap();
+    let first: Value = first.await.unwrap().json().await.unwrap();
+    assert_eq!(problem["turn_id"], first["turn_id"]);
+    let replay: Value = post(app, "run", body, Some("k")).await.json().await.unwrap();
+    assert_eq!(replay["turn_id"], first["turn_id"]);
+}
+
+async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100"]).await;
+    apps[0].create_session("cx").await;
+    let response = open_stream(&apps[0], "cx", "one two three four five six seven eight nine").await;
+    let mut stream = response.bytes_stream().eventsource();
+    let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
+    stream.next().await.unwrap().unwrap();
+    let turn_id = started["turn_id"].as_str().unwrap();
+    let cancel = apps[1]
+        .client
+        .post(apps[1].url(&format!("/v1/sessions/cx/turns/{turn_id}/cancel")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 200);
+    let turn: Value = cancel.json().await.unwrap();
+    assert_eq!(turn["status"], "cancelled");
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event.unwrap().event);
+    }
+    assert_eq!(last.as_deref(), Some("turn.cancelled"));
+    let history = apps[1].history("cx").await;
+    assert_eq!(history.last().unwrap()["metadata"]["status"], "cancelled");
+    assert!(!history.last().unwrap()["content"].as_str().unwrap().contains("nine"));
+}
+
+async fn a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &[]).await;
+    let app = &apps[0];
+    app.create_session("dead").await;
+    // What a replica leaves when it dies mid-turn: a running record and a lock it no longer renews.
+    let turn = Turn::start("dead");
+    app.store.put_turn("default", &turn).await.unwrap();
+    app.store.acquire_turn_lock("default", "dead", turn.id, Duration::from_millis(300)).await.unwrap();
+    let response = post(app, "dead", json!({"content": "hello?"}), None).await;
+    assert_eq!(response.status(), 409, "the lease still holds");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (_, record) = app.get_json(&format!("/v1/sessions/dead/turns/{}", turn.id)).await;
+    assert_eq!(record["status"], "failed");
+    assert_eq!(record["error"]["code"], "turn_abandoned");
+    app.post_message("dead", "hello again").await;
+    let cancel = app
+        .client
+        .post(app.url(&format!("/v1/sessions/dead/turns/{}/cancel", turn.id)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cancel.status(), 409);
+}
+
+/// 32 clients post turns to the same 8 sessions at once through two replicas, retrying on 409.
+async fn concurrent_clients_never_corrupt_a_conversation(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &[]).await;
+    let sessions: Vec<String> = (0..8).map(|i| format!("storm-{i}")).collect();
+    for s in &sessions {
+        apps[0].create_session(s).await;
+    }
+    let mut clients = Vec::new();
+    for c in 0..32usize {
+        let app = &apps[c % 2];
+        let (client, base) = (app.client.clone(), app.base.clone());
+        let session = sessions[c % 8].clone();
+        clients.push(tokio::spawn(async move {
+            let mut completed = Vec::new();
+            for t in 0..3 {
+                let url = format!("{base}/v1/sessions/{session}/messages");
+                for _attempt in 0..400 {
+                    let response = client
+                        .post(&url)
+                        .json(&json!({"content": format!("c{c}-t{t}")}))
+                        .send()
+                        .await
+                        .unwrap();
+                    match response.status().as_u16() {
+                        200 => {
+                            let turn: Value = response.json().await.unwrap();
+                            completed.push((session.clone(), turn["turn_id"].as_str().unwrap().to_owned()));
+                            break;
+                        }
+                        409 => tokio::time::sleep(Duration::from_millis(5 + (c as u64 % 7))).await,
+                        other => panic!("unexpected status {other}"),
+                    }
+                }
+            }
+            completed
+        }));
+    }
+    let mut completed: HashMap<String, Vec<String>> = HashMap::new();
+    for client in clients {
+        for (session, turn) in client.await.unwrap() {
+            completed.entry(session).or_default().push(turn);
+        }
+    }
+    assert_eq!(completed.values().map(Vec::len).sum::<usize>(), 96, "every turn completed");
+    for session in &sessions {
+        let history = apps[1].history(session).await;
+        let seqs: Vec<u64> = history.iter().map(|m| m["seq"].as_u64().unwrap()).collect();
+        assert_eq!(
+            seqs,
+            (1..=history.len() as u64).collect::<Vec<_>>(),
+            "{session}: contiguous, unique seqs"
+        );
+        assert_eq!(history.len(), completed[session].len() * 2, "{session}: messages = completed turns x 2");
+        for pair in history.chunks(2) {
+            assert_eq!(pair[0]["role"], "user");
+            assert_eq!(pair[1]["role"], "assistant");
+            assert_eq!(pair[0]["turn_id"], pair[1]["turn_id"], "{session}: a turn's messages are adjacent");
+            let asked = pair[0]["content"].as_str().unwrap();
+            assert!(pair[1]["content"].as_str().unwrap().starts_with(&format!("echo: {asked} ")));
+        }
+    }
+}
+
+for_each_backend!(
+    a_busy_session_is_409_on_every_replica,
+    waiting_turns_run_after_the_running_one_in_arrival_order,
+    a_wait_past_the_busy_timeout_is_409,
+    an_idempotent_retry_returns_the_same_turn_without_running_it_again,
+    an_idempotent_retry_while_the_turn_runs_is_409_with_its_id,
+    a_turn_can_be_cancelled_from_another_replica,
+    a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session,
+    concurrent_clients_never_corrupt_a_conversation,
+);
