@@ -54,7 +54,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        parse_json(&bytes).map(OptionalJson)
+        parse_json::<Option<T>>(&bytes).map(|body| OptionalJson(body.unwrap_or_default()))
     }
 }
 
@@ -71,6 +71,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
             .map(|Query(q)| ApiQuery(q))
             .map_err(|e: QueryRejection| AppError::Validation(format!("invalid query: {}", e.body_text())))
     }
+}
+
+/// The session id in a path, as documented in the OpenAPI spec.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct SessionIdParam {
+    /// Session id.
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    pub id: String,
+}
+
+/// A session id and a turn id in a path, as documented in the OpenAPI spec.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Path)]
+pub struct TurnIdParams {
+    /// Session id.
+    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    pub id: String,
+    /// Turn id (a UUID).
+    pub turn_id: uuid::Uuid,
 }
 
 /// Checks a session id from a path: `[A-Za-z0-9._:-]{1,128}`, else 400.

@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{ApiJson, ApiQuery, Tenant, page_limit, session_id};
+use super::extract::{ApiJson, ApiQuery, SessionIdParam, Tenant, page_limit, session_id};
 use super::sse;
 use crate::agent::{TurnEvent, TurnInput, TurnResult, TurnStart};
 use crate::config::IfBusy;
@@ -31,13 +31,26 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Body of `POST /v1/sessions/{id}/messages`.
 #[derive(Debug, Deserialize, ToSchema)]
 pub struct PostMessage {
-    /// The user's text: not empty, at most `PARLEY_MAX_CONTENT_BYTES` bytes.
+    /// The user's text: not blank, no NUL characters, at most `PARLEY_MAX_CONTENT_BYTES` bytes.
+    #[schema(min_length = 1, pattern = r"^[^\x00]*[^\s\x00][^\x00]*$")]
     pub content: String,
     /// Metadata stored with the user message (a JSON object).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Metadata>,
     /// If another turn runs in the session: `reject` (409) or `wait` for it; default `PARLEY_IF_BUSY`.
     pub if_busy: Option<IfBusy>,
+}
+
+/// One Server-Sent Event of a streamed turn.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TurnEventData {
+    /// `turn.started`, `message.delta`, `tool.call`, `tool.result`, `message.completed`,
+    /// `turn.completed`, `turn.failed` or `turn.cancelled`.
+    pub event: String,
+    /// 1, 2, 3… within the turn.
+    pub id: String,
+    /// One line of JSON with the turn id and the event's fields (see the README's event list).
+    pub data: String,
 }
 
 /// Query of `POST /v1/sessions/{id}/messages`.
@@ -53,15 +66,20 @@ pub struct PostMessageQuery {
 #[into_params(parameter_in = Query)]
 pub struct ListMessagesQuery {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// `asc` (oldest first, the default) or `desc`.
+    #[param(inline)]
     pub order: Option<Order>,
     /// Only messages with a greater seq.
-    pub after: Option<u64>,
+    #[param(minimum = 0)]
+    pub after: Option<i64>,
     /// Only messages with a smaller seq.
-    pub before: Option<u64>,
+    #[param(minimum = 0)]
+    pub before: Option<i64>,
     /// The `next_cursor` of the previous page (same as `after` for asc, `before` for desc).
-    pub cursor: Option<u64>,
+    #[param(minimum = 0)]
+    pub cursor: Option<i64>,
 }
 
 /// A page of history.
@@ -96,12 +114,12 @@ fn validate_content(state: &AppState, content: &str) -> Result<()> {
 
 /// Post a user turn; the reply comes back as JSON, or as Server-Sent Events when asked.
 #[utoipa::path(post, path = "/v1/sessions/{id}/messages", tag = "messages",
-    params(("id" = String, Path, description = "Session id"), PostMessageQuery,
-        ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key: a retry with the same key and body returns the same turn without running the model again")),
+    params(SessionIdParam, PostMessageQuery,
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "Retry-safe key (1 to 255 visible ASCII characters): a retry with the same key and body returns the same turn without running the model again")),
     request_body(content = PostMessage, content_type = "application/json"),
     responses(
         (status = 200, description = "The turn's stored messages (JSON), or its events (SSE: turn.started, message.delta, tool.call, tool.result, message.completed, turn.completed | turn.failed | turn.cancelled)",
-            content((TurnResult = "application/json"), (String = "text/event-stream"))),
+            content((TurnResult = "application/json"), (TurnEventData = "text/event-stream"))),
         (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Another turn is running in the session", body = Problem, content_type = "application/problem+json"),
@@ -168,7 +186,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
 
 /// Read a page of history.
 #[utoipa::path(get, path = "/v1/sessions/{id}/messages", tag = "messages",
-    params(("id" = String, Path, description = "Session id"), ListMessagesQuery),
+    params(SessionIdParam, ListMessagesQuery),
     responses(
         (status = 200, description = "A page of history", body = MessageList),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
@@ -184,10 +202,16 @@ pub async fn list_messages(
     let id = session_id(id)?;
     let limit = page_limit(query.limit)?;
     let order = query.order.unwrap_or_default();
-    let (after, before) = match (order, query.cursor) {
-        (Order::Asc, Some(c)) => (Some(query.after.map_or(c, |a| a.max(c))), query.before),
-        (Order::Desc, Some(c)) => (query.after, Some(query.before.map_or(c, |b| b.min(c)))),
-        (_, None) => (query.after, query.before),
+    let seq = |name: &str, v: Option<i64>| match v {
+        Some(n) if n < 0 => Err(AppError::Validation(format!("{name} must be a seq (0 or more), got {n}"))),
+        other => Ok(other.map(|n| n as u64)),
+    };
+    let (q_after, q_before, q_cursor) =
+        (seq("after", query.after)?, seq("before", query.before)?, seq("cursor", query.cursor)?);
+    let (after, before) = match (order, q_cursor) {
+        (Order::Asc, Some(c)) => (Some(q_after.map_or(c, |a| a.max(c))), q_before),
+        (Order::Desc, Some(c)) => (q_after, Some(q_before.map_or(c, |b| b.min(c)))),
+        (_, None) => (q_after, q_before),
     };
     let page = state
         .store
@@ -200,7 +224,7 @@ pub async fn list_messages(
 
 /// Clear the history; the session stays, and seqs are never reused.
 #[utoipa::path(delete, path = "/v1/sessions/{id}/messages", tag = "messages",
-    params(("id" = String, Path, description = "Session id")),
+    params(SessionIdParam),
     responses(
         (status = 204, description = "Cleared"),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),

@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{ApiQuery, OptionalJson, Tenant, page_limit, session_id};
+use super::extract::{ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
 use crate::domain::{Metadata, NewSession, Session, new_id};
 use crate::error::{AppError, Problem, Result};
 use crate::store::SessionCursor;
@@ -26,6 +26,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateSession {
     /// The session id, `[A-Za-z0-9._:-]{1,128}`; a UUID v7 is chosen when omitted.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub id: Option<String>,
     /// The session's system prompt; the server default applies when omitted.
     pub system_prompt: Option<String>,
@@ -39,8 +40,10 @@ pub struct CreateSession {
 #[into_params(parameter_in = Query)]
 pub struct ListSessionsQuery {
     /// Page size, 1 to 100 (default 20).
+    #[param(minimum = 1, maximum = 100)]
     pub limit: Option<i64>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = r"^-?[0-9]{1,18}\.[A-Za-z0-9._:-]{1,128}$")]
     pub cursor: Option<String>,
 }
 
@@ -107,7 +110,7 @@ pub async fn list_sessions(
 
 /// Read a session.
 #[utoipa::path(get, path = "/v1/sessions/{id}", tag = "sessions",
-    params(("id" = String, Path, description = "Session id")),
+    params(SessionIdParam),
     responses(
         (status = 200, description = "The session", body = Session),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
@@ -125,7 +128,7 @@ pub async fn get_session(
 
 /// Delete a session and all its history.
 #[utoipa::path(delete, path = "/v1/sessions/{id}", tag = "sessions",
-    params(("id" = String, Path, description = "Session id")),
+    params(SessionIdParam),
     responses(
         (status = 204, description = "Deleted"),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),

@@ -9,7 +9,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::AppState;
-use super::extract::{Tenant, session_id};
+use super::extract::{Tenant, TurnIdParams, session_id};
 use crate::domain::{Turn, TurnStatus};
 use crate::error::{AppError, Problem, Result};
 
@@ -27,7 +27,7 @@ async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> R
 
 /// Read a turn: its status, error, message ids and usage.
 #[utoipa::path(get, path = "/v1/sessions/{id}/turns/{turn_id}", tag = "turns",
-    params(("id" = String, Path, description = "Session id"), ("turn_id" = Uuid, Path, description = "Turn id")),
+    params(TurnIdParams),
     responses(
         (status = 200, description = "The turn", body = Turn),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),
@@ -46,7 +46,7 @@ pub async fn get_turn(
 /// Cancel a running turn: the model call and tools stop, the text produced so far is saved with
 /// `metadata.status = "cancelled"`, and an open stream gets `turn.cancelled`.
 #[utoipa::path(post, path = "/v1/sessions/{id}/turns/{turn_id}/cancel", tag = "turns",
-    params(("id" = String, Path, description = "Session id"), ("turn_id" = Uuid, Path, description = "Turn id")),
+    params(TurnIdParams),
     responses(
         (status = 200, description = "The cancelled turn", body = Turn),
         (status = 400, description = "Invalid id", body = Problem, content_type = "application/problem+json"),

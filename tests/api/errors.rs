@@ -80,6 +80,33 @@ for_each_backend!(
     invalid_ids_limits_and_cursors_are_rejected
 );
 
+/// Cases schemathesis found, kept as regression tests.
+#[tokio::test]
+async fn fuzzing_regressions_stay_fixed() {
+    let app = spawn_app(&[]).await;
+    let null_body = app
+        .client
+        .post(app.url("/v1/sessions"))
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(null_body.status(), 201, "a null body is an empty body");
+    app.create_session("f").await;
+    let get = |path: &str| app.client.get(app.url(path)).send();
+    problem(get("/v1/sessions/f/messages?after=-1").await.unwrap(), 422, "validation_failed").await;
+    problem(
+        get("/v1/sessions/f/messages?cursor=9223372036854775808").await.unwrap(),
+        422,
+        "validation_failed",
+    )
+    .await;
+    problem(get("/v1/sessions?cursor=").await.unwrap(), 400, "invalid_request").await;
+    let (status, _) = app.get_json("/v1/sessions?cursor=922337203685477580.x").await;
+    assert_eq!(status, 200, "any cursor the spec's pattern allows is accepted");
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_413() {
     let app = spawn_app(&["--max-body-bytes", "1000", "--max-content-bytes", "1000"]).await;

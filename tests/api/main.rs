@@ -34,6 +34,7 @@ macro_rules! for_each_backend {
 
 mod agent_loop;
 mod docs;
+mod durability;
 mod errors;
 mod fake_openai;
 mod helpers;
@@ -41,6 +42,7 @@ mod history;
 mod integrity;
 mod lifecycle;
 mod openai;
+mod servers;
 mod sessions;
 mod store_memory;
 mod store_postgres;
