@@ -15,6 +15,13 @@
 //!   messages primary key.
 //! - `create_session`: one statement (two more only to replace an expired, not yet swept session).
 //! - `clear`: one transaction of two statements (`begin`, update, delete, `commit`).
+//! - Turn locks (`turn_locks`, one row per held session) and idempotency keys
+//!   (`idempotency_keys`), both in `0002_turn_locks_and_idempotency.sql`: one statement per method.
+//!   `acquire_turn_lock` and `begin_idempotent` are an `insert … on conflict do update … where
+//!   <expired>` plus, in the same statement, a read of the row as it was; when a concurrent
+//!   transaction committed the row after that statement's snapshot, the read finds nothing and the
+//!   statement runs again (a fresh snapshot sees it). `begin_idempotent` also deletes the session's
+//!   expired keys, and [`PgStore::sweep_expired`] everyone's.
 //!
 //! Every operation is bounded by `op_timeout` (pool acquire included) and fails with
 //! [`StoreError::Unavailable`] when PostgreSQL cannot be reached in time.
@@ -33,8 +40,8 @@ use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError,
-    StoreResult,
+    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
+    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
 };
 use crate::config::redact_url;
 use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage};
@@ -136,14 +143,21 @@ impl PgStore {
         &self.pool
     }
 
-    /// Deletes every expired session (with its messages and turns), [`SWEEP_BATCH`] per
-    /// statement; returns how many went.
+    /// Deletes every expired session (with its messages, turns, lock and idempotency keys), then
+    /// every expired idempotency key of the sessions left, [`SWEEP_BATCH`] per statement; returns
+    /// how many sessions went.
     pub async fn sweep_expired(&self) -> StoreResult<u64> {
         let mut total = 0;
         loop {
             let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.pool)).await?;
             total += done.rows_affected();
             if done.rows_affected() < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let query = sqlx::query(SWEEP_IDEMPOTENCY).bind(SWEEP_BATCH);
+            if self.timed(query.execute(&self.pool)).await?.rows_affected() < SWEEP_BATCH as u64 {
                 return Ok(total);
             }
         }
@@ -239,6 +253,15 @@ impl PgStore {
         }
         Ok(Some(messages))
     }
+}
+
+/// How often an acquire or begin runs again when its snapshot could not tell who holds the lock
+/// or key (another transaction changed it concurrently); in practice once is enough.
+const ATTEMPTS: usize = 5;
+
+/// A lease or ttl in microseconds, as bound to queries: at most [`MAX_TTL_MICROS`].
+fn micros(duration: Duration) -> i64 {
+    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)
 }
 
 /// Accepts only plain lowercase identifiers, so the name needs no quoting anywhere.
@@ -361,6 +384,19 @@ fn turn_from_row(row: &PgRow, session_id: &str) -> StoreResult<Turn> {
         created_at: row.try_get("created_at").map_err(decode)?,
         completed_at: row.try_get("completed_at").map_err(decode)?,
     })
+}
+
+/// An existing idempotency record from its columns (the response as stored JSON text).
+fn idempotency_record(
+    fingerprint: String,
+    turn_id: Uuid,
+    response: Option<String>,
+) -> StoreResult<IdempotencyBegin> {
+    let response = response
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| StoreError::Backend(format!("stored idempotent response is not JSON: {e}")))?;
+    Ok(IdempotencyBegin::Existing(IdempotencyRecord { fingerprint, turn_id, response }))
 }
 
 fn parse_role(text: &str) -> StoreResult<Role> {
@@ -570,6 +606,105 @@ pub mod sql {
         live!()
     );
 
+    /// Claims a live session for a turn: inserts the lock, or takes over a row whose lease ran out
+    /// (or that the same turn holds, keeping its cancel flag). Binds: tenant, session, turn id,
+    /// lease in µs. Returns one row: whether the session is live, whether the turn got the lock,
+    /// and the holder this statement's snapshot saw (the other turn, when it did not).
+    pub const ACQUIRE_LOCK: &str = concat!(
+        "with s as (select s.tenant, s.id from sessions s where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        "), took as (",
+        " insert into turn_locks as l (tenant, session_id, turn_id, expires_at, cancel_requested)",
+        " select s.tenant, s.id, $3, now() + $4::bigint * interval '1 microsecond', false from s",
+        " on conflict (tenant, session_id) do update set turn_id = excluded.turn_id,",
+        " expires_at = excluded.expires_at,",
+        " cancel_requested = l.cancel_requested and l.turn_id = excluded.turn_id and l.expires_at > now()",
+        " where l.expires_at <= now() or l.turn_id = excluded.turn_id",
+        " returning 1",
+        ") select exists (select 1 from s) as found, exists (select 1 from took) as acquired,",
+        " (select turn_id from turn_locks where tenant = $1 and session_id = $2 and expires_at > now())",
+        " as holder"
+    );
+
+    /// Extends the lease of the turn holding a live session. Binds: tenant, session, turn id, lease
+    /// in µs. Returns `cancel_requested`, or no row when the turn does not hold the session.
+    pub const RENEW_LOCK: &str = concat!(
+        "update turn_locks set expires_at = now() + $4::bigint * interval '1 microsecond'",
+        " where tenant = $1 and session_id = $2 and turn_id = $3 and expires_at > now()",
+        " and exists (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        ") returning cancel_requested"
+    );
+
+    /// Deletes the lock if the turn holds it. Binds: tenant, session, turn id.
+    pub const RELEASE_LOCK: &str =
+        "delete from turn_locks where tenant = $1 and session_id = $2 and turn_id = $3";
+
+    /// The turn holding a live session. Binds: tenant, session. No row when the session is missing;
+    /// a null `turn_id` when no turn holds it.
+    pub const LOCK_HOLDER: &str = concat!(
+        "select l.turn_id from sessions s left join turn_locks l",
+        " on l.tenant = s.tenant and l.session_id = s.id and l.expires_at > now()",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!()
+    );
+
+    /// Flags a cancel request if the turn holds the live session. Binds: tenant, session, turn id.
+    /// Returns whether the session is live and whether the flag was set.
+    pub const CANCEL_LOCK: &str = concat!(
+        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        "), flagged as (",
+        " update turn_locks l set cancel_requested = true from s",
+        " where l.tenant = $1 and l.session_id = $2 and l.turn_id = $3 and l.expires_at > now()",
+        " returning 1",
+        ") select exists (select 1 from s) as found, exists (select 1 from flagged) as flagged"
+    );
+
+    /// Remembers an idempotency key of a live session unless a live record has it, and deletes the
+    /// session's other expired keys. Binds: tenant, session, key, fingerprint, turn id, ttl in µs.
+    /// Returns one row: whether the session is live, whether the key was stored, and the live
+    /// record this statement's snapshot saw (null when none).
+    pub const BEGIN_IDEMPOTENT: &str = concat!(
+        "with s as (select s.tenant, s.id from sessions s where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        "), purged as (",
+        " delete from idempotency_keys",
+        " where tenant = $1 and session_id = $2 and key <> $3 and expires_at <= now()",
+        "), took as (",
+        " insert into idempotency_keys as k (tenant, session_id, key, fingerprint, turn_id, expires_at)",
+        " select s.tenant, s.id, $3, $4, $5, now() + $6::bigint * interval '1 microsecond' from s",
+        " on conflict (tenant, session_id, key) do update set fingerprint = excluded.fingerprint,",
+        " turn_id = excluded.turn_id, response = null, expires_at = excluded.expires_at",
+        " where k.expires_at <= now()",
+        " returning 1",
+        ") select exists (select 1 from s) as found, exists (select 1 from took) as started,",
+        " k.fingerprint, k.turn_id, k.response::text as response",
+        " from (select 1) as one left join idempotency_keys k",
+        " on k.tenant = $1 and k.session_id = $2 and k.key = $3 and k.expires_at > now()"
+    );
+
+    /// Saves the response of a live idempotency key and restarts its ttl. Binds: tenant, session,
+    /// key, response JSON text, ttl in µs. Returns whether the session is live.
+    pub const COMPLETE_IDEMPOTENT: &str = concat!(
+        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        "), saved as (",
+        " update idempotency_keys k set response = $4::text::json,",
+        " expires_at = now() + $5::bigint * interval '1 microsecond' from s",
+        " where k.tenant = $1 and k.session_id = $2 and k.key = $3 and k.expires_at > now()",
+        ") select exists (select 1 from s)"
+    );
+
+    /// Forgets an idempotency key. Binds: tenant, session, key.
+    pub const ABORT_IDEMPOTENT: &str =
+        "delete from idempotency_keys where tenant = $1 and session_id = $2 and key = $3";
+
+    /// Deletes up to `$1` expired idempotency keys, skipping rows others hold.
+    pub const SWEEP_IDEMPOTENCY: &str = "delete from idempotency_keys where (tenant, session_id, key) in (\
+         select tenant, session_id, key from idempotency_keys where expires_at <= now() \
+         order by expires_at limit $1 for update skip locked)";
+
     /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
     pub const SWEEP: &str = "delete from sessions where (tenant, id) in (\
          select tenant, id from sessions where expires_at <= now() \
@@ -747,56 +882,138 @@ impl ConversationStore for PgStore {
         let row = self.timed(query.fetch_optional(&self.pool)).await?;
         row.map(|r| turn_from_row(&r, session_id)).transpose()
     }
-    // Placeholder until the backend implements turn locks and idempotency keys (in progress).
     async fn acquire_turn_lock(
         &self,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::LockOutcome> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockOutcome> {
+        let work = async {
+            for _ in 0..ATTEMPTS {
+                let (found, acquired, holder): (bool, bool, Option<Uuid>) = sqlx::query_as(ACQUIRE_LOCK)
+                    .bind(tenant)
+                    .bind(session_id)
+                    .bind(turn_id)
+                    .bind(micros(lease))
+                    .fetch_one(&self.pool)
+                    .await?;
+                match (found, acquired, holder) {
+                    (false, _, _) => return Ok(Err(StoreError::SessionNotFound)),
+                    (true, true, _) => return Ok(Ok(LockOutcome::Acquired)),
+                    (true, false, Some(other)) if other != turn_id => {
+                        return Ok(Ok(LockOutcome::Busy(other)));
+                    }
+                    // The holder committed after this statement's snapshot: ask again.
+                    _ => {}
+                }
+            }
+            Ok(Err(StoreError::Backend("the turn lock kept changing hands; try again".into())))
+        };
+        match self.within(work).await? {
+            Ok(outcome) => outcome,
+            // The session was deleted between the check and the insert.
+            Err(e) if is_foreign_key_violation(&e) => Err(StoreError::SessionNotFound),
+            Err(e) => Err(db(e)),
+        }
     }
+
     async fn renew_turn_lock(
         &self,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::LockStatus> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockStatus> {
+        let query = sqlx::query_scalar::<_, bool>(RENEW_LOCK)
+            .bind(tenant)
+            .bind(session_id)
+            .bind(turn_id)
+            .bind(micros(lease));
+        Ok(match self.timed(query.fetch_optional(&self.pool)).await? {
+            Some(cancel_requested) => LockStatus { held: true, cancel_requested },
+            None => LockStatus { held: false, cancel_requested: false },
+        })
     }
-    async fn release_turn_lock(&self, _: &str, _: &str, _: Uuid) -> StoreResult<()> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let query = sqlx::query(RELEASE_LOCK).bind(tenant).bind(session_id).bind(turn_id);
+        self.timed(query.execute(&self.pool)).await.map(|_| ())
     }
-    async fn turn_lock_holder(&self, _: &str, _: &str) -> StoreResult<Option<Uuid>> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>> {
+        let query = sqlx::query_scalar::<_, Option<Uuid>>(LOCK_HOLDER).bind(tenant).bind(session_id);
+        self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)
     }
-    async fn request_cancel(&self, _: &str, _: &str, _: Uuid) -> StoreResult<bool> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {
+        let query =
+            sqlx::query_as::<_, (bool, bool)>(CANCEL_LOCK).bind(tenant).bind(session_id).bind(turn_id);
+        match self.timed(query.fetch_one(&self.pool)).await? {
+            (false, _) => Err(StoreError::SessionNotFound),
+            (true, flagged) => Ok(flagged),
+        }
     }
+
     async fn begin_idempotent(
         &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::IdempotencyBegin> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        fingerprint: &str,
+        turn_id: Uuid,
+        ttl: Duration,
+    ) -> StoreResult<IdempotencyBegin> {
+        type Found = (bool, bool, Option<String>, Option<Uuid>, Option<String>);
+        let work = async {
+            for _ in 0..ATTEMPTS {
+                let found: Found = sqlx::query_as(BEGIN_IDEMPOTENT)
+                    .bind(tenant)
+                    .bind(session_id)
+                    .bind(key)
+                    .bind(fingerprint)
+                    .bind(turn_id)
+                    .bind(micros(ttl))
+                    .fetch_one(&self.pool)
+                    .await?;
+                match found {
+                    (false, ..) => return Ok(Err(StoreError::SessionNotFound)),
+                    (true, true, ..) => return Ok(Ok(IdempotencyBegin::Started)),
+                    (true, false, Some(fingerprint), Some(turn_id), response) => {
+                        return Ok(idempotency_record(fingerprint, turn_id, response));
+                    }
+                    // The record committed after this statement's snapshot: ask again.
+                    _ => {}
+                }
+            }
+            Ok(Err(StoreError::Backend("the idempotency key kept changing; try again".into())))
+        };
+        match self.within(work).await? {
+            Ok(outcome) => outcome,
+            Err(e) if is_foreign_key_violation(&e) => Err(StoreError::SessionNotFound),
+            Err(e) => Err(db(e)),
+        }
     }
+
     async fn complete_idempotent(
         &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &serde_json::Value,
-        _: std::time::Duration,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        response: &serde_json::Value,
+        ttl: Duration,
     ) -> StoreResult<()> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+        let query = sqlx::query_scalar::<_, bool>(COMPLETE_IDEMPOTENT)
+            .bind(tenant)
+            .bind(session_id)
+            .bind(key)
+            .bind(json_text(response))
+            .bind(micros(ttl));
+        if self.timed(query.fetch_one(&self.pool)).await? { Ok(()) } else { Err(StoreError::SessionNotFound) }
     }
-    async fn abort_idempotent(&self, _: &str, _: &str, _: &str) -> StoreResult<()> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+
+    async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
+        let query = sqlx::query(ABORT_IDEMPOTENT).bind(tenant).bind(session_id).bind(key);
+        self.timed(query.execute(&self.pool)).await.map(|_| ())
     }
 }

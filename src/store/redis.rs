@@ -9,6 +9,9 @@
 //! | `P:{T/S}:messages` | zset | score = seq, member = the message's JSON |
 //! | `P:{T/S}:turns` | hash | turn id → the turn's JSON |
 //! | `P:{T/S}:turn_order` | zset | turn id scored by first-save order, to drop the oldest turns under the cap |
+//! | `P:{T/S}:lock` | hash | the turn lock: `turn` (holder's id), `cancel` (`0`/`1`); expires with its lease |
+//! | `P:{T/S}:idem` | hash | idempotency keys: `f:<key>` → `{"fingerprint","turn_id"}`, `r:<key>` → the response JSON |
+//! | `P:{T/S}:idem_exp` | zset | idempotency key scored by when it is forgotten (Redis server time, ms) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
 //!
 //! The `{T/S}` hash tag puts every key of one session in one Redis Cluster slot. The seq counter
@@ -28,19 +31,32 @@
 //! session's keys expire together, and the index outlives the sessions in it. Expired sessions leave
 //! a member in the index; listing drops such members (when their score has not moved since).
 //!
+//! The lock key is the exception: its expiry is the turn's lease, which session writes leave alone.
+//! A lock that outlives its (expired) session is ignored, since every lock script first checks that
+//! the session's meta exists, and `create_session` deletes it. Idempotency records expire one by one:
+//! `begin` first forgets the keys whose time has passed, and `idem`/`idem_exp` expire when their
+//! last record does (or with the session, if that comes first).
+//!
+//! # Turn locks and idempotency keys
+//! Each method is one EVALSHA. Acquire sets the lock if absent (or renews it if the caller holds
+//! it), renew compares the holder and `PEXPIRE`s, release compares and deletes, cancel compares and
+//! sets the flag. Locks and idempotency scripts other than `begin` and `abort` are retried once after
+//! a broken connection, since running them twice changes nothing.
+//!
 //! # Connections
 //! Every operation is bounded by the operation timeout (pool wait, connect, response, and the whole
 //! call); an unreachable Redis answers [`StoreError::Unavailable`], never with the URL's password.
 //! Pooled connections are not PINGed on every checkout (only after sitting idle), so each
 //! operation below costs exactly the commands listed; a connection that fails or times out is
 //! dropped from the pool, and a read that failed on it is retried once on a fresh one. A write is
-//! never retried: after a connection failure nobody knows whether it ran.
+//! never retried (but for the lock scripts and `complete_idempotent`, see above): after a connection
+//! failure nobody knows whether it ran.
 //!
 //! # Commands per operation
 //! `get_session` HGETALL · `get_turn` HGET · `append`, `create_session`, `clear`, `put_turn`,
-//! `delete_session`, `read_page`, `last_n` one EVALSHA each · `ping` PING · `list_sessions` one
-//! ZRANGE (or a pipeline of two with a cursor) plus one pipeline of HGETALL, plus one EVALSHA when
-//! it finds expired sessions.
+//! `delete_session`, `read_page`, `last_n` and the eight lock and idempotency methods one EVALSHA
+//! each · `ping` PING · `list_sessions` one ZRANGE (or a pipeline of two with a cursor) plus one
+//! pipeline of HGETALL, plus one EVALSHA when it finds expired sessions.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,18 +73,20 @@ use deadpool_redis::redis::{
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError,
-    StoreResult,
+    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
+    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
 };
 use crate::config::StoreConfig;
 use crate::domain::{Message, NewSession, Session, Turn, now};
 
-/// Lua shared by the write scripts. `KEYS` is always `meta, messages, turns, turn_order, index`;
+/// Lua shared by the write scripts. `KEYS` is always `meta, messages, turns, turn_order, index,
+/// lock, idem, idem_exp`;
 /// `ARGV` starts with `session id, now (µs), ttl (ms, 0 = none), cap (0 = none)`.
 ///
 /// Timestamps stay strings in Lua: its numbers print with 14 digits, and µs since the epoch have 16.
 const PRELUDE: &str = r#"
 local meta, messages, turns, order, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
+local lock, idem, idem_exp = KEYS[6], KEYS[7], KEYS[8]
 local id, now, ttl, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local function call_chunked(command, key, list)
@@ -77,9 +95,12 @@ local function call_chunked(command, key, list)
   end
 end
 
+-- Every key but the lock, whose expiry is its lease.
 local function refresh()
   if ttl > 0 then
-    for i = 1, #KEYS do redis.call('PEXPIRE', KEYS[i], ttl) end
+    for _, key in ipairs({meta, messages, turns, order, index, idem, idem_exp}) do
+      redis.call('PEXPIRE', key, ttl)
+    end
   end
 end
 
@@ -110,7 +131,7 @@ end
 /// Returns 1, or 0 when the session exists.
 const CREATE: &str = r#"
 if redis.call('EXISTS', meta) == 1 then return 0 end
-redis.call('DEL', messages, turns, order)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp)
 redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[5],
   'message_count', 0, 'last_seq', 0, 'turn_seq', 0)
 if ARGV[6] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[7]) end
@@ -163,7 +184,7 @@ return 1
 /// Deletes every key of the session and its index entry. Returns 1 if the session existed.
 const DELETE: &str = r#"
 local existed = redis.call('DEL', meta)
-redis.call('DEL', messages, turns, order)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp)
 redis.call('ZREM', index, id)
 return existed
 "#;
@@ -205,11 +226,123 @@ end
 return 0
 "#;
 
+/// Claims the session for a turn. KEYS: meta, lock. ARGV: turn id, lease (ms).
+/// Returns nil when the session is missing, else the turn holding it after the call (the caller's
+/// own id when it got or already had the lock). A holder renewing its claim keeps its cancel flag.
+const ACQUIRE_LOCK: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local holder = redis.call('HGET', KEYS[2], 'turn')
+if holder and holder ~= ARGV[1] then return holder end
+if not holder then redis.call('HSET', KEYS[2], 'turn', ARGV[1], 'cancel', '0') end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+return ARGV[1]
+"#;
+
+/// Extends the lease of the turn holding the session. KEYS: meta, lock. ARGV: turn id, lease (ms).
+/// Returns `{held, cancel_requested}` as 0/1.
+const RENEW_LOCK: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[2], 'turn') ~= ARGV[1] then
+  return {0, 0}
+end
+redis.call('PEXPIRE', KEYS[2], ARGV[2])
+if redis.call('HGET', KEYS[2], 'cancel') == '1' then return {1, 1} end
+return {1, 0}
+"#;
+
+/// Deletes the lock if the turn holds it. KEYS: lock. ARGV: turn id. Returns 1 if it did.
+const RELEASE_LOCK: &str = r#"
+if redis.call('HGET', KEYS[1], 'turn') ~= ARGV[1] then return 0 end
+return redis.call('DEL', KEYS[1])
+"#;
+
+/// The turn holding the session. KEYS: meta, lock. Returns nil when the session is missing, the
+/// empty string when no turn holds it.
+const LOCK_HOLDER: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HGET', KEYS[2], 'turn') or ''
+"#;
+
+/// Flags a cancel request on the lock if the turn holds it. KEYS: meta, lock. ARGV: turn id.
+/// Returns -1 when the session is missing, 1 if flagged, 0 if the turn does not hold the session.
+const CANCEL_LOCK: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if redis.call('HGET', KEYS[2], 'turn') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[2], 'cancel', '1')
+return 1
+"#;
+
+/// Lua shared by the idempotency scripts. KEYS: meta, idem, idem_exp. `idem` holds per key
+/// `f:<key>` (fingerprint and turn, JSON) and, once completed, `r:<key>` (the response JSON);
+/// `idem_exp` scores each key by when it is forgotten (server ms). Both go when the session goes,
+/// and expire when the session or their last record does.
+const IDEM_PRELUDE: &str = r#"
+local meta, idem, idem_exp = KEYS[1], KEYS[2], KEYS[3]
+local clock = redis.call('TIME')
+local now_ms = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local now_text = string.format('%d', now_ms)
+
+local function forget_expired()
+  local old = redis.call('ZRANGE', idem_exp, '-inf', now_text, 'BYSCORE')
+  if #old == 0 then return end
+  for i = 1, #old do redis.call('HDEL', idem, 'f:' .. old[i], 'r:' .. old[i]) end
+  redis.call('ZREMRANGEBYSCORE', idem_exp, '-inf', now_text)
+end
+
+local function expire_with_last_record()
+  local last = redis.call('ZRANGE', idem_exp, -1, -1, 'WITHSCORES')
+  if #last == 0 then return end
+  local at = tonumber(last[2])
+  local session_ttl = redis.call('PTTL', meta)
+  if session_ttl >= 0 and now_ms + session_ttl < at then at = now_ms + session_ttl end
+  at = string.format('%d', at)
+  redis.call('PEXPIREAT', idem, at)
+  redis.call('PEXPIREAT', idem_exp, at)
+end
+"#;
+
+/// Remembers a key unless it is remembered. ARGV: key, record JSON, ttl (ms). Returns nil when
+/// the session is missing, `{}` when the key was new, else `{record, response or nil}`.
+const BEGIN_IDEM: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return false end
+forget_expired()
+local record = redis.call('HGET', idem, 'f:' .. ARGV[1])
+if record then return {record, redis.call('HGET', idem, 'r:' .. ARGV[1])} end
+redis.call('HSET', idem, 'f:' .. ARGV[1], ARGV[2])
+redis.call('ZADD', idem_exp, string.format('%d', now_ms + tonumber(ARGV[3])), ARGV[1])
+expire_with_last_record()
+return {}
+"#;
+
+/// Saves the response of a remembered key and restarts its ttl. ARGV: key, response JSON, ttl
+/// (ms). Returns -1 when the session is missing, 1 if saved, 0 if the key is not remembered.
+const COMPLETE_IDEM: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return -1 end
+local until_ms = redis.call('ZSCORE', idem_exp, ARGV[1])
+if not until_ms or tonumber(until_ms) <= now_ms or redis.call('HEXISTS', idem, 'f:' .. ARGV[1]) == 0 then
+  return 0
+end
+redis.call('HSET', idem, 'r:' .. ARGV[1], ARGV[2])
+redis.call('ZADD', idem_exp, string.format('%d', now_ms + tonumber(ARGV[3])), ARGV[1])
+expire_with_last_record()
+return 1
+"#;
+
+/// Forgets a key. ARGV: key. Returns 1 if it was remembered.
+const ABORT_IDEM: &str = r#"
+redis.call('HDEL', idem, 'f:' .. ARGV[1], 'r:' .. ARGV[1])
+return redis.call('ZREM', idem_exp, ARGV[1])
+"#;
+
 /// The largest page this store fetches at once; larger limits are clamped (Lua counts in doubles).
 const MAX_FETCH: usize = u32::MAX as usize;
 
 /// The longest TTL passed to Redis (about 1,100 years), so that `PEXPIRE` never overflows.
 const MAX_TTL_MS: u64 = 1 << 45;
+
+/// A lease or record ttl in milliseconds: at least 1 ms, at most [`MAX_TTL_MS`].
+fn lease_millis(lease: Duration) -> u64 {
+    u64::try_from(lease.as_millis()).unwrap_or(MAX_TTL_MS).clamp(1, MAX_TTL_MS)
+}
 
 /// The TTL in milliseconds as the scripts take it: 0 for none (also for a zero duration), else at
 /// least 1 ms.
@@ -286,11 +419,20 @@ struct Scripts {
     read_page: Script,
     last_n: Script,
     drop_stale: Script,
+    acquire_lock: Script,
+    renew_lock: Script,
+    release_lock: Script,
+    lock_holder: Script,
+    cancel_lock: Script,
+    begin_idem: Script,
+    complete_idem: Script,
+    abort_idem: Script,
 }
 
 impl Scripts {
     fn new() -> Self {
         let write = |body: &str| Script::new(&format!("{PRELUDE}{body}"));
+        let idem = |body: &str| Script::new(&format!("{IDEM_PRELUDE}{body}"));
         Scripts {
             create: write(CREATE),
             append: write(APPEND),
@@ -300,6 +442,14 @@ impl Scripts {
             read_page: Script::new(READ_PAGE),
             last_n: Script::new(LAST_N),
             drop_stale: Script::new(DROP_STALE),
+            acquire_lock: Script::new(ACQUIRE_LOCK),
+            renew_lock: Script::new(RENEW_LOCK),
+            release_lock: Script::new(RELEASE_LOCK),
+            lock_holder: Script::new(LOCK_HOLDER),
+            cancel_lock: Script::new(CANCEL_LOCK),
+            begin_idem: idem(BEGIN_IDEM),
+            complete_idem: idem(COMPLETE_IDEM),
+            abort_idem: idem(ABORT_IDEM),
         }
     }
 }
@@ -442,6 +592,22 @@ impl RedisStore {
         let keys = self.session_keys(tenant, id);
         let mut call = script.prepare_invoke();
         call.key(keys.meta).key(keys.messages);
+        call
+    }
+
+    /// A lock script call with the session's meta and lock keys.
+    fn lock_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
+        let keys = self.session_keys(tenant, id);
+        let mut call = script.prepare_invoke();
+        call.key(keys.meta).key(keys.lock);
+        call
+    }
+
+    /// An idempotency script call with the session's meta, idem and idem_exp keys.
+    fn idem_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
+        let keys = self.session_keys(tenant, id);
+        let mut call = script.prepare_invoke();
+        call.key(keys.meta).key(keys.idem).key(keys.idem_exp);
         call
     }
 
@@ -662,57 +828,111 @@ impl ConversationStore for RedisStore {
         let found: Option<String> = self.query(&cmd).await?;
         found.map(|json| from_json(&json)).transpose()
     }
-    // Placeholder until the backend implements turn locks and idempotency keys (in progress).
     async fn acquire_turn_lock(
         &self,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::LockOutcome> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockOutcome> {
+        let mut call = self.lock_call(&self.scripts.acquire_lock, tenant, session_id);
+        call.arg(turn_id.to_string()).arg(lease_millis(lease));
+        // Repeating a claim is harmless: a retry after a lost reply finds its own turn holding it.
+        let holder: Option<String> = self.read(&call).await?;
+        match parse_uuid(&holder.ok_or(StoreError::SessionNotFound)?)? {
+            holder if holder == turn_id => Ok(LockOutcome::Acquired),
+            holder => Ok(LockOutcome::Busy(holder)),
+        }
     }
+
     async fn renew_turn_lock(
         &self,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::LockStatus> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<LockStatus> {
+        let mut call = self.lock_call(&self.scripts.renew_lock, tenant, session_id);
+        call.arg(turn_id.to_string()).arg(lease_millis(lease));
+        let (held, cancel): (i64, i64) = self.read(&call).await?;
+        Ok(LockStatus { held: held == 1, cancel_requested: cancel == 1 })
     }
-    async fn release_turn_lock(&self, _: &str, _: &str, _: Uuid) -> StoreResult<()> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let mut call = self.scripts.release_lock.prepare_invoke();
+        call.key(self.session_keys(tenant, session_id).lock).arg(turn_id.to_string());
+        self.read::<i64>(&call).await.map(|_| ())
     }
-    async fn turn_lock_holder(&self, _: &str, _: &str) -> StoreResult<Option<Uuid>> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>> {
+        let call = self.lock_call(&self.scripts.lock_holder, tenant, session_id);
+        let holder: Option<String> = self.read(&call).await?;
+        match holder.ok_or(StoreError::SessionNotFound)? {
+            none if none.is_empty() => Ok(None),
+            holder => parse_uuid(&holder).map(Some),
+        }
     }
-    async fn request_cancel(&self, _: &str, _: &str, _: Uuid) -> StoreResult<bool> {
-        Err(StoreError::Backend("turn locks are not implemented by this backend yet".into()))
+
+    async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {
+        let mut call = self.lock_call(&self.scripts.cancel_lock, tenant, session_id);
+        call.arg(turn_id.to_string());
+        match self.read::<i64>(&call).await? {
+            -1 => Err(StoreError::SessionNotFound),
+            flagged => Ok(flagged == 1),
+        }
     }
+
     async fn begin_idempotent(
         &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: Uuid,
-        _: std::time::Duration,
-    ) -> StoreResult<super::IdempotencyBegin> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        fingerprint: &str,
+        turn_id: Uuid,
+        ttl: Duration,
+    ) -> StoreResult<IdempotencyBegin> {
+        let mut call = self.idem_call(&self.scripts.begin_idem, tenant, session_id);
+        let head = IdemHead { fingerprint: fingerprint.to_owned(), turn_id };
+        call.arg(key).arg(to_json(&head)?).arg(lease_millis(ttl));
+        // Never retried: a retry after a lost reply would find the key it just stored.
+        let found: Option<Vec<Option<String>>> = self.write(&call).await?;
+        match found.ok_or(StoreError::SessionNotFound)?.as_slice() {
+            [] => Ok(IdempotencyBegin::Started),
+            [Some(head), response] => {
+                let head: IdemHead = from_json(head)?;
+                let response = response.as_deref().map(from_json).transpose()?;
+                Ok(IdempotencyBegin::Existing(IdempotencyRecord {
+                    fingerprint: head.fingerprint,
+                    turn_id: head.turn_id,
+                    response,
+                }))
+            }
+            _ => Err(StoreError::Backend("unexpected idempotency record in Redis".into())),
+        }
     }
+
     async fn complete_idempotent(
         &self,
-        _: &str,
-        _: &str,
-        _: &str,
-        _: &serde_json::Value,
-        _: std::time::Duration,
+        tenant: &str,
+        session_id: &str,
+        key: &str,
+        response: &serde_json::Value,
+        ttl: Duration,
     ) -> StoreResult<()> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+        let mut call = self.idem_call(&self.scripts.complete_idem, tenant, session_id);
+        call.arg(key).arg(to_json(response)?).arg(lease_millis(ttl));
+        // Saving the same answer twice is harmless.
+        match self.read::<i64>(&call).await? {
+            -1 => Err(StoreError::SessionNotFound),
+            _ => Ok(()),
+        }
     }
-    async fn abort_idempotent(&self, _: &str, _: &str, _: &str) -> StoreResult<()> {
-        Err(StoreError::Backend("idempotency keys are not implemented by this backend yet".into()))
+
+    async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
+        let mut call = self.idem_call(&self.scripts.abort_idem, tenant, session_id);
+        call.arg(key);
+        // Never retried: by then another request may have begun the key afresh.
+        self.write::<i64>(&call).await.map(|_| ())
     }
 }
 
@@ -807,6 +1027,12 @@ struct SessionKeys {
     turn_order: String,
     /// The tenant's sessions index (another slot).
     index: String,
+    /// The turn lock: hash `turn`, `cancel`, expiring with its lease.
+    lock: String,
+    /// Idempotency records: hash `f:<key>` → fingerprint and turn, `r:<key>` → response.
+    idem: String,
+    /// When each idempotency key is forgotten: zset key → server time in ms.
+    idem_exp: String,
 }
 
 impl SessionKeys {
@@ -818,12 +1044,24 @@ impl SessionKeys {
             turns: format!("{base}:turns"),
             turn_order: format!("{base}:turn_order"),
             index: index_key(prefix, tenant),
+            lock: format!("{base}:lock"),
+            idem: format!("{base}:idem"),
+            idem_exp: format!("{base}:idem_exp"),
         }
     }
 
     /// In the order the write scripts expect them as `KEYS`.
-    fn all(&self) -> [&str; 5] {
-        [&self.meta, &self.messages, &self.turns, &self.turn_order, &self.index]
+    fn all(&self) -> [&str; 8] {
+        [
+            &self.meta,
+            &self.messages,
+            &self.turns,
+            &self.turn_order,
+            &self.index,
+            &self.lock,
+            &self.idem,
+            &self.idem_exp,
+        ]
     }
 }
 
@@ -856,6 +1094,18 @@ fn split_at_seq(message: &mut Message) -> StoreResult<(String, String)> {
     let at = json.find(MARKER).ok_or_else(|| StoreError::Backend("unexpected message encoding".into()))?;
     let cut = at + MARKER.len() - 2;
     Ok((json[..cut].to_owned(), json[cut + 1..].to_owned()))
+}
+
+/// What an idempotency key remembers besides the response (stored apart, so that the response's
+/// JSON is kept byte for byte and never re-encoded by Lua).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct IdemHead {
+    fingerprint: String,
+    turn_id: Uuid,
+}
+
+fn parse_uuid(text: &str) -> StoreResult<Uuid> {
+    Uuid::parse_str(text).map_err(|_| StoreError::Backend("stored turn id is not a UUID".into()))
 }
 
 fn to_json<T: serde::Serialize + ?Sized>(value: &T) -> StoreResult<String> {
@@ -973,6 +1223,9 @@ mod tests {
         assert_eq!(keys.turns, "p:{acme/chat:1}:turns");
         assert_eq!(keys.turn_order, "p:{acme/chat:1}:turn_order");
         assert_eq!(keys.index, "p:{acme}:sessions");
+        assert_eq!(keys.lock, "p:{acme/chat:1}:lock");
+        assert_eq!(keys.idem, "p:{acme/chat:1}:idem");
+        assert_eq!(keys.idem_exp, "p:{acme/chat:1}:idem_exp");
     }
 
     #[test]

@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use parley::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, new_id};
 use parley::store::contract::Setup;
 use parley::store::postgres::{PgOptions, PgStore, sql};
-use parley::store::{AppendBatch, ConversationStore, DynStore, Order, PageQuery, StoreError};
+use parley::store::{
+    AppendBatch, ConversationStore, DynStore, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreError,
+};
 
 use crate::helpers::{database_url, unique_name};
 
@@ -244,5 +246,110 @@ async fn page_and_window_reads_use_the_primary_key() {
         assert!(!plan.contains("Seq Scan on messages"), "{plan}");
         assert!(plan.contains("using messages_pkey"), "{plan}");
     }
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_admit_exactly_one_turn_and_one_request() {
+    let store = pg_store(Setup { max_messages: None, ttl: None }).await;
+    new_session(&store, "s1").await;
+    for round in 0..5 {
+        let lease = Duration::from_secs(30);
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let store = Arc::clone(&store);
+            let turn = new_id();
+            tasks.push(tokio::spawn(async move {
+                (turn, store.acquire_turn_lock(TENANT, "s1", turn, lease).await.unwrap())
+            }));
+        }
+        let mut winners = Vec::new();
+        let mut busy_with = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (turn, LockOutcome::Acquired) => winners.push(turn),
+                (_, LockOutcome::Busy(holder)) => busy_with.push(holder),
+            }
+        }
+        assert_eq!(winners.len(), 1, "round {round}");
+        assert!(busy_with.iter().all(|h| *h == winners[0]), "round {round}");
+        store.release_turn_lock(TENANT, "s1", winners[0]).await.unwrap();
+
+        let key = format!("key-{round}");
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let (store, key) = (Arc::clone(&store), key.clone());
+            let turn = new_id();
+            tasks.push(tokio::spawn(async move {
+                let ttl = Duration::from_secs(60);
+                let fingerprint = format!("fp-{i}");
+                (turn, store.begin_idempotent(TENANT, "s1", &key, &fingerprint, turn, ttl).await.unwrap())
+            }));
+        }
+        let mut started = Vec::new();
+        let mut seen = Vec::new();
+        for task in tasks {
+            match task.await.unwrap() {
+                (turn, IdempotencyBegin::Started) => started.push(turn),
+                (_, IdempotencyBegin::Existing(record)) => seen.push(record.turn_id),
+            }
+        }
+        assert_eq!(started.len(), 1, "round {round}");
+        assert!(seen.iter().all(|t| *t == started[0]), "round {round}");
+    }
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locks_and_idempotency_keys_go_with_their_session() {
+    let store = pg_store(Setup { max_messages: None, ttl: Some(Duration::from_millis(300)) }).await;
+    new_session(&store, "s1").await;
+    let turn = new_id();
+    store.acquire_turn_lock(TENANT, "s1", turn, Duration::from_secs(30)).await.unwrap();
+    store.begin_idempotent(TENANT, "s1", "k", "fp", turn, Duration::from_secs(30)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Expired, not yet swept: its lock and keys no longer count.
+    let missing = store.acquire_turn_lock(TENANT, "s1", new_id(), Duration::from_secs(30)).await;
+    assert!(matches!(missing, Err(StoreError::SessionNotFound)), "{missing:?}");
+    assert!(matches!(store.turn_lock_holder(TENANT, "s1").await, Err(StoreError::SessionNotFound)));
+    assert!(!store.renew_turn_lock(TENANT, "s1", turn, Duration::from_secs(30)).await.unwrap().held);
+    let begin = store.begin_idempotent(TENANT, "s1", "k", "fp", turn, Duration::from_secs(30)).await;
+    assert!(matches!(begin, Err(StoreError::SessionNotFound)), "{begin:?}");
+    new_session(&store, "s1").await;
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
+    assert_eq!(count(&store, "select count(*) from idempotency_keys").await, 0, "re-creating dropped them");
+
+    store.acquire_turn_lock(TENANT, "s1", turn, Duration::from_secs(30)).await.unwrap();
+    store.begin_idempotent(TENANT, "s1", "k", "fp", turn, Duration::from_secs(30)).await.unwrap();
+    assert!(store.delete_session(TENANT, "s1").await.unwrap());
+    assert_eq!(count(&store, "select count(*) from turn_locks").await, 0);
+    assert_eq!(count(&store, "select count(*) from idempotency_keys").await, 0);
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_idempotency_keys_are_deleted_by_begin_and_by_the_sweeper() {
+    let store = pg_store(Setup::default()).await;
+    new_session(&store, "s1").await;
+    new_session(&store, "s2").await;
+    let (turn, short) = (new_id(), Duration::from_millis(100));
+    for key in ["a", "b"] {
+        store.begin_idempotent(TENANT, "s1", key, "fp", turn, short).await.unwrap();
+        store.begin_idempotent(TENANT, "s2", key, "fp", turn, short).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.begin_idempotent(TENANT, "s1", "c", "fp", turn, Duration::from_secs(60)).await.unwrap();
+    let keys: Vec<String> =
+        sqlx::query_scalar("select session_id || '/' || key from idempotency_keys order by 1")
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(keys, vec!["s1/c", "s2/a", "s2/b"], "begin deleted its session's expired keys");
+    assert_eq!(store.sweep_expired().await.unwrap(), 0, "no session expired");
+    let keys: Vec<String> = sqlx::query_scalar("select session_id || '/' || key from idempotency_keys")
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys, vec!["s1/c"], "the sweeper deleted the rest");
     drop_schema(&store).await;
 }

@@ -8,7 +8,9 @@ use deadpool_redis::redis::{self, AsyncCommands};
 use parley::domain::{Message, Metadata, NewSession, Role, Turn, new_id};
 use parley::store::contract::Setup;
 use parley::store::redis::{RedisOptions, RedisStore};
-use parley::store::{AppendBatch, ConversationStore, DynStore, Order, PageQuery, StoreError};
+use parley::store::{
+    AppendBatch, ConversationStore, DynStore, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreError,
+};
 
 use crate::helpers::{redis_url, unique_name};
 
@@ -78,6 +80,102 @@ async fn every_key_of_a_session_shares_its_hash_tag_and_delete_leaves_none() {
     assert!(store.delete_session("acme", "chat-1").await.expect("delete"));
     let left = keys_under(&mut conn, &prefix).await;
     assert!(left.is_empty(), "delete leaves nothing (the emptied index disappears too): {left:?}");
+}
+
+#[tokio::test]
+async fn locks_and_idempotency_keys_share_the_hash_tag_and_go_with_the_session() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix.clone(), &Setup::default())).expect("store");
+    create(&store, "acme", "chat-1").await;
+    let turn = new_id();
+    let lease = Duration::from_secs(30);
+    assert_eq!(
+        store.acquire_turn_lock("acme", "chat-1", turn, lease).await.expect("lock"),
+        LockOutcome::Acquired
+    );
+    let ttl = Duration::from_secs(60);
+    store.begin_idempotent("acme", "chat-1", "k", "fp", turn, ttl).await.expect("begin");
+    let mut conn = raw_connection().await;
+    let tag = format!("{prefix}:{{acme/chat-1}}");
+    let keys = keys_under(&mut conn, &prefix).await;
+    for suffix in ["idem", "idem_exp", "lock", "meta"] {
+        assert!(keys.contains(&format!("{tag}:{suffix}")), "{suffix}: {keys:?}");
+    }
+    let lock_ttl: i64 = conn.pttl(format!("{tag}:lock")).await.expect("pttl");
+    assert!(lock_ttl > 25_000 && lock_ttl <= 30_000, "the lock expires with its lease: {lock_ttl}");
+    let idem_ttl: i64 = conn.pttl(format!("{tag}:idem")).await.expect("pttl");
+    assert!(idem_ttl > 55_000 && idem_ttl <= 60_000, "records expire with the last of them: {idem_ttl}");
+
+    assert!(store.delete_session("acme", "chat-1").await.expect("delete"));
+    let left = keys_under(&mut conn, &prefix).await;
+    assert!(left.is_empty(), "delete leaves nothing: {left:?}");
+}
+
+#[tokio::test]
+async fn session_writes_slide_idempotency_keys_but_not_the_lease() {
+    let prefix = unique_name("parley_test");
+    let setup = Setup { max_messages: None, ttl: Some(Duration::from_secs(10)) };
+    let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
+    create(&store, "t", "s").await;
+    let turn = new_id();
+    store.acquire_turn_lock("t", "s", turn, Duration::from_secs(2)).await.expect("lock");
+    // A record that outlives the session goes with it.
+    store.begin_idempotent("t", "s", "k", "fp", turn, Duration::from_secs(3600)).await.expect("begin");
+    let mut conn = raw_connection().await;
+    let tag = format!("{prefix}:{{t/s}}");
+    let idem_ttl: i64 = conn.pttl(format!("{tag}:idem")).await.expect("pttl");
+    assert!(idem_ttl > 0 && idem_ttl <= 10_000, "capped by the session's TTL: {idem_ttl}");
+    store.append("t", "s", batch("s", 1)).await.expect("append");
+    let lock_ttl: i64 = conn.pttl(format!("{tag}:lock")).await.expect("pttl");
+    assert!(lock_ttl > 0 && lock_ttl <= 2_000, "a session write leaves the lease alone: {lock_ttl}");
+    let exp_ttl: i64 = conn.pttl(format!("{tag}:idem_exp")).await.expect("pttl");
+    assert!(exp_ttl > 9_000 && exp_ttl <= 10_000, "a session write slides the records: {exp_ttl}");
+    store.delete_session("t", "s").await.expect("delete");
+}
+
+#[tokio::test]
+async fn a_recreated_session_starts_without_the_old_lock_and_keys() {
+    let prefix = unique_name("parley_test");
+    let setup = Setup { max_messages: None, ttl: Some(Duration::from_millis(300)) };
+    let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
+    create(&store, "t", "s").await;
+    let (a, b) = (new_id(), new_id());
+    store.acquire_turn_lock("t", "s", a, Duration::from_secs(30)).await.expect("lock");
+    store.begin_idempotent("t", "s", "k", "fp", a, Duration::from_secs(30)).await.expect("begin");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The session expired; its lock (30 s lease) did not, but no longer counts.
+    assert!(matches!(store.turn_lock_holder("t", "s").await, Err(StoreError::SessionNotFound)));
+    create(&store, "t", "s").await;
+    assert_eq!(store.turn_lock_holder("t", "s").await.expect("holder"), None);
+    let lease = Duration::from_secs(30);
+    assert_eq!(store.acquire_turn_lock("t", "s", b, lease).await.expect("lock"), LockOutcome::Acquired);
+    let fresh = store.begin_idempotent("t", "s", "k", "fp", b, Duration::from_secs(30)).await.expect("begin");
+    assert_eq!(fresh, IdempotencyBegin::Started);
+    store.delete_session("t", "s").await.expect("delete");
+}
+
+#[tokio::test]
+async fn begin_forgets_expired_idempotency_keys() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix.clone(), &Setup::default())).expect("store");
+    create(&store, "t", "s").await;
+    let turn = new_id();
+    for key in ["old-1", "old-2"] {
+        store.begin_idempotent("t", "s", key, "fp", turn, Duration::from_millis(100)).await.expect("begin");
+    }
+    store
+        .complete_idempotent("t", "s", "old-2", &serde_json::json!({"ok": true}), Duration::from_millis(100))
+        .await
+        .expect("complete");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    store.begin_idempotent("t", "s", "new", "fp", turn, Duration::from_secs(60)).await.expect("begin");
+    let mut conn = raw_connection().await;
+    let tag = format!("{prefix}:{{t/s}}");
+    let fields: Vec<String> = conn.hkeys(format!("{tag}:idem")).await.expect("hkeys");
+    assert_eq!(fields, vec!["f:new"]);
+    let members: Vec<String> = conn.zrange(format!("{tag}:idem_exp"), 0, -1).await.expect("zrange");
+    assert_eq!(members, vec!["new"]);
+    store.delete_session("t", "s").await.expect("delete");
 }
 
 #[tokio::test]
