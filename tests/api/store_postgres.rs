@@ -302,12 +302,12 @@ async fn concurrent_claims_admit_exactly_one_turn_and_one_request() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn locks_and_idempotency_keys_go_with_their_session() {
-    let store = pg_store(Setup { max_messages: None, ttl: Some(Duration::from_millis(300)) }).await;
+    let store = pg_store(Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
     new_session(&store, "s1").await;
     let turn = new_id();
     store.acquire_turn_lock(TENANT, "s1", turn, Duration::from_secs(30)).await.unwrap();
     store.begin_idempotent(TENANT, "s1", "k", "fp", turn, Duration::from_secs(30)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // Expired, not yet swept: its lock and keys no longer count.
     let missing = store.acquire_turn_lock(TENANT, "s1", new_id(), Duration::from_secs(30)).await;
     assert!(matches!(missing, Err(StoreError::SessionNotFound)), "{missing:?}");
@@ -332,12 +332,17 @@ async fn expired_idempotency_keys_are_deleted_by_begin_and_by_the_sweeper() {
     let store = pg_store(Setup::default()).await;
     new_session(&store, "s1").await;
     new_session(&store, "s2").await;
-    let (turn, short) = (new_id(), Duration::from_millis(100));
-    for key in ["a", "b"] {
-        store.begin_idempotent(TENANT, "s1", key, "fp", turn, short).await.unwrap();
-        store.begin_idempotent(TENANT, "s2", key, "fp", turn, short).await.unwrap();
-    }
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Expired keys, written directly so that no begin can purge them before the checks below.
+    sqlx::query(
+        "insert into idempotency_keys (tenant, session_id, key, fingerprint, turn_id, expires_at) \
+         select $1, s, k, 'fp', gen_random_uuid(), now() - interval '1 second' \
+         from unnest(array['s1', 's2']) as s, unnest(array['a', 'b']) as k",
+    )
+    .bind(TENANT)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    let turn = new_id();
     store.begin_idempotent(TENANT, "s1", "c", "fp", turn, Duration::from_secs(60)).await.unwrap();
     let keys: Vec<String> =
         sqlx::query_scalar("select session_id || '/' || key from idempotency_keys order by 1")

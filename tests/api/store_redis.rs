@@ -118,31 +118,36 @@ async fn session_writes_slide_idempotency_keys_but_not_the_lease() {
     let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
     create(&store, "t", "s").await;
     let turn = new_id();
-    store.acquire_turn_lock("t", "s", turn, Duration::from_secs(2)).await.expect("lock");
+    store.acquire_turn_lock("t", "s", turn, Duration::from_secs(5)).await.expect("lock");
     // A record that outlives the session goes with it.
     store.begin_idempotent("t", "s", "k", "fp", turn, Duration::from_secs(3600)).await.expect("begin");
     let mut conn = raw_connection().await;
     let tag = format!("{prefix}:{{t/s}}");
-    let idem_ttl: i64 = conn.pttl(format!("{tag}:idem")).await.expect("pttl");
+    let idem_ttl: i64 = conn.pttl(format!("{tag}:idem_exp")).await.expect("pttl");
     assert!(idem_ttl > 0 && idem_ttl <= 10_000, "capped by the session's TTL: {idem_ttl}");
+    // Without the slide, the records' TTL would now be a second shorter.
+    tokio::time::sleep(Duration::from_secs(1)).await;
     store.append("t", "s", batch("s", 1)).await.expect("append");
     let lock_ttl: i64 = conn.pttl(format!("{tag}:lock")).await.expect("pttl");
-    assert!(lock_ttl > 0 && lock_ttl <= 2_000, "a session write leaves the lease alone: {lock_ttl}");
-    let exp_ttl: i64 = conn.pttl(format!("{tag}:idem_exp")).await.expect("pttl");
-    assert!(exp_ttl > 9_000 && exp_ttl <= 10_000, "a session write slides the records: {exp_ttl}");
+    assert!(lock_ttl > 0 && lock_ttl <= 5_000, "a session write leaves the lease alone: {lock_ttl}");
+    let slid: i64 = conn.pttl(format!("{tag}:idem_exp")).await.expect("pttl");
+    assert!(
+        slid > idem_ttl - 500 && slid <= 10_000,
+        "a session write slides the records: {idem_ttl} → {slid}"
+    );
     store.delete_session("t", "s").await.expect("delete");
 }
 
 #[tokio::test]
 async fn a_recreated_session_starts_without_the_old_lock_and_keys() {
     let prefix = unique_name("parley_test");
-    let setup = Setup { max_messages: None, ttl: Some(Duration::from_millis(300)) };
+    let setup = Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) };
     let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
     create(&store, "t", "s").await;
     let (a, b) = (new_id(), new_id());
     store.acquire_turn_lock("t", "s", a, Duration::from_secs(30)).await.expect("lock");
     store.begin_idempotent("t", "s", "k", "fp", a, Duration::from_secs(30)).await.expect("begin");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // The session expired; its lock (30 s lease) did not, but no longer counts.
     assert!(matches!(store.turn_lock_holder("t", "s").await, Err(StoreError::SessionNotFound)));
     create(&store, "t", "s").await;
