@@ -219,3 +219,22 @@ pub(super) async fn renew_lease(
         }
     }
 }
+
+/// Keeps trying to release a finished turn's lock (the store was down when it ended), so the
+/// session is free as soon as the store is back rather than when the lease runs out.
+pub(super) async fn release_when_possible(
+    store: DynStore,
+    tenant: String,
+    session: String,
+    turn_id: Uuid,
+    lease: Duration,
+) {
+    let deadline = Instant::now() + lease;
+    while Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if store.release_turn_lock(&tenant, &session, turn_id).await.is_ok() {
+            tracing::info!(turn.id = %turn_id, "session lock released after the store came back");
+            return;
+        }
+    }
+}

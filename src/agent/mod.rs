@@ -336,7 +336,15 @@ impl Agent {
         self.settle_idempotency(&state, &result).await;
         let (tenant, session, turn_id) = (&state.tenant, state.session_id(), state.turn.id);
         if let Err(e) = self.store.release_turn_lock(tenant, session, turn_id).await {
-            tracing::warn!(turn.id = %turn_id, error = %e, "could not release the session lock; its lease will run out");
+            tracing::warn!(turn.id = %turn_id, error = %e, "could not release the session lock; retrying");
+            let lease = self.settings.turn_lease;
+            tokio::spawn(claim::release_when_possible(
+                Arc::clone(&self.store),
+                tenant.clone(),
+                session.to_owned(),
+                turn_id,
+                lease,
+            ));
         }
         self.registry.finish(tenant, session, turn_id);
         result

@@ -316,8 +316,10 @@ impl ConversationStore for MemoryStore {
     ) -> StoreResult<LockOutcome> {
         self.with_session_mut(tenant, session_id, |d| match d.live_lock() {
             Some(held) if held.turn_id != turn_id => LockOutcome::Busy(held.turn_id),
-            _ => {
-                d.lock = Some(HeldLock { turn_id, expires: Instant::now() + lease, cancel_requested: false });
+            held => {
+                // Re-acquiring keeps a pending cancel request, so none is lost.
+                let cancel_requested = held.is_some_and(|h| h.cancel_requested);
+                d.lock = Some(HeldLock { turn_id, expires: Instant::now() + lease, cancel_requested });
                 LockOutcome::Acquired
             }
         })
@@ -397,7 +399,9 @@ impl ConversationStore for MemoryStore {
         ttl: Duration,
     ) -> StoreResult<()> {
         self.with_session_mut(tenant, session_id, |d| {
-            if let Some((record, until)) = d.idempotency.get_mut(key) {
+            if d.live_idempotency(key).is_some()
+                && let Some((record, until)) = d.idempotency.get_mut(key)
+            {
                 record.response = Some(response.clone());
                 *until = Instant::now() + ttl;
             }

@@ -57,6 +57,7 @@ impl PrivateRedis {
             .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
             .arg(&self.dir)
             .stdout(Stdio::null())
+            .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/test installs it)");
         self.child = Some(child);
@@ -186,7 +187,7 @@ impl ParleyProcess {
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.stdout(Stdio::null()).spawn().expect("start parley");
+        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start parley");
         let process = ParleyProcess { base: format!("http://127.0.0.1:{port}"), child };
         let client = reqwest::Client::new();
         for _ in 0..200 {
@@ -205,7 +206,14 @@ impl ParleyProcess {
     }
 
     /// Kills the process at once.
-    pub fn kill(mut self) {
+    pub fn kill(self) {
+        // Drop does it.
+    }
+}
+
+impl Drop for ParleyProcess {
+    fn drop(&mut self) {
+        // Also when a test fails midway: no parley outlives its test.
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
