@@ -265,4 +265,8 @@ impl ConversationStore for MemoryStore {
             other => other,
         }
     }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        Ok(self.read().get(tenant).map_or(0, |t| t.sessions.len() as u64))
+    }
 }

@@ -189,4 +189,8 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Reads a turn record.
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>>;
+
+    /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
+    /// sessions may be counted until the backend notices they expired.
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;
 }

@@ -570,6 +570,11 @@ pub mod sql {
         live!()
     );
 
+    /// Counts a tenant's live sessions (an index-only range of `sessions_list_idx`, mostly).
+    /// Binds: tenant.
+    pub const COUNT_SESSIONS: &str =
+        concat!("select count(*) from sessions s where s.tenant = $1 and ", live!());
+
     /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
     pub const SWEEP: &str = "delete from sessions where (tenant, id) in (\
          select tenant, id from sessions where expires_at <= now() \
@@ -746,5 +751,10 @@ impl ConversationStore for PgStore {
         let query = sqlx::query(GET_TURN).bind(tenant).bind(session_id).bind(turn_id);
         let row = self.timed(query.fetch_optional(&self.pool)).await?;
         row.map(|r| turn_from_row(&r, session_id)).transpose()
+    }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        let query = sqlx::query_scalar::<_, i64>(COUNT_SESSIONS).bind(tenant);
+        Ok(to_u64(self.timed(query.fetch_one(&self.pool)).await?))
     }
 }
