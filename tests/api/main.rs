@@ -33,17 +33,21 @@ macro_rules! for_each_backend {
 }
 
 mod agent_loop;
+mod auth;
 mod docs;
 mod errors;
 mod fake_openai;
 mod helpers;
 mod history;
 mod lifecycle;
+mod limits;
 mod openai;
 mod sessions;
+mod startup;
 mod store_memory;
 mod store_postgres;
 mod store_redis;
 mod streaming;
+mod tenancy;
 mod tools_http;
 mod turns;
