@@ -95,7 +95,7 @@ impl Backend {
     pub fn limiter_args(self) -> Vec<String> {
         match self {
             Backend::Redis => {
-                vec!["--store".into(), "redis".into(), "--redis-prefix".into(), unique_name("parley_rl")]
+                vec!["--store".into(), "redis".into(), "--redis-prefix".into(), unique_name("parley_test_rl")]
             }
             Backend::Memory | Backend::Postgres => Vec::new(),
         }

@@ -140,7 +140,7 @@ async fn a_stream_refused_by_the_handler_gives_its_slot_back(backend: Backend) {
 
 #[tokio::test]
 async fn replicas_on_one_redis_share_their_limits() {
-    let prefix = unique_name("parley_shared");
+    let prefix = unique_name("parley_test_shared");
     let mut args = two_tenants();
     let extra = ["--store", "redis", "--redis-prefix", &prefix, "--rate-limit-rps", "4"];
     args.extend(extra.iter().map(|s| s.to_string()));
