@@ -20,8 +20,11 @@ RUN apt-get update \
     && useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin parley
 COPY --from=builder /src/target/release/parley /usr/local/bin/parley
 USER parley:parley
+# Listening beyond loopback: require API keys (mount the keys file; `parley keys new` makes keys).
 ENV PARLEY_ADDR=0.0.0.0:8080 \
-    PARLEY_LOG_FORMAT=json
+    PARLEY_LOG_FORMAT=json \
+    PARLEY_AUTH=api_key \
+    PARLEY_API_KEYS_FILE=/etc/parley/keys.toml
 EXPOSE 8080
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/parley"]

@@ -10,6 +10,8 @@ use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
 use crate::config::{Config, ModelProvider, StoreKind, redact_url};
+use crate::http::auth::Auth;
+use crate::http::ratelimit::RateLimits;
 use crate::http::{AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::openai::{OpenAiModel, OpenAiSettings};
@@ -27,11 +29,17 @@ pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
     let store = build_store(config).await?;
     let model = build_model(config)?;
     let tools = build_tools(config)?;
-    Ok(state_from_parts(config, store, model, tools))
+    state_from_parts(config, store, model, tools)
 }
 
-/// Assembles the state from already-built parts (tests use this to inject a store or model).
-pub fn state_from_parts(config: &Config, store: DynStore, model: DynModel, tools: ToolRegistry) -> AppState {
+/// Assembles the state from already-built parts (tests use this to inject a store or model);
+/// loads the API keys and builds the rate limiter.
+pub fn state_from_parts(
+    config: &Config,
+    store: DynStore,
+    model: DynModel,
+    tools: ToolRegistry,
+) -> anyhow::Result<AppState> {
     let settings = AgentSettings {
         history_size: config.agent.history_size,
         system_prompt: config.agent.system_prompt.clone(),
@@ -43,7 +51,9 @@ pub fn state_from_parts(config: &Config, store: DynStore, model: DynModel, tools
         idempotency_ttl: config.agent.idempotency_ttl,
     };
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
-    AppState { agent, store, limits: Arc::new(limits(config)) }
+    let auth = Arc::new(Auth::from_config(config)?);
+    let rate_limits = Arc::new(RateLimits::from_config(config)?);
+    Ok(AppState { agent, store, limits: Arc::new(limits(config)), auth, rate_limits })
 }
 
 fn limits(config: &Config) -> Limits {
@@ -55,7 +65,11 @@ fn limits(config: &Config) -> Limits {
         sse_keepalive: config.http.sse_keepalive,
         cors_origins: config.http.cors_origins.iter().filter(|o| !o.is_empty()).cloned().collect(),
         if_busy: config.agent.if_busy,
-        ..Limits::default()
+        cors_credentials: config.http.cors_credentials,
+        max_metadata_bytes: config.limits.max_metadata_bytes,
+        max_metadata_depth: config.limits.max_metadata_depth,
+        max_metadata_keys: config.limits.max_metadata_keys,
+        max_sessions_per_tenant: config.limits.max_sessions_per_tenant,
     }
 }
 
@@ -157,7 +171,9 @@ pub async fn serve(
         agent.registry().shutdown(grace).await;
         let _ = drained_tx.send(());
     };
-    let server = axum::serve(listener, router).with_graceful_shutdown(signal).into_future();
+    // The client address keys rate limits when authentication is off.
+    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+    let server = axum::serve(listener, service).with_graceful_shutdown(signal).into_future();
     tokio::pin!(server);
     tokio::select! {
         result = &mut server => result.context("server error")?,

@@ -9,6 +9,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+use crate::auth::key::Secret;
+
 /// Command line of the `parley` binary.
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -34,6 +36,48 @@ pub enum Command {
     Migrate,
     /// Print the OpenAPI document (as committed in openapi/openapi.json) and exit.
     Openapi,
+    /// Manage API keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+/// `parley keys …`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum KeysCommand {
+    /// Generate a key: prints the key (once; only its hash is kept) and the entry to append to
+    /// PARLEY_API_KEYS_FILE.
+    New {
+        /// The tenant the key acts for (`[A-Za-z0-9._:-]`, at most 64 characters).
+        #[arg(long)]
+        tenant: String,
+        /// The key id (`[A-Za-z0-9-]`, at most 64 characters); 12 random hex digits when omitted.
+        #[arg(long)]
+        id: Option<String>,
+        /// Print the entry for a JSON keys file instead of TOML.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// How requests are authenticated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    /// No authentication: every caller acts for the `default` tenant.
+    None,
+    /// `Authorization: Bearer <API key>` on every `/v1` request; the key names the tenant.
+    #[value(name = "api_key", alias = "api-key")]
+    ApiKey,
+}
+
+/// Where rate limits are counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LimiterKind {
+    /// Redis with `PARLEY_STORE=redis`, memory otherwise.
+    Auto,
+    /// In this process: each replica counts alone.
+    Memory,
+    /// In Redis (`REDIS_URL`, `PARLEY_REDIS_PREFIX`): replicas share the counts.
+    Redis,
 }
 
 /// Which conversation store to use.
@@ -106,6 +150,70 @@ pub struct Config {
     #[command(flatten)]
     /// The model.
     pub model: ModelConfig,
+    #[command(flatten)]
+    /// Authentication.
+    pub auth: AuthConfig,
+    #[command(flatten)]
+    /// Rate limits and bounds on client input.
+    pub limits: LimitsConfig,
+}
+
+/// Authentication.
+#[derive(Debug, Clone, Args)]
+pub struct AuthConfig {
+    /// `none` or `api_key`. When unset: `none` on a loopback address; on any other address parley
+    /// refuses to start until it is set.
+    #[arg(long = "auth", env = "PARLEY_AUTH", value_enum)]
+    pub mode: Option<AuthMode>,
+    /// A TOML or JSON file of API keys: id, tenant, SHA-256 of the key, revoked.
+    #[arg(long, env = "PARLEY_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Development keys as `tenant:key` pairs, comma-separated. Hashed at load, never logged.
+    #[arg(long, env = "PARLEY_API_KEYS", hide_env_values = true, value_parser = parse_secret)]
+    pub api_keys: Option<Secret>,
+    /// How often PARLEY_API_KEYS_FILE is re-read, so that new and revoked keys apply without a
+    /// restart; `0s` reads it at start-up only.
+    #[arg(long, env = "PARLEY_API_KEYS_RELOAD", value_parser = parse_duration, default_value = "10s")]
+    pub api_keys_reload: Duration,
+}
+
+/// Takes a secret without ever showing it (clap repeats invalid values in its errors, so none is
+/// invalid here; the content is checked at load).
+fn parse_secret(text: &str) -> Result<Secret, String> {
+    Ok(Secret::new(text))
+}
+
+/// Rate limits and bounds on client input.
+#[derive(Debug, Clone, Args)]
+pub struct LimitsConfig {
+    /// Requests per second per key on /v1; 0 is off. Unset: 100 with PARLEY_AUTH=api_key, else off.
+    #[arg(long, env = "PARLEY_RATE_LIMIT_RPS")]
+    pub rate_limit_rps: Option<u64>,
+    /// Turns (POST …/messages) per minute per key; 0 is off. Unset: 120 with PARLEY_AUTH=api_key,
+    /// else off.
+    #[arg(long, env = "PARLEY_RATE_LIMIT_TURNS_PER_MIN")]
+    pub rate_limit_turns_per_min: Option<u64>,
+    /// The window of PARLEY_RATE_LIMIT_TURNS_PER_MIN (one minute; shorter in tests).
+    #[arg(long, env = "PARLEY_RATE_LIMIT_TURNS_WINDOW", value_parser = parse_duration, default_value = "1m")]
+    pub rate_limit_turns_window: Duration,
+    /// Concurrent streams per key; 0 is off. Unset: 32 with PARLEY_AUTH=api_key, else off.
+    #[arg(long, env = "PARLEY_MAX_STREAMS_PER_KEY")]
+    pub max_streams_per_key: Option<u64>,
+    /// Where limits are counted: `auto` (Redis with PARLEY_STORE=redis), `memory` or `redis`.
+    #[arg(long, env = "PARLEY_RATE_LIMIT_STORE", value_enum, default_value = "auto")]
+    pub rate_limit_store: LimiterKind,
+    /// Largest metadata object, serialised, in bytes.
+    #[arg(long, env = "PARLEY_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: usize,
+    /// Deepest nesting of metadata (the object itself is depth 1).
+    #[arg(long, env = "PARLEY_MAX_METADATA_DEPTH", default_value_t = 8)]
+    pub max_metadata_depth: usize,
+    /// Most keys in a metadata object (top level).
+    #[arg(long, env = "PARLEY_MAX_METADATA_KEYS", default_value_t = 64)]
+    pub max_metadata_keys: usize,
+    /// Most sessions one tenant may hold; 0 is unlimited.
+    #[arg(long, env = "PARLEY_MAX_SESSIONS_PER_TENANT", default_value_t = 0)]
+    pub max_sessions_per_tenant: u64,
 }
 
 /// The agent loop and input limits.
@@ -162,6 +270,10 @@ pub struct HttpConfig {
     /// Origins allowed by CORS, comma-separated (`*` for any); none when empty.
     #[arg(long, env = "PARLEY_CORS_ORIGINS", value_delimiter = ',', default_value = "")]
     pub cors_origins: Vec<String>,
+    /// Let browsers send credentials cross-origin (`Access-Control-Allow-Credentials`); refused
+    /// with `*`.
+    #[arg(long, env = "PARLEY_CORS_CREDENTIALS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cors_credentials: bool,
     /// How long running turns may take to finish after SIGTERM before they are cancelled.
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
@@ -268,8 +380,67 @@ impl Config {
         if self.http.cors_origins.iter().any(|o| o == "*") && self.http.cors_origins.len() > 1 {
             return Err("PARLEY_CORS_ORIGINS: `*` cannot be combined with other origins".to_owned());
         }
+        self.validate_security()
+    }
+
+    /// Authentication, CORS and limits.
+    fn validate_security(&self) -> Result<(), String> {
+        self.validate_auth()?;
+        validate_cors(&self.http)?;
+        let limits = &self.limits;
+        if limits.max_metadata_depth == 0 || limits.max_metadata_keys == 0 {
+            return Err(
+                "PARLEY_MAX_METADATA_DEPTH and PARLEY_MAX_METADATA_KEYS must be at least 1".to_owned()
+            );
+        }
+        if limits.rate_limit_turns_window.is_zero() {
+            return Err("PARLEY_RATE_LIMIT_TURNS_WINDOW must be longer than 0".to_owned());
+        }
         Ok(())
     }
+
+    fn validate_auth(&self) -> Result<(), String> {
+        let auth = &self.auth;
+        match auth.mode {
+            None if !self.addr.ip().is_loopback() => Err(format!(
+                "PARLEY_ADDR={} is not a loopback address and PARLEY_AUTH is not set. Set \
+                 PARLEY_AUTH=api_key (with PARLEY_API_KEYS_FILE) to require API keys, or \
+                 PARLEY_AUTH=none to serve every caller as one tenant without authentication.",
+                self.addr
+            )),
+            Some(AuthMode::ApiKey) if auth.api_keys_file.is_none() && auth.api_keys.is_none() => Err(
+                "PARLEY_AUTH=api_key needs keys: set PARLEY_API_KEYS_FILE (make keys with `parley keys new \
+                 --tenant NAME`) or, for development, PARLEY_API_KEYS=tenant:key,…"
+                    .to_owned(),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Origins must be `scheme://host[:port]`; `*` never goes with credentials.
+fn validate_cors(http: &HttpConfig) -> Result<(), String> {
+    let origins: Vec<&String> = http.cors_origins.iter().filter(|o| !o.is_empty()).collect();
+    if http.cors_credentials && origins.iter().any(|o| *o == "*") {
+        return Err("PARLEY_CORS_CREDENTIALS=true cannot be combined with PARLEY_CORS_ORIGINS=*: \
+                    list the allowed origins"
+            .to_owned());
+    }
+    for origin in origins.into_iter().filter(|o| *o != "*") {
+        let parsed = url::Url::parse(origin).ok();
+        let is_origin = parsed.is_some_and(|u| {
+            matches!(u.scheme(), "http" | "https")
+                && u.host().is_some()
+                && u.path() == "/"
+                && !origin.ends_with('/')
+        });
+        if !is_origin {
+            return Err(format!(
+                "PARLEY_CORS_ORIGINS: {origin:?} is not an origin; write scheme://host[:port], such as https://app.example.com"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Hides the password of a connection URL for logs.
@@ -312,6 +483,51 @@ mod tests {
         let err = c.validate().unwrap_err();
         assert!(err.contains("PARLEY_STORE=redis"), "{err}");
         assert!(parse(&["--distributed", "true", "--store", "redis"]).validate().is_ok());
+    }
+
+    #[test]
+    fn a_public_address_needs_an_explicit_auth_mode() {
+        let err = parse(&["--addr", "0.0.0.0:8080"]).validate().unwrap_err();
+        assert!(err.contains("PARLEY_AUTH=api_key") && err.contains("PARLEY_AUTH=none"), "{err}");
+        assert!(parse(&["--addr", "0.0.0.0:8080", "--auth", "none"]).validate().is_ok());
+        assert!(parse(&["--addr", "[::1]:8080"]).validate().is_ok(), "loopback needs nothing");
+        let keys = ["--addr", "0.0.0.0:8080", "--auth", "api_key", "--api-keys", "acme:pk_a_b"];
+        assert!(parse(&keys).validate().is_ok());
+    }
+
+    #[test]
+    fn api_key_auth_without_keys_is_refused() {
+        let err = parse(&["--auth", "api_key"]).validate().unwrap_err();
+        assert!(err.contains("PARLEY_API_KEYS_FILE") && err.contains("parley keys new"), "{err}");
+        assert!(parse(&["--auth", "api-key", "--api-keys-file", "keys.toml"]).validate().is_ok());
+    }
+
+    #[test]
+    fn dev_keys_never_show_in_debug_output() {
+        let c = parse(&["--auth", "api_key", "--api-keys", "acme:pk_dev_hunter2"]);
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn cors_credentials_never_go_with_a_wildcard_and_origins_are_checked() {
+        let err = parse(&["--cors-origins", "*", "--cors-credentials", "true"]).validate().unwrap_err();
+        assert!(err.contains("PARLEY_CORS_CREDENTIALS"), "{err}");
+        assert!(parse(&["--cors-origins", "*"]).validate().is_ok());
+        let listed =
+            ["--cors-origins", "https://app.example.com,http://localhost:3000", "--cors-credentials", "true"];
+        assert!(parse(&listed).validate().is_ok());
+        for bad in ["app.example.com", "https://app.example.com/", "https://a.com/path", "ftp://a.com"] {
+            assert!(parse(&["--cors-origins", bad]).validate().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn input_bounds_are_checked() {
+        assert!(parse(&["--max-metadata-depth", "0"]).validate().is_err());
+        assert!(parse(&["--rate-limit-turns-window", "0s"]).validate().is_err());
+        let c = parse(&[]);
+        assert_eq!((c.limits.max_metadata_depth, c.limits.max_metadata_keys), (8, 64));
+        assert_eq!(c.limits.rate_limit_rps, None);
     }
 
     #[test]

@@ -91,6 +91,22 @@ pub enum AppError {
     /// 500: a bug or an unexpected backend failure.
     #[error("internal error")]
     Internal(String),
+    /// 401: no valid API key; answered with `WWW-Authenticate: Bearer realm="parley"`.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 429: a rate limit of the key was reached; answered with `Retry-After`.
+    #[error("{detail}")]
+    RateLimited {
+        /// Which limit, for a person.
+        detail: String,
+        /// Seconds until a retry may succeed.
+        retry_after_secs: u64,
+    },
+    /// 409: the tenant holds as many sessions as `PARLEY_MAX_SESSIONS_PER_TENANT` allows.
+    #[error(
+        "this tenant already has {0} sessions, the most allowed (PARLEY_MAX_SESSIONS_PER_TENANT); delete some first"
+    )]
+    SessionLimitReached(u64),
 }
 
 impl AppError {
@@ -104,14 +120,17 @@ impl AppError {
                 StatusCode::NOT_FOUND
             }
             AppError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            AppError::SessionExists(_) | AppError::TurnInProgress(_) | AppError::TurnFinished(_) => {
-                StatusCode::CONFLICT
-            }
+            AppError::SessionExists(_)
+            | AppError::TurnInProgress(_)
+            | AppError::TurnFinished(_)
+            | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
             AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::StoreUnavailable(_) | AppError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            AppError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -135,6 +154,9 @@ impl AppError {
             AppError::ShuttingDown => "shutting_down",
             AppError::RequestTimeout => "request_timeout",
             AppError::Internal(_) => "internal_error",
+            AppError::Unauthorized(_) => "unauthorized",
+            AppError::RateLimited { .. } => "rate_limited",
+            AppError::SessionLimitReached(_) => "session_limit_reached",
         }
     }
 
@@ -192,8 +214,19 @@ impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         self.log();
         let mut response = problem_response(&self.problem());
-        if let AppError::StoreUnavailable(_) | AppError::ShuttingDown = self {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        let headers = response.headers_mut();
+        match self {
+            AppError::StoreUnavailable(_) | AppError::ShuttingDown => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+            }
+            AppError::Unauthorized(_) => {
+                headers
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(r#"Bearer realm="parley""#));
+            }
+            AppError::RateLimited { retry_after_secs, .. } => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
+            }
+            _ => {}
         }
         response
     }
@@ -242,6 +275,19 @@ mod tests {
         assert_eq!(p.status, 503);
         assert_eq!(p.code, "store_unavailable");
         assert!(!p.detail.contains("secret"));
+    }
+
+    #[test]
+    fn auth_and_rate_limit_errors_carry_their_headers() {
+        let response = AppError::Unauthorized("invalid API key".into()).into_response();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(response.headers()[header::WWW_AUTHENTICATE], r#"Bearer realm="parley""#);
+        let limited = AppError::RateLimited { detail: "slow down".into(), retry_after_secs: 3 };
+        assert_eq!(limited.code(), "rate_limited");
+        let response = limited.into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(AppError::SessionLimitReached(5).status(), StatusCode::CONFLICT);
     }
 
     #[test]

@@ -10,14 +10,18 @@
 //! - [`tools`]: the tool trait, the registry and the built-in and HTTP tools.
 //! - [`agent`]: the turn: load the window, call the model, run tools, append.
 //! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI.
+//! - [`auth`]: API keys (format, digests, the key ring) and the tenants they act for.
+//! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
 //! - [`app`]: wiring: build the state from a config, serve until shutdown.
 
 pub mod agent;
 pub mod app;
+pub mod auth;
 pub mod config;
 pub mod domain;
 pub mod error;
 pub mod http;
 pub mod llm;
+pub mod ratelimit;
 pub mod store;
 pub mod tools;

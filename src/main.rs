@@ -1,9 +1,10 @@
-//! The `parley` binary: telemetry, configuration, then serve (or migrate, or print the spec).
+//! The `parley` binary: telemetry, configuration, then serve (or migrate, print the spec, or make
+//! an API key).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use parley::config::{Cli, Command, Config, LogFormat, redact_url};
+use parley::config::{Cli, Command, Config, KeysCommand, LogFormat, redact_url};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
@@ -51,6 +52,26 @@ async fn migrate(config: Config) -> anyhow::Result<()> {
     parley::app::migrate(&config).await
 }
 
+/// Prints a new key once, and the entry to append to the keys file (which holds only its hash).
+fn new_key(tenant: &str, id: Option<&str>, json: bool) -> anyhow::Result<()> {
+    if !parley::auth::key::is_valid_tenant(tenant) {
+        anyhow::bail!("the tenant must be 1 to 64 characters from A-Z a-z 0-9 . _ : -");
+    }
+    let new = parley::auth::key::generate(id).map_err(anyhow::Error::msg)?;
+    let sha256 = new.digest.to_hex();
+    println!("API key (shown once; give it to the client, it is not stored):\n\n    {}\n", new.key.expose());
+    if json {
+        let entry = serde_json::json!({"id": new.id, "tenant": tenant, "sha256": sha256});
+        println!("Add this entry to the \"keys\" array of PARLEY_API_KEYS_FILE:\n\n{entry}");
+    } else {
+        println!(
+            "Append this to PARLEY_API_KEYS_FILE:\n\n[[keys]]\nid = \"{}\"\ntenant = \"{tenant}\"\nsha256 = \"{sha256}\"",
+            new.id
+        );
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -62,6 +83,7 @@ async fn main() -> ExitCode {
             print!("{}", parley::http::openapi_json());
             Ok(())
         }
+        Command::Keys(KeysCommand::New { tenant, id, json }) => new_key(&tenant, id.as_deref(), json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -84,8 +84,16 @@ fn generic(status: StatusCode, parts: axum::http::response::Parts) -> Response<B
     rebuilt
 }
 
-/// The span of one request: method, path and request id (never the body or credentials).
+/// The span of one request: method, path and request id, then the tenant and key id once
+/// authenticated (never the body or credentials).
 pub fn make_span(request: &Request<Body>) -> Span {
     let request_id = request.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("");
-    tracing::info_span!("request", http.method = %request.method(), http.path = %request.uri().path(), request.id = %request_id)
+    tracing::info_span!(
+        "request",
+        http.method = %request.method(),
+        http.path = %request.uri().path(),
+        request.id = %request_id,
+        tenant = tracing::field::Empty,
+        auth.key_id = tracing::field::Empty,
+    )
 }

@@ -5,11 +5,16 @@
 //! - [`extract`]: extractors that reject bad input as problem+json.
 //! - [`middleware`]: the problem+json fallback for errors raised outside handlers.
 //! - [`sse`]: the Server-Sent Events encoding of a turn.
+//! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
+//!   client input.
 
+pub mod auth;
+pub mod bounds;
 pub mod extract;
 pub mod health;
 pub mod messages;
 pub mod middleware;
+pub mod ratelimit;
 pub mod sessions;
 pub mod sse;
 pub mod turns;
@@ -46,6 +51,10 @@ pub struct AppState {
     pub store: DynStore,
     /// Input limits and HTTP settings.
     pub limits: Arc<Limits>,
+    /// How requests are authenticated.
+    pub auth: Arc<auth::Auth>,
+    /// Rate limits per key.
+    pub rate_limits: Arc<ratelimit::RateLimits>,
 }
 
 /// Limits on what clients send, and HTTP timings.
@@ -67,6 +76,14 @@ pub struct Limits {
     pub cors_origins: Vec<String>,
     /// What a turn posted to a busy session does when the request does not say.
     pub if_busy: crate::config::IfBusy,
+    /// Whether CORS allows credentials (never with `*`).
+    pub cors_credentials: bool,
+    /// Deepest metadata nesting (the object is depth 1).
+    pub max_metadata_depth: usize,
+    /// Most top-level metadata keys.
+    pub max_metadata_keys: usize,
+    /// Most sessions per tenant; 0 is unlimited.
+    pub max_sessions_per_tenant: u64,
 }
 
 impl Default for Limits {
@@ -80,6 +97,10 @@ impl Default for Limits {
             sse_keepalive: Duration::from_secs(15),
             cors_origins: Vec::new(),
             if_busy: crate::config::IfBusy::Reject,
+            cors_credentials: false,
+            max_metadata_depth: 8,
+            max_metadata_keys: 64,
+            max_sessions_per_tenant: 0,
         }
     }
 }
@@ -97,12 +118,14 @@ impl Limits {
         Ok(())
     }
 
-    /// 413 if a metadata object is over its limit.
+    /// 413 if a metadata object is over its size limit, 422 if it has too many keys or nests
+    /// too deep.
     pub fn check_metadata(&self, metadata: &Metadata) -> Result<()> {
+        bounds::check_metadata_shape(metadata, self.max_metadata_depth, self.max_metadata_keys)?;
         let size = serde_json::to_vec(metadata).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > self.max_metadata_bytes {
             return Err(AppError::PayloadTooLarge(format!(
-                "metadata is {size} bytes; the limit is {} bytes",
+                "metadata is {size} bytes; the limit is {} bytes (PARLEY_MAX_METADATA_BYTES)",
                 self.max_metadata_bytes
             )));
         }
@@ -147,11 +170,15 @@ pub fn openapi() -> OpenApiDoc {
         )),
         store: Arc::new(crate::store::memory::MemoryStore::default()),
         limits: Arc::new(Limits::default()),
+        auth: Arc::new(auth::Auth::off()),
+        rate_limits: Arc::new(ratelimit::RateLimits::off()),
     };
-    api_router(&state).split_for_parts().1
+    let mut spec = api_router(&state).split_for_parts().1;
+    auth::document(&mut spec);
+    spec
 }
 
-fn cors(origins: &[String]) -> CorsLayer {
+fn cors(origins: &[String], credentials: bool) -> CorsLayer {
     let allow = if origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
@@ -166,12 +193,23 @@ fn cors(origins: &[String]) -> CorsLayer {
             header::ACCEPT,
             HeaderName::from_static("idempotency-key"),
         ])
-        .expose_headers([header::LOCATION, HeaderName::from_static("x-request-id")])
+        .expose_headers([
+            header::LOCATION,
+            HeaderName::from_static("x-request-id"),
+            header::RETRY_AFTER,
+            header::WWW_AUTHENTICATE,
+            HeaderName::from_static("ratelimit-limit"),
+            HeaderName::from_static("ratelimit-remaining"),
+            HeaderName::from_static("ratelimit-reset"),
+        ])
+        // Config validation refuses credentials with `*`, which CorsLayer would reject too.
+        .allow_credentials(credentials)
 }
 
 /// The whole application: every route, the docs, and one tuple of layers.
 pub fn router(state: AppState) -> Router {
-    let (api, spec) = api_router(&state).split_for_parts();
+    let (api, mut spec) = api_router(&state).split_for_parts();
+    auth::document(&mut spec);
     let request_id = HeaderName::from_static("x-request-id");
     let layers = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
@@ -179,9 +217,11 @@ pub fn router(state: AppState) -> Router {
         .layer(TraceLayer::new_for_http().make_span_with(middleware::make_span))
         .layer(PropagateRequestIdLayer::new(request_id))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
-        .layer(cors(&state.limits.cors_origins))
+        .layer(cors(&state.limits.cors_origins, state.limits.cors_credentials))
         .layer(axum::middleware::map_response(middleware::problem_fallback))
-        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::authenticate))
+        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.rate_limits), ratelimit::enforce));
     api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)

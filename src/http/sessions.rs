@@ -10,6 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
+use super::bounds::check_session_quota;
 use super::extract::{ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
 use crate::domain::{Metadata, NewSession, Session, new_id};
 use crate::error::{AppError, Problem, Result};
@@ -64,7 +65,7 @@ pub struct SessionList {
     responses(
         (status = 201, description = "Created", body = Session, headers(("Location" = String))),
         (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "The id is taken", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The id is taken (`session_exists`), or the tenant holds the most sessions allowed (`session_limit_reached`)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
     ))]
@@ -82,6 +83,7 @@ pub async fn create_session(
     }
     let metadata = body.metadata.unwrap_or_default();
     state.limits.check_metadata(&metadata)?;
+    check_session_quota(&state, &tenant).await?;
     let new = NewSession { id: id.clone(), system_prompt: body.system_prompt, metadata };
     let session = state.store.create_session(&tenant, new).await.map_err(|e| AppError::from_store(e, &id))?;
     let location = format!("/v1/sessions/{}", session.id);

@@ -428,6 +428,97 @@ where
     assert_eq!(store.list_sessions(OTHER_TENANT, 10, None).await.unwrap().sessions.len(), 1);
 }
 
+/// Another tenant reaches nothing of a session: not its record, history, turns or place in the
+/// list, and none of its writes land; the owner's data is unchanged afterwards.
+pub async fn another_tenant_reaches_nothing_of_a_session<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "private").await;
+    let stored = append(&store, TENANT, "private", pair("private", "secret")).await;
+    let turn = Turn::start("private");
+    store.put_turn(TENANT, &turn).await.unwrap();
+    let b = OTHER_TENANT;
+    assert!(store.get_session(b, "private").await.unwrap().is_none());
+    let page = store.read_page(b, "private", query(10, Order::Asc, None, None)).await;
+    assert!(matches!(page, Err(StoreError::SessionNotFound)));
+    assert!(matches!(store.last_n(b, "private", 10).await, Err(StoreError::SessionNotFound)));
+    assert!(store.get_turn(b, "private", turn.id).await.unwrap().is_none());
+    let written =
+        store.append(b, "private", AppendBatch { messages: pair("private", "x"), turn: None }).await;
+    assert!(matches!(written, Err(StoreError::SessionNotFound)));
+    assert!(matches!(store.clear(b, "private").await, Err(StoreError::SessionNotFound)));
+    assert!(store.put_turn(b, &Turn::start("private")).await.is_err());
+    assert!(!store.delete_session(b, "private").await.unwrap());
+    assert!(store.list_sessions(b, 100, None).await.unwrap().sessions.is_empty());
+    assert_eq!(store.count_sessions(b).await.unwrap(), 0);
+    let page = store.read_page(TENANT, "private", query(10, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(page.messages, stored, "the owner's history is unchanged");
+    assert_eq!(store.get_turn(TENANT, "private", turn.id).await.unwrap(), Some(turn));
+    assert_eq!(store.get_session(TENANT, "private").await.unwrap().unwrap().message_count, 2);
+}
+
+/// The same id in two tenants is two sessions: each has its own record, history and seqs, and
+/// deleting one leaves the other.
+pub async fn the_same_id_in_two_tenants_is_two_sessions<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    let mut meta = Metadata::new();
+    meta.insert("owner".into(), json!("a"));
+    let new = |metadata| NewSession { id: "same".into(), system_prompt: None, metadata };
+    store.create_session(TENANT, new(meta)).await.unwrap();
+    store.create_session(OTHER_TENANT, new(Metadata::new())).await.unwrap();
+    fill(&store, "same", 3).await;
+    assert_eq!(seqs(&append(&store, OTHER_TENANT, "same", pair("same", "b")).await), vec![1, 2]);
+    let a = store.get_session(TENANT, "same").await.unwrap().unwrap();
+    let b = store.get_session(OTHER_TENANT, "same").await.unwrap().unwrap();
+    assert_eq!((a.message_count, a.metadata["owner"].as_str()), (3, Some("a")));
+    assert_eq!((b.message_count, b.metadata.get("owner")), (2, None));
+    assert!(store.delete_session(OTHER_TENANT, "same").await.unwrap());
+    assert_eq!(store.last_n(TENANT, "same", 10).await.unwrap().len(), 3);
+    let listed = store.list_sessions(TENANT, 10, None).await.unwrap().sessions;
+    assert_eq!(listed.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), vec!["same"]);
+}
+
+/// Sessions are counted per tenant; deleting one counts down.
+pub async fn sessions_are_counted_per_tenant<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 0);
+    for id in ["s1", "s2", "s3"] {
+        new_session(&store, TENANT, id).await;
+    }
+    new_session(&store, OTHER_TENANT, "s1").await;
+    fill(&store, "s1", 2).await;
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 3);
+    assert_eq!(store.count_sessions(OTHER_TENANT).await.unwrap(), 1);
+    assert!(store.delete_session(TENANT, "s2").await.unwrap());
+    store.clear(TENANT, "s1").await.unwrap();
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 2);
+    assert_eq!(store.count_sessions("nobody").await.unwrap(), 0);
+}
+
+/// With a TTL, expired sessions are not counted.
+pub async fn expired_sessions_are_not_counted<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
+    new_session(&store, TENANT, "old").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    new_session(&store, TENANT, "new").await;
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
+}
+
 /// With a TTL, an idle session expires whole; each write slides the TTL.
 pub async fn sessions_expire_after_the_ttl_and_writes_slide_it<F, Fut>(factory: &F)
 where
@@ -605,7 +696,10 @@ macro_rules! store_contract_tests {
             turn_locks_admit_one_turn_per_session,
             turn_locks_expire_after_their_lease,
             cancel_requests_reach_the_lock_holder,
-            idempotency_keys_remember_the_first_request
+            idempotency_keys_remember_the_first_request,
+            another_tenant_reaches_nothing_of_a_session,
+            the_same_id_in_two_tenants_is_two_sessions,
+            sessions_are_counted_per_tenant
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn reports_whether_it_is_distributed() {
@@ -625,6 +719,10 @@ macro_rules! store_contract_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn sessions_expire_after_the_ttl_and_writes_slide_it() {
             $crate::store::contract::sessions_expire_after_the_ttl_and_writes_slide_it(&$factory).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn expired_sessions_are_not_counted() {
+            $crate::store::contract::expired_sessions_are_not_counted(&$factory).await;
         }
     };
     (@ttl $factory:path, false) => {};

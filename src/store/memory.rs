@@ -414,4 +414,8 @@ impl ConversationStore for MemoryStore {
             Err(e) => Err(e),
         }
     }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        Ok(self.read().get(tenant).map_or(0, |t| t.sessions.len() as u64))
+    }
 }

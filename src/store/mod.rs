@@ -281,4 +281,7 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Forgets a key (its turn failed before storing anything, so a retry may run again).
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
+    /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
+    /// sessions may be counted until the backend notices they expired.
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;
 }

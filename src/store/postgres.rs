@@ -704,6 +704,10 @@ pub mod sql {
     pub const SWEEP_IDEMPOTENCY: &str = "delete from idempotency_keys where (tenant, session_id, key) in (\
          select tenant, session_id, key from idempotency_keys where expires_at <= now() \
          order by expires_at limit $1 for update skip locked)";
+    /// Counts a tenant's live sessions (an index-only range of `sessions_list_idx`, mostly).
+    /// Binds: tenant.
+    pub const COUNT_SESSIONS: &str =
+        concat!("select count(*) from sessions s where s.tenant = $1 and ", live!());
 
     /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
     pub const SWEEP: &str = "delete from sessions where (tenant, id) in (\
@@ -1015,5 +1019,10 @@ impl ConversationStore for PgStore {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         let query = sqlx::query(ABORT_IDEMPOTENT).bind(tenant).bind(session_id).bind(key);
         self.timed(query.execute(&self.pool)).await.map(|_| ())
+    }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        let query = sqlx::query_scalar::<_, i64>(COUNT_SESSIONS).bind(tenant);
+        Ok(to_u64(self.timed(query.fetch_one(&self.pool)).await?))
     }
 }

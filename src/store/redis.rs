@@ -56,7 +56,8 @@
 //! `get_session` HGETALL · `get_turn` HGET · `append`, `create_session`, `clear`, `put_turn`,
 //! `delete_session`, `read_page`, `last_n` and the eight lock and idempotency methods one EVALSHA
 //! each · `ping` PING · `list_sessions` one ZRANGE (or a pipeline of two with a cursor) plus one
-//! pipeline of HGETALL, plus one EVALSHA when it finds expired sessions.
+//! pipeline of HGETALL, plus one EVALSHA when it finds expired sessions · `count_sessions` ZCARD
+//! (ZCOUNT with a TTL).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -933,6 +934,23 @@ impl ConversationStore for RedisStore {
         call.arg(key);
         // Never retried: by then another request may have begun the key afresh.
         self.write::<i64>(&call).await.map(|_| ())
+    }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        // The index scores a session by its last write, and every write slides its TTL: with a
+        // TTL, members scored before `now - ttl` have expired and are not counted.
+        let index = self.index_key(tenant);
+        let cmd = if self.ttl_ms == 0 {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(index);
+            cmd
+        } else {
+            let oldest = now().timestamp_micros().saturating_sub(self.ttl_ms as i64 * 1000);
+            let mut cmd = redis::cmd("ZCOUNT");
+            cmd.arg(index).arg(format!("({oldest}")).arg("+inf");
+            cmd
+        };
+        self.query(&cmd).await
     }
 }
 

@@ -89,6 +89,30 @@ impl Backend {
     }
 }
 
+impl Backend {
+    /// Flags that make the rate limiter count where this backend keeps its data: Redis (under a
+    /// fresh prefix) for Redis, memory otherwise.
+    pub fn limiter_args(self) -> Vec<String> {
+        match self {
+            Backend::Redis => {
+                vec!["--store".into(), "redis".into(), "--redis-prefix".into(), unique_name("parley_test_rl")]
+            }
+            Backend::Memory | Backend::Postgres => Vec::new(),
+        }
+    }
+}
+
+/// The API key of tenant `acme` in [`two_tenants`].
+pub const KEY_A: &str = "pk_keya_0123456789abcdef0123456789abcdef";
+/// The API key of tenant `globex` in [`two_tenants`].
+pub const KEY_B: &str = "pk_keyb_fedcba9876543210fedcba9876543210";
+
+/// Flags for API-key authentication with two tenants: `acme` ([`KEY_A`]) and `globex` ([`KEY_B`]).
+pub fn two_tenants() -> Vec<String> {
+    let keys = format!("acme:{KEY_A},globex:{KEY_B}");
+    vec!["--auth".into(), "api_key".into(), "--api-keys".into(), keys]
+}
+
 /// Parses flags as the binary would (environment variables apply too).
 pub fn config(args: &[&str]) -> Config {
     let mut all = vec!["parley", "--addr", "127.0.0.1:0"];
@@ -157,7 +181,7 @@ pub async fn spawn_app_with(spawn: Spawn) -> TestApp {
         Some(tools) => tools,
         None => parley::app::build_tools(&cfg).expect("tools"),
     };
-    let state = parley::app::state_from_parts(&cfg, Arc::clone(&store), model, tools);
+    let state = parley::app::state_from_parts(&cfg, Arc::clone(&store), model, tools).expect("app state");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
@@ -250,6 +274,76 @@ impl TestApp {
             .unwrap();
         assert_eq!(response.status(), 200);
         collect_events(response).await
+    }
+}
+
+impl TestApp {
+    /// A caller that sends `Authorization: Bearer <key>` on every request.
+    pub fn caller(&self, key: &str) -> Caller {
+        let mut headers = reqwest::header::HeaderMap::new();
+        let value = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}")).expect("header");
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+        let client = reqwest::Client::builder().default_headers(headers).build().expect("client");
+        Caller { base: self.base.clone(), client }
+    }
+}
+
+/// One caller of a running parley, with its own API key.
+pub struct Caller {
+    /// `http://127.0.0.1:<port>`.
+    pub base: String,
+    /// A client that sends the caller's key.
+    pub client: reqwest::Client,
+}
+
+impl Caller {
+    /// The full URL of a path.
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends a request with an optional JSON body.
+    pub async fn send(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> reqwest::Response {
+        let mut request = self.client.request(method, self.url(path));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().await.expect("request")
+    }
+
+    /// `GET` a path and return status and JSON body.
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.send(reqwest::Method::GET, path, None).await;
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Creates a session with this id, asserting 201.
+    pub async fn create_session(&self, id: &str) -> Value {
+        let response = self.send(reqwest::Method::POST, "/v1/sessions", Some(json!({ "id": id }))).await;
+        assert_eq!(response.status(), 201, "create session {id}");
+        response.json().await.unwrap()
+    }
+
+    /// Posts a user turn (JSON answer), asserting 200; returns the turn.
+    pub async fn post_message(&self, session: &str, content: &str) -> Value {
+        let path = format!("/v1/sessions/{session}/messages");
+        let response = self.send(reqwest::Method::POST, &path, Some(json!({ "content": content }))).await;
+        let status = response.status();
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(status, 200, "post message: {body}");
+        body
+    }
+
+    /// Posts a streamed turn and returns the response as is (the stream open).
+    pub async fn start_stream(&self, session: &str, content: &str) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1/sessions/{session}/messages")))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "content": content }))
+            .send()
+            .await
+            .expect("request")
     }
 }
 

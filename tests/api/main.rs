@@ -33,6 +33,7 @@ macro_rules! for_each_backend {
 }
 
 mod agent_loop;
+mod auth;
 mod docs;
 mod durability;
 mod errors;
@@ -41,12 +42,15 @@ mod helpers;
 mod history;
 mod integrity;
 mod lifecycle;
+mod limits;
 mod openai;
 mod servers;
 mod sessions;
+mod startup;
 mod store_memory;
 mod store_postgres;
 mod store_redis;
 mod streaming;
+mod tenancy;
 mod tools_http;
 mod turns;

@@ -1,0 +1,174 @@
+//! The binary itself: start-up refuses unsafe or incomplete authentication settings with a
+//! message naming the fix, `parley keys new` makes a working key, and no key reaches the logs.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::auth::KeysFile;
+use crate::helpers::{install_crypto, unique_name};
+
+/// The `parley` binary with an empty environment plus these variables.
+fn parley(env: &[(&str, &str)]) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
+    command.env_clear().envs(env.iter().copied()).kill_on_drop(true);
+    command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    command
+}
+
+/// Runs the binary to its exit (within 20 s); returns success and stderr.
+async fn run_to_exit(env: &[(&str, &str)]) -> (bool, String) {
+    let child = parley(env).spawn().expect("spawn parley");
+    let output = tokio::time::timeout(Duration::from_secs(20), child.wait_with_output())
+        .await
+        .expect("parley should exit, not serve")
+        .unwrap();
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+async fn refuses_to_start(env: &[(&str, &str)], expected: &[&str]) {
+    let (ok, stderr) = run_to_exit(env).await;
+    assert!(!ok, "parley started with {env:?}");
+    for text in expected {
+        assert!(stderr.contains(text), "the error names {text:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn a_public_address_without_parley_auth_refuses_to_start() {
+    refuses_to_start(&[("PARLEY_ADDR", "0.0.0.0:0")], &["PARLEY_AUTH=api_key", "PARLEY_AUTH=none"]).await;
+}
+
+#[tokio::test]
+async fn api_key_auth_without_keys_refuses_to_start() {
+    refuses_to_start(&[("PARLEY_AUTH", "api_key")], &["PARLEY_API_KEYS_FILE", "parley keys new"]).await;
+}
+
+#[tokio::test]
+async fn a_keys_file_without_an_active_key_or_unreadable_refuses_to_start() {
+    let file = KeysFile::toml(&[("old", "acme", "pk_old_secret", true)]);
+    let path = file.path();
+    refuses_to_start(&[("PARLEY_AUTH", "api_key"), ("PARLEY_API_KEYS_FILE", &path)], &["no active key"])
+        .await;
+    let missing = std::env::temp_dir().join(format!("{}.toml", unique_name("absent")));
+    let missing = missing.display().to_string();
+    let env = [("PARLEY_AUTH", "api_key"), ("PARLEY_API_KEYS_FILE", missing.as_str())];
+    refuses_to_start(&env, &["PARLEY_API_KEYS_FILE", &missing, "cannot read it"]).await;
+}
+
+#[tokio::test]
+async fn malformed_dev_keys_refuse_to_start_without_showing_them() {
+    let (ok, stderr) = run_to_exit(&[("PARLEY_AUTH", "api_key"), ("PARLEY_API_KEYS", "acme:hunter2")]).await;
+    assert!(!ok);
+    assert!(stderr.contains("PARLEY_API_KEYS pair #1"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// A running parley: its address and every line it logged so far.
+struct Running {
+    child: Child,
+    addr: String,
+    logs: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Starts the binary on a free port (JSON logs) and waits until it listens.
+    async fn start(env: &[(&str, &str)]) -> Running {
+        install_crypto();
+        let mut all = vec![("PARLEY_LOG_FORMAT", "json")];
+        all.extend_from_slice(env);
+        if !env.iter().any(|(k, _)| *k == "PARLEY_ADDR") {
+            all.push(("PARLEY_ADDR", "127.0.0.1:0"));
+        }
+        let mut child = parley(&all).spawn().expect("spawn parley");
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let addr = tokio::time::timeout(Duration::from_secs(20), async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                logs.lock().unwrap().push(line.clone());
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
+                if entry["fields"]["message"] == "parley listening" {
+                    return entry["fields"]["addr"].as_str().unwrap().to_owned();
+                }
+            }
+            panic!("parley exited: {:?}", logs.lock().unwrap());
+        })
+        .await
+        .expect("parley listens within 20 s");
+        let sink = std::sync::Arc::clone(&logs);
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Running { child, addr: addr.replace("0.0.0.0", "127.0.0.1"), logs }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Stops the process and returns everything it logged.
+    async fn stop(mut self) -> String {
+        self.child.kill().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.logs.lock().unwrap().join("\n")
+    }
+}
+
+#[tokio::test]
+async fn auth_none_on_a_public_address_starts_with_a_warning() {
+    let running = Running::start(&[("PARLEY_ADDR", "0.0.0.0:0"), ("PARLEY_AUTH", "none")]).await;
+    let status = reqwest::get(running.url("/v1/sessions")).await.unwrap().status();
+    assert_eq!(status, 200);
+    let logs = running.stop().await;
+    let warning = logs.lines().find(|l| l.contains("PARLEY_AUTH=none")).expect("a warning");
+    assert!(warning.contains("WARN"), "{warning}");
+}
+
+/// Runs `parley keys new`, returning the key and the TOML entry it printed.
+async fn new_key(tenant: &str, id: &str) -> (String, String) {
+    let output = parley(&[]).args(["keys", "new", "--tenant", tenant, "--id", id]).output().await.unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8(output.stdout).unwrap();
+    let key = stdout.split_whitespace().find(|w| w.starts_with("pk_")).expect("the key").to_owned();
+    let entry = stdout[stdout.find("[[keys]]").expect("the entry")..].to_owned();
+    assert!(!entry.contains(&key), "the entry holds the hash, not the key");
+    (key, entry)
+}
+
+#[tokio::test]
+async fn a_key_from_parley_keys_new_works_and_no_key_reaches_the_logs() {
+    let (key, entry) = new_key("acme", "ci").await;
+    assert!(key.starts_with("pk_ci_") && key.len() == "pk_ci_".len() + 64, "{key}");
+    let file = KeysFile::toml(&[]);
+    std::fs::write(&file.0, &entry).unwrap();
+    let path = file.path();
+    let dev_key = "pk_dev_devsecret0123456789";
+    let dev = format!("globex:{dev_key}");
+    let env = [
+        ("PARLEY_AUTH", "api_key"),
+        ("PARLEY_API_KEYS_FILE", path.as_str()),
+        ("PARLEY_API_KEYS", dev.as_str()),
+        ("PARLEY_LOG", "trace"),
+    ];
+    let running = Running::start(&env).await;
+    let client = reqwest::Client::new();
+    let send = |key: String, path: &'static str| {
+        client.post(running.url(path)).bearer_auth(key).json(&serde_json::json!({"content": "hi"})).send()
+    };
+    assert_eq!(send(key.clone(), "/v1/sessions").await.unwrap().status(), 201);
+    assert_eq!(send(dev_key.to_owned(), "/v1/sessions").await.unwrap().status(), 201);
+    let wrong = format!("{}ff", &key[..key.len() - 2]);
+    assert_eq!(send(wrong.clone(), "/v1/sessions").await.unwrap().status(), 401);
+    assert_eq!(send("pk_zz_wrongsecretvalue".into(), "/v1/sessions").await.unwrap().status(), 401);
+    let logs = running.stop().await;
+    assert!(logs.contains("\"auth.key_id\":\"ci\""), "the key id is logged");
+    assert!(logs.contains("\"tenant\":\"acme\""), "the tenant is logged");
+    for secret in [&key[6..], "devsecret0123456789", &wrong[6..], "wrongsecretvalue"] {
+        assert!(!logs.contains(secret), "a secret reached the logs");
+    }
+}
