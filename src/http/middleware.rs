@@ -57,12 +57,18 @@ pub async fn problem_fallback(response: Response<Body>) -> Response<Body> {
     };
     let mut rebuilt = problem_response(&error.problem());
     *rebuilt.status_mut() = status;
+    keep_headers(&mut rebuilt, &parts);
+    rebuilt
+}
+
+/// Copies the original response's headers (`Allow`, `Retry-After`, request id…), except the
+/// body's own.
+fn keep_headers(rebuilt: &mut Response<Body>, parts: &axum::http::response::Parts) {
     for (name, value) in parts.headers.iter() {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
             rebuilt.headers_mut().insert(name, value.clone());
         }
     }
-    rebuilt
 }
 
 fn generic(status: StatusCode, parts: axum::http::response::Parts) -> Response<Body> {
@@ -76,11 +82,7 @@ fn generic(status: StatusCode, parts: axum::http::response::Parts) -> Response<B
         turn_id: None,
     };
     let mut rebuilt = problem_response(&problem);
-    for (name, value) in parts.headers.iter() {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            rebuilt.headers_mut().insert(name, value.clone());
-        }
-    }
+    keep_headers(&mut rebuilt, &parts);
     rebuilt
 }
 

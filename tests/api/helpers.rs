@@ -262,8 +262,8 @@ impl TestApp {
         }
     }
 
-    /// Posts a streamed turn and collects every SSE event until the stream ends.
-    pub async fn stream_turn(&self, session: &str, content: &str) -> Vec<SseEvent> {
+    /// Posts a streamed turn and returns the open SSE response, asserting 200.
+    pub async fn open_stream(&self, session: &str, content: &str) -> reqwest::Response {
         let response = self
             .client
             .post(self.url(&format!("/v1/sessions/{session}/messages")))
@@ -273,7 +273,12 @@ impl TestApp {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        collect_events(response).await
+        response
+    }
+
+    /// Posts a streamed turn and collects every SSE event until the stream ends.
+    pub async fn stream_turn(&self, session: &str, content: &str) -> Vec<SseEvent> {
+        collect_events(self.open_stream(session, content).await).await
     }
 }
 

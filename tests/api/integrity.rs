@@ -19,22 +19,10 @@ async fn post(app: &TestApp, session: &str, body: Value, key: Option<&str>) -> r
     request.send().await.unwrap()
 }
 
-async fn open_stream(app: &TestApp, session: &str, content: &str) -> reqwest::Response {
-    let response = app
-        .client
-        .post(app.url(&format!("/v1/sessions/{session}/messages?stream=true")))
-        .json(&json!({ "content": content }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response
-}
-
 async fn a_busy_session_is_409_on_every_replica(backend: Backend) {
     let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "80"]).await;
     apps[0].create_session("busy").await;
-    let mut stream = open_stream(&apps[0], "busy", "one two three four").await.bytes_stream().eventsource();
+    let mut stream = apps[0].open_stream("busy", "one two three four").await.bytes_stream().eventsource();
     let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
     let response = post(&apps[1], "busy", json!({"content": "from the other replica"}), None).await;
     assert_eq!(response.status(), 409);
@@ -49,7 +37,7 @@ async fn waiting_turns_run_after_the_running_one_in_arrival_order(backend: Backe
     let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
     let app = &apps[0];
     app.create_session("queue").await;
-    let first = open_stream(app, "queue", "first turn is slow").await;
+    let first = app.open_stream("queue", "first turn is slow").await;
     let reader = tokio::spawn(collect_events(first));
     let mut waiters = Vec::new();
     for name in ["second", "third", "fourth"] {
@@ -78,7 +66,7 @@ async fn a_wait_past_the_busy_timeout_is_409(backend: Backend) {
     let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "200", "--if-busy-timeout", "150ms"]).await;
     let app = &apps[0];
     app.create_session("slow").await;
-    let _first = open_stream(app, "slow", "a b c d e").await;
+    let _first = app.open_stream("slow", "a b c d e").await;
     let response = post(app, "slow", json!({"content": "x", "if_busy": "wait"}), None).await;
     assert_eq!(response.status(), 409);
 }
@@ -140,7 +128,7 @@ async fn an_idempotent_retry_while_the_turn_runs_is_409_with_its_id(backend: Bac
 async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
     let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100"]).await;
     apps[0].create_session("cx").await;
-    let response = open_stream(&apps[0], "cx", "one two three four five six seven eight nine").await;
+    let response = apps[0].open_stream("cx", "one two three four five six seven eight nine").await;
     let mut stream = response.bytes_stream().eventsource();
     let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
     stream.next().await.unwrap().unwrap();

@@ -8,24 +8,11 @@ use serde_json::{Value, json};
 
 use crate::helpers::{collect_events, spawn_app};
 
-async fn start_stream(app: &crate::helpers::TestApp, session: &str, content: &str) -> reqwest::Response {
-    let response = app
-        .client
-        .post(app.url(&format!("/v1/sessions/{session}/messages")))
-        .header("accept", "text/event-stream")
-        .json(&json!({ "content": content }))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response
-}
-
 #[tokio::test]
 async fn a_second_turn_in_a_busy_session_is_409_with_the_running_turn_id() {
     let app = spawn_app(&["--echo-delay-ms", "100"]).await;
     app.create_session("busy").await;
-    let mut first = start_stream(&app, "busy", "one two three").await.bytes_stream().eventsource();
+    let mut first = app.open_stream("busy", "one two three").await.bytes_stream().eventsource();
     let started = first.next().await.unwrap().unwrap();
     let running: Value = serde_json::from_str(&started.data).unwrap();
     let response = app.post_message_raw("busy", json!({"content": "me too"})).await;
@@ -42,7 +29,7 @@ async fn a_second_turn_in_a_busy_session_is_409_with_the_running_turn_id() {
 async fn a_client_that_disconnects_mid_stream_still_gets_its_reply_saved() {
     let app = spawn_app(&["--echo-delay-ms", "50"]).await;
     app.create_session("d").await;
-    let mut stream = start_stream(&app, "d", "a b c d e f").await.bytes_stream().eventsource();
+    let mut stream = app.open_stream("d", "a b c d e f").await.bytes_stream().eventsource();
     stream.next().await.unwrap().unwrap(); // turn.started
     stream.next().await.unwrap().unwrap(); // first delta
     drop(stream);
@@ -62,7 +49,7 @@ async fn a_client_that_disconnects_mid_stream_still_gets_its_reply_saved() {
 async fn cancelling_a_running_turn_saves_the_partial_text_and_ends_the_stream() {
     let app = spawn_app(&["--echo-delay-ms", "100"]).await;
     app.create_session("c").await;
-    let response = start_stream(&app, "c", "one two three four five six seven eight").await;
+    let response = app.open_stream("c", "one two three four five six seven eight").await;
     let mut stream = response.bytes_stream().eventsource();
     let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
     stream.next().await.unwrap().unwrap(); // a delta or two arrive
@@ -97,7 +84,7 @@ async fn shutdown_lets_running_turns_finish_and_refuses_new_ones() {
     let mut app = spawn_app(&["--echo-delay-ms", "100", "--shutdown-grace", "10s"]).await;
     app.create_session("g").await;
     app.create_session("h").await;
-    let response = start_stream(&app, "g", "one two three four").await;
+    let response = app.open_stream("g", "one two three four").await;
     let reader = tokio::spawn(collect_events(response));
     tokio::time::sleep(Duration::from_millis(150)).await;
     let server = app.begin_shutdown();
@@ -113,7 +100,7 @@ async fn shutdown_lets_running_turns_finish_and_refuses_new_ones() {
 async fn shutdown_cancels_turns_still_running_after_the_grace_period() {
     let mut app = spawn_app(&["--echo-delay-ms", "200", "--shutdown-grace", "300ms"]).await;
     app.create_session("g").await;
-    let response = start_stream(&app, "g", "a b c d e f g h i j k l m n o p").await;
+    let response = app.open_stream("g", "a b c d e f g h i j k l m n o p").await;
     let reader = tokio::spawn(collect_events(response));
     tokio::time::sleep(Duration::from_millis(450)).await;
     let server = app.begin_shutdown();
