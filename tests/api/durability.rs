@@ -199,3 +199,86 @@ async fn sigterm_lets_the_running_turn_finish_before_exiting() {
     assert!(exited.await.unwrap(), "clean exit");
     assert!(client.get(format!("{base}/healthz")).send().await.is_err(), "the process is gone");
 }
+
+/// Starts parley while its store is down: it starts anyway, reports 503, and works once the
+/// store comes up (for PostgreSQL, after applying the migrations it could not apply at start-up).
+async fn starts_while_the_store_is_down(env: Vec<(&str, String)>, start_store: impl Fn()) {
+    install_crypto();
+    let client = reqwest::Client::new();
+    let mut env = env;
+    env.push(("PARLEY_STORE_TIMEOUT", "1s".to_owned()));
+    let app = ParleyProcess::start(&env).await;
+    wait_ready(&client, &app.base, 503).await;
+    let response = client.get(format!("{}/v1/sessions", app.base)).send().await.unwrap();
+    assert_eq!(response.status(), 503);
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "store_unavailable");
+    start_store();
+    wait_ready(&client, &app.base, 200).await;
+    let mut created = 0;
+    for _ in 0..30 {
+        let response = client.post(format!("{}/v1/sessions", app.base)).json(&json!({"id": "late"})).send().await;
+        created = response.map(|r| r.status().as_u16()).unwrap_or(0);
+        if created == 201 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(created, 201, "parley recovered by itself");
+    assert_eq!(turn(&client, &app.base, "late", "hello").await.status(), 200);
+}
+
+#[tokio::test]
+async fn parley_starts_while_redis_is_down_and_recovers() {
+    let redis = std::sync::Arc::new(std::sync::Mutex::new(PrivateRedis::start()));
+    let url = redis.lock().unwrap().url();
+    redis.lock().unwrap().kill();
+    let up = redis.clone();
+    starts_while_the_store_is_down(vec![("PARLEY_STORE", "redis".into()), ("REDIS_URL", url)], move || {
+        up.lock().unwrap().up()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn parley_starts_while_postgres_is_down_and_migrates_when_it_is_back() {
+    let pg = std::sync::Arc::new(PrivatePostgres::start());
+    pg.kill();
+    let up = pg.clone();
+    starts_while_the_store_is_down(vec![("PARLEY_STORE", "postgres".into()), ("DATABASE_URL", pg.url())], move || {
+        up.up()
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn parley_migrate_applies_the_migrations_and_exits() {
+    let schema = unique_name("t");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+        .arg("migrate")
+        .env("DATABASE_URL", database_url())
+        .env("PARLEY_PG_SCHEMA", &schema)
+        .env("PARLEY_LOG", "warn")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let store = parley::store::postgres::PgStore::new(parley::store::postgres::PgOptions {
+        url: database_url(),
+        pool_size: 1,
+        schema: Some(schema.clone()),
+        max_messages: None,
+        ttl: None,
+        op_timeout: Duration::from_secs(10),
+    })
+    .unwrap();
+    let tables: Vec<String> = sqlx::query_scalar(
+        "select table_name::text from information_schema.tables where table_schema = $1 order by 1",
+    )
+    .bind(&schema)
+    .fetch_all(store.pool())
+    .await
+    .unwrap();
+    for table in ["idempotency_keys", "messages", "sessions", "turn_locks", "turns"] {
+        assert!(tables.iter().any(|t| t == table), "{table} in {tables:?}");
+    }
+}
