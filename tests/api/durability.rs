@@ -217,7 +217,8 @@ async fn starts_while_the_store_is_down(env: Vec<(&str, String)>, start_store: i
     wait_ready(&client, &app.base, 200).await;
     let mut created = 0;
     for _ in 0..30 {
-        let response = client.post(format!("{}/v1/sessions", app.base)).json(&json!({"id": "late"})).send().await;
+        let response =
+            client.post(format!("{}/v1/sessions", app.base)).json(&json!({"id": "late"})).send().await;
         created = response.map(|r| r.status().as_u16()).unwrap_or(0);
         if created == 201 {
             break;
@@ -245,9 +246,10 @@ async fn parley_starts_while_postgres_is_down_and_migrates_when_it_is_back() {
     let pg = std::sync::Arc::new(PrivatePostgres::start());
     pg.kill();
     let up = pg.clone();
-    starts_while_the_store_is_down(vec![("PARLEY_STORE", "postgres".into()), ("DATABASE_URL", pg.url())], move || {
-        up.up()
-    })
+    starts_while_the_store_is_down(
+        vec![("PARLEY_STORE", "postgres".into()), ("DATABASE_URL", pg.url())],
+        move || up.up(),
+    )
     .await;
 }
 

@@ -130,3 +130,32 @@ async fn unknown_routes_are_404_and_wrong_methods_405_as_problems() {
     let response = app.client.patch(app.url("/v1/sessions/x/messages")).send().await.unwrap();
     problem(response, 405, "method_not_allowed").await;
 }
+
+fn faulty(method: &'static str, fault: crate::faulty_store::Fault) -> crate::helpers::Spawn {
+    let store = crate::faulty_store::FaultyStore { inner: Default::default(), method, fault };
+    crate::helpers::Spawn {
+        args: vec!["--request-timeout".into(), "300ms".into()],
+        store: Some(std::sync::Arc::new(store)),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn a_request_over_the_timeout_is_408_as_a_problem() {
+    let stall = crate::faulty_store::Fault::Stall(std::time::Duration::from_secs(5));
+    let app = crate::helpers::spawn_app_with(faulty("list_sessions", stall)).await;
+    let started = std::time::Instant::now();
+    let response = app.client.get(app.url("/v1/sessions")).send().await.unwrap();
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    problem(response, 408, "request_timeout").await;
+}
+
+#[tokio::test]
+async fn a_panic_in_a_handler_is_a_500_problem_without_its_message() {
+    let app = crate::helpers::spawn_app_with(faulty("get_session", crate::faulty_store::Fault::Panic)).await;
+    let response = app.client.get(app.url("/v1/sessions/boom")).send().await.unwrap();
+    let body = problem(response, 500, "internal_error").await;
+    assert!(!body.to_string().contains("injected"), "the panic message is not sent: {body}");
+    let (status, _) = app.get_json("/healthz").await;
+    assert_eq!(status, 200, "the service keeps serving");
+}

@@ -38,6 +38,7 @@ mod docs;
 mod durability;
 mod errors;
 mod fake_openai;
+mod faulty_store;
 mod helpers;
 mod history;
 mod integrity;
