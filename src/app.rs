@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
@@ -153,6 +154,13 @@ pub async fn serve(
         agent.registry().shutdown(grace).await;
         let _ = drained_tx.send(());
     };
+    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client ACKs the
+    // previous one (a delayed ACK: tens of milliseconds per delta).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+    });
     let server = axum::serve(listener, router).with_graceful_shutdown(signal).into_future();
     tokio::pin!(server);
     tokio::select! {
