@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
@@ -171,6 +172,13 @@ pub async fn serve(
         agent.registry().shutdown(grace).await;
         let _ = drained_tx.send(());
     };
+    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client ACKs the
+    // previous one (a delayed ACK: tens of milliseconds per delta).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+        }
+    });
     // The client address keys rate limits when authentication is off.
     let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
     let server = axum::serve(listener, service).with_graceful_shutdown(signal).into_future();

@@ -5,6 +5,12 @@
 //! found by binary search and cost O(log n + page). A session holds at most `max_messages`
 //! messages: appending past the cap drops the oldest. Locks are `std::sync` locks held only for
 //! in-memory work, never across an `.await`.
+//!
+//! Messages are kept in a compact form ([`StoredMessage`]): no copy of the session id, the text
+//! as an exact-size `Box<str>`, and the fields most messages leave empty (metadata, tool calls)
+//! behind one optional box. A stored message costs about 80 bytes plus its text, against about
+//! 280 plus its text as a [`Message`]; reads rebuild the `Message`s they return. Turn records are
+//! kept the same way ([`StoredTurn`]: no session id, the error boxed, the ids an exact-size slice).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::RwLock;
@@ -17,7 +23,9 @@ use super::{
     AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
     MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
 };
-use crate::domain::{Message, NewSession, Session, Turn, now};
+use chrono::{DateTime, Utc};
+
+use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, now};
 
 /// Default cap on messages per session (`PARLEY_MEMORY_MAX_MESSAGES`).
 pub const DEFAULT_MAX_MESSAGES: usize = 10_000;
@@ -38,13 +46,113 @@ struct TenantData {
     by_updated: BTreeSet<(i64, String)>,
 }
 
+/// A message as the memory store keeps it; [`StoredMessage::to_message`] rebuilds the `Message`.
+#[derive(Debug)]
+struct StoredMessage {
+    id: Uuid,
+    turn_id: Uuid,
+    seq: u64,
+    created_at: DateTime<Utc>,
+    role: Role,
+    content: Box<str>,
+    /// Metadata, tool calls, tool call id and name; `None` when all are empty (most messages).
+    extra: Option<Box<Extra>>,
+}
+
+/// The rarely used fields of a stored message.
+#[derive(Debug)]
+struct Extra {
+    metadata: Metadata,
+    tool_calls: Option<Vec<ToolCall>>,
+    tool_call_id: Option<String>,
+    name: Option<String>,
+}
+
+impl StoredMessage {
+    fn of(m: &Message) -> Self {
+        let plain =
+            m.metadata.is_empty() && m.tool_calls.is_none() && m.tool_call_id.is_none() && m.name.is_none();
+        let extra = (!plain).then(|| {
+            Box::new(Extra {
+                metadata: m.metadata.clone(),
+                tool_calls: m.tool_calls.clone(),
+                tool_call_id: m.tool_call_id.clone(),
+                name: m.name.clone(),
+            })
+        });
+        StoredMessage {
+            id: m.id,
+            turn_id: m.turn_id,
+            seq: m.seq,
+            created_at: m.created_at,
+            role: m.role,
+            content: m.content.as_str().into(),
+            extra,
+        }
+    }
+
+    fn to_message(&self, session_id: &str) -> Message {
+        let extra = self.extra.as_deref();
+        Message {
+            id: self.id,
+            session_id: session_id.to_owned(),
+            seq: self.seq,
+            turn_id: self.turn_id,
+            role: self.role,
+            content: self.content.to_string(),
+            metadata: extra.map(|e| e.metadata.clone()).unwrap_or_default(),
+            tool_calls: extra.and_then(|e| e.tool_calls.clone()),
+            tool_call_id: extra.and_then(|e| e.tool_call_id.clone()),
+            name: extra.and_then(|e| e.name.clone()),
+            created_at: self.created_at,
+        }
+    }
+}
+
+/// A turn record as the memory store keeps it (its id is the map key).
+#[derive(Debug)]
+struct StoredTurn {
+    status: TurnStatus,
+    error: Option<Box<serde_json::Value>>,
+    message_ids: Box<[Uuid]>,
+    usage: Option<Usage>,
+    created_at: DateTime<Utc>,
+    completed_at: Option<DateTime<Utc>>,
+}
+
+impl StoredTurn {
+    fn of(turn: &Turn) -> Self {
+        StoredTurn {
+            status: turn.status,
+            error: turn.error.clone().map(Box::new),
+            message_ids: turn.message_ids.as_slice().into(),
+            usage: turn.usage,
+            created_at: turn.created_at,
+            completed_at: turn.completed_at,
+        }
+    }
+
+    fn to_turn(&self, id: Uuid, session_id: &str) -> Turn {
+        Turn {
+            id,
+            session_id: session_id.to_owned(),
+            status: self.status,
+            error: self.error.as_deref().cloned(),
+            message_ids: self.message_ids.to_vec(),
+            usage: self.usage,
+            created_at: self.created_at,
+            completed_at: self.completed_at,
+        }
+    }
+}
+
 #[derive(Debug)]
 struct SessionData {
     session: Session,
-    messages: VecDeque<Message>,
+    messages: VecDeque<StoredMessage>,
     /// The last seq handed out; survives clears and trimming.
     last_seq: u64,
-    turns: HashMap<Uuid, Turn>,
+    turns: HashMap<Uuid, StoredTurn>,
     /// Turn ids oldest first, to bound how many records a session keeps.
     turn_order: VecDeque<Uuid>,
     /// The turn holding the session, if its lease has not run out.
@@ -111,8 +219,8 @@ impl TenantData {
 }
 
 impl SessionData {
-    fn remember_turn(&mut self, turn: Turn, cap: usize) {
-        if self.turns.insert(turn.id, turn.clone()).is_none() {
+    fn remember_turn(&mut self, turn: &Turn, cap: usize) {
+        if self.turns.insert(turn.id, StoredTurn::of(turn)).is_none() {
             self.turn_order.push_back(turn.id);
         }
         while self.turn_order.len() > cap {
@@ -144,9 +252,10 @@ impl SessionData {
         let end = end.max(start);
         let available = end - start;
         let take = q.limit.min(available);
+        let id = self.session.id.as_str();
         let messages: Vec<Message> = match q.order {
-            Order::Asc => msgs.range(start..start + take).cloned().collect(),
-            Order::Desc => msgs.range(end - take..end).rev().cloned().collect(),
+            Order::Asc => msgs.range(start..start + take).map(|m| m.to_message(id)).collect(),
+            Order::Desc => msgs.range(end - take..end).rev().map(|m| m.to_message(id)).collect(),
         };
         MessagePage { messages, has_more: available > take }
     }
@@ -253,11 +362,11 @@ impl ConversationStore for MemoryStore {
             m.seq = d.last_seq;
             m.session_id = session_id.to_owned();
         }
-        d.messages.extend(stored.iter().cloned());
+        d.messages.extend(stored.iter().map(StoredMessage::of));
         while d.messages.len() > self.max_messages {
             d.messages.pop_front();
         }
-        if let Some(turn) = batch.turn {
+        if let Some(turn) = &batch.turn {
             d.remember_turn(turn, self.max_messages);
         }
         let old = d.session.updated_at.timestamp_micros();
@@ -275,7 +384,7 @@ impl ConversationStore for MemoryStore {
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
         self.with_session(tenant, session_id, |d| {
             let skip = d.messages.len().saturating_sub(n);
-            d.messages.range(skip..).cloned().collect()
+            d.messages.range(skip..).map(|m| m.to_message(&d.session.id)).collect()
         })
     }
 
@@ -296,12 +405,14 @@ impl ConversationStore for MemoryStore {
         let mut guard = self.write();
         let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
         let d = t.sessions.get_mut(&turn.session_id).ok_or(StoreError::SessionNotFound)?;
-        d.remember_turn(turn.clone(), self.max_messages);
+        d.remember_turn(turn, self.max_messages);
         Ok(())
     }
 
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {
-        match self.with_session(tenant, session_id, |d| d.turns.get(&turn_id).cloned()) {
+        match self.with_session(tenant, session_id, |d| {
+            d.turns.get(&turn_id).map(|t| t.to_turn(turn_id, &d.session.id))
+        }) {
             Err(StoreError::SessionNotFound) => Ok(None),
             other => other,
         }

@@ -1,0 +1,160 @@
+//! A lean HTTP/1.1 client: one keep-alive connection per worker (hyper's connection API, no pool),
+//! so the load generator spends as little CPU per request as it can; and an SSE event reader.
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use bytes::{Bytes, BytesMut};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::{self, SendRequest};
+use hyper::{Method, Request, StatusCode, header};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// One keep-alive connection to a server on 127.0.0.1, reopened after an error.
+pub struct Client {
+    addr: SocketAddr,
+    sender: Option<SendRequest<Full<Bytes>>>,
+}
+
+impl Client {
+    /// A client for `addr`; connects on first use.
+    pub fn new(addr: SocketAddr) -> Self {
+        assert!(addr.ip().is_loopback(), "the bench only sends load to the loopback interface");
+        Client { addr, sender: None }
+    }
+
+    async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
+        let stream = TcpStream::connect(self.addr).await.with_context(|| format!("connect {}", self.addr))?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    /// Sends a request and returns the response head with its body unread.
+    pub async fn send(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> anyhow::Result<hyper::Response<Incoming>> {
+        if self.sender.as_ref().is_none_or(|s| s.is_closed()) {
+            self.sender = Some(self.connect().await?);
+        }
+        let sender = self.sender.as_mut().expect("connected above");
+        if sender.ready().await.is_err() {
+            self.sender = None;
+            bail!("connection closed");
+        }
+        let mut request = Request::builder().method(method).uri(path).header(header::HOST, "127.0.0.1");
+        if body.is_some() {
+            request = request.header(header::CONTENT_TYPE, "application/json");
+        }
+        let request = request.body(Full::new(body.unwrap_or_default()))?;
+        match sender.send_request(request).await {
+            Ok(response) => Ok(response),
+            Err(e) => {
+                self.sender = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Sends a request and reads the whole response.
+    pub async fn call(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> anyhow::Result<(StatusCode, Bytes)> {
+        let response = self.send(method, path, body).await?;
+        let status = response.status();
+        match response.into_body().collect().await {
+            Ok(body) => Ok((status, body.to_bytes())),
+            Err(e) => {
+                self.sender = None;
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Like [`Client::call`], but a non-2xx status is an error.
+    pub async fn call_ok(
+        &mut self,
+        method: Method,
+        path: &str,
+        body: Option<Bytes>,
+    ) -> anyhow::Result<Bytes> {
+        let (status, body) = self.call(method.clone(), path, body).await?;
+        if !status.is_success() {
+            bail!("{method} {path} answered {status}: {}", String::from_utf8_lossy(&body));
+        }
+        Ok(body)
+    }
+}
+
+/// Reads Server-Sent Events from a response body, one event at a time.
+pub struct SseReader {
+    body: Incoming,
+    buf: BytesMut,
+}
+
+/// One event (only its name matters to the bench).
+pub struct SseEvent {
+    /// The `event:` field.
+    pub name: String,
+}
+
+impl SseReader {
+    /// Reads the events of `body`.
+    pub fn new(body: Incoming) -> Self {
+        SseReader { body, buf: BytesMut::new() }
+    }
+
+    /// The next complete event (comments skipped); `None` at the end of the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<SseEvent>> {
+        loop {
+            if let Some(end) = find(&self.buf, b"\n\n") {
+                let raw = self.buf.split_to(end + 2);
+                if let Some(event) = parse_event(&raw) {
+                    return Ok(Some(event));
+                }
+                continue;
+            }
+            match self.body.frame().await {
+                None => return Ok(None),
+                Some(frame) => {
+                    if let Ok(data) = frame?.into_data() {
+                        self.buf.extend_from_slice(&data);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn parse_event(raw: &[u8]) -> Option<SseEvent> {
+    let text = std::str::from_utf8(raw).ok()?;
+    let name = text.lines().find_map(|line| line.strip_prefix("event:"))?;
+    Some(SseEvent { name: name.trim().to_owned() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_parse_and_comments_do_not() {
+        let e = parse_event(b"event: message.delta\nid: 2\ndata: {\"a\":1}\n\n").unwrap();
+        assert_eq!(e.name, "message.delta");
+        assert!(parse_event(b": keep-alive\n\n").is_none());
+    }
+}

@@ -1,0 +1,239 @@
+//! The results: `bench/results.json` and the table printed at the end of a run.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+use crate::footprint::Footprint;
+use crate::growth::Growth;
+use crate::stats::Summary;
+use crate::streams::{OpenStreams, ProbeResult};
+
+/// Where and how the figures were measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// UTC time the run started.
+    pub date: String,
+    /// Logical CPUs.
+    pub cores: usize,
+    /// CPU model.
+    pub cpu: String,
+    /// Total memory, GiB.
+    pub memory_gib: f64,
+    /// Kernel release.
+    pub kernel: String,
+    /// The commit measured.
+    pub git: String,
+    /// The command line.
+    pub command: String,
+}
+
+/// Figures 1 and 2: turns against the floor, alternating in the same run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TurnFigures {
+    /// What the floor is.
+    pub floor_kind: String,
+    /// Store commands (or statements) per turn, for the Redis and PostgreSQL floors.
+    pub commands_per_turn: Option<usize>,
+    /// The commands, by name, for the record.
+    pub commands: Vec<String>,
+    /// Bytes of parley's turn response (the 2a floor answers as many).
+    pub response_bytes: usize,
+    /// parley's runs.
+    pub parley_runs: Vec<Summary>,
+    /// The floor's runs, each next to the parley run of the same index.
+    pub floor_runs: Vec<Summary>,
+    /// Medians of parley's runs.
+    pub parley: Summary,
+    /// Medians of the floor's runs.
+    pub floor: Summary,
+    /// Median over runs of parley's rate / the floor's rate in the same run.
+    pub ratio: f64,
+}
+
+/// Everything measured on one store.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StoreFigures {
+    /// `memory`, `redis` or `postgres`.
+    pub store: String,
+    /// Figures 1 and 2.
+    pub turns: Option<TurnFigures>,
+    /// Figure 3: history reads, per run.
+    pub reads_runs: Vec<Summary>,
+    /// Figure 3: medians.
+    pub reads: Option<Summary>,
+    /// Figure 4.
+    pub growth: Option<Growth>,
+    /// Figure 5a.
+    pub stream_overhead: Option<ProbeResult>,
+    /// Figure 5b.
+    pub open_streams: Option<OpenStreams>,
+    /// Errors that stopped a figure.
+    pub errors: Vec<String>,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Results {
+    /// The machine.
+    pub machine: Machine,
+    /// The run's settings.
+    pub settings: serde_json::Value,
+    /// Per store.
+    pub stores: Vec<StoreFigures>,
+    /// Figure 6.
+    pub footprint: Option<Footprint>,
+    /// Each target, met or not.
+    pub targets: Vec<Target>,
+}
+
+/// One target and whether the run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is aimed at.
+    pub what: String,
+    /// The measured figure.
+    pub measured: String,
+    /// Whether it is met.
+    pub met: bool,
+}
+
+fn target(
+    out: &mut Vec<Target>,
+    what: String,
+    value: Option<f64>,
+    fmt: impl Fn(f64) -> String,
+    ok: impl Fn(f64) -> bool,
+) {
+    if let Some(v) = value {
+        out.push(Target { what, measured: fmt(v), met: ok(v) });
+    }
+}
+
+/// Checks every target the run has figures for.
+pub fn targets(stores: &[StoreFigures], footprint: Option<&Footprint>) -> Vec<Target> {
+    let mut out = Vec::new();
+    for s in stores {
+        let name = &s.store;
+        let turns = s.turns.as_ref();
+        let floor = if name == "memory" { "bare-axum floor (2a)" } else { "store floor (2b/2c)" };
+        target(
+            &mut out,
+            format!("{name}: turns/s ≥ 50% of the {floor}"),
+            turns.map(|t| t.ratio),
+            |v| format!("{:.0}%", v * 100.0),
+            |v| v >= 0.5,
+        );
+        if name == "memory" {
+            target(
+                &mut out,
+                "memory: turn p99 ≤ 5 ms at 64 clients".into(),
+                turns.map(|t| t.parley.p99_ms),
+                |v| format!("{v:.2} ms"),
+                |v| v <= 5.0,
+            );
+        }
+        target(
+            &mut out,
+            format!("{name}: growth ratio ≤ 1.2"),
+            s.growth.as_ref().map(|g| g.ratio),
+            |v| format!("{v:.2}"),
+            |v| v <= 1.2,
+        );
+        target(
+            &mut out,
+            format!("{name}: stream overhead p99 ≤ 1 ms"),
+            s.stream_overhead.as_ref().map(|p| p.p99_ms),
+            |v| format!("{v:.3} ms"),
+            |v| v <= 1.0,
+        );
+        target(
+            &mut out,
+            format!("{name}: ≤ 64 KiB resident per open stream"),
+            s.open_streams.as_ref().map(|o| o.per_stream_bytes),
+            |v| format!("{:.1} KiB", v / 1024.0),
+            |v| v <= 65536.0,
+        );
+    }
+    if let Some(f) = footprint {
+        let limit = 2.0 * f.payload_bytes as f64 + 256.0;
+        target(
+            &mut out,
+            format!("memory store: ≤ 2 × payload + 256 = {limit:.0} B per message"),
+            Some(f.bytes_per_message),
+            |v| format!("{v:.0} B"),
+            |v| v <= limit,
+        );
+    }
+    out
+}
+
+fn cell(v: Option<String>) -> String {
+    v.unwrap_or_else(|| "–".to_owned())
+}
+
+fn row(
+    table: &mut String,
+    label: &str,
+    stores: &[StoreFigures],
+    f: impl Fn(&StoreFigures) -> Option<String>,
+) {
+    let cells: Vec<String> = stores.iter().map(|s| cell(f(s))).collect();
+    let _ = writeln!(table, "| {label} | {} |", cells.join(" | "));
+}
+
+/// The results as a Markdown table (the figures) and a list (the targets).
+pub fn markdown(results: &Results) -> String {
+    let stores = &results.stores;
+    let mut t = String::new();
+    let names: Vec<&str> = stores.iter().map(|s| s.store.as_str()).collect();
+    let _ = writeln!(t, "| figure | {} |", names.join(" | "));
+    let _ = writeln!(t, "|---|{}", "---:|".repeat(names.len()));
+    row(&mut t, "1. turns/s (64 clients, 1,000 sessions)", stores, |s| {
+        s.turns.as_ref().map(|x| format!("{:.0}", x.parley.per_sec))
+    });
+    row(&mut t, "1. turn latency p50 / p99 (ms)", stores, |s| {
+        s.turns.as_ref().map(|x| format!("{:.2} / {:.2}", x.parley.p50_ms, x.parley.p99_ms))
+    });
+    row(&mut t, "2. floor turns/s (2a axum, 2b Redis, 2c PostgreSQL)", stores, |s| {
+        s.turns.as_ref().map(|x| format!("{:.0}", x.floor.per_sec))
+    });
+    row(&mut t, "2. store commands per turn", stores, |s| {
+        s.turns.as_ref().and_then(|x| x.commands_per_turn).map(|n| n.to_string())
+    });
+    row(&mut t, "2. parley ÷ floor", stores, |s| {
+        s.turns.as_ref().map(|x| format!("{:.0}%", x.ratio * 100.0))
+    });
+    row(&mut t, "3. history reads/s (limit=50)", stores, |s| {
+        s.reads.as_ref().map(|x| format!("{:.0}", x.per_sec))
+    });
+    row(&mut t, "3. history read p99 (ms)", stores, |s| s.reads.as_ref().map(|x| format!("{:.2}", x.p99_ms)));
+    row(&mut t, "4. turn p50: 100k-message session / 10 (ms)", stores, |s| {
+        s.growth.as_ref().map(|g| format!("{:.3} / {:.3}", g.big_p50_ms, g.small_p50_ms))
+    });
+    row(&mut t, "4. growth ratio", stores, |s| s.growth.as_ref().map(|g| format!("{:.2}", g.ratio)));
+    row(&mut t, "5. first-delta overhead p50 / p99 (ms)", stores, |s| {
+        s.stream_overhead.as_ref().map(|p| format!("{:.3} / {:.3}", p.p50_ms, p.p99_ms))
+    });
+    row(&mut t, "5. resident per open stream (KiB)", stores, |s| {
+        s.open_streams.as_ref().map(|o| format!("{:.1} ({} open)", o.per_stream_bytes / 1024.0, o.open))
+    });
+    if let Some(f) = &results.footprint {
+        let _ = writeln!(
+            t,
+            "\n6. memory store: {:.0} bytes resident per message ({} messages of {} bytes)",
+            f.bytes_per_message, f.messages, f.payload_bytes
+        );
+    }
+    let _ = writeln!(t, "\nTargets:");
+    for target in &results.targets {
+        let mark = if target.met { "met" } else { "MISSED" };
+        let _ = writeln!(t, "- {mark}: {} (measured {})", target.what, target.measured);
+    }
+    for s in stores {
+        for e in &s.errors {
+            let _ = writeln!(t, "- error on {}: {e}", s.store);
+        }
+    }
+    t
+}

@@ -1,0 +1,516 @@
+//! `parley-bench run`: every figure for every store, in one process that is the load generator.
+//! parley and the floor server run as child processes; the figures go to stdout and to
+//! `bench/results.json`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser as _;
+use hyper::Method;
+use parley::config::{Cli, StoreKind};
+use serde::de::DeserializeOwned;
+use tokio::process::Command;
+
+use crate::client::Client;
+use crate::floor::{self, PgReplay, RedisReplay};
+use crate::footprint::Footprint;
+use crate::growth;
+use crate::load::{self, Plan, Worker, closed_loop};
+use crate::procs::{self, Server};
+use crate::report::{self, Machine, Results, StoreFigures, TurnFigures};
+use crate::setup;
+use crate::stats::{Summary, median, median_summary};
+use crate::streams::{self, ProbeResult};
+
+/// The user text of every benchmark turn.
+const CONTENT: &str = "What is the weather like on the coast this weekend?";
+
+/// Options of `parley-bench run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Stores to measure.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,redis,postgres")]
+    pub stores: Vec<StoreKind>,
+    /// Figures to measure (1 includes 2).
+    #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6")]
+    pub figures: Vec<u8>,
+    /// Timed runs per figure; each figure is the median of the runs.
+    #[arg(long, default_value_t = 5)]
+    pub runs: usize,
+    /// Seconds per timed run.
+    #[arg(long, default_value_t = 3.0)]
+    pub duration: f64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Sessions the clients spread over.
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+    /// Messages of the big session of figure 4.
+    #[arg(long, default_value_t = 100_000)]
+    pub growth_messages: u64,
+    /// Alternating big/small turn pairs per run of figure 4.
+    #[arg(long, default_value_t = 200)]
+    pub growth_pairs: usize,
+    /// Open streams of figure 5b.
+    #[arg(long, default_value_t = 10_000)]
+    pub streams: usize,
+    /// Messages stored for figure 6.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub footprint_messages: usize,
+    /// The parley binary (built in release).
+    #[arg(long, default_value = "target/release/parley")]
+    pub parley_bin: PathBuf,
+    /// Where the results go.
+    #[arg(long, default_value = "bench/results.json")]
+    pub out: PathBuf,
+    /// Redis, on this machine.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: String,
+    /// PostgreSQL, on this machine.
+    #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    pub database_url: String,
+}
+
+impl RunArgs {
+    fn plan(&self) -> Plan {
+        Plan { duration: Duration::from_secs_f64(self.duration), max_per_worker: 10_000_000 }
+    }
+
+    fn wants(&self, figure: u8) -> bool {
+        self.figures.contains(&figure)
+    }
+}
+
+/// What a run shares between stores.
+struct Ctx {
+    args: RunArgs,
+    /// This binary, for its `floor-server`, `stream-probe` and `footprint` subcommands.
+    me: PathBuf,
+    logs: PathBuf,
+    /// Suffix of the Redis prefix and PostgreSQL schema of this run.
+    tag: String,
+}
+
+/// Runs everything and writes the results.
+pub async fn run(args: RunArgs) -> anyhow::Result<()> {
+    check_loopback(&args.redis_url)?;
+    check_loopback(&args.database_url)?;
+    let root = std::env::current_dir()?;
+    let tag = format!("bench_{}", std::process::id());
+    let ctx = Ctx { me: std::env::current_exe()?, logs: procs::log_dir(&root)?, tag, args: args.clone() };
+    let machine = machine();
+    eprintln!("[bench] {} cores, {:.1} GiB, {}", machine.cores, machine.memory_gib, machine.cpu);
+    let mut stores = Vec::new();
+    for &kind in &args.stores {
+        let name = store_name(kind);
+        eprintln!("[bench] === {name} ===");
+        let mut figures = StoreFigures { store: name.to_owned(), ..Default::default() };
+        if let Err(e) = bench_store(&ctx, kind, &mut figures).await {
+            eprintln!("[bench] {name}: {e:#}");
+            figures.errors.push(format!("{e:#}"));
+        }
+        cleanup(&ctx, kind).await;
+        stores.push(figures);
+    }
+    let footprint = if args.wants(6) { Some(footprint(&ctx).await?) } else { None };
+    let targets = report::targets(&stores, footprint.as_ref());
+    let results = Results { machine, settings: settings(&args), stores, footprint, targets };
+    if let Some(dir) = args.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&args.out, serde_json::to_string_pretty(&results)? + "\n")?;
+    println!("{}", report::markdown(&results));
+    eprintln!("[bench] wrote {}", args.out.display());
+    Ok(())
+}
+
+fn check_loopback(url: &str) -> anyhow::Result<()> {
+    let host = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_owned)).unwrap_or_default();
+    if !matches!(host.as_str(), "127.0.0.1" | "localhost" | "[::1]" | "::1") {
+        bail!("the bench only talks to services on this machine; {host:?} is not a loopback host");
+    }
+    Ok(())
+}
+
+fn store_name(kind: StoreKind) -> &'static str {
+    match kind {
+        StoreKind::Memory => "memory",
+        StoreKind::Redis => "redis",
+        StoreKind::Postgres => "postgres",
+    }
+}
+
+fn settings(args: &RunArgs) -> serde_json::Value {
+    serde_json::json!({
+        "runs": args.runs, "duration_s": args.duration, "clients": args.clients,
+        "sessions": args.sessions, "growth_messages": args.growth_messages,
+        "growth_pairs": args.growth_pairs, "streams": args.streams,
+        "footprint_messages": args.footprint_messages, "content": CONTENT,
+        "history_size": 20, "stream_probe_delay_ms": PROBE_DELAY_MS,
+    })
+}
+
+/// parley's environment for this store.
+fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, String)> {
+    let a = &ctx.args;
+    [
+        ("PARLEY_STORE", store_name(kind).to_owned()),
+        ("PARLEY_ECHO_DELAY_MS", echo_delay_ms.to_string()),
+        ("PARLEY_MODEL_PROVIDER", "echo".to_owned()),
+        ("PARLEY_LOG", "info".to_owned()),
+        ("PARLEY_SHUTDOWN_GRACE", "1s".to_owned()),
+        // The memory store keeps 10,000 messages per session by default; figure 4 needs more.
+        ("PARLEY_MEMORY_MAX_MESSAGES", (a.growth_messages + 100_000).to_string()),
+        ("PARLEY_REDIS_PREFIX", ctx.tag.clone()),
+        ("PARLEY_PG_SCHEMA", ctx.tag.clone()),
+        ("REDIS_URL", a.redis_url.clone()),
+        ("DATABASE_URL", a.database_url.clone()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+async fn start_parley(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64, what: &str) -> anyhow::Result<Server> {
+    let log = ctx.logs.join(format!("parley-{}-{what}.log", store_name(kind)));
+    let env = parley_env(ctx, kind, echo_delay_ms);
+    Server::start("parley", &ctx.args.parley_bin, &[], &env, &log, "/readyz").await
+}
+
+async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyhow::Result<()> {
+    let a = &ctx.args;
+    let body = setup::turn_body(CONTENT);
+    let parley = start_parley(ctx, kind, 0, "turns").await?;
+    let sessions: Vec<String> = (0..a.sessions).map(|i| format!("bench-{i:05}")).collect();
+    setup::create_sessions(parley.addr, &sessions, 64).await?;
+    if a.wants(1) {
+        eprintln!("[bench] figures 1-2: turns against the floor");
+        out.turns = Some(turns_vs_floor(ctx, kind, &parley, &sessions, &body).await?);
+    }
+    if a.wants(3) {
+        eprintln!("[bench] figure 3: history reads");
+        setup::top_up(parley.addr, &sessions, 50, &body).await?;
+        let mut workers = load::read_workers(parley.addr, a.clients, &sessions, 50);
+        timed(&mut workers, warm_up()).await;
+        for _ in 0..a.runs {
+            out.reads_runs.push(timed(&mut workers, a.plan()).await);
+        }
+        out.reads = Some(median_summary(&out.reads_runs));
+    }
+    if a.wants(4) {
+        eprintln!("[bench] figure 4: growth");
+        out.growth = Some(growth_figure(ctx, kind, &parley, &body).await?);
+    }
+    parley.stop(Duration::from_secs(5)).await;
+    if a.wants(5) {
+        eprintln!("[bench] figure 5a: stream overhead");
+        out.stream_overhead = Some(stream_probe(ctx, kind).await?);
+        eprintln!("[bench] figure 5b: {} open streams", a.streams);
+        let parley = start_parley(ctx, kind, 1000, "streams").await?;
+        let result = streams::open_streams(&parley, a.streams).await;
+        parley.stop(Duration::from_secs(3)).await;
+        out.open_streams = Some(result?);
+    }
+    Ok(())
+}
+
+fn warm_up() -> Plan {
+    Plan { duration: Duration::from_secs(1), max_per_worker: 1_000_000 }
+}
+
+/// Runs `workers` once under `plan`, keeping them (and their connections) for the next run.
+async fn timed<W: Worker>(workers: &mut Vec<W>, plan: Plan) -> Summary {
+    let (summary, back) = closed_loop(std::mem::take(workers), plan).await;
+    *workers = back;
+    summary
+}
+
+/// The floor of figure 2 for one store.
+enum Floor {
+    Axum(Box<Server>, Vec<load::HttpWorker>),
+    Redis(Vec<RedisReplay>),
+    Postgres(Vec<PgReplay>),
+}
+
+impl Floor {
+    async fn run(&mut self, plan: Plan) -> Summary {
+        match self {
+            Floor::Axum(_, w) => timed(w, plan).await,
+            Floor::Redis(w) => timed(w, plan).await,
+            Floor::Postgres(w) => timed(w, plan).await,
+        }
+    }
+}
+
+async fn build_floor(
+    ctx: &Ctx,
+    kind: StoreKind,
+    parley: &Server,
+    sessions: &[String],
+    body: &Bytes,
+    fig: &mut TurnFigures,
+) -> anyhow::Result<Floor> {
+    let a = &ctx.args;
+    match kind {
+        StoreKind::Memory => {
+            fig.floor_kind = "bare axum: parse the same JSON, answer as many bytes (2a)".into();
+            let args = ["floor-server".to_owned(), "--body-bytes".to_owned(), fig.response_bytes.to_string()];
+            let log = ctx.logs.join("floor-server.log");
+            let server = Server::start("floor server", &ctx.me, &args, &[], &log, "/readyz").await?;
+            let workers = load::turn_workers(server.addr, a.clients, sessions, body);
+            Ok(Floor::Axum(Box::new(server), workers))
+        }
+        StoreKind::Redis => {
+            let commands = floor::capture_redis_turn(&a.redis_url, parley.addr, body).await?;
+            fig.commands = commands.iter().map(|c| String::from_utf8_lossy(&c[0]).into_owned()).collect();
+            fig.commands_per_turn = Some(commands.len());
+            fig.floor_kind = "raw client replaying the turn's captured Redis commands (2b)".into();
+            let workers = RedisReplay::workers(&a.redis_url, 32, a.clients, sessions, &commands).await?;
+            Ok(Floor::Redis(workers))
+        }
+        StoreKind::Postgres => {
+            fig.commands =
+                ["GET_SESSION", "PAGE_DESC (last 20)", "PUT_TURN", "APPEND"].map(String::from).to_vec();
+            fig.commands_per_turn = Some(4);
+            fig.floor_kind = "raw sqlx client sending the turn's 4 statements (2c)".into();
+            let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&a.database_url)?
+                .options([("search_path", ctx.tag.as_str())]);
+            let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect_with(options).await?;
+            Ok(Floor::Postgres(PgReplay::workers(&pool, a.clients, sessions, CONTENT)))
+        }
+    }
+}
+
+/// Figures 1 and 2: parley and its floor, alternating (floor first in even runs, parley first
+/// in odd ones), each figure the median of the runs, the ratio the median of per-run ratios.
+async fn turns_vs_floor(
+    ctx: &Ctx,
+    kind: StoreKind,
+    parley: &Server,
+    sessions: &[String],
+    body: &Bytes,
+) -> anyhow::Result<TurnFigures> {
+    let a = &ctx.args;
+    let mut fig = TurnFigures::default();
+    let sample = Client::new(parley.addr)
+        .call_ok(Method::POST, &format!("/v1/sessions/{}/messages", sessions[0]), Some(body.clone()))
+        .await?;
+    fig.response_bytes = sample.len();
+    let mut floor = build_floor(ctx, kind, parley, sessions, body, &mut fig).await?;
+    let mut turns = load::turn_workers(parley.addr, a.clients, sessions, body);
+    floor.run(warm_up()).await;
+    timed(&mut turns, warm_up()).await;
+    for run in 0..a.runs {
+        let (f, p) = if run % 2 == 0 {
+            let f = floor.run(a.plan()).await;
+            (f, timed(&mut turns, a.plan()).await)
+        } else {
+            let p = timed(&mut turns, a.plan()).await;
+            (floor.run(a.plan()).await, p)
+        };
+        eprintln!(
+            "[bench]   run {run}: parley {:.0}/s (p99 {:.2} ms), floor {:.0}/s",
+            p.per_sec, p.p99_ms, f.per_sec
+        );
+        fig.parley_runs.push(p);
+        fig.floor_runs.push(f);
+    }
+    fig.parley = median_summary(&fig.parley_runs);
+    fig.floor = median_summary(&fig.floor_runs);
+    fig.ratio =
+        median(fig.parley_runs.iter().zip(&fig.floor_runs).map(|(p, f)| p.per_sec / f.per_sec.max(1e-9)));
+    if let Floor::Axum(server, _) = floor {
+        server.stop(Duration::from_secs(2)).await;
+    }
+    Ok(fig)
+}
+
+async fn growth_figure(
+    ctx: &Ctx,
+    kind: StoreKind,
+    parley: &Server,
+    body: &Bytes,
+) -> anyhow::Result<growth::Growth> {
+    let a = &ctx.args;
+    let small = growth::small_ids(a.runs * a.growth_pairs);
+    let mut ids = small.clone();
+    ids.push(growth::BIG.to_owned());
+    setup::create_sessions(parley.addr, &ids, 64).await?;
+    setup::post_turns(parley.addr, small.into_iter().map(|s| (s, 5)).collect(), body, 64).await?;
+    match kind {
+        StoreKind::Memory => growth::seed_big_over_http(parley.addr, a.growth_messages, body).await?,
+        _ => {
+            let store = parley::app::build_store(&store_config(ctx, kind)?).await?;
+            growth::seed_big_in_store(&store, a.growth_messages, CONTENT).await?;
+        }
+    }
+    let runs = growth::measure(parley.addr, a.runs, a.growth_pairs, body).await?;
+    Ok(growth::summarise(a.growth_messages, 10, runs))
+}
+
+/// The configuration parley runs with, for opening its store from here.
+fn store_config(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<parley::config::Config> {
+    let a = &ctx.args;
+    let args = [
+        "parley",
+        "--store",
+        store_name(kind),
+        "--redis-url",
+        &a.redis_url,
+        "--redis-prefix",
+        &ctx.tag,
+        "--database-url",
+        &a.database_url,
+        "--pg-schema",
+        &ctx.tag,
+        "--store-timeout",
+        "60s",
+    ];
+    Ok(Cli::try_parse_from(args)?.config)
+}
+
+/// Echo delay per word while measuring stream overhead.
+const PROBE_DELAY_MS: u64 = 20;
+
+async fn stream_probe(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<ProbeResult> {
+    let a = &ctx.args;
+    let args = [
+        "stream-probe".to_owned(),
+        format!("--clients={}", a.clients),
+        format!("--delay-ms={PROBE_DELAY_MS}"),
+        format!("--duration={}", a.duration),
+        format!("--runs={}", a.runs),
+    ];
+    child_json(ctx, &args, &parley_env(ctx, kind, 0)).await
+}
+
+async fn footprint(ctx: &Ctx) -> anyhow::Result<Footprint> {
+    eprintln!("[bench] figure 6: memory store footprint");
+    let args = ["footprint".to_owned(), format!("--messages={}", ctx.args.footprint_messages)];
+    child_json(ctx, &args, &[]).await
+}
+
+/// Runs a subcommand of this binary and parses the JSON it prints.
+async fn child_json<T: DeserializeOwned>(
+    ctx: &Ctx,
+    args: &[String],
+    env: &[(String, String)],
+) -> anyhow::Result<T> {
+    let output = Command::new(&ctx.me)
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .kill_on_drop(true)
+        .output()
+        .await?;
+    if !output.status.success() {
+        bail!("{} failed: {}", args[0], String::from_utf8_lossy(&output.stderr));
+    }
+    serde_json::from_slice(&output.stdout).with_context(|| format!("output of {}", args[0]))
+}
+
+/// Drops what the run stored: the Redis keys under the run's prefix, the run's schema.
+async fn cleanup(ctx: &Ctx, kind: StoreKind) {
+    let result = match kind {
+        StoreKind::Memory => Ok(()),
+        StoreKind::Redis => drop_redis_keys(&ctx.args.redis_url, &ctx.tag).await,
+        StoreKind::Postgres => drop_schema(&ctx.args.database_url, &ctx.tag).await,
+    };
+    if let Err(e) = result {
+        eprintln!("[bench] cleanup of {}: {e:#}", store_name(kind));
+    }
+}
+
+async fn drop_redis_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
+    use deadpool_redis::redis::{self, AsyncCommands};
+    let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
+    let mut keys: Vec<String> = Vec::new();
+    {
+        let mut iter = conn.scan_match::<_, String>(format!("{prefix}:*")).await?;
+        while let Some(key) = futures::StreamExt::next(&mut iter).await {
+            keys.push(key?);
+        }
+    }
+    for chunk in keys.chunks(1000) {
+        redis::cmd("UNLINK").arg(chunk).query_async::<()>(&mut conn).await?;
+    }
+    Ok(())
+}
+
+async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
+    use sqlx::Connection;
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    // The schema name is `bench_<pid>`: a plain identifier.
+    let sql = format!("drop schema if exists \"{schema}\" cascade");
+    sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
+    Ok(())
+}
+
+fn machine() -> Machine {
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned()))
+        .unwrap_or_default();
+    let mem_kb: f64 = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
+        .unwrap_or(0.0);
+    let git = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    Machine {
+        date: chrono::Utc::now().format("%Y-%m-%d %H:%M UTC").to_string(),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpu,
+        memory_gib: mem_kb / 1024.0 / 1024.0,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_owned(),
+        git,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+    }
+}
+
+/// Options of `parley-bench load`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LoadArgs {
+    /// parley's address (loopback only).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+    /// `turns` or `reads`.
+    #[arg(long, default_value = "turns")]
+    pub what: String,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Sessions (created when missing).
+    #[arg(long, default_value_t = 1000)]
+    pub sessions: usize,
+    /// Seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+}
+
+/// Drives an already running parley and prints the summary (for profiling).
+pub async fn load(args: LoadArgs) -> anyhow::Result<()> {
+    let sessions: Vec<String> = (0..args.sessions).map(|i| format!("load-{i:05}")).collect();
+    setup::for_each(args.addr, sessions.clone(), 16, |mut client, id| async move {
+        let body = Bytes::from(format!("{{\"id\":\"{id}\"}}"));
+        client.call(Method::POST, "/v1/sessions", Some(body)).await?;
+        Ok(client)
+    })
+    .await?;
+    let plan = Plan { duration: Duration::from_secs_f64(args.duration), max_per_worker: 10_000_000 };
+    let body = setup::turn_body(CONTENT);
+    let mut workers = match args.what.as_str() {
+        "reads" => load::read_workers(args.addr, args.clients, &sessions, 50),
+        _ => load::turn_workers(args.addr, args.clients, &sessions, &body),
+    };
+    let summary = timed(&mut workers, plan).await;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Figure 5: streams.
+//!
+//! (a) Overhead: how long after the echo model yields its first delta the client has it. The
+//! model's instant is only known inside parley, so `parley-bench stream-probe` runs parley's real
+//! application (the configured store, `app::state_from_parts`, the real router, `app::serve`) on
+//! its own runtime, with the echo model wrapped to note the instant it yields the first delta of
+//! each turn; clients on another runtime of the same process read the SSE stream over TCP on
+//! 127.0.0.1 and note when the `message.delta` event is complete. Both instants come from the same
+//! monotonic clock, so the difference is exactly what parley adds: the agent loop, the event
+//! channel, SSE encoding, hyper, the kernel's loopback, and the client's read.
+//!
+//! (b) Memory: the real parley process holds N open streams (echo delay 1 s per word, replies of
+//! ~45 words); resident memory once every stream has its `turn.started`, minus the resident
+//! memory before they opened, divided by N.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use hyper::Method;
+use parley::config::Config;
+use parley::llm::echo::EchoModel;
+use parley::llm::{ChatModel, ChatRequest, EchoSettings, ModelError, ModelEvent, ModelStream};
+use serde::{Deserialize, Serialize};
+
+use crate::client::{Client, SseReader};
+use crate::procs::Server;
+use crate::setup;
+use crate::stats::{Summary, median};
+
+/// When each probe's first delta left the model, by probe tag.
+type Stamps = Arc<Mutex<HashMap<String, Instant>>>;
+
+/// The echo model, noting the instant it yields the first delta of each turn. The turn is
+/// recognised by the first word of its user message (`probe-…`).
+struct ProbeModel {
+    echo: EchoModel,
+    stamps: Stamps,
+}
+
+#[async_trait]
+impl ChatModel for ProbeModel {
+    fn name(&self) -> &str {
+        "echo-probe"
+    }
+
+    async fn stream(&self, request: ChatRequest) -> Result<ModelStream, ModelError> {
+        let tag = request.messages.last().and_then(|m| m.content.split(' ').next()).map(str::to_owned);
+        let inner = self.echo.stream(request).await?;
+        let stamps = Arc::clone(&self.stamps);
+        let mut tag = tag;
+        Ok(inner
+            .inspect(move |event| {
+                if let Ok(ModelEvent::Delta(_)) = event
+                    && let Some(tag) = tag.take()
+                {
+                    stamps.lock().expect("stamps").insert(tag, Instant::now());
+                }
+            })
+            .boxed())
+    }
+}
+
+/// Options of `parley-bench stream-probe`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ProbeArgs {
+    /// Concurrent streaming clients.
+    #[arg(long, default_value_t = 64)]
+    pub clients: usize,
+    /// Echo delay per word, in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    pub delay_ms: u64,
+    /// Seconds per run.
+    #[arg(long, default_value_t = 3.0)]
+    pub duration: f64,
+    /// Runs (the figure is the median of their p99s).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+}
+
+/// What the probe measured.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// Per run: first-delta overheads (p50/p99 in ms, `ok` = streams measured).
+    pub runs: Vec<Summary>,
+    /// Median over runs of the p50.
+    pub p50_ms: f64,
+    /// Median over runs of the p99.
+    pub p99_ms: f64,
+}
+
+/// Runs the probe; parley's configuration comes from the environment like the service's own.
+pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
+    let stamps: Stamps = Arc::default();
+    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let model = ProbeModel {
+        echo: EchoModel::new(EchoSettings { delay: Duration::from_millis(args.delay_ms) }),
+        stamps: Arc::clone(&stamps),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let addr = server_rt.block_on(start_parley(model, stop_rx))?;
+    let client_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let result = client_rt.block_on(drive_probe(addr, args, stamps));
+    let _ = stop_tx.send(());
+    server_rt.shutdown_timeout(Duration::from_secs(2));
+    result
+}
+
+async fn start_parley(
+    model: ProbeModel,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<SocketAddr> {
+    let config = Config::from_env();
+    let store = parley::app::build_store(&config).await?;
+    let tools = parley::app::build_tools(&config)?;
+    let state = parley::app::state_from_parts(&config, store, Arc::new(model), tools)?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        let shutdown = async {
+            let _ = stop.await;
+        };
+        if let Err(e) = parley::app::serve(listener, state, shutdown, Duration::from_secs(1)).await {
+            eprintln!("probe server: {e:#}");
+        }
+    });
+    Ok(addr)
+}
+
+async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyhow::Result<ProbeResult> {
+    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{i:03}")).collect();
+    setup::create_sessions(addr, &sessions, 16).await?;
+    // Warm-up: connections, the store's pools, the allocator.
+    probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0).await?;
+    let mut runs = Vec::new();
+    for run in 1..=args.runs {
+        let overheads =
+            probe_run(addr, &sessions, Duration::from_secs_f64(args.duration), &stamps, run).await?;
+        runs.push(Summary::of(overheads, 0, Duration::from_secs_f64(args.duration)));
+    }
+    Ok(ProbeResult {
+        p50_ms: median(runs.iter().map(|r| r.p50_ms)),
+        p99_ms: median(runs.iter().map(|r| r.p99_ms)),
+        runs,
+    })
+}
+
+/// Every client streams turns one after another until `duration` is over; returns the
+/// first-delta overheads in microseconds.
+async fn probe_run(
+    addr: SocketAddr,
+    sessions: &[String],
+    duration: Duration,
+    stamps: &Stamps,
+    run: usize,
+) -> anyhow::Result<Vec<u32>> {
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = sessions
+        .iter()
+        .map(|session| {
+            let (session, stamps) = (session.clone(), Arc::clone(stamps));
+            tokio::spawn(async move {
+                let mut client = Client::new(addr);
+                let mut out = Vec::new();
+                let mut i = 0u64;
+                while Instant::now() < deadline && i < 100_000 {
+                    let tag = format!("{session}-{run}-{i}");
+                    out.push(one_probe(&mut client, &session, &tag, &stamps).await?);
+                    i += 1;
+                }
+                Ok::<_, anyhow::Error>(out)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.context("probe client panicked")??);
+    }
+    Ok(all)
+}
+
+async fn one_probe(client: &mut Client, session: &str, tag: &str, stamps: &Stamps) -> anyhow::Result<u32> {
+    let body = setup::turn_body(&format!("{tag} how are you today"));
+    let path = format!("/v1/sessions/{session}/messages?stream=true");
+    let response = client.send(Method::POST, &path, Some(body)).await?;
+    if !response.status().is_success() {
+        bail!("stream answered {}", response.status());
+    }
+    let mut reader = SseReader::new(response.into_body());
+    let mut overhead = None;
+    while let Some(event) = reader.next().await? {
+        if event.name == "message.delta" && overhead.is_none() {
+            let received = Instant::now();
+            let sent = stamps.lock().expect("stamps").remove(tag).context("no model stamp for the probe")?;
+            overhead = Some(received.saturating_duration_since(sent).as_micros() as u32);
+        }
+    }
+    overhead.context("the stream had no delta")
+}
+
+/// What figure 5b measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OpenStreams {
+    /// Streams asked for.
+    pub streams: usize,
+    /// Streams that had their `turn.started` and were still open when memory was read.
+    pub open: usize,
+    /// parley's resident memory before the streams, bytes.
+    pub rss_before: u64,
+    /// parley's resident memory with every stream open, bytes.
+    pub rss_open: u64,
+    /// (rss_open - rss_before) / open, bytes.
+    pub per_stream_bytes: f64,
+}
+
+/// Opens `n` streams on fresh sessions of `server` and measures its resident memory.
+pub async fn open_streams(server: &Server, n: usize) -> anyhow::Result<OpenStreams> {
+    let addr = server.addr;
+    let sessions: Vec<String> = (0..n).map(|i| format!("stream-{i:05}")).collect();
+    setup::create_sessions(addr, &sessions, 64).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.rss()?;
+    let started = Arc::new(AtomicUsize::new(0));
+    let ended = Arc::new(AtomicUsize::new(0));
+    let opening = Arc::new(tokio::sync::Semaphore::new(256));
+    let words = vec!["word"; 40].join(" ");
+    let body = setup::turn_body(&words);
+    let tasks: Vec<_> = sessions
+        .into_iter()
+        .map(|s| {
+            hold_stream(addr, s, body.clone(), Arc::clone(&opening), Arc::clone(&started), Arc::clone(&ended))
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while started.load(Ordering::SeqCst) < n && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_open = server.rss()?;
+    let open = started.load(Ordering::SeqCst).saturating_sub(ended.load(Ordering::SeqCst));
+    for task in tasks {
+        task.abort();
+    }
+    let per_stream_bytes = rss_open.saturating_sub(rss_before) as f64 / open.max(1) as f64;
+    Ok(OpenStreams { streams: n, open, rss_before, rss_open, per_stream_bytes })
+}
+
+fn hold_stream(
+    addr: SocketAddr,
+    session: String,
+    body: Bytes,
+    opening: Arc<tokio::sync::Semaphore>,
+    started: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let permit = opening.acquire_owned().await;
+        let mut client = Client::new(addr);
+        let path = format!("/v1/sessions/{session}/messages?stream=true");
+        let Ok(response) = client.send(Method::POST, &path, Some(body)).await else { return };
+        let mut reader = SseReader::new(response.into_body());
+        while let Ok(Some(event)) = reader.next().await {
+            if event.name == "turn.started" {
+                started.fetch_add(1, Ordering::SeqCst);
+                drop(permit);
+                break;
+            }
+        }
+        while let Ok(Some(_)) = reader.next().await {}
+        ended.fetch_add(1, Ordering::SeqCst);
+    })
+}
