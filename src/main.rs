@@ -8,6 +8,10 @@ use parley::config::{Cli, Command, Config, KeysCommand, LogFormat, redact_url};
 use tokio::net::TcpListener;
 use tracing_subscriber::EnvFilter;
 
+// The profile (bench/README.md) showed glibc malloc/free as the largest single cost of a turn.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn init_tracing(config: &Config) {
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);

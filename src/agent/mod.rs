@@ -85,6 +85,8 @@ pub struct TurnInput {
     pub if_busy: IfBusy,
     /// The client's `Idempotency-Key`, if any.
     pub idempotency_key: Option<String>,
+    /// Whether the client streams the turn (its events are built only then).
+    pub stream: bool,
 }
 
 /// How a turn request was answered.
@@ -136,15 +138,19 @@ struct TurnState {
     partial_id: Uuid,
     partial_text: String,
     usage: Option<Usage>,
-    events: mpsc::UnboundedSender<TurnEvent>,
+    events: Option<mpsc::UnboundedSender<TurnEvent>>,
     /// The request's idempotency key, settled when the turn ends.
     idempotency_key: Option<String>,
 }
 
 impl TurnState {
-    fn emit(&self, event: TurnEvent) {
-        // A client that went away does not stop the turn.
-        let _ = self.events.send(event);
+    /// Sends an event built by `event`, only when a client streams the turn (a JSON answer needs
+    /// no events, and building them clones every message).
+    fn emit(&self, event: impl FnOnce() -> TurnEvent) {
+        if let Some(events) = &self.events {
+            // A client that went away does not stop the turn.
+            let _ = events.send(event());
+        }
     }
 
     fn session_id(&self) -> &str {
@@ -259,10 +265,10 @@ impl Agent {
             }
         };
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut state = new_state(input, turn, prompt, tx);
+        let mut state = new_state(input, turn, prompt, input.stream.then_some(tx));
         state.idempotency_key = input.idempotency_key.clone();
         let session = &input.session_id;
-        state.emit(TurnEvent::Started {
+        state.emit(|| TurnEvent::Started {
             turn_id,
             session_id: session.clone(),
             user_message: state.pending[0].clone(),
@@ -382,7 +388,7 @@ impl Agent {
             assistant.id = state.partial_id;
             if offer_tools && !output.tool_calls.is_empty() {
                 assistant.tool_calls = Some(output.tool_calls.clone());
-                state.emit(TurnEvent::ToolCall { turn_id: state.turn.id, message: assistant.clone() });
+                state.emit(|| TurnEvent::ToolCall { turn_id: state.turn.id, message: assistant.clone() });
                 state.pending.push(assistant);
                 state.partial_text.clear();
                 interrupt.guard(self.run_tools(state, &output.tool_calls)).await?;
@@ -410,11 +416,8 @@ impl Agent {
             match event? {
                 ModelEvent::Delta(delta) => {
                     state.partial_text.push_str(&delta);
-                    state.emit(TurnEvent::Delta {
-                        turn_id: state.turn.id,
-                        message_id: state.partial_id,
-                        delta,
-                    });
+                    let (turn_id, message_id) = (state.turn.id, state.partial_id);
+                    state.emit(move || TurnEvent::Delta { turn_id, message_id, delta });
                 }
                 ModelEvent::Done(output) => {
                     state.add_usage(output.usage);
@@ -436,7 +439,7 @@ impl Agent {
             if outcome.is_error {
                 message.metadata.insert("is_error".to_owned(), json!(true));
             }
-            state.emit(TurnEvent::ToolResult { turn_id: state.turn.id, message: message.clone() });
+            state.emit(|| TurnEvent::ToolResult { turn_id: state.turn.id, message: message.clone() });
             state.pending.push(message);
         }
     }
@@ -467,10 +470,14 @@ impl Agent {
         state.turn = turn;
         let turn_id = state.turn.id;
         if let Some(last) = state.stored.last() {
-            state.emit(TurnEvent::MessageCompleted { turn_id, message: last.clone() });
+            state.emit(|| TurnEvent::MessageCompleted { turn_id, message: last.clone() });
         }
         let result = TurnResult { turn_id, messages: state.stored.clone(), usage: state.usage };
-        state.emit(TurnEvent::Completed { turn_id, messages: result.messages.clone(), usage: result.usage });
+        state.emit(|| TurnEvent::Completed {
+            turn_id,
+            messages: result.messages.clone(),
+            usage: result.usage,
+        });
         Ok(result)
     }
 
@@ -486,7 +493,7 @@ impl Agent {
             tracing::warn!(turn.id = %state.turn.id, error = %e, "could not record the failed turn");
         }
         tracing::info!(turn.id = %state.turn.id, session.id = %state.turn.session_id, error.code = error.code(), "turn failed");
-        state.emit(TurnEvent::Failed { turn_id: state.turn.id, error: problem });
+        state.emit(|| TurnEvent::Failed { turn_id: state.turn.id, error: problem });
         error
     }
 
@@ -519,7 +526,7 @@ impl Agent {
             Err(e) => return Err(self.fail(state, e.into()).await),
         }
         state.turn = turn;
-        state.emit(TurnEvent::Cancelled { turn_id: state.turn.id, messages: state.stored.clone() });
+        state.emit(|| TurnEvent::Cancelled { turn_id: state.turn.id, messages: state.stored.clone() });
         Ok(TurnResult { turn_id: state.turn.id, messages: state.stored.clone(), usage: state.usage })
     }
 }
@@ -528,7 +535,7 @@ fn new_state(
     input: &TurnInput,
     turn: Turn,
     prompt: Vec<PromptMessage>,
-    events: mpsc::UnboundedSender<TurnEvent>,
+    events: Option<mpsc::UnboundedSender<TurnEvent>>,
 ) -> TurnState {
     let mut user = Message::new(&input.session_id, turn.id, Role::User, input.content.clone());
     user.metadata = input.metadata.clone();

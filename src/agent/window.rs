@@ -11,24 +11,24 @@ use crate::domain::{Message, Role};
 pub fn fit_window(mut messages: Vec<Message>, max: usize) -> Vec<Message> {
     let skip = messages.len().saturating_sub(max);
     messages.drain(..skip);
-    let mut out = Vec::with_capacity(messages.len());
+    // Mark what to keep, then move it out: no message is cloned.
+    let mut keep = vec![true; messages.len()];
     let mut i = 0;
     while i < messages.len() {
-        let m = &messages[i];
-        if m.calls_tools() {
+        if messages[i].calls_tools() {
             let end = group_end(&messages, i);
-            if group_is_complete(&messages[i..end]) {
-                out.extend_from_slice(&messages[i..end]);
+            if !group_is_complete(&messages[i..end]) {
+                keep[i..end].fill(false);
             }
             i = end;
         } else {
-            if m.role != Role::Tool {
-                out.push(m.clone());
-            }
+            keep[i] = messages[i].role != Role::Tool;
             i += 1;
         }
     }
-    out
+    let mut kept = keep.into_iter();
+    messages.retain(|_| kept.next().unwrap_or(false));
+    messages
 }
 
 /// The index after the tool messages that follow the tool-call message at `start`.

@@ -143,8 +143,9 @@ pub async fn post_message(
     state.limits.check_metadata(&metadata)?;
     let idempotency_key = idempotency_key(&headers)?;
     let if_busy = body.if_busy.unwrap_or(state.limits.if_busy);
-    let input = TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key };
     let stream = wants_stream(&headers, &query);
+    let input =
+        TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key, stream };
     match state.agent.start_turn(input).await? {
         TurnStart::Started(started) if stream => {
             Ok(sse::turn_stream(started.events, state.limits.sse_keepalive).into_response())
