@@ -6,6 +6,7 @@
 //! order, and poll the store lock. An `Idempotency-Key` maps a request to the turn it started, so
 //! a retry returns the same turn instead of running the model again.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -13,6 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::feed::TurnFeed;
 use super::registry::RegisterError;
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
@@ -29,6 +31,8 @@ pub(super) enum Replay {
     Run,
     /// The key's turn completed: its answer.
     Done(TurnResult),
+    /// A streaming retry while the key's turn runs on this replica: follow its events.
+    Attach(Arc<TurnFeed>),
 }
 
 /// A digest of what a turn request asks for, to recognise a retry of the same request.
@@ -59,7 +63,7 @@ impl Agent {
             if record.fingerprint != fp {
                 return Err(AppError::IdempotencyKeyReused);
             }
-            match self.replay(tenant, session, &record).await? {
+            match self.replay(input, &record).await? {
                 Some(replay) => return Ok(replay),
                 // The first request failed without storing anything: forget the key, run again.
                 None => self.store.abort_idempotent(tenant, session, key).await?,
@@ -72,10 +76,10 @@ impl Agent {
     /// when the first request failed and the retry may run.
     async fn replay(
         &self,
-        tenant: &str,
-        session: &str,
+        input: &TurnInput,
         record: &IdempotencyRecord,
     ) -> Result<Option<Replay>, AppError> {
+        let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
         if let Some(response) = &record.response {
             let result = serde_json::from_value(response.clone())
                 .map_err(|e| AppError::Internal(format!("unreadable idempotent response: {e}")))?;
@@ -83,7 +87,10 @@ impl Agent {
         }
         let turn = self.repaired_turn(tenant, session, record.turn_id).await?;
         match turn.map(|t| t.status) {
-            Some(TurnStatus::Running) => Err(AppError::TurnInProgress(record.turn_id)),
+            Some(TurnStatus::Running) => match self.registry.feed(tenant, session, record.turn_id) {
+                Some(feed) if input.stream => Ok(Some(Replay::Attach(feed))),
+                _ => Err(AppError::TurnInProgress(record.turn_id)),
+            },
             Some(TurnStatus::Completed | TurnStatus::Cancelled) => {
                 // Completed, but the process stopped before saving the answer: rebuild it.
                 let messages = self.store.last_n(tenant, session, 1000).await?;

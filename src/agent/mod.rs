@@ -11,6 +11,7 @@
 
 pub mod claim;
 pub mod events;
+pub mod feed;
 pub mod registry;
 pub mod window;
 
@@ -20,11 +21,11 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 pub use events::{TurnEvent, TurnResult};
+use feed::TurnFeed;
 use registry::TurnRegistry;
 
 use crate::config::IfBusy;
@@ -96,6 +97,8 @@ pub enum TurnStart {
     Started(StartedTurn),
     /// A retry of a completed request: its saved answer.
     Replayed(TurnResult),
+    /// A streaming retry of a request whose turn still runs here: its events from the first.
+    Attached(Arc<TurnFeed>),
 }
 
 /// A turn that has started: its events as they happen, and its outcome.
@@ -103,8 +106,8 @@ pub enum TurnStart {
 pub struct StartedTurn {
     /// The turn id.
     pub turn_id: Uuid,
-    /// Events; the channel closes after the terminal event.
-    pub events: mpsc::UnboundedReceiver<TurnEvent>,
+    /// Its events, when the client streams it (or may retry it with an idempotency key).
+    pub feed: Option<Arc<TurnFeed>>,
     /// The outcome; the turn runs to the end even if this handle is dropped.
     pub outcome: tokio::task::JoinHandle<Result<TurnResult, AppError>>,
 }
@@ -138,7 +141,7 @@ struct TurnState {
     partial_id: Uuid,
     partial_text: String,
     usage: Option<Usage>,
-    events: Option<mpsc::UnboundedSender<TurnEvent>>,
+    events: Option<Arc<TurnFeed>>,
     /// The request's idempotency key, settled when the turn ends.
     idempotency_key: Option<String>,
 }
@@ -147,9 +150,9 @@ impl TurnState {
     /// Sends an event built by `event`, only when a client streams the turn (a JSON answer needs
     /// no events, and building them clones every message).
     fn emit(&self, event: impl FnOnce() -> TurnEvent) {
-        if let Some(events) = &self.events {
-            // A client that went away does not stop the turn.
-            let _ = events.send(event());
+        if let Some(feed) = &self.events {
+            // A client that went away does not stop the turn: the feed keeps every event.
+            feed.push(event());
         }
     }
 
@@ -164,6 +167,15 @@ impl TurnState {
     fn add_usage(&mut self, usage: Option<Usage>) {
         if let Some(u) = usage {
             self.usage.get_or_insert_with(Usage::default).add(u);
+        }
+    }
+}
+
+impl Drop for TurnState {
+    fn drop(&mut self) {
+        // However the turn ended (even by a panic), its followers see the end of the stream.
+        if let Some(feed) = &self.events {
+            feed.close();
         }
     }
 }
@@ -233,8 +245,10 @@ impl Agent {
             .await?
             .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
         let turn = Turn::start(&session.id);
-        if let claim::Replay::Done(result) = self.begin_idempotent(&input, turn.id).await? {
-            return Ok(TurnStart::Replayed(result));
+        match self.begin_idempotent(&input, turn.id).await? {
+            claim::Replay::Run => {}
+            claim::Replay::Done(result) => return Ok(TurnStart::Replayed(result)),
+            claim::Replay::Attach(feed) => return Ok(TurnStart::Attached(feed)),
         }
         match self.launch(&input, session.system_prompt.as_deref(), turn).await {
             Ok(started) => Ok(TurnStart::Started(started)),
@@ -264,8 +278,12 @@ impl Agent {
                 return Err(e);
             }
         };
-        let (tx, rx) = mpsc::unbounded_channel();
-        let mut state = new_state(input, turn, prompt, input.stream.then_some(tx));
+        // Events are kept for a streaming client, and for a streaming retry that may attach.
+        let feed = (input.stream || input.idempotency_key.is_some()).then(TurnFeed::new);
+        if let Some(feed) = &feed {
+            self.registry.set_feed(&input.tenant, &input.session_id, turn_id, Arc::clone(feed));
+        }
+        let mut state = new_state(input, turn, prompt, feed.clone());
         state.idempotency_key = input.idempotency_key.clone();
         let session = &input.session_id;
         state.emit(|| TurnEvent::Started {
@@ -275,7 +293,7 @@ impl Agent {
         });
         let agent = Arc::clone(self);
         let outcome = self.registry.tracker().spawn(async move { agent.drive(state, cancel).await });
-        Ok(StartedTurn { turn_id, events: rx, outcome })
+        Ok(StartedTurn { turn_id, feed, outcome })
     }
 
     /// Loads the window and records the turn as running.
@@ -535,7 +553,7 @@ fn new_state(
     input: &TurnInput,
     turn: Turn,
     prompt: Vec<PromptMessage>,
-    events: Option<mpsc::UnboundedSender<TurnEvent>>,
+    events: Option<Arc<TurnFeed>>,
 ) -> TurnState {
     let mut user = Message::new(&input.session_id, turn.id, Role::User, input.content.clone());
     user.metadata = input.metadata.clone();

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+use super::feed::TurnFeed;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
@@ -33,6 +35,8 @@ pub struct TurnRegistry {
 struct RunningTurn {
     turn_id: Uuid,
     cancel: CancellationToken,
+    /// Its events, when they are kept.
+    feed: Option<Arc<TurnFeed>>,
 }
 
 /// Why a turn could not be registered.
@@ -70,7 +74,7 @@ impl TurnRegistry {
             return Err(RegisterError::Busy(existing.turn_id));
         }
         let cancel = CancellationToken::new();
-        running.insert(key, RunningTurn { turn_id, cancel: cancel.clone() });
+        running.insert(key, RunningTurn { turn_id, cancel: cancel.clone(), feed: None });
         Ok(cancel)
     }
 
@@ -96,6 +100,21 @@ impl TurnRegistry {
         if running.get(&key).is_some_and(|r| r.turn_id == turn_id) {
             running.remove(&key);
         }
+    }
+
+    /// Records where a running turn's events go.
+    pub fn set_feed(&self, tenant: &str, session: &str, turn_id: Uuid, feed: Arc<TurnFeed>) {
+        if let Some(r) = self.lock().get_mut(&(tenant.to_owned(), session.to_owned()))
+            && r.turn_id == turn_id
+        {
+            r.feed = Some(feed);
+        }
+    }
+
+    /// The events of a turn running here, if they are kept.
+    pub fn feed(&self, tenant: &str, session: &str, turn_id: Uuid) -> Option<Arc<TurnFeed>> {
+        let running = self.lock();
+        running.get(&(tenant.to_owned(), session.to_owned())).filter(|r| r.turn_id == turn_id)?.feed.clone()
     }
 
     /// The turn running in a session, if any.

@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, SessionIdParam, Tenant, page_limit, session_id};
 use super::sse;
-use crate::agent::{TurnEvent, TurnInput, TurnResult, TurnStart};
+use crate::agent::{StartedTurn, TurnEvent, TurnInput, TurnResult, TurnStart};
 use crate::config::IfBusy;
 use crate::domain::{Message, Metadata};
 use crate::error::{AppError, Problem, Result};
@@ -147,8 +147,15 @@ pub async fn post_message(
     let input =
         TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key, stream };
     match state.agent.start_turn(input).await? {
-        TurnStart::Started(started) if stream => {
-            Ok(sse::turn_stream(started.events, state.limits.sse_keepalive).into_response())
+        TurnStart::Started(StartedTurn { feed: Some(feed), .. }) if stream => {
+            Ok(sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response())
+        }
+        TurnStart::Attached(feed) => {
+            let mut response = sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response();
+            response
+                .headers_mut()
+                .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
+            Ok(response)
         }
         TurnStart::Started(started) => {
             let result =
@@ -157,11 +164,8 @@ pub async fn post_message(
         }
         TurnStart::Replayed(result) => {
             let mut response = if stream {
-                let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-                for event in TurnEvent::replay(&result) {
-                    let _ = tx.send(event);
-                }
-                sse::turn_stream(rx, state.limits.sse_keepalive).into_response()
+                let events = futures::stream::iter(TurnEvent::replay(&result));
+                sse::turn_stream(events, state.limits.sse_keepalive).into_response()
             } else {
                 Json(result).into_response()
             };

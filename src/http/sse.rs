@@ -6,18 +6,15 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use futures::{Stream, StreamExt};
-use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::agent::TurnEvent;
 
 /// The SSE response for a turn's events; it ends after the terminal event.
 pub fn turn_stream(
-    events: UnboundedReceiver<TurnEvent>,
+    events: impl Stream<Item = TurnEvent> + Send + 'static,
     keepalive: Duration,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream =
-        UnboundedReceiverStream::new(events).enumerate().map(|(i, event)| Ok(to_sse(i as u64 + 1, &event)));
+    let stream = events.enumerate().map(|(i, event)| Ok(to_sse(i as u64 + 1, &event)));
     Sse::new(stream).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 

@@ -125,6 +125,43 @@ async fn an_idempotent_retry_while_the_turn_runs_is_409_with_its_id(backend: Bac
     assert_eq!(replay["turn_id"], first["turn_id"]);
 }
 
+async fn a_streaming_retry_while_the_turn_runs_attaches_to_its_stream(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "60"]).await;
+    let app = &apps[0];
+    app.create_session("attach").await;
+    let send = |app: &TestApp| {
+        app.client
+            .post(app.url("/v1/sessions/attach/messages?stream=true"))
+            .header("idempotency-key", "retry-me")
+            .json(&json!({"content": "one two three four five"}))
+            .send()
+    };
+    let first = send(app).await.unwrap();
+    let mut first = first.bytes_stream().eventsource();
+    let started: Value = serde_json::from_str(&first.next().await.unwrap().unwrap().data).unwrap();
+    first.next().await.unwrap().unwrap();
+    // The client lost its connection and retries with the same key while the turn still runs.
+    drop(first);
+    let retry = send(app).await.unwrap();
+    assert_eq!(retry.status(), 200);
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let events = collect_events(retry).await;
+    assert_eq!(events[0].event, "turn.started", "the retry follows the turn from its first event");
+    assert_eq!(events[0].data["turn_id"], started["turn_id"]);
+    let ids: Vec<String> = events.iter().map(|e| e.id.clone()).collect();
+    assert_eq!(ids, (1..=events.len()).map(|i| i.to_string()).collect::<Vec<_>>());
+    let last = events.last().unwrap();
+    assert_eq!(last.event, "turn.completed");
+    assert_eq!(last.data["messages"].as_array().unwrap().len(), 2);
+    let text: String = events
+        .iter()
+        .filter(|e| e.event == "message.delta")
+        .map(|e| e.data["delta"].as_str().unwrap())
+        .collect();
+    assert_eq!(text, "echo: one two three four five (context: 0 messages)");
+    assert_eq!(app.history("attach").await.len(), 2, "the model ran once");
+}
+
 async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
     let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100"]).await;
     apps[0].create_session("cx").await;
@@ -245,6 +282,7 @@ for_each_backend!(
     a_wait_past_the_busy_timeout_is_409,
     an_idempotent_retry_returns_the_same_turn_without_running_it_again,
     an_idempotent_retry_while_the_turn_runs_is_409_with_its_id,
+    a_streaming_retry_while_the_turn_runs_attaches_to_its_stream,
     a_turn_can_be_cancelled_from_another_replica,
     a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session,
     concurrent_clients_never_corrupt_a_conversation,
