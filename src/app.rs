@@ -13,7 +13,7 @@ use crate::agent::{Agent, AgentSettings};
 use crate::config::{Config, ModelProvider, StoreKind, redact_url};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimits;
-use crate::http::{AppState, Limits};
+use crate::http::{AppParts, AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
@@ -54,7 +54,7 @@ pub fn state_from_parts(
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
     let auth = Arc::new(Auth::from_config(config)?);
     let rate_limits = Arc::new(RateLimits::from_config(config)?);
-    Ok(AppState { agent, store, limits: Arc::new(limits(config)), auth, rate_limits })
+    Ok(AppState::new(AppParts { agent, store, limits: Arc::new(limits(config)), auth, rate_limits }))
 }
 
 fn limits(config: &Config) -> Limits {

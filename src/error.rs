@@ -6,6 +6,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use tracing::Level;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -185,18 +186,46 @@ impl AppError {
         }
     }
 
-    fn log(&self) {
-        match self {
-            AppError::Internal(detail) => {
-                tracing::error!(error.code = self.code(), error.detail = %detail, "request failed")
-            }
-            AppError::StoreUnavailable(detail) => {
-                tracing::warn!(error.code = self.code(), error.detail = %detail, "store unavailable")
-            }
+    /// What the response should log once it leaves (see [`ErrorLog`]).
+    fn log_entry(&self) -> ErrorLog {
+        let (level, message, detail) = match self {
+            AppError::Internal(detail) => (Level::ERROR, "request failed", Some(detail.clone())),
+            AppError::StoreUnavailable(detail) => (Level::WARN, "store unavailable", Some(detail.clone())),
             AppError::Upstream(_) | AppError::UpstreamTimeout(_) => {
-                tracing::warn!(error.code = self.code(), error.detail = %self, "model failed")
+                (Level::WARN, "model failed", Some(self.to_string()))
             }
-            _ => tracing::debug!(error.code = self.code(), "request rejected"),
+            _ => (Level::DEBUG, "request rejected", None),
+        };
+        ErrorLog { level, message, code: self.code(), detail }
+    }
+}
+
+/// The log line of an error response. [`AppError`] attaches it to its response, and the request
+/// layer logs it as the response leaves, with the request id (see
+/// `crate::http::middleware::log_response`), so that no per-request span is needed at `info`.
+#[derive(Debug, Clone)]
+pub struct ErrorLog {
+    level: Level,
+    message: &'static str,
+    code: &'static str,
+    detail: Option<String>,
+}
+
+impl ErrorLog {
+    /// Logs the error for the request with this id.
+    pub fn emit(&self, request_id: &str) {
+        let (code, detail, message) = (self.code, self.detail.as_deref().unwrap_or(""), self.message);
+        match self.level {
+            Level::ERROR => tracing::error!(
+                request.id = request_id,
+                error.code = code,
+                error.detail = detail,
+                "{message}"
+            ),
+            Level::WARN => {
+                tracing::warn!(request.id = request_id, error.code = code, error.detail = detail, "{message}")
+            }
+            _ => tracing::debug!(request.id = request_id, error.code = code, "{message}"),
         }
     }
 }
@@ -212,8 +241,9 @@ pub fn problem_response(problem: &Problem) -> Response {
 
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
-        self.log();
+        let log = self.log_entry();
         let mut response = problem_response(&self.problem());
+        response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         match self {
             AppError::StoreUnavailable(_) | AppError::ShuttingDown => {

@@ -6,7 +6,7 @@
 //! order, and poll the store lock. An `Idempotency-Key` maps a request to the turn it started, so
 //! a retry returns the same turn instead of running the model again.
 
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -18,12 +18,22 @@ use super::feed::TurnFeed;
 use super::registry::RegisterError;
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
-use crate::domain::{Turn, TurnStatus, now};
+use crate::domain::{Message, Turn, TurnStatus, now};
 use crate::error::{AppError, Problem};
-use crate::store::{DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome};
+use crate::store::{DynStore, IdempotencyBegin, IdempotencyRecord, TurnBegin};
 
 /// How often a running turn renews its lease and checks for cancel requests.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+
+/// A session claimed for a turn, with what the turn needs from it.
+pub(super) struct Claimed {
+    /// Cancels the turn (from this replica's registry, or a cancel request seen in the store).
+    pub cancel: CancellationToken,
+    /// The session's system prompt.
+    pub system_prompt: Option<String>,
+    /// The session's last messages, before the window is fitted.
+    pub window: Vec<Message>,
+}
 
 /// What an idempotent request found.
 pub(super) enum Replay {
@@ -103,50 +113,50 @@ impl Agent {
         }
     }
 
-    /// Claims the session for a turn: the store lock (shared by replicas) and the local registry.
-    pub(super) async fn claim_session(
-        &self,
-        input: &TurnInput,
-        turn_id: Uuid,
-    ) -> Result<CancellationToken, AppError> {
-        let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
+    /// Claims the session for a turn: the local registry, then the store lock (shared by
+    /// replicas), which in the same store call loads the window and records the turn as running.
+    pub(super) async fn claim_session(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
         if self.registry.is_closed() {
             return Err(AppError::ShuttingDown);
         }
         match input.if_busy {
-            IfBusy::Reject => self.try_lock(tenant, session, turn_id).await?,
-            IfBusy::Wait => self.wait_for_lock(tenant, session, turn_id).await?,
+            IfBusy::Reject => self.try_claim(input, turn).await,
+            IfBusy::Wait => self.wait_to_claim(input, turn).await,
         }
-        match self.registry.register(tenant, session, turn_id) {
-            Ok(token) => Ok(token),
+    }
+
+    /// One attempt: 409 with the running turn's id if the session is busy here or elsewhere.
+    async fn try_claim(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
+        let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
+        let cancel = self.registry.register(tenant, session, turn.id).map_err(|e| match e {
+            RegisterError::Busy(running) => AppError::TurnInProgress(running),
+            RegisterError::Closed => AppError::ShuttingDown,
+        })?;
+        let (window, lease) = (self.settings.history_size, self.settings.turn_lease);
+        let begun = self.store.begin_turn(tenant, turn, window, lease).await;
+        match begun {
+            Ok(TurnBegin::Started { system_prompt, window }) => Ok(Claimed { cancel, system_prompt, window }),
+            Ok(TurnBegin::Busy(running)) => {
+                self.registry.finish(tenant, session, turn.id);
+                Err(AppError::TurnInProgress(running))
+            }
             Err(e) => {
-                let _ = self.store.release_turn_lock(tenant, session, turn_id).await;
-                Err(match e {
-                    RegisterError::Busy(running) => AppError::TurnInProgress(running),
-                    RegisterError::Closed => AppError::ShuttingDown,
-                })
+                self.registry.finish(tenant, session, turn.id);
+                Err(AppError::from_store(e, session))
             }
         }
     }
 
-    async fn try_lock(&self, tenant: &str, session: &str, turn_id: Uuid) -> Result<(), AppError> {
-        let lease = self.settings.turn_lease;
-        match self.store.acquire_turn_lock(tenant, session, turn_id, lease).await {
-            Ok(LockOutcome::Acquired) => Ok(()),
-            Ok(LockOutcome::Busy(running)) => Err(AppError::TurnInProgress(running)),
-            Err(e) => Err(AppError::from_store(e, session)),
-        }
-    }
-
     /// Waits in arrival order (within this replica) for the session, up to the busy timeout.
-    async fn wait_for_lock(&self, tenant: &str, session: &str, turn_id: Uuid) -> Result<(), AppError> {
+    async fn wait_to_claim(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
+        let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
         let deadline = Instant::now() + self.settings.if_busy_timeout;
         let queue = self.registry.queue(tenant, session);
         let result = async {
             let _place = tokio::time::timeout_at(deadline, queue.lock()).await.map_err(|_| ())?;
             let mut pause = Duration::from_millis(10);
             loop {
-                match self.try_lock(tenant, session, turn_id).await {
+                match self.try_claim(input, turn).await {
                     Err(AppError::TurnInProgress(_)) if Instant::now() + pause < deadline => {
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(200));
@@ -163,7 +173,9 @@ impl Agent {
             Ok(outcome) => outcome,
             Err(()) => {
                 let running = self.store.turn_lock_holder(tenant, session).await.ok().flatten();
-                Err(AppError::TurnInProgress(running.unwrap_or(turn_id)))
+                Err(AppError::TurnInProgress(
+                    running.or(self.registry.running_in(tenant, session)).unwrap_or(turn.id),
+                ))
             }
         }
     }
@@ -176,10 +188,16 @@ impl Agent {
         session: &str,
         turn_id: Uuid,
     ) -> Result<Option<Turn>, AppError> {
-        let Some(mut turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
+        let Some(turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
         if turn.status != TurnStatus::Running
             || self.store.turn_lock_holder(tenant, session).await? == Some(turn_id)
         {
+            return Ok(Some(turn));
+        }
+        // A turn writes its last record before it frees the session: read the record again, or a
+        // turn that ended between the two reads above would be overwritten as abandoned.
+        let Some(mut turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
+        if turn.status != TurnStatus::Running {
             return Ok(Some(turn));
         }
         turn.status = TurnStatus::Failed;
@@ -201,29 +219,48 @@ fn abandoned_problem() -> Problem {
     }
 }
 
-/// Renews a turn's lease every second until aborted; a cancel request from any replica cancels
-/// the turn.
-pub(super) async fn renew_lease(
-    store: DynStore,
-    tenant: String,
-    session: String,
-    turn_id: Uuid,
-    lease: Duration,
-    cancel: CancellationToken,
-) {
-    let every = RENEW_EVERY.min(lease / 3).max(Duration::from_millis(10));
-    let mut lost = false;
+/// Renews the lease of every turn running in this process, every `every`, and passes on the
+/// cancel requests it finds in the store (from any replica). One task per agent rather than one
+/// per turn, and one batch per tick ([`crate::store::ConversationStore::renew_turn_locks`]), so
+/// that ten thousand open streams cost a statement or a pipeline a second, not ten thousand.
+/// It starts with the first turn and stops once the agent is gone.
+pub(super) async fn keep_leases(agent: Weak<Agent>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
     loop {
-        tokio::time::sleep(every).await;
-        match store.renew_turn_lock(&tenant, &session, turn_id, lease).await {
-            Ok(status) if status.cancel_requested => cancel.cancel(),
-            Ok(status) if !status.held && !lost => {
-                lost = true;
+        tick.tick().await;
+        let Some(agent) = agent.upgrade() else { return };
+        agent.renew_leases().await;
+    }
+}
+
+impl Agent {
+    async fn renew_leases(&self) {
+        let turns = self.registry.leased();
+        if turns.keys.is_empty() {
+            return;
+        }
+        let statuses = match self.store.renew_turn_locks(&turns.keys, self.settings.turn_lease).await {
+            Ok(statuses) => statuses,
+            Err(e) => {
+                tracing::warn!(turns = turns.keys.len(), error = %e, "could not renew the turn leases");
+                return;
+            }
+        };
+        for ((key, cancel), status) in turns.keys.iter().zip(&turns.cancels).zip(statuses) {
+            let (session, turn_id) = (&key.session_id, key.turn_id);
+            if status.cancel_requested {
+                cancel.cancel();
+            } else if !status.held && self.registry.note_lost(&key.tenant, session, turn_id) {
                 tracing::warn!(turn.id = %turn_id, session.id = %session, "the turn lost its session lock");
             }
-            Ok(_) => {}
-            Err(e) => tracing::warn!(turn.id = %turn_id, error = %e, "could not renew the turn lease"),
         }
+    }
+
+    /// How often leases are renewed: every second, or a third of a shorter lease.
+    pub(super) fn renew_every(&self) -> Duration {
+        RENEW_EVERY.min(self.settings.turn_lease / 3).max(Duration::from_millis(10))
     }
 }
 

@@ -16,12 +16,16 @@ pub mod registry;
 pub mod window;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
 pub use events::{TurnEvent, TurnResult};
@@ -109,7 +113,94 @@ pub struct StartedTurn {
     /// Its events, when the client streams it (or may retry it with an idempotency key).
     pub feed: Option<Arc<TurnFeed>>,
     /// The outcome; the turn runs to the end even if this handle is dropped.
-    pub outcome: tokio::task::JoinHandle<Result<TurnResult, AppError>>,
+    pub outcome: TurnRun,
+}
+
+/// A turn's run, to await for its outcome. The turn runs inside the task that awaits it (no
+/// task of its own, no wake-up across tasks for a JSON answer); dropping it before the end does
+/// not stop the turn: the rest then runs in a task of its own. Either way the turn counts as
+/// running for graceful shutdown.
+pub struct TurnRun {
+    run: Option<futures::future::BoxFuture<'static, Result<TurnResult, AppError>>>,
+    tracker: TaskTracker,
+    _running: TaskTrackerToken,
+}
+
+impl TurnRun {
+    fn new(
+        run: impl Future<Output = Result<TurnResult, AppError>> + Send + 'static,
+        tracker: &TaskTracker,
+    ) -> Self {
+        TurnRun { run: Some(Box::pin(run)), tracker: tracker.clone(), _running: tracker.token() }
+    }
+}
+
+impl std::fmt::Debug for TurnRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TurnRun").field("done", &self.run.is_none()).finish()
+    }
+}
+
+impl Future for TurnRun {
+    type Output = Result<TurnResult, AppError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let Some(run) = self.run.as_mut() else {
+            return std::task::Poll::Ready(Err(AppError::Internal("the turn's outcome was taken".into())));
+        };
+        let outcome = run.as_mut().poll(cx);
+        if outcome.is_ready() {
+            self.run = None;
+        }
+        outcome
+    }
+}
+
+impl TurnRun {
+    /// The turn's events, with the turn run by whoever reads them: a streaming client's
+    /// connection runs its turn, so each event is written in the poll that produced it, with no
+    /// wake-up of another task in between. If the reader goes away first, the turn goes on in a
+    /// task of its own (see [`TurnRun`]). A reader that stops reading without going away would
+    /// pause its own turn only once hyper's and the socket's buffers are full (hundreds of KiB of
+    /// events, more than a turn usually sends).
+    pub fn driving<S: futures::Stream<Item = TurnEvent> + Unpin>(self, events: S) -> Driven<S> {
+        Driven { events, run: Some(self) }
+    }
+}
+
+/// A turn's events together with its run (see [`TurnRun::driving`]).
+pub struct Driven<S> {
+    events: S,
+    run: Option<TurnRun>,
+}
+
+impl<S: futures::Stream<Item = TurnEvent> + Unpin> futures::Stream for Driven<S> {
+    type Item = TurnEvent;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<TurnEvent>> {
+        if let Some(run) = self.run.as_mut()
+            && Pin::new(run).poll(cx).is_ready()
+        {
+            // The outcome is in the events too: the turn's last event closes the feed.
+            self.run = None;
+        }
+        Pin::new(&mut self.events).poll_next(cx)
+    }
+}
+
+impl Drop for TurnRun {
+    fn drop(&mut self) {
+        // Unwinding from a panic inside the turn: it cannot be resumed.
+        if std::thread::panicking() {
+            return;
+        }
+        if let Some(rest) = self.run.take() {
+            self.tracker.spawn(rest);
+        }
+    }
 }
 
 /// The agent: the store, the model, the tools, and the turns running here.
@@ -119,6 +210,10 @@ pub struct Agent {
     tools: Arc<ToolRegistry>,
     settings: AgentSettings,
     registry: TurnRegistry,
+    /// Set once the lease keeper runs (it starts with the first turn).
+    keeper: std::sync::OnceLock<()>,
+    /// The empty tool list of a call that offers none.
+    no_tools: Arc<[crate::llm::ToolSpec]>,
 }
 
 impl std::fmt::Debug for Agent {
@@ -142,8 +237,13 @@ struct TurnState {
     partial_text: String,
     usage: Option<Usage>,
     events: Option<Arc<TurnFeed>>,
+    /// The turn's last events, sent once the session is free again, so that a client that
+    /// posts its next turn as soon as it sees them does not find the session still busy.
+    closing: Vec<TurnEvent>,
     /// The request's idempotency key, settled when the turn ends.
     idempotency_key: Option<String>,
+    /// Whether the store released the session lock with the turn's last append.
+    lock_released: bool,
 }
 
 impl TurnState {
@@ -153,6 +253,23 @@ impl TurnState {
         if let Some(feed) = &self.events {
             // A client that went away does not stop the turn: the feed keeps every event.
             feed.push(event());
+        }
+    }
+
+    /// Keeps a closing event (see `closing`), only when a client streams the turn.
+    fn emit_last(&mut self, event: impl FnOnce(&Self) -> TurnEvent) {
+        if self.events.is_some() {
+            let event = event(self);
+            self.closing.push(event);
+        }
+    }
+
+    /// Sends the closing events.
+    fn flush_closing(&mut self) {
+        if let Some(feed) = &self.events {
+            for event in self.closing.drain(..) {
+                feed.push(event);
+            }
         }
     }
 
@@ -174,6 +291,7 @@ impl TurnState {
 impl Drop for TurnState {
     fn drop(&mut self) {
         // However the turn ended (even by a panic), its followers see the end of the stream.
+        self.flush_closing();
         if let Some(feed) = &self.events {
             feed.close();
         }
@@ -204,14 +322,16 @@ struct Interrupt {
 
 impl Interrupt {
     async fn guard<F: std::future::Future>(&self, work: F) -> Result<F::Output, Stop> {
+        // The work is polled first: work that is done at once (the echo model) never arms the
+        // deadline's timer, and a cancel request that comes after the work is done changes nothing.
         tokio::select! {
             biased;
+            out = work => Ok(out),
             _ = self.cancel.cancelled() => Err(Stop::Cancelled),
             _ = tokio::time::sleep_until(self.deadline) => Err(Stop::Error(AppError::UpstreamTimeout(format!(
                 "the turn exceeded its time limit of {} s (PARLEY_TURN_TIMEOUT)",
                 self.timeout.as_secs()
             )))),
-            out = work => Ok(out),
         }
     }
 }
@@ -219,7 +339,15 @@ impl Interrupt {
 impl Agent {
     /// An agent over this store, model and tools.
     pub fn new(store: DynStore, model: DynModel, tools: ToolRegistry, settings: AgentSettings) -> Self {
-        Agent { store, model, tools: Arc::new(tools), settings, registry: TurnRegistry::new() }
+        Agent {
+            store,
+            model,
+            tools: Arc::new(tools),
+            settings,
+            registry: TurnRegistry::new(),
+            keeper: std::sync::OnceLock::new(),
+            no_tools: Arc::from([]),
+        }
     }
 
     /// The store.
@@ -237,20 +365,22 @@ impl Agent {
         &self.settings
     }
 
-    /// Starts a turn: checks the session, records the turn as running and spawns the loop.
-    pub async fn start_turn(self: &Arc<Self>, input: TurnInput) -> Result<TurnStart, AppError> {
-        let session = self
-            .store
-            .get_session(&input.tenant, &input.session_id)
-            .await?
-            .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
-        let turn = Turn::start(&session.id);
-        match self.begin_idempotent(&input, turn.id).await? {
-            claim::Replay::Run => {}
-            claim::Replay::Done(result) => return Ok(TurnStart::Replayed(result)),
-            claim::Replay::Attach(feed) => return Ok(TurnStart::Attached(feed)),
+    /// Starts a turn: claims the session, records the turn as running and spawns the loop.
+    pub async fn start_turn(self: &Arc<Self>, mut input: TurnInput) -> Result<TurnStart, AppError> {
+        let turn = Turn::start(&input.session_id);
+        if input.idempotency_key.is_some() {
+            // The key is remembered with the session: a missing session is a 404 before anything.
+            self.store
+                .get_session(&input.tenant, &input.session_id)
+                .await?
+                .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
+            match self.begin_idempotent(&input, turn.id).await? {
+                claim::Replay::Run => {}
+                claim::Replay::Done(result) => return Ok(TurnStart::Replayed(result)),
+                claim::Replay::Attach(feed) => return Ok(TurnStart::Attached(feed)),
+            }
         }
-        match self.launch(&input, session.system_prompt.as_deref(), turn).await {
+        match self.launch(&mut input, turn).await {
             Ok(started) => Ok(TurnStart::Started(started)),
             Err(e) => {
                 if let Some(key) = &input.idempotency_key {
@@ -261,30 +391,19 @@ impl Agent {
         }
     }
 
-    /// Claims the session, prepares the prompt and spawns the turn.
-    async fn launch(
-        self: &Arc<Self>,
-        input: &TurnInput,
-        session_prompt: Option<&str>,
-        turn: Turn,
-    ) -> Result<StartedTurn, AppError> {
-        let cancel = self.claim_session(input, turn.id).await?;
+    /// Claims the session (which also loads the window and records the turn as running in the
+    /// store, in one step) and spawns the turn.
+    async fn launch(self: &Arc<Self>, input: &mut TurnInput, turn: Turn) -> Result<StartedTurn, AppError> {
+        let claimed = self.claim_session(input, &turn).await?;
         let turn_id = turn.id;
-        let prepared = self.prepare(input, session_prompt, turn).await;
-        let (turn, prompt) = match prepared {
-            Ok(parts) => parts,
-            Err(e) => {
-                let _ = self.store.release_turn_lock(&input.tenant, &input.session_id, turn_id).await;
-                return Err(e);
-            }
-        };
+        let prompt = self.prompt(claimed.system_prompt.as_deref(), claimed.window);
         // Events are kept for a streaming client, and for a streaming retry that may attach.
         let feed = (input.stream || input.idempotency_key.is_some()).then(TurnFeed::new);
-        if let Some(feed) = &feed {
-            self.registry.set_feed(&input.tenant, &input.session_id, turn_id, Arc::clone(feed));
-        }
-        let mut state = new_state(input, turn, prompt, feed.clone());
-        state.idempotency_key = input.idempotency_key.clone();
+        self.registry.started(&input.tenant, &input.session_id, turn_id, feed.clone());
+        self.keeper.get_or_init(|| {
+            tokio::spawn(claim::keep_leases(Arc::downgrade(self), self.renew_every()));
+        });
+        let state = new_state(input, turn, prompt, feed.clone());
         let session = &input.session_id;
         state.emit(|| TurnEvent::Started {
             turn_id,
@@ -292,47 +411,23 @@ impl Agent {
             user_message: state.pending[0].clone(),
         });
         let agent = Arc::clone(self);
-        let outcome = self.registry.tracker().spawn(async move { agent.drive(state, cancel).await });
+        let cancel = claimed.cancel;
+        let outcome = TurnRun::new(async move { agent.drive(state, cancel).await }, self.registry.tracker());
         Ok(StartedTurn { turn_id, feed, outcome })
     }
 
-    /// Loads the window and records the turn as running.
-    async fn prepare(
-        &self,
-        input: &TurnInput,
-        session_prompt: Option<&str>,
-        turn: Turn,
-    ) -> Result<(Turn, Vec<PromptMessage>), AppError> {
-        let result = async {
-            let window = self.load_window(&input.tenant, &input.session_id).await?;
-            self.store.put_turn(&input.tenant, &turn).await?;
-            let mut prompt = Vec::with_capacity(window.len() + 2);
-            if let Some(system) =
-                session_prompt.or(self.settings.system_prompt.as_deref()).filter(|s| !s.is_empty())
-            {
-                prompt.push(PromptMessage::text(Role::System, system));
-            }
-            prompt.extend(window.iter().map(PromptMessage::from));
-            Ok::<_, AppError>(prompt)
-        }
-        .await;
-        match result {
-            Ok(prompt) => Ok((turn, prompt)),
-            Err(e) => {
-                self.registry.finish(&input.tenant, &input.session_id, turn.id);
-                Err(match e {
-                    AppError::SessionNotFound(_) => AppError::SessionNotFound(input.session_id.clone()),
-                    other => other,
-                })
-            }
-        }
-    }
-
-    /// The messages the model sees from the past: the last `history_size`, without the saved
+    /// The prompt before the turn: the system prompt and the history window, without the saved
     /// rounds of turns that never finished, and without broken tool pairs.
-    async fn load_window(&self, tenant: &str, session_id: &str) -> Result<Vec<Message>, AppError> {
-        let messages = self.store.last_n(tenant, session_id, self.settings.history_size).await?;
-        Ok(window::fit_window(drop_unfinished_turns(messages), self.settings.history_size))
+    fn prompt(&self, session_prompt: Option<&str>, messages: Vec<Message>) -> Vec<PromptMessage> {
+        let window = window::fit_window(drop_unfinished_turns(messages), self.settings.history_size);
+        let mut prompt = Vec::with_capacity(window.len() + 3);
+        if let Some(system) =
+            session_prompt.or(self.settings.system_prompt.as_deref()).filter(|s| !s.is_empty())
+        {
+            prompt.push(PromptMessage::text(Role::System, system));
+        }
+        prompt.extend(window.into_iter().map(PromptMessage::from));
+        prompt
     }
 
     /// Runs the loop to its end (completed, failed, cancelled or timed out) and records it.
@@ -342,24 +437,17 @@ impl Agent {
         cancel: CancellationToken,
     ) -> Result<TurnResult, AppError> {
         let timeout = self.settings.turn_timeout;
-        let renewer = tokio::spawn(claim::renew_lease(
-            Arc::clone(&self.store),
-            state.tenant.clone(),
-            state.session_id().to_owned(),
-            state.turn.id,
-            self.settings.turn_lease,
-            cancel.clone(),
-        ));
         let interrupt = Interrupt { cancel, deadline: tokio::time::Instant::now() + timeout, timeout };
         let result = match self.run(&mut state, &interrupt).await {
             Ok(result) => Ok(result),
             Err(Stop::Error(e)) => Err(self.fail(&mut state, e).await),
             Err(Stop::Cancelled) => self.save_cancelled(&mut state).await,
         };
-        renewer.abort();
         self.settle_idempotency(&state, &result).await;
         let (tenant, session, turn_id) = (&state.tenant, state.session_id(), state.turn.id);
-        if let Err(e) = self.store.release_turn_lock(tenant, session, turn_id).await {
+        if !state.lock_released
+            && let Err(e) = self.store.release_turn_lock(tenant, session, turn_id).await
+        {
             tracing::warn!(turn.id = %turn_id, error = %e, "could not release the session lock; retrying");
             let lease = self.settings.turn_lease;
             tokio::spawn(claim::release_when_possible(
@@ -371,6 +459,7 @@ impl Agent {
             ));
         }
         self.registry.finish(tenant, session, turn_id);
+        state.flush_closing();
         result
     }
 
@@ -426,10 +515,15 @@ impl Agent {
     async fn call_model(&self, state: &mut TurnState, offer_tools: bool) -> Result<ModelOutput, AppError> {
         state.partial_id = new_id();
         state.partial_text.clear();
-        let mut messages = state.prompt.clone();
-        messages.extend(state.turn_messages().map(PromptMessage::from));
-        let tools = if offer_tools { self.tools.specs() } else { Vec::new() };
-        let mut stream = self.model.stream(ChatRequest { messages, tools }).await?;
+        // The prompt is lent to the request and taken back, not copied for every call.
+        let before = state.prompt.len();
+        let tools = if offer_tools { self.tools.specs() } else { Arc::clone(&self.no_tools) };
+        let mut request = ChatRequest { messages: std::mem::take(&mut state.prompt), tools };
+        request.messages.extend(state.turn_messages().map(PromptMessage::from));
+        let started = self.model.stream(&request).await;
+        request.messages.truncate(before);
+        state.prompt = request.messages;
+        let mut stream = started?;
         while let Some(event) = stream.next().await {
             match event? {
                 ModelEvent::Delta(delta) => {
@@ -476,26 +570,37 @@ impl Agent {
 
     /// Appends the rest of the turn with its completed record.
     async fn complete(&self, state: &mut TurnState) -> Result<TurnResult, AppError> {
-        let mut turn = state.turn.clone();
-        turn.status = TurnStatus::Completed;
-        turn.message_ids = state.turn_messages().map(|m| m.id).collect();
-        turn.usage = state.usage;
-        turn.completed_at = Some(now());
-        let batch = AppendBatch { messages: state.pending.clone(), turn: Some(turn.clone()) };
-        let stored = self.store.append(&state.tenant, state.session_id(), batch).await?;
-        state.pending.clear();
-        state.stored.extend(stored);
-        state.turn = turn;
         let turn_id = state.turn.id;
-        if let Some(last) = state.stored.last() {
-            state.emit(|| TurnEvent::MessageCompleted { turn_id, message: last.clone() });
+        let completed_at = Some(now());
+        let record = Turn {
+            status: TurnStatus::Completed,
+            message_ids: state.turn_messages().map(|m| m.id).collect(),
+            usage: state.usage,
+            completed_at,
+            ..state.turn.clone()
+        };
+        // On failure the batch is gone with the error, but `pending` is not needed any more:
+        // the turn fails, and a failed turn saves nothing more.
+        let batch = AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(record) };
+        let finished = self.store.finish_turn(&state.tenant, state.session_id(), batch, turn_id).await?;
+        state.lock_released = finished.lock_released;
+        state.stored.extend(finished.messages);
+        state.turn.status = TurnStatus::Completed;
+        state.turn.message_ids = state.stored.iter().map(|m| m.id).collect();
+        state.turn.usage = state.usage;
+        state.turn.completed_at = completed_at;
+        let usage = state.usage;
+        if state.events.is_none() {
+            // A JSON answer: the stored messages go to the client, nothing else needs them.
+            return Ok(TurnResult { turn_id, messages: std::mem::take(&mut state.stored), usage });
         }
-        let result = TurnResult { turn_id, messages: state.stored.clone(), usage: state.usage };
-        state.emit(|| TurnEvent::Completed {
-            turn_id,
-            messages: result.messages.clone(),
-            usage: result.usage,
-        });
+        if let Some(last) = state.stored.last() {
+            let message = last.clone();
+            state.emit_last(|_| TurnEvent::MessageCompleted { turn_id, message });
+        }
+        let result = TurnResult { turn_id, messages: state.stored.clone(), usage };
+        let messages = &result.messages;
+        state.emit_last(|_| TurnEvent::Completed { turn_id, messages: messages.clone(), usage });
         Ok(result)
     }
 
@@ -511,7 +616,7 @@ impl Agent {
             tracing::warn!(turn.id = %state.turn.id, error = %e, "could not record the failed turn");
         }
         tracing::info!(turn.id = %state.turn.id, session.id = %state.turn.session_id, error.code = error.code(), "turn failed");
-        state.emit(|| TurnEvent::Failed { turn_id: state.turn.id, error: problem });
+        state.emit_last(|s| TurnEvent::Failed { turn_id: s.turn.id, error: problem });
         error
     }
 
@@ -544,30 +649,33 @@ impl Agent {
             Err(e) => return Err(self.fail(state, e.into()).await),
         }
         state.turn = turn;
-        state.emit(|| TurnEvent::Cancelled { turn_id: state.turn.id, messages: state.stored.clone() });
+        state.emit_last(|s| TurnEvent::Cancelled { turn_id: s.turn.id, messages: s.stored.clone() });
         Ok(TurnResult { turn_id: state.turn.id, messages: state.stored.clone(), usage: state.usage })
     }
 }
 
+/// The state of a turn that starts: the user's message takes the input's text and metadata.
 fn new_state(
-    input: &TurnInput,
+    input: &mut TurnInput,
     turn: Turn,
     prompt: Vec<PromptMessage>,
     events: Option<Arc<TurnFeed>>,
 ) -> TurnState {
-    let mut user = Message::new(&input.session_id, turn.id, Role::User, input.content.clone());
-    user.metadata = input.metadata.clone();
+    let mut user = Message::new(&input.session_id, turn.id, Role::User, std::mem::take(&mut input.content));
+    user.metadata = std::mem::take(&mut input.metadata);
     TurnState {
         tenant: input.tenant.clone(),
         turn,
         prompt,
         pending: vec![user],
         stored: Vec::new(),
-        partial_id: new_id(),
+        partial_id: Uuid::nil(),
         partial_text: String::new(),
         usage: None,
         events,
-        idempotency_key: None,
+        closing: Vec::new(),
+        idempotency_key: input.idempotency_key.clone(),
+        lock_released: false,
     }
 }
 
@@ -575,6 +683,10 @@ fn new_state(
 /// stored message is a tool result or a tool call. Those are rounds saved by save-on-iteration
 /// for a turn that then failed (or is still running); they stay readable but are not sent again.
 pub fn drop_unfinished_turns(messages: Vec<Message>) -> Vec<Message> {
+    // Without tool messages no turn can have stopped in a tool round (the common case: no map).
+    if !messages.iter().any(|m| m.role == Role::Tool || m.calls_tools()) {
+        return messages;
+    }
     let mut last: HashMap<Uuid, &Message> = HashMap::new();
     for m in &messages {
         last.insert(m.turn_id, m);

@@ -9,11 +9,15 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::feed::TurnFeed;
+use crate::store::LeaseKey;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 /// (tenant, session).
 type SessionKey = (String, String);
+
+/// Running turns by tenant, then session.
+type Running = foldhash::HashMap<String, foldhash::HashMap<String, RunningTurn>>;
 
 /// Turns waiting for one session; tokio's mutex is fair, so they go in arrival order.
 type WaitQueue = Arc<tokio::sync::Mutex<()>>;
@@ -21,8 +25,8 @@ type WaitQueue = Arc<tokio::sync::Mutex<()>>;
 /// Registry of running turns.
 #[derive(Debug, Default)]
 pub struct TurnRegistry {
-    /// Running turns by (tenant, session).
-    running: Mutex<HashMap<(String, String), RunningTurn>>,
+    /// Running turns by tenant, then session (looked up by `&str`, without building a key).
+    running: Mutex<Running>,
     /// Every turn task, for graceful shutdown.
     tracker: TaskTracker,
     /// Set once shutdown begins: no new turns.
@@ -37,6 +41,20 @@ struct RunningTurn {
     cancel: CancellationToken,
     /// Its events, when they are kept.
     feed: Option<Arc<TurnFeed>>,
+    /// Whether it holds the store's lock (from [`TurnRegistry::started`] on): only then is its
+    /// lease renewed.
+    claimed: bool,
+    /// Whether the lease keeper found it had lost the lock (warned once).
+    lost: bool,
+}
+
+/// The turns whose leases the keeper renews, and what cancels each (same order).
+#[derive(Debug, Default)]
+pub struct LeasedTurns {
+    /// Which turns.
+    pub keys: Vec<LeaseKey>,
+    /// What cancels each.
+    pub cancels: Vec<CancellationToken>,
 }
 
 /// Why a turn could not be registered.
@@ -54,8 +72,13 @@ impl TurnRegistry {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), RunningTurn>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
         self.running.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The turn running in a session, to read or change under the lock.
+    fn with_turn<T>(&self, tenant: &str, session: &str, f: impl FnOnce(&mut RunningTurn) -> T) -> Option<T> {
+        self.lock().get_mut(tenant).and_then(|t| t.get_mut(session)).map(f)
     }
 
     /// Registers a turn; fails if the session already runs one or shutdown has begun.
@@ -69,12 +92,16 @@ impl TurnRegistry {
             return Err(RegisterError::Closed);
         }
         let mut running = self.lock();
-        let key = (tenant.to_owned(), session.to_owned());
-        if let Some(existing) = running.get(&key) {
+        if !running.contains_key(tenant) {
+            running.insert(tenant.to_owned(), Default::default());
+        }
+        let sessions = running.get_mut(tenant).expect("inserted above");
+        if let Some(existing) = sessions.get(session) {
             return Err(RegisterError::Busy(existing.turn_id));
         }
         let cancel = CancellationToken::new();
-        running.insert(key, RunningTurn { turn_id, cancel: cancel.clone(), feed: None });
+        let turn = RunningTurn { turn_id, cancel: cancel.clone(), feed: None, claimed: false, lost: false };
+        sessions.insert(session.to_owned(), turn);
         Ok(cancel)
     }
 
@@ -96,41 +123,69 @@ impl TurnRegistry {
     /// Removes a finished turn.
     pub fn finish(&self, tenant: &str, session: &str, turn_id: Uuid) {
         let mut running = self.lock();
-        let key = (tenant.to_owned(), session.to_owned());
-        if running.get(&key).is_some_and(|r| r.turn_id == turn_id) {
-            running.remove(&key);
+        if let Some(sessions) = running.get_mut(tenant)
+            && sessions.get(session).is_some_and(|r| r.turn_id == turn_id)
+        {
+            sessions.remove(session);
         }
     }
 
-    /// Records where a running turn's events go.
-    pub fn set_feed(&self, tenant: &str, session: &str, turn_id: Uuid, feed: Arc<TurnFeed>) {
-        if let Some(r) = self.lock().get_mut(&(tenant.to_owned(), session.to_owned()))
-            && r.turn_id == turn_id
-        {
-            r.feed = Some(feed);
+    /// Records that a registered turn holds the store's lock, and where its events go.
+    pub fn started(&self, tenant: &str, session: &str, turn_id: Uuid, feed: Option<Arc<TurnFeed>>) {
+        self.with_turn(tenant, session, |r| {
+            if r.turn_id == turn_id {
+                r.feed = feed;
+                r.claimed = true;
+            }
+        });
+    }
+
+    /// The turns holding the store's lock, for the lease keeper.
+    pub fn leased(&self) -> LeasedTurns {
+        let running = self.lock();
+        let mut leased = LeasedTurns::default();
+        for (tenant, sessions) in running.iter() {
+            for (session, r) in sessions.iter().filter(|(_, r)| r.claimed) {
+                let key =
+                    LeaseKey { tenant: tenant.clone(), session_id: session.clone(), turn_id: r.turn_id };
+                leased.keys.push(key);
+                leased.cancels.push(r.cancel.clone());
+            }
         }
+        leased
+    }
+
+    /// Notes that a running turn lost its lock; true the first time (to warn once), false if
+    /// noted before or if the turn is not running here any more (it just ended).
+    pub fn note_lost(&self, tenant: &str, session: &str, turn_id: Uuid) -> bool {
+        self.with_turn(tenant, session, |r| {
+            let first = r.turn_id == turn_id && !r.lost;
+            r.lost |= first;
+            first
+        })
+        .unwrap_or(false)
     }
 
     /// The events of a turn running here, if they are kept.
     pub fn feed(&self, tenant: &str, session: &str, turn_id: Uuid) -> Option<Arc<TurnFeed>> {
-        let running = self.lock();
-        running.get(&(tenant.to_owned(), session.to_owned())).filter(|r| r.turn_id == turn_id)?.feed.clone()
+        self.with_turn(tenant, session, |r| if r.turn_id == turn_id { r.feed.clone() } else { None })
+            .flatten()
     }
 
     /// The turn running in a session, if any.
     pub fn running_in(&self, tenant: &str, session: &str) -> Option<Uuid> {
-        self.lock().get(&(tenant.to_owned(), session.to_owned())).map(|r| r.turn_id)
+        self.with_turn(tenant, session, |r| r.turn_id)
     }
 
     /// Cancels a running turn; false if it is not running here.
     pub fn cancel(&self, tenant: &str, session: &str, turn_id: Uuid) -> bool {
-        match self.lock().get(&(tenant.to_owned(), session.to_owned())) {
-            Some(r) if r.turn_id == turn_id => {
+        self.with_turn(tenant, session, |r| {
+            if r.turn_id == turn_id {
                 r.cancel.cancel();
-                true
             }
-            _ => false,
-        }
+            r.turn_id == turn_id
+        })
+        .unwrap_or(false)
     }
 
     /// The tracker turn tasks are spawned on.
@@ -151,7 +206,7 @@ impl TurnRegistry {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
             return;
         }
-        let running: Vec<RunningTurn> = self.lock().values().cloned().collect();
+        let running: Vec<RunningTurn> = self.lock().values().flat_map(|s| s.values().cloned()).collect();
         tracing::warn!(turns = running.len(), "grace period over: cancelling running turns");
         for turn in running {
             turn.cancel.cancel();

@@ -41,6 +41,11 @@ impl Auth {
         Auth { keys: None }
     }
 
+    /// Whether requests need a key.
+    pub fn is_on(&self) -> bool {
+        self.keys.is_some()
+    }
+
     /// API keys from this ring.
     pub fn api_keys(keys: Arc<KeyRing>) -> Self {
         Auth { keys: Some(keys) }
@@ -112,7 +117,8 @@ pub async fn authenticate(State(auth): State<Arc<Auth>>, mut request: Request, n
     let principal = match auth.principal(&request) {
         Ok(principal) => principal,
         Err(failure) => {
-            tracing::info!(auth.failure = ?failure, "request not authenticated");
+            let request_id = super::middleware::request_id(request.headers());
+            tracing::info!(request.id = request_id, auth.failure = ?failure, "request not authenticated");
             return AppError::Unauthorized(failure.to_string()).into_response();
         }
     };

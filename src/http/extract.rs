@@ -15,8 +15,16 @@ use crate::error::AppError;
 #[derive(Debug, Clone)]
 pub struct ApiJson<T>(pub T);
 
-/// Parses a JSON body (see [`ApiJson`]).
+/// Parses a JSON body (see [`ApiJson`]). Every body of this API is an object: an array is 422
+/// even where serde would read it as the struct's fields in order.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+        && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
+    {
+        return Err(AppError::Validation(
+            "invalid request body: expected a JSON object, not an array".to_owned(),
+        ));
+    }
     serde_json::from_slice(bytes).map_err(|e| match e.classify() {
         serde_json::error::Category::Data => AppError::Validation(format!("invalid request body: {e}")),
         _ => AppError::BadRequest(format!("malformed JSON body: {e}")),
@@ -140,6 +148,9 @@ mod tests {
         assert!(matches!(parse_json::<B>(b"{\"content\": 1}"), Err(AppError::Validation(_))));
         assert!(matches!(parse_json::<B>(b"{}"), Err(AppError::Validation(_))));
         assert!(parse_json::<B>(b"{\"content\": \"x\"}").is_ok());
+        // serde reads a struct from an array of its fields in order; the API takes objects only.
+        assert!(matches!(parse_json::<B>(b" [\"x\"]"), Err(AppError::Validation(_))));
+        assert!(matches!(parse_json::<B>(b"[\"x\""), Err(AppError::BadRequest(_))));
     }
 
     #[test]

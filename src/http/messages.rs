@@ -1,8 +1,9 @@
 //! `/v1/sessions/{id}/messages`: post a user turn (JSON or SSE), read history pages, clear history.
 
 use axum::Json;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
@@ -93,13 +94,26 @@ pub struct MessageList {
     pub next_cursor: Option<String>,
 }
 
-fn wants_stream(headers: &HeaderMap, query: &PostMessageQuery) -> bool {
-    query.stream.unwrap_or(false)
-        || headers
+/// The headers a turn request reads, taken from the request without copying its header map.
+pub struct TurnHeaders {
+    /// `Accept` names `text/event-stream`.
+    event_stream: bool,
+    /// The raw `Idempotency-Key`, checked by the handler.
+    idempotency_key: Option<HeaderValue>,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for TurnHeaders {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        let event_stream = parts
+            .headers
             .get_all(header::ACCEPT)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|part| part.trim().starts_with("text/event-stream")))
+            .any(|v| v.split(',').any(|part| part.trim().starts_with("text/event-stream")));
+        Ok(TurnHeaders { event_stream, idempotency_key: parts.headers.get("idempotency-key").cloned() })
+    }
 }
 
 fn validate_content(state: &AppState, content: &str) -> Result<()> {
@@ -134,21 +148,22 @@ pub async fn post_message(
     Tenant(tenant): Tenant,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<PostMessageQuery>,
-    headers: HeaderMap,
+    headers: TurnHeaders,
     ApiJson(body): ApiJson<PostMessage>,
 ) -> Result<Response> {
     let session_id = session_id(id)?;
     validate_content(&state, &body.content)?;
     let metadata = body.metadata.unwrap_or_default();
     state.limits.check_metadata(&metadata)?;
-    let idempotency_key = idempotency_key(&headers)?;
+    let idempotency_key = idempotency_key(headers.idempotency_key.as_ref())?;
     let if_busy = body.if_busy.unwrap_or(state.limits.if_busy);
-    let stream = wants_stream(&headers, &query);
+    let stream = query.stream.unwrap_or(false) || headers.event_stream;
     let input =
         TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key, stream };
     match state.agent.start_turn(input).await? {
-        TurnStart::Started(StartedTurn { feed: Some(feed), .. }) if stream => {
-            Ok(sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response())
+        TurnStart::Started(StartedTurn { feed: Some(feed), outcome, .. }) if stream => {
+            let events = outcome.driving(Box::pin(feed.follow()));
+            Ok(sse::turn_stream(events, state.limits.sse_keepalive).into_response())
         }
         TurnStart::Attached(feed) => {
             let mut response = sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response();
@@ -157,11 +172,7 @@ pub async fn post_message(
                 .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
             Ok(response)
         }
-        TurnStart::Started(started) => {
-            let result =
-                started.outcome.await.map_err(|e| AppError::Internal(format!("turn task failed: {e}")))??;
-            Ok(Json(result).into_response())
-        }
+        TurnStart::Started(started) => Ok(Json(started.outcome.await?).into_response()),
         TurnStart::Replayed(result) => {
             let mut response = if stream {
                 let events = futures::stream::iter(TurnEvent::replay(&result));
@@ -178,8 +189,8 @@ pub async fn post_message(
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>> {
-    let Some(value) = headers.get("idempotency-key") else { return Ok(None) };
+fn idempotency_key(value: Option<&HeaderValue>) -> Result<Option<String>> {
+    let Some(value) = value else { return Ok(None) };
     let key = value
         .to_str()
         .ok()

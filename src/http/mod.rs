@@ -26,9 +26,10 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode, header};
 use tower::ServiceBuilder;
+use tower::util::MapResponseLayer;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
-use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::request_id::{PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::sensitive_headers::SetSensitiveRequestHeadersLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -42,9 +43,28 @@ use crate::domain::Metadata;
 use crate::error::{AppError, Result};
 use crate::store::DynStore;
 
-/// Shared state of every handler.
+/// Shared state of every handler: one `Arc`, so that handing it to a request (axum clones it
+/// for every one) is one reference count, not five.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<AppParts>);
+
+impl AppState {
+    /// The state made of these parts.
+    pub fn new(parts: AppParts) -> Self {
+        AppState(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+/// What the handlers share.
+pub struct AppParts {
     /// The agent, which owns the running turns.
     pub agent: Arc<Agent>,
     /// The conversation store.
@@ -161,7 +181,7 @@ fn api_router(state: &AppState) -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
 pub fn openapi() -> OpenApiDoc {
-    let state = AppState {
+    let state = AppState::new(AppParts {
         agent: Arc::new(Agent::new(
             Arc::new(crate::store::memory::MemoryStore::default()),
             Arc::new(crate::llm::echo::EchoModel::default()),
@@ -172,7 +192,7 @@ pub fn openapi() -> OpenApiDoc {
         limits: Arc::new(Limits::default()),
         auth: Arc::new(auth::Auth::off()),
         rate_limits: Arc::new(ratelimit::RateLimits::off()),
-    };
+    });
     let mut spec = api_router(&state).split_for_parts().1;
     auth::document(&mut spec);
     spec
@@ -213,20 +233,42 @@ pub fn router(state: AppState) -> Router {
     let request_id = HeaderName::from_static("x-request-id");
     let layers = ServiceBuilder::new()
         .layer(SetSensitiveRequestHeadersLayer::new([header::AUTHORIZATION]))
-        .layer(SetRequestIdLayer::new(request_id.clone(), MakeRequestUuid))
-        .layer(TraceLayer::new_for_http().make_span_with(middleware::make_span))
+        .layer(SetRequestIdLayer::new(request_id.clone(), middleware::MakeRequestUuidV7))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(middleware::make_span)
+                .on_response(middleware::log_response),
+        )
         .layer(PropagateRequestIdLayer::new(request_id))
         .layer(CatchPanicLayer::custom(middleware::panic_response))
-        .layer(cors(&state.limits.cors_origins, state.limits.cors_credentials))
-        .layer(axum::middleware::map_response(middleware::problem_fallback))
-        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes))
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.auth), auth::authenticate))
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state.rate_limits), ratelimit::enforce));
-    api.merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        // Without an allowed origin there is nothing for CORS to allow: no layer, no `Vary`
+        // headers on every answer (a browser's preflight then fails, as it would anyway).
+        .option_layer(
+            state
+                .limits
+                .cors_origins
+                .iter()
+                .any(|o| !o.is_empty())
+                .then(|| cors(&state.limits.cors_origins, state.limits.cors_credentials)),
+        )
+        .layer(MapResponseLayer::new(middleware::problem_fallback))
+        .layer(DefaultBodyLimit::max(state.limits.max_body_bytes));
+    // The principal is needed by the rate limits (per key, or per address without keys) and to
+    // authenticate; with neither, the two layers would only pass requests on, so they are left out.
+    let (limited, keyed) = (state.rate_limits.is_on(), state.auth.is_on());
+    let (auth, rate_limits) = (Arc::clone(&state.auth), Arc::clone(&state.rate_limits));
+    let mut app = api
+        .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
-        .with_state(state)
-        .layer(layers)
+        .with_state(state);
+    if limited {
+        app = app.layer(axum::middleware::from_fn_with_state(rate_limits, ratelimit::enforce));
+    }
+    if limited || keyed {
+        app = app.layer(axum::middleware::from_fn_with_state(auth, auth::authenticate));
+    }
+    app.layer(layers)
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline, exactly as committed.

@@ -81,6 +81,11 @@ impl RateLimits {
         }
     }
 
+    /// Whether any limit applies.
+    pub fn is_on(&self) -> bool {
+        self.limiter.is_some()
+    }
+
     /// These limits, counted by `limiter`.
     pub fn new(limiter: DynLimiter, rps: u64, turns: u64, turns_window: Duration, max_streams: u64) -> Self {
         RateLimits { limiter: Some(limiter), rps, turns, turns_window, max_streams, ..RateLimits::off() }
@@ -326,10 +331,12 @@ pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, ne
     };
     // Read before awaiting: a request is not `Sync`, so no reference to it may cross an await.
     let turn = is_turn(&request).then(|| wants_stream(&request));
+    let id = request.headers().get("x-request-id").cloned();
     let (quota, slot) = match limits.check(limiter, &principal, turn).await {
         Check::Pass(pass) => pass,
         Check::Refuse(response) => {
-            tracing::info!(auth.key_id = %principal.key_id, "rate limited");
+            let request_id = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
+            tracing::info!(request.id = request_id, auth.key_id = %principal.key_id, "rate limited");
             return response;
         }
     };

@@ -46,6 +46,18 @@ impl PromptMessage {
     }
 }
 
+impl From<Message> for PromptMessage {
+    fn from(m: Message) -> Self {
+        PromptMessage {
+            role: m.role,
+            content: m.content,
+            tool_calls: m.tool_calls.unwrap_or_default(),
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        }
+    }
+}
+
 impl From<&Message> for PromptMessage {
     fn from(m: &Message) -> Self {
         PromptMessage {
@@ -74,8 +86,8 @@ pub struct ToolSpec {
 pub struct ChatRequest {
     /// The prompt: system prompt, history window, new messages.
     pub messages: Vec<PromptMessage>,
-    /// Tools the model may call; empty forces a text answer.
-    pub tools: Vec<ToolSpec>,
+    /// Tools the model may call; empty forces a text answer. Shared: the agent builds them once.
+    pub tools: Arc<[ToolSpec]>,
 }
 
 /// What the model produced in the end.
@@ -132,7 +144,8 @@ pub trait ChatModel: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// Starts a reply. The stream yields text deltas and ends with exactly one `Done`, or an error.
-    async fn stream(&self, request: ChatRequest) -> Result<ModelStream, ModelError>;
+    /// The request is borrowed: the agent reuses its prompt from one call to the next.
+    async fn stream(&self, request: &ChatRequest) -> Result<ModelStream, ModelError>;
 }
 
 /// Settings of the echo model.

@@ -205,8 +205,8 @@ impl ChatModel for OpenAiModel {
         &self.settings.model
     }
 
-    async fn stream(&self, request: ChatRequest) -> Result<ModelStream, ModelError> {
-        let body = serde_json::to_vec(&request::body(&self.settings, &request))
+    async fn stream(&self, request: &ChatRequest) -> Result<ModelStream, ModelError> {
+        let body = serde_json::to_vec(&request::body(&self.settings, request))
             .map_err(|e| ModelError::Protocol(format!("cannot encode the request: {e}")))?;
         let body = Bytes::from(body);
         let mut attempt = 0;

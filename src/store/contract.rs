@@ -23,7 +23,7 @@ use uuid::Uuid;
 
 use super::{
     AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
-    SessionCursor, StoreError,
+    SessionCursor, StoreError, TurnBegin,
 };
 use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, new_id};
 
@@ -577,6 +577,97 @@ where
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None, "the lock goes with the session");
 }
 
+/// Starting a turn claims the session, records the turn and reads the window and the system
+/// prompt in one call; a busy session is reported with its holder and nothing is written.
+pub async fn begin_turn_claims_records_and_reads_the_window<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    let prompted =
+        NewSession { id: "s1".into(), system_prompt: Some("Be brief.".into()), metadata: Metadata::new() };
+    store.create_session(TENANT, prompted).await.unwrap();
+    new_session(&store, OTHER_TENANT, "s1").await;
+    fill(&store, "s1", 6).await;
+    let lease = Duration::from_secs(30);
+    let first = Turn::start("s1");
+    let TurnBegin::Started { system_prompt, window } =
+        store.begin_turn(TENANT, &first, 4, lease).await.unwrap()
+    else {
+        panic!("a free session is claimed")
+    };
+    assert_eq!(system_prompt.as_deref(), Some("Be brief."));
+    assert_eq!(seqs(&window), vec![3, 4, 5, 6], "the last 4 messages, oldest first");
+    assert!(window.iter().all(|m| m.session_id == "s1"));
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(first.id));
+    assert_eq!(store.get_turn(TENANT, "s1", first.id).await.unwrap(), Some(first.clone()));
+
+    let second = Turn::start("s1");
+    assert_eq!(store.begin_turn(TENANT, &second, 4, lease).await.unwrap(), TurnBegin::Busy(first.id));
+    // A running record left by a turn that never ended stays readable when the next one starts.
+    store.release_turn_lock(TENANT, "s1", first.id).await.unwrap();
+    let next = Turn::start("s1");
+    assert!(matches!(store.begin_turn(TENANT, &next, 4, lease).await.unwrap(), TurnBegin::Started { .. }));
+    assert_eq!(store.get_turn(TENANT, "s1", first.id).await.unwrap(), Some(first.clone()));
+    assert_eq!(store.get_turn(TENANT, "s1", next.id).await.unwrap(), Some(next.clone()));
+    store.release_turn_lock(TENANT, "s1", next.id).await.unwrap();
+    assert!(matches!(store.begin_turn(TENANT, &first, 4, lease).await.unwrap(), TurnBegin::Started { .. }));
+    assert_eq!(store.get_turn(TENANT, "s1", second.id).await.unwrap(), None, "a busy start writes nothing");
+
+    let other = Turn::start("s1");
+    let TurnBegin::Started { system_prompt, window } =
+        store.begin_turn(OTHER_TENANT, &other, 4, lease).await.unwrap()
+    else {
+        panic!("another tenant's session is another session")
+    };
+    assert_eq!((system_prompt, window), (None, Vec::new()));
+    let empty = Turn::start("s1");
+    store.release_turn_lock(OTHER_TENANT, "s1", other.id).await.unwrap();
+    let begun = store.begin_turn(OTHER_TENANT, &empty, 0, lease).await.unwrap();
+    assert_eq!(begun, TurnBegin::Started { system_prompt: None, window: Vec::new() });
+    assert!(matches!(
+        store.begin_turn(TENANT, &Turn::start("missing"), 4, lease).await,
+        Err(StoreError::SessionNotFound)
+    ));
+}
+
+/// Finishing a turn appends its batch with its record and frees the session it holds, and only
+/// that: it never releases another turn's claim.
+pub async fn finish_turn_appends_and_frees_the_session<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let lease = Duration::from_secs(30);
+    let mut turn = Turn::start("s1");
+    assert!(matches!(store.begin_turn(TENANT, &turn, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
+    let messages = pair("s1", "hello");
+    turn.status = TurnStatus::Completed;
+    turn.message_ids = messages.iter().map(|m| m.id).collect();
+    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()) };
+    let finished = store.finish_turn(TENANT, "s1", batch, turn.id).await.unwrap();
+    assert!(finished.lock_released);
+    assert_eq!(seqs(&finished.messages), vec![1, 2]);
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None, "the session is free");
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
+    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap(), finished.messages);
+
+    let holder = Turn::start("s1");
+    assert!(matches!(store.begin_turn(TENANT, &holder, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
+    let late = AppendBatch { messages: pair("s1", "late"), turn: None };
+    store.finish_turn(TENANT, "s1", late, turn.id).await.unwrap();
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(holder.id), "not its claim");
+    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 4);
+    let gone = AppendBatch { messages: pair("missing", "x"), turn: None };
+    assert!(matches!(
+        store.finish_turn(TENANT, "missing", gone, turn.id).await,
+        Err(StoreError::SessionNotFound)
+    ));
+}
+
 /// A lease that is not renewed runs out, and the session is free again.
 pub async fn turn_locks_expire_after_their_lease<F, Fut>(factory: &F)
 where
@@ -596,6 +687,42 @@ where
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
     assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, short).await.unwrap(), LockOutcome::Acquired);
     assert!(!store.renew_turn_lock(TENANT, "s1", a, short).await.unwrap().held, "the old holder lost it");
+}
+
+/// Renewing many leases at once renews each held one and reports every turn's status in the
+/// order asked, across the backend's batches.
+pub async fn renew_turn_locks_renews_each_and_reports_in_order<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    new_session(&store, TENANT, "s2").await;
+    let (a, b) = (new_id(), new_id());
+    let short = Duration::from_millis(300);
+    store.acquire_turn_lock(TENANT, "s1", a, short).await.unwrap();
+    store.acquire_turn_lock(TENANT, "s2", b, short).await.unwrap();
+    assert!(store.request_cancel(TENANT, "s2", b).await.unwrap());
+    let key = |session: &str, turn_id: Uuid| super::LeaseKey {
+        tenant: TENANT.to_owned(),
+        session_id: session.to_owned(),
+        turn_id,
+    };
+    // More than any backend's batch: the two held locks come first and last.
+    let mut keys = vec![key("s1", a)];
+    keys.extend((0..1200).map(|i| key(&format!("missing-{i}"), new_id())));
+    keys.push(key("s1", b));
+    keys.push(key("s2", b));
+    let statuses = store.renew_turn_locks(&keys, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(statuses.len(), keys.len());
+    assert_eq!(statuses[0], LockStatus { held: true, cancel_requested: false });
+    assert!(statuses[1..keys.len() - 1].iter().all(|s| !s.held), "others hold nothing");
+    assert_eq!(statuses[keys.len() - 1], LockStatus { held: true, cancel_requested: true });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "renewed past the short lease");
+    assert_eq!(store.turn_lock_holder(TENANT, "s2").await.unwrap(), Some(b));
+    assert_eq!(store.renew_turn_locks(&[], Duration::from_secs(1)).await.unwrap(), Vec::new());
 }
 
 /// A cancel request reaches the turn holding the session through its next renewal.
@@ -695,6 +822,9 @@ macro_rules! store_contract_tests {
             tenants_are_isolated,
             turn_locks_admit_one_turn_per_session,
             turn_locks_expire_after_their_lease,
+            begin_turn_claims_records_and_reads_the_window,
+            renew_turn_locks_renews_each_and_reports_in_order,
+            finish_turn_appends_and_frees_the_session,
             cancel_requests_reach_the_lock_holder,
             idempotency_keys_remember_the_first_request,
             another_tenant_reaches_nothing_of_a_session,

@@ -12,16 +12,20 @@
 //! 280 plus its text as a [`Message`]; reads rebuild the `Message`s they return. Turn records are
 //! kept the same way ([`StoredTurn`]: no session id, the error boxed, the ids an exact-size slice).
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::RwLock;
+use std::collections::{BTreeSet, VecDeque};
+
+use foldhash::{HashMap, HashMapExt};
+use std::hash::{Hash, Hasher};
+use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
-    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LockOutcome,
+    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    TurnBegin,
 };
 use chrono::{DateTime, Utc};
 
@@ -30,20 +34,25 @@ use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn
 /// Default cap on messages per session (`PARLEY_MEMORY_MAX_MESSAGES`).
 pub const DEFAULT_MAX_MESSAGES: usize = 10_000;
 
+/// How many locks the sessions are spread over: turns in different sessions seldom share one.
+const SHARDS: usize = 64;
+
+/// Sessions by tenant, then id (the sessions of one shard).
+type Shard = HashMap<String, HashMap<String, SessionData>>;
+
+/// (updated_at micros, id) of each session of a tenant, for listing newest first.
+type Index = BTreeSet<(i64, String)>;
+
 /// The in-memory conversation store.
 #[derive(Debug)]
 pub struct MemoryStore {
-    /// Every tenant's data, behind one lock: critical sections are short and never await.
-    inner: RwLock<HashMap<String, TenantData>>,
+    /// The sessions, spread over `SHARDS` locks by (tenant, id). Critical sections are short and
+    /// never await. Lock order: a shard, then `indexes`; never the other way round.
+    shards: Box<[RwLock<Shard>]>,
+    /// Every tenant's sessions by last update.
+    indexes: Mutex<HashMap<String, Index>>,
     /// Most messages one session keeps; the oldest go first.
     max_messages: usize,
-}
-
-#[derive(Debug, Default)]
-struct TenantData {
-    sessions: HashMap<String, SessionData>,
-    /// (updated_at micros, id) of every session, for listing newest first.
-    by_updated: BTreeSet<(i64, String)>,
 }
 
 /// A message as the memory store keeps it; [`StoredMessage::to_message`] rebuilds the `Message`.
@@ -99,7 +108,7 @@ impl StoredMessage {
             seq: self.seq,
             turn_id: self.turn_id,
             role: self.role,
-            content: self.content.to_string(),
+            content: String::from(&*self.content),
             metadata: extra.map(|e| e.metadata.clone()).unwrap_or_default(),
             tool_calls: extra.and_then(|e| e.tool_calls.clone()),
             tool_call_id: extra.and_then(|e| e.tool_call_id.clone()),
@@ -155,6 +164,10 @@ struct SessionData {
     turns: HashMap<Uuid, StoredTurn>,
     /// Turn ids oldest first, to bound how many records a session keeps.
     turn_order: VecDeque<Uuid>,
+    /// The running turn's record, kept apart from `turns` until it ends: a turn's record is
+    /// written twice (running, then ended), and one turn runs per session, so the map is touched
+    /// once per turn.
+    running: Option<(Uuid, StoredTurn)>,
     /// The turn holding the session, if its lease has not run out.
     lock: Option<HeldLock>,
     /// Remembered idempotency keys and when they are forgotten.
@@ -171,17 +184,42 @@ struct HeldLock {
 impl MemoryStore {
     /// A store that keeps at most `max_messages` messages per session (at least 1).
     pub fn new(max_messages: usize) -> Self {
-        MemoryStore { inner: RwLock::new(HashMap::new()), max_messages: max_messages.max(1) }
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
+            indexes: Mutex::new(HashMap::new()),
+            max_messages: max_messages.max(1),
+        }
     }
 
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, TenantData>> {
-        // A panic while holding the lock leaves data that is still consistent (every mutation is
-        // completed before anything can panic), so a poisoned lock is used as is.
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    fn shard(&self, tenant: &str, id: &str) -> &RwLock<Shard> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        (tenant, id).hash(&mut hasher);
+        &self.shards[(hasher.finish() % SHARDS as u64) as usize]
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, TenantData>> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    // A panic while holding a lock leaves data that is still consistent (every mutation is
+    // completed before anything can panic), so a poisoned lock is used as is.
+    fn read(&self, tenant: &str, id: &str) -> RwLockReadGuard<'_, Shard> {
+        self.shard(tenant, id).read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self, tenant: &str, id: &str) -> RwLockWriteGuard<'_, Shard> {
+        self.shard(tenant, id).write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn indexes(&self) -> MutexGuard<'_, HashMap<String, Index>> {
+        self.indexes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Moves a session in its tenant's index (call with the session's shard locked).
+    fn touch(&self, tenant: &str, id: &str, old_micros: i64, new_micros: i64) {
+        if old_micros == new_micros {
+            return;
+        }
+        let mut indexes = self.indexes();
+        let index = indexes.entry(tenant.to_owned()).or_default();
+        index.remove(&(old_micros, id.to_owned()));
+        index.insert((new_micros, id.to_owned()));
     }
 
     fn with_session_mut<T>(
@@ -190,15 +228,14 @@ impl MemoryStore {
         id: &str,
         f: impl FnOnce(&mut SessionData) -> T,
     ) -> StoreResult<T> {
-        let mut guard = self.write();
-        let data =
-            guard.get_mut(tenant).and_then(|t| t.sessions.get_mut(id)).ok_or(StoreError::SessionNotFound)?;
+        let mut guard = self.write(tenant, id);
+        let data = guard.get_mut(tenant).and_then(|t| t.get_mut(id)).ok_or(StoreError::SessionNotFound)?;
         Ok(f(data))
     }
 
     fn with_session<T>(&self, tenant: &str, id: &str, f: impl FnOnce(&SessionData) -> T) -> StoreResult<T> {
-        let guard = self.read();
-        let data = guard.get(tenant).and_then(|t| t.sessions.get(id)).ok_or(StoreError::SessionNotFound)?;
+        let guard = self.read(tenant, id);
+        let data = guard.get(tenant).and_then(|t| t.get(id)).ok_or(StoreError::SessionNotFound)?;
         Ok(f(data))
     }
 }
@@ -209,25 +246,102 @@ impl Default for MemoryStore {
     }
 }
 
-impl TenantData {
-    fn touch(&mut self, id: &str, old_micros: i64, new_micros: i64) {
-        if old_micros != new_micros {
-            self.by_updated.remove(&(old_micros, id.to_owned()));
-            self.by_updated.insert((new_micros, id.to_owned()));
+impl MemoryStore {
+    /// Appends a batch to a session and, if `release` holds the session, releases it.
+    fn append_to(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        release: Option<Uuid>,
+    ) -> StoreResult<(Vec<Message>, bool)> {
+        let mut guard = self.write(tenant, session_id);
+        let d =
+            guard.get_mut(tenant).and_then(|t| t.get_mut(session_id)).ok_or(StoreError::SessionNotFound)?;
+        let mut stored = batch.messages;
+        for m in &mut stored {
+            d.last_seq += 1;
+            m.seq = d.last_seq;
+            if m.session_id != session_id {
+                m.session_id = session_id.to_owned();
+            }
         }
+        d.messages.extend(stored.iter().map(StoredMessage::of));
+        while d.messages.len() > self.max_messages {
+            d.messages.pop_front();
+        }
+        if let Some(turn) = &batch.turn {
+            d.remember_turn(turn, self.max_messages);
+        }
+        if let Some(turn_id) = release
+            && d.lock.is_some_and(|l| l.turn_id == turn_id)
+        {
+            d.lock = None;
+        }
+        let old = d.session.updated_at.timestamp_micros();
+        d.session.updated_at = now().max(d.session.updated_at);
+        d.session.message_count = d.messages.len() as u64;
+        let new = d.session.updated_at.timestamp_micros();
+        self.touch(tenant, session_id, old, new);
+        Ok((stored, release.is_some()))
     }
 }
 
 impl SessionData {
     fn remember_turn(&mut self, turn: &Turn, cap: usize) {
-        if self.turns.insert(turn.id, StoredTurn::of(turn)).is_none() {
-            self.turn_order.push_back(turn.id);
+        if turn.status == TurnStatus::Running {
+            // Another running record (a turn that never ended, say) moves to the map first.
+            if let Some((id, old)) = self.running.take()
+                && id != turn.id
+            {
+                self.file_turn(id, old, cap);
+            }
+            self.running = Some((turn.id, StoredTurn::of(turn)));
+            return;
+        }
+        if self.running.as_ref().is_some_and(|(id, _)| *id == turn.id) {
+            self.running = None;
+        }
+        self.file_turn(turn.id, StoredTurn::of(turn), cap);
+    }
+
+    /// The record of `id`, running or not.
+    fn turn_record(&self, id: Uuid) -> Option<&StoredTurn> {
+        match &self.running {
+            Some((running, record)) if *running == id => Some(record),
+            _ => self.turns.get(&id),
+        }
+    }
+
+    /// Files a record in the map, keeping at most `cap` (the oldest go first).
+    fn file_turn(&mut self, id: Uuid, record: StoredTurn, cap: usize) {
+        if self.turns.insert(id, record).is_none() {
+            self.turn_order.push_back(id);
         }
         while self.turn_order.len() > cap {
             if let Some(old) = self.turn_order.pop_front() {
                 self.turns.remove(&old);
             }
         }
+    }
+
+    /// Claims the session for a turn unless another live turn holds it.
+    fn claim(&mut self, turn_id: Uuid, lease: Duration) -> LockOutcome {
+        match self.live_lock() {
+            Some(held) if held.turn_id != turn_id => LockOutcome::Busy(held.turn_id),
+            held => {
+                // Re-acquiring keeps a pending cancel request, so none is lost.
+                let cancel_requested = held.is_some_and(|h| h.cancel_requested);
+                self.lock = Some(HeldLock { turn_id, expires: Instant::now() + lease, cancel_requested });
+                LockOutcome::Acquired
+            }
+        }
+    }
+
+    /// The last `n` messages, oldest first.
+    fn last(&self, n: usize) -> Vec<Message> {
+        let skip = self.messages.len().saturating_sub(n);
+        self.messages.range(skip..).map(|m| m.to_message(&self.session.id)).collect()
     }
 
     /// The live lock, dropping one whose lease ran out.
@@ -276,9 +390,9 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
-        let mut guard = self.write();
+        let mut guard = self.write(tenant, &new.id);
         let t = guard.entry(tenant.to_owned()).or_default();
-        if t.sessions.contains_key(&new.id) {
+        if t.contains_key(&new.id) {
             return Err(StoreError::SessionExists);
         }
         let at = now();
@@ -290,17 +404,18 @@ impl ConversationStore for MemoryStore {
             metadata: new.metadata,
             message_count: 0,
         };
-        t.by_updated.insert((at.timestamp_micros(), new.id.clone()));
+        self.indexes().entry(tenant.to_owned()).or_default().insert((at.timestamp_micros(), new.id.clone()));
         let data = SessionData {
             session: session.clone(),
             messages: VecDeque::new(),
             last_seq: 0,
             turns: HashMap::new(),
             turn_order: VecDeque::new(),
+            running: None,
             lock: None,
             idempotency: HashMap::new(),
         };
-        t.sessions.insert(new.id, data);
+        t.insert(new.id, data);
         Ok(session)
     }
 
@@ -318,63 +433,44 @@ impl ConversationStore for MemoryStore {
         limit: usize,
         cursor: Option<&SessionCursor>,
     ) -> StoreResult<SessionPage> {
-        let guard = self.read();
-        let Some(t) = guard.get(tenant) else {
-            return Ok(SessionPage { sessions: Vec::new(), has_more: false });
+        // The page's ids first, then each session from its shard (the index is never held while
+        // a shard is locked, so that lock order stays shard, then index).
+        let ids: Vec<String> = {
+            let indexes = self.indexes();
+            let Some(index) = indexes.get(tenant) else {
+                return Ok(SessionPage { sessions: Vec::new(), has_more: false });
+            };
+            let keys: Box<dyn Iterator<Item = &(i64, String)>> = match cursor {
+                Some(c) => Box::new(index.range(..(c.updated_at_micros, c.id.clone())).rev()),
+                None => Box::new(index.iter().rev()),
+            };
+            keys.take(limit.saturating_add(1)).map(|(_, id)| id.clone()).collect()
         };
-        let keys: Box<dyn Iterator<Item = &(i64, String)>> = match cursor {
-            Some(c) => Box::new(t.by_updated.range(..(c.updated_at_micros, c.id.clone())).rev()),
-            None => Box::new(t.by_updated.iter().rev()),
-        };
-        let mut sessions = Vec::with_capacity(limit.min(100));
-        let mut has_more = false;
-        for (_, id) in keys {
-            if sessions.len() == limit {
-                has_more = true;
-                break;
-            }
-            if let Some(d) = t.sessions.get(id) {
-                sessions.push(d.session.clone());
-            }
-        }
+        let has_more = ids.len() > limit;
+        let sessions = ids
+            .iter()
+            .take(limit)
+            .filter_map(|id| self.with_session(tenant, id, |d| d.session.clone()).ok())
+            .collect();
         Ok(SessionPage { sessions, has_more })
     }
 
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
-        let mut guard = self.write();
+        let mut guard = self.write(tenant, id);
         let Some(t) = guard.get_mut(tenant) else {
             return Ok(false);
         };
-        let Some(d) = t.sessions.remove(id) else {
+        let Some(d) = t.remove(id) else {
             return Ok(false);
         };
-        t.by_updated.remove(&(d.session.updated_at.timestamp_micros(), id.to_owned()));
+        if let Some(index) = self.indexes().get_mut(tenant) {
+            index.remove(&(d.session.updated_at.timestamp_micros(), id.to_owned()));
+        }
         Ok(true)
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        let mut guard = self.write();
-        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
-        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
-        let mut stored = batch.messages;
-        for m in &mut stored {
-            d.last_seq += 1;
-            m.seq = d.last_seq;
-            m.session_id = session_id.to_owned();
-        }
-        d.messages.extend(stored.iter().map(StoredMessage::of));
-        while d.messages.len() > self.max_messages {
-            d.messages.pop_front();
-        }
-        if let Some(turn) = &batch.turn {
-            d.remember_turn(turn, self.max_messages);
-        }
-        let old = d.session.updated_at.timestamp_micros();
-        d.session.updated_at = now().max(d.session.updated_at);
-        d.session.message_count = d.messages.len() as u64;
-        let new = d.session.updated_at.timestamp_micros();
-        t.touch(session_id, old, new);
-        Ok(stored)
+        Ok(self.append_to(tenant, session_id, batch, None)?.0)
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -382,36 +478,57 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
-        self.with_session(tenant, session_id, |d| {
-            let skip = d.messages.len().saturating_sub(n);
-            d.messages.range(skip..).map(|m| m.to_message(&d.session.id)).collect()
+        self.with_session(tenant, session_id, |d| d.last(n))
+    }
+
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        self.with_session_mut(tenant, &turn.session_id, |d| match d.claim(turn.id, lease) {
+            LockOutcome::Busy(holder) => TurnBegin::Busy(holder),
+            LockOutcome::Acquired => {
+                d.remember_turn(turn, self.max_messages);
+                TurnBegin::Started { system_prompt: d.session.system_prompt.clone(), window: d.last(window) }
+            }
         })
     }
 
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let (messages, lock_released) = self.append_to(tenant, session_id, batch, Some(turn_id))?;
+        Ok(FinishedTurn { messages, lock_released })
+    }
+
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
-        let mut guard = self.write();
-        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
-        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
+        let mut guard = self.write(tenant, session_id);
+        let d =
+            guard.get_mut(tenant).and_then(|t| t.get_mut(session_id)).ok_or(StoreError::SessionNotFound)?;
         d.messages = VecDeque::new();
         let old = d.session.updated_at.timestamp_micros();
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = 0;
         let new = d.session.updated_at.timestamp_micros();
-        t.touch(session_id, old, new);
+        self.touch(tenant, session_id, old, new);
         Ok(())
     }
 
     async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()> {
-        let mut guard = self.write();
-        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
-        let d = t.sessions.get_mut(&turn.session_id).ok_or(StoreError::SessionNotFound)?;
-        d.remember_turn(turn, self.max_messages);
-        Ok(())
+        let max = self.max_messages;
+        self.with_session_mut(tenant, &turn.session_id, |d| d.remember_turn(turn, max))
     }
 
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {
         match self.with_session(tenant, session_id, |d| {
-            d.turns.get(&turn_id).map(|t| t.to_turn(turn_id, &d.session.id))
+            d.turn_record(turn_id).map(|t| t.to_turn(turn_id, &d.session.id))
         }) {
             Err(StoreError::SessionNotFound) => Ok(None),
             other => other,
@@ -425,15 +542,7 @@ impl ConversationStore for MemoryStore {
         turn_id: Uuid,
         lease: Duration,
     ) -> StoreResult<LockOutcome> {
-        self.with_session_mut(tenant, session_id, |d| match d.live_lock() {
-            Some(held) if held.turn_id != turn_id => LockOutcome::Busy(held.turn_id),
-            held => {
-                // Re-acquiring keeps a pending cancel request, so none is lost.
-                let cancel_requested = held.is_some_and(|h| h.cancel_requested);
-                d.lock = Some(HeldLock { turn_id, expires: Instant::now() + lease, cancel_requested });
-                LockOutcome::Acquired
-            }
-        })
+        self.with_session_mut(tenant, session_id, |d| d.claim(turn_id, lease))
     }
 
     async fn renew_turn_lock(
@@ -527,6 +636,6 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        Ok(self.read().get(tenant).map_or(0, |t| t.sessions.len() as u64))
+        Ok(self.indexes().get(tenant).map_or(0, |index| index.len() as u64))
     }
 }

@@ -156,6 +156,41 @@ pub struct LockStatus {
     pub cancel_requested: bool,
 }
 
+/// What starting a turn found (see [`ConversationStore::begin_turn`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum TurnBegin {
+    /// The turn holds the session and is recorded as running.
+    Started {
+        /// The session's system prompt, if it has one.
+        system_prompt: Option<String>,
+        /// The session's last messages (at most the number asked for), oldest first.
+        window: Vec<Message>,
+    },
+    /// Another turn holds the session; nothing was written.
+    Busy(Uuid),
+}
+
+/// What finishing a turn stored (see [`ConversationStore::finish_turn`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct FinishedTurn {
+    /// The messages appended, with their seqs.
+    pub messages: Vec<Message>,
+    /// Whether the turn's claim on the session is gone (released with the append, or it held
+    /// none). If not, the caller releases it, or it goes when its lease runs out.
+    pub lock_released: bool,
+}
+
+/// A running turn whose lease to renew (see [`ConversationStore::renew_turn_locks`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseKey {
+    /// The tenant.
+    pub tenant: String,
+    /// The session the turn holds.
+    pub session_id: String,
+    /// The turn.
+    pub turn_id: Uuid,
+}
+
 /// A remembered `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct IdempotencyRecord {
@@ -223,6 +258,57 @@ pub trait ConversationStore: Send + Sync + 'static {
     /// Removes every message but keeps the session and its seq counter.
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
 
+    /// Starts a turn: claims the session for `turn` (unless another turn holds it), reads its
+    /// system prompt and last `window` messages, and records `turn` as running.
+    /// `SessionNotFound` if the session does not exist.
+    ///
+    /// A backend should do this in one round trip and atomically (the built-in ones do); the
+    /// default composes the single calls and releases the lock again if a later one fails.
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let session_id = turn.session_id.as_str();
+        let session = self.get_session(tenant, session_id).await?.ok_or(StoreError::SessionNotFound)?;
+        if let LockOutcome::Busy(holder) = self.acquire_turn_lock(tenant, session_id, turn.id, lease).await? {
+            return Ok(TurnBegin::Busy(holder));
+        }
+        let rest = async {
+            let messages = self.last_n(tenant, session_id, window).await?;
+            self.put_turn(tenant, turn).await?;
+            Ok(messages)
+        }
+        .await;
+        match rest {
+            Ok(window) => Ok(TurnBegin::Started { system_prompt: session.system_prompt, window }),
+            Err(e) => {
+                let _ = self.release_turn_lock(tenant, session_id, turn.id).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Ends a turn: appends its last batch (as [`ConversationStore::append`]) and releases the
+    /// session lock if `turn_id` holds it.
+    ///
+    /// A backend should do both in one atomic step (the built-in ones do). The default appends,
+    /// then releases; if the release fails it reports `lock_released: false`, since the append
+    /// stands.
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append(tenant, session_id, batch).await?;
+        let lock_released = self.release_turn_lock(tenant, session_id, turn_id).await.is_ok();
+        Ok(FinishedTurn { messages, lock_released })
+    }
+
     /// Creates or replaces a turn record.
     async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()>;
 
@@ -247,6 +333,18 @@ pub trait ConversationStore: Send + Sync + 'static {
         turn_id: Uuid,
         lease: Duration,
     ) -> StoreResult<LockStatus>;
+
+    /// Renews the leases of many turns at once and reports each one's status, in order: what a
+    /// replica's lease keeper sends once per tick for every turn it runs. A backend should send
+    /// them in as few round trips as it can (the built-in ones do: one statement or one pipeline
+    /// per thousand); the default renews them one by one.
+    async fn renew_turn_locks(&self, turns: &[LeaseKey], lease: Duration) -> StoreResult<Vec<LockStatus>> {
+        let mut statuses = Vec::with_capacity(turns.len());
+        for t in turns {
+            statuses.push(self.renew_turn_lock(&t.tenant, &t.session_id, t.turn_id, lease).await?);
+        }
+        Ok(statuses)
+    }
 
     /// Releases the session if `turn_id` holds it (compare-and-delete); otherwise does nothing.
     async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()>;

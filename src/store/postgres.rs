@@ -40,8 +40,9 @@ use sqlx::{AssertSqlSafe, Row};
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
-    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
+    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    TurnBegin,
 };
 use crate::config::redact_url;
 use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage};
@@ -52,6 +53,9 @@ pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// Most expired sessions the sweeper deletes in one statement.
 pub const SWEEP_BATCH: i64 = 500;
+
+/// Most lease renewals sent in one statement.
+const RENEW_BATCH: usize = 1000;
 
 /// Longest TTL applied (about 1000 years), so that `now() + ttl` stays a valid timestamp.
 const MAX_TTL_MICROS: i64 = 1000 * 366 * 24 * 3600 * 1_000_000;
@@ -196,6 +200,19 @@ impl PgStore {
     }
 
     /// Bounds `fut` by the operation timeout and maps its error.
+    /// Runs a lock claim within the operation timeout; a session deleted between the claim's
+    /// check and its insert (a foreign-key violation) is not found.
+    async fn claiming<T>(
+        &self,
+        work: impl Future<Output = Result<StoreResult<T>, sqlx::Error>>,
+    ) -> StoreResult<T> {
+        match self.within(work).await? {
+            Ok(outcome) => outcome,
+            Err(e) if is_foreign_key_violation(&e) => Err(StoreError::SessionNotFound),
+            Err(e) => Err(db(e)),
+        }
+    }
+
     async fn timed<T>(&self, fut: impl Future<Output = Result<T, sqlx::Error>>) -> StoreResult<T> {
         self.within(fut).await?.map_err(db)
     }
@@ -219,6 +236,57 @@ impl PgStore {
 
     /// Reads a window of messages: `(after, before)` exclusive, `limit` rows in `order`.
     /// `None` if the session does not exist.
+    /// Appends a batch ([`APPEND`]), or ends a turn ([`FINISH_TURN`]) when `release` names the
+    /// turn whose lock to release with it.
+    async fn append_releasing(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        release: Option<Uuid>,
+    ) -> StoreResult<Vec<Message>> {
+        let n = batch.messages.len() as i64;
+        let cols = Columns::of(&batch.messages);
+        let turn = batch.turn.as_ref();
+        let query = sqlx::query_scalar::<_, i64>(if release.is_some() { FINISH_TURN } else { APPEND })
+            .bind(tenant)
+            .bind(session_id)
+            .bind(n)
+            .bind(self.max_messages)
+            .bind(self.ttl_micros)
+            .bind(&cols.ids)
+            .bind(&cols.turn_ids)
+            .bind(&cols.roles)
+            .bind(&cols.contents)
+            .bind(&cols.metadata)
+            .bind(&cols.tool_calls)
+            .bind(&cols.tool_call_ids)
+            .bind(&cols.names)
+            .bind(&cols.created_at)
+            .bind(turn.map(|t| t.id))
+            .bind(turn.map(|t| status_str(t.status)))
+            .bind(turn.and_then(|t| t.error.as_ref()).map(json_text))
+            .bind(turn.map(|t| t.message_ids.clone()))
+            .bind(turn.and_then(|t| t.usage).map(Json))
+            .bind(turn.map(|t| t.created_at))
+            .bind(turn.and_then(|t| t.completed_at));
+        let query = match release {
+            Some(turn_id) => query.bind(turn_id),
+            None => query,
+        };
+        let last_seq =
+            self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)?;
+        let first = to_u64(last_seq - n) + 1;
+        let mut stored = batch.messages;
+        for (i, m) in stored.iter_mut().enumerate() {
+            m.seq = first + i as u64;
+            if m.session_id != session_id {
+                m.session_id = session_id.to_owned();
+            }
+        }
+        Ok(stored)
+    }
+
     async fn window(
         &self,
         tenant: &str,
@@ -495,6 +563,42 @@ macro_rules! page_sql {
     };
 }
 
+/// The one-statement append (see [`sql::APPEND`]), with `$release` spliced in as a last CTE
+/// (empty, or the lock release of [`sql::FINISH_TURN`]).
+macro_rules! append_sql {
+    ($release:literal) => {
+        concat!(
+            "with s as (",
+            " update sessions set last_seq = last_seq + $3,",
+            " message_count = case when $4::bigint is null then message_count + $3",
+            " else least(message_count + $3, $4::bigint) end,",
+            " updated_at = greatest(now(), updated_at),",
+            " expires_at = now() + $5::bigint * interval '1 microsecond'",
+            " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
+            " returning last_seq",
+            "), ins as (",
+            " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
+            " tool_calls, tool_call_id, name, created_at)",
+            " select $1, $2, s.last_seq - $3 + m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
+            " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
+            " from s, unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[],",
+            " $12::text[], $13::text[], $14::timestamptz[]) with ordinality",
+            " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
+            " where $4::bigint is null or m.ord > $3 - $4::bigint",
+            "), trimmed as (",
+            " delete from messages d using s",
+            " where $4::bigint is not null and d.tenant = $1 and d.session_id = $2 and d.seq <= s.last_seq - $4::bigint",
+            "), saved_turn as (",
+            " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
+            " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
+            turn_upsert!(),
+            ")",
+            $release,
+            " select last_seq from s"
+        )
+    };
+}
+
 /// The statements this store sends; public so that tests can `EXPLAIN` them.
 pub mod sql {
     /// One page, oldest first. Binds: tenant, session, after, before, limit.
@@ -551,32 +655,44 @@ pub mod sql {
     /// Without a cap, `trimmed` stops at a one-time filter on `$4`: a generic plan cached while
     /// the table was small would otherwise scan every message of every session on each append
     /// (the benchmark's growth figure caught appends at 80 ms on a 100,000-message table).
-    pub const APPEND: &str = concat!(
-        "with s as (",
-        " update sessions set last_seq = last_seq + $3,",
-        " message_count = case when $4::bigint is null then message_count + $3",
-        " else least(message_count + $3, $4::bigint) end,",
-        " updated_at = greatest(now(), updated_at),",
-        " expires_at = now() + $5::bigint * interval '1 microsecond'",
-        " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
-        " returning last_seq",
-        "), ins as (",
-        " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
-        " tool_calls, tool_call_id, name, created_at)",
-        " select $1, $2, s.last_seq - $3 + m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
-        " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
-        " from s, unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[],",
-        " $12::text[], $13::text[], $14::timestamptz[]) with ordinality",
-        " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
-        " where $4::bigint is null or m.ord > $3 - $4::bigint",
-        "), trimmed as (",
-        " delete from messages d using s",
-        " where $4::bigint is not null and d.tenant = $1 and d.session_id = $2 and d.seq <= s.last_seq - $4::bigint",
+    pub const APPEND: &str = append_sql!("");
+
+    /// Ends a turn: [`APPEND`] plus the release of the session lock if the turn holds it, in the
+    /// same statement. Binds: those of [`APPEND`], then $22 the turn whose lock to release.
+    pub const FINISH_TURN: &str = append_sql!(
+        ", released as (delete from turn_locks l using s where l.tenant = $1 and l.session_id = $2 and l.turn_id = $22::uuid)"
+    );
+
+    /// Starts a turn in one statement: claims the live session's lock for the turn (as
+    /// [`ACQUIRE_LOCK`]), records the turn when it got it (as [`PUT_TURN`]), and reads the
+    /// system prompt and the last messages. Binds: $1 tenant, $2 session, $3 turn id, $4 lease
+    /// in µs, $5 window size, $6..$11 the turn's status, error, message ids, usage, created_at,
+    /// completed_at. Returns one row per message of the window, oldest first (or one row of
+    /// null message columns), each with `found`, `acquired`, `holder` and `system_prompt`.
+    pub const BEGIN_TURN: &str = concat!(
+        "with s as (select s.tenant, s.id, s.system_prompt, s.last_seq, s.message_count from sessions s",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        "), took as (",
+        " insert into turn_locks as l (tenant, session_id, turn_id, expires_at, cancel_requested)",
+        " select s.tenant, s.id, $3, now() + $4::bigint * interval '1 microsecond', false from s",
+        " on conflict (tenant, session_id) do update set turn_id = excluded.turn_id,",
+        " expires_at = excluded.expires_at,",
+        " cancel_requested = l.cancel_requested and l.turn_id = excluded.turn_id and l.expires_at > now()",
+        " where l.expires_at <= now() or l.turn_id = excluded.turn_id",
+        " returning 1",
         "), saved_turn as (",
         " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
-        " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
+        " select $1, $2, $3, $6, $7::text::json, $8, $9, $10, $11 from took",
         turn_upsert!(),
-        ") select last_seq from s"
+        "), head as (select exists (select 1 from s) as found, exists (select 1 from took) as acquired,",
+        " (select turn_id from turn_locks where tenant = $1 and session_id = $2 and expires_at > now()) as holder,",
+        " (select system_prompt from s) as system_prompt",
+        ") select h.found, h.acquired, h.holder, h.system_prompt, m.* from head h left join lateral (",
+        " select w.seq, w.id, w.turn_id, w.role, w.content, w.metadata, w.tool_calls, w.tool_call_id, w.name,",
+        " w.created_at from messages w where h.acquired and w.tenant = $1 and w.session_id = $2",
+        " and w.seq > (select s.last_seq - s.message_count from s) order by w.seq desc limit $5",
+        ") m on true order by m.seq asc"
     );
 
     /// Empties a live session's window and returns its `last_seq`. Binds: tenant, id, ttl in µs.
@@ -637,6 +753,19 @@ pub mod sql {
         " and exists (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
         live!(),
         ") returning cancel_requested"
+    );
+
+    /// Extends the leases of many turns at once. Binds: tenants, sessions, turn ids (arrays of one
+    /// length), lease in µs. Returns `(ord, cancel_requested)` for each turn that still holds its
+    /// live session, `ord` being its 1-based position in the arrays.
+    pub const RENEW_LOCKS: &str = concat!(
+        "update turn_locks l set expires_at = now() + $4::bigint * interval '1 microsecond'",
+        " from unnest($1::text[], $2::text[], $3::uuid[]) with ordinality as r(tenant, session_id, turn_id, ord)",
+        " where l.tenant = r.tenant and l.session_id = r.session_id and l.turn_id = r.turn_id",
+        " and l.expires_at > now()",
+        " and exists (select 1 from sessions s where s.tenant = r.tenant and s.id = r.session_id and ",
+        live!(),
+        ") returning r.ord, l.cancel_requested"
     );
 
     /// Deletes the lock if the turn holds it. Binds: tenant, session, turn id.
@@ -783,40 +912,70 @@ impl ConversationStore for PgStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        let n = batch.messages.len() as i64;
-        let cols = Columns::of(&batch.messages);
-        let turn = batch.turn.as_ref();
-        let query = sqlx::query_scalar::<_, i64>(APPEND)
-            .bind(tenant)
-            .bind(session_id)
-            .bind(n)
-            .bind(self.max_messages)
-            .bind(self.ttl_micros)
-            .bind(&cols.ids)
-            .bind(&cols.turn_ids)
-            .bind(&cols.roles)
-            .bind(&cols.contents)
-            .bind(&cols.metadata)
-            .bind(&cols.tool_calls)
-            .bind(&cols.tool_call_ids)
-            .bind(&cols.names)
-            .bind(&cols.created_at)
-            .bind(turn.map(|t| t.id))
-            .bind(turn.map(|t| status_str(t.status)))
-            .bind(turn.and_then(|t| t.error.as_ref()).map(json_text))
-            .bind(turn.map(|t| t.message_ids.clone()))
-            .bind(turn.and_then(|t| t.usage).map(Json))
-            .bind(turn.map(|t| t.created_at))
-            .bind(turn.and_then(|t| t.completed_at));
-        let last_seq =
-            self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)?;
-        let first = to_u64(last_seq - n) + 1;
-        let mut stored = batch.messages;
-        for (i, m) in stored.iter_mut().enumerate() {
-            m.seq = first + i as u64;
-            m.session_id = session_id.to_owned();
-        }
-        Ok(stored)
+        self.append_releasing(tenant, session_id, batch, None).await
+    }
+
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let session_id = turn.session_id.as_str();
+        let work = async {
+            // A holder that committed after this statement's snapshot shows as none: ask again.
+            for _ in 0..5 {
+                let rows = sqlx::query(BEGIN_TURN)
+                    .bind(tenant)
+                    .bind(session_id)
+                    .bind(turn.id)
+                    .bind(micros(lease))
+                    .bind(to_i64(window as u64))
+                    .bind(status_str(turn.status))
+                    .bind(turn.error.as_ref().map(json_text))
+                    .bind(&turn.message_ids)
+                    .bind(turn.usage.map(Json))
+                    .bind(turn.created_at)
+                    .bind(turn.completed_at)
+                    .fetch_all(&self.pool)
+                    .await?;
+                let Some(head) = rows.first() else { return Ok(Err(StoreError::Backend("no row".into()))) };
+                let found: bool = head.try_get("found")?;
+                let acquired: bool = head.try_get("acquired")?;
+                let holder: Option<Uuid> = head.try_get("holder")?;
+                match (found, acquired, holder) {
+                    (false, _, _) => return Ok(Err(StoreError::SessionNotFound)),
+                    (true, true, _) => {
+                        let system_prompt: Option<String> = head.try_get("system_prompt")?;
+                        let mut messages = Vec::with_capacity(rows.len());
+                        for row in &rows {
+                            match message_from_row(row, session_id) {
+                                Ok(Some(message)) => messages.push(message),
+                                Ok(None) => {}
+                                Err(e) => return Ok(Err(e)),
+                            }
+                        }
+                        return Ok(Ok(TurnBegin::Started { system_prompt, window: messages }));
+                    }
+                    (true, false, Some(other)) if other != turn.id => return Ok(Ok(TurnBegin::Busy(other))),
+                    _ => {}
+                }
+            }
+            Ok(Err(StoreError::Backend("the turn lock kept changing hands; try again".into())))
+        };
+        self.claiming(work).await
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -917,12 +1076,7 @@ impl ConversationStore for PgStore {
             }
             Ok(Err(StoreError::Backend("the turn lock kept changing hands; try again".into())))
         };
-        match self.within(work).await? {
-            Ok(outcome) => outcome,
-            // The session was deleted between the check and the insert.
-            Err(e) if is_foreign_key_violation(&e) => Err(StoreError::SessionNotFound),
-            Err(e) => Err(db(e)),
-        }
+        self.claiming(work).await
     }
 
     async fn renew_turn_lock(
@@ -941,6 +1095,29 @@ impl ConversationStore for PgStore {
             Some(cancel_requested) => LockStatus { held: true, cancel_requested },
             None => LockStatus { held: false, cancel_requested: false },
         })
+    }
+
+    async fn renew_turn_locks(&self, turns: &[LeaseKey], lease: Duration) -> StoreResult<Vec<LockStatus>> {
+        let mut statuses = Vec::with_capacity(turns.len());
+        for chunk in turns.chunks(RENEW_BATCH) {
+            let tenants: Vec<&str> = chunk.iter().map(|t| t.tenant.as_str()).collect();
+            let sessions: Vec<&str> = chunk.iter().map(|t| t.session_id.as_str()).collect();
+            let ids: Vec<Uuid> = chunk.iter().map(|t| t.turn_id).collect();
+            let query = sqlx::query_as::<_, (i64, bool)>(RENEW_LOCKS)
+                .bind(tenants)
+                .bind(sessions)
+                .bind(ids)
+                .bind(micros(lease));
+            let renewed = self.timed(query.fetch_all(&self.pool)).await?;
+            let mut chunk_statuses = vec![LockStatus { held: false, cancel_requested: false }; chunk.len()];
+            for (ord, cancel_requested) in renewed {
+                if let Some(status) = usize::try_from(ord - 1).ok().and_then(|i| chunk_statuses.get_mut(i)) {
+                    *status = LockStatus { held: true, cancel_requested };
+                }
+            }
+            statuses.extend(chunk_statuses);
+        }
+        Ok(statuses)
     }
 
     async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {

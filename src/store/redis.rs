@@ -74,8 +74,9 @@ use deadpool_redis::redis::{
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus,
-    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
+    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
+    TurnBegin,
 };
 use crate::config::StoreConfig;
 use crate::domain::{Message, NewSession, Session, Turn, now};
@@ -141,17 +142,18 @@ refresh()
 return 1
 "#;
 
-/// Appends a batch. ARGV 5..: turn id (empty = none), turn JSON, then per message the JSON before
-/// and after its seq. Returns the first seq, or 0 when the session does not exist.
+/// Appends a batch. ARGV 5..: the turn whose lock to release with it (empty = none), turn id
+/// (empty = none), turn JSON, then per message the JSON before and after its seq. Returns the
+/// first seq, or 0 when the session does not exist.
 const APPEND: &str = r#"
 if redis.call('EXISTS', meta) == 0 then return 0 end
-local n = (#ARGV - 6) / 2
+local n = (#ARGV - 7) / 2
 local first = redis.call('HINCRBY', meta, 'last_seq', n) - n + 1
 local members = {}
 for i = 0, n - 1 do
   local seq = string.format('%d', first + i)
   members[#members + 1] = seq
-  members[#members + 1] = ARGV[7 + 2 * i] .. seq .. ARGV[8 + 2 * i]
+  members[#members + 1] = ARGV[8 + 2 * i] .. seq .. ARGV[9 + 2 * i]
 end
 call_chunked('ZADD', messages, members)
 local count = redis.call('ZCARD', messages)
@@ -159,10 +161,31 @@ if cap > 0 and count > cap then
   redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
   count = cap
 end
-if ARGV[5] ~= '' then save_turn(ARGV[5], ARGV[6]) end
+if ARGV[6] ~= '' then save_turn(ARGV[6], ARGV[7]) end
 touch(count)
 refresh()
+if ARGV[5] ~= '' and redis.call('HGET', lock, 'turn') == ARGV[5] then redis.call('DEL', lock) end
 return first
+"#;
+
+/// Starts a turn: claims the session unless another turn holds it, records the turn, and reads
+/// the window and the system prompt. ARGV 5..: turn id, turn JSON, lease (ms), window size.
+/// Returns nil when the session is missing, else `{acquired (0/1), holder when busy, window,
+/// has prompt (0/1), prompt}`. A holder renewing its claim keeps its cancel flag.
+const BEGIN_TURN: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return false end
+local holder = redis.call('HGET', lock, 'turn')
+if holder and holder ~= ARGV[5] then return {0, holder, {}, 0, ''} end
+if not holder then redis.call('HSET', lock, 'turn', ARGV[5], 'cancel', '0') end
+redis.call('PEXPIRE', lock, ARGV[7])
+save_turn(ARGV[5], ARGV[6])
+refresh()
+local n = tonumber(ARGV[8])
+local window = {}
+if n > 0 then window = redis.call('ZRANGE', messages, -n, -1) end
+local prompt = redis.call('HGET', meta, 'system_prompt')
+if prompt then return {1, '', window, 1, prompt} end
+return {1, '', window, 0, ''}
 "#;
 
 /// Drops every message, keeping the session and its seq counter. Returns 1, or 0 when missing.
@@ -334,6 +357,13 @@ redis.call('HDEL', idem, 'f:' .. ARGV[1], 'r:' .. ARGV[1])
 return redis.call('ZREM', idem_exp, ARGV[1])
 "#;
 
+/// What the begin-turn script answers: acquired (0/1), the holder when busy, the window, whether
+/// the session has a system prompt (0/1), the prompt.
+type Begun = (i64, String, Vec<String>, i64, String);
+
+/// Most lease renewals sent in one pipeline.
+const RENEW_BATCH: usize = 500;
+
 /// The largest page this store fetches at once; larger limits are clamped (Lua counts in doubles).
 const MAX_FETCH: usize = u32::MAX as usize;
 
@@ -414,6 +444,7 @@ pub struct RedisStore {
 struct Scripts {
     create: Script,
     append: Script,
+    begin_turn: Script,
     clear: Script,
     put_turn: Script,
     delete: Script,
@@ -437,6 +468,7 @@ impl Scripts {
         Scripts {
             create: write(CREATE),
             append: write(APPEND),
+            begin_turn: write(BEGIN_TURN),
             clear: write(CLEAR),
             put_turn: write(PUT_TURN),
             delete: write(DELETE),
@@ -570,6 +602,38 @@ impl RedisStore {
             }
         })
         .await
+    }
+
+    /// Appends a batch and, with `release`, releases the session lock that turn holds, in one
+    /// script.
+    async fn append_releasing(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        release: Option<Uuid>,
+    ) -> StoreResult<Vec<Message>> {
+        let keys = self.session_keys(tenant, session_id);
+        let mut messages = batch.messages;
+        let mut call = self.write_call(&self.scripts.append, &keys, session_id, now().timestamp_micros());
+        call.arg(release.map(|id| id.to_string()).unwrap_or_default());
+        match &batch.turn {
+            Some(turn) => call.arg(turn.id.to_string()).arg(to_json(turn)?),
+            None => call.arg("").arg(""),
+        };
+        for m in &mut messages {
+            m.session_id = session_id.to_owned();
+            let (head, tail) = split_at_seq(m)?;
+            call.arg(head).arg(tail);
+        }
+        let first: u64 = self.write(&call).await?;
+        if first == 0 {
+            return Err(StoreError::SessionNotFound);
+        }
+        for (m, seq) in messages.iter_mut().zip(first..) {
+            m.seq = seq;
+        }
+        Ok(messages)
     }
 
     /// A write script call with the session's keys and the common arguments.
@@ -762,26 +826,39 @@ impl ConversationStore for RedisStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        let keys = self.session_keys(tenant, session_id);
-        let mut messages = batch.messages;
-        let mut call = self.write_call(&self.scripts.append, &keys, session_id, now().timestamp_micros());
-        match &batch.turn {
-            Some(turn) => call.arg(turn.id.to_string()).arg(to_json(turn)?),
-            None => call.arg("").arg(""),
-        };
-        for m in &mut messages {
-            m.session_id = session_id.to_owned();
-            let (head, tail) = split_at_seq(m)?;
-            call.arg(head).arg(tail);
+        self.append_releasing(tenant, session_id, batch, None).await
+    }
+
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let id = turn.session_id.as_str();
+        let keys = self.session_keys(tenant, id);
+        let n = window.min(MAX_FETCH);
+        let mut call = self.write_call(&self.scripts.begin_turn, &keys, id, now().timestamp_micros());
+        call.arg(turn.id.to_string()).arg(to_json(turn)?).arg(lease_millis(lease)).arg(n);
+        let (acquired, holder, members, has_prompt, prompt): Begun =
+            self.write::<Option<Begun>>(&call).await?.ok_or(StoreError::SessionNotFound)?;
+        if acquired == 0 {
+            return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
         }
-        let first: u64 = self.write(&call).await?;
-        if first == 0 {
-            return Err(StoreError::SessionNotFound);
-        }
-        for (m, seq) in messages.iter_mut().zip(first..) {
-            m.seq = seq;
-        }
-        Ok(messages)
+        let system_prompt = (has_prompt == 1).then_some(prompt);
+        Ok(TurnBegin::Started { system_prompt, window: parse_messages(&members)? })
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -857,6 +934,33 @@ impl ConversationStore for RedisStore {
         call.arg(turn_id.to_string()).arg(lease_millis(lease));
         let (held, cancel): (i64, i64) = self.read(&call).await?;
         Ok(LockStatus { held: held == 1, cancel_requested: cancel == 1 })
+    }
+
+    async fn renew_turn_locks(&self, turns: &[LeaseKey], lease: Duration) -> StoreResult<Vec<LockStatus>> {
+        let mut statuses = Vec::with_capacity(turns.len());
+        for chunk in turns.chunks(RENEW_BATCH) {
+            // One pipeline per chunk: the script is loaded first (a no-op when it is), then one
+            // EVALSHA per turn, so a restarted Redis cannot answer NOSCRIPT.
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCRIPT").arg("LOAD").arg(RENEW_LOCK).ignore();
+            for t in chunk {
+                let keys = self.session_keys(&t.tenant, &t.session_id);
+                pipe.cmd("EVALSHA")
+                    .arg(self.scripts.renew_lock.get_hash())
+                    .arg(2)
+                    .arg(keys.meta)
+                    .arg(keys.lock)
+                    .arg(t.turn_id.to_string())
+                    .arg(lease_millis(lease));
+            }
+            let answers: Vec<(i64, i64)> = self.query_pipe(&pipe).await?;
+            statuses.extend(
+                answers
+                    .into_iter()
+                    .map(|(held, cancel)| LockStatus { held: held == 1, cancel_requested: cancel == 1 }),
+            );
+        }
+        Ok(statuses)
     }
 
     async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {

@@ -243,9 +243,9 @@ mod tests {
     #[tokio::test]
     async fn the_registry_offers_both_and_runs_them() {
         let registry = ToolRegistry::with_builtins();
-        let names: Vec<String> = registry.specs().into_iter().map(|s| s.name).collect();
+        let names: Vec<String> = registry.specs().iter().map(|s| s.name.clone()).collect();
         assert_eq!(names, vec!["current_time", "calculator"]);
-        for spec in registry.specs() {
+        for spec in registry.specs().iter() {
             assert_eq!(spec.parameters["type"], "object");
             assert!(!spec.description.is_empty());
         }

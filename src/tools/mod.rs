@@ -51,6 +51,8 @@ pub trait Tool: Send + Sync + 'static {
 pub struct ToolRegistry {
     tools: Vec<Arc<dyn Tool>>,
     by_name: HashMap<String, usize>,
+    /// The tools as offered to the model, built once per registration rather than per call.
+    specs: Arc<[ToolSpec]>,
 }
 
 impl std::fmt::Debug for ToolRegistry {
@@ -82,6 +84,15 @@ impl ToolRegistry {
         }
         self.by_name.insert(name, self.tools.len());
         self.tools.push(tool);
+        self.specs = self
+            .tools
+            .iter()
+            .map(|t| ToolSpec {
+                name: t.name().to_owned(),
+                description: t.description().to_owned(),
+                parameters: t.parameters(),
+            })
+            .collect();
         Ok(())
     }
 
@@ -96,15 +107,8 @@ impl ToolRegistry {
     }
 
     /// The tools as offered to the model.
-    pub fn specs(&self) -> Vec<ToolSpec> {
-        self.tools
-            .iter()
-            .map(|t| ToolSpec {
-                name: t.name().to_owned(),
-                description: t.description().to_owned(),
-                parameters: t.parameters(),
-            })
-            .collect()
+    pub fn specs(&self) -> Arc<[ToolSpec]> {
+        Arc::clone(&self.specs)
     }
 
     /// Runs a call by name and always returns the text for the tool message: the result, or a

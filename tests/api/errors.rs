@@ -93,7 +93,14 @@ async fn fuzzing_regressions_stay_fixed() {
         .await
         .unwrap();
     assert_eq!(null_body.status(), 201, "a null body is an empty body");
+    let post_json = |path: &str, body: &'static str| {
+        app.client.post(app.url(path)).header("content-type", "application/json").body(body).send()
+    };
+    // serde would read an array as the body's fields in order; the spec says object.
+    problem(post_json("/v1/sessions", "[null, null, null]").await.unwrap(), 422, "validation_failed").await;
     app.create_session("f").await;
+    problem(post_json("/v1/sessions/f/messages", r#"["hi"]"#).await.unwrap(), 422, "validation_failed").await;
+    assert!(app.history("f").await.is_empty(), "nothing was stored");
     let get = |path: &str| app.client.get(app.url(path)).send();
     problem(get("/v1/sessions/f/messages?after=-1").await.unwrap(), 422, "validation_failed").await;
     problem(
@@ -158,4 +165,16 @@ async fn a_panic_in_a_handler_is_a_500_problem_without_its_message() {
     assert!(!body.to_string().contains("injected"), "the panic message is not sent: {body}");
     let (status, _) = app.get_json("/healthz").await;
     assert_eq!(status, 200, "the service keeps serving");
+}
+
+#[tokio::test]
+async fn every_answer_carries_a_request_id_and_a_given_one_is_kept() {
+    let app = spawn_app(&[]).await;
+    let made = app.client.get(app.url("/v1/sessions")).send().await.unwrap();
+    let id = made.headers()["x-request-id"].to_str().unwrap();
+    let parsed = uuid::Uuid::parse_str(id).expect("a UUID");
+    assert_eq!(parsed.get_version_num(), 7, "time-ordered like every id parley makes");
+    let given =
+        app.client.get(app.url("/v1/nowhere")).header("x-request-id", "trace-42").send().await.unwrap();
+    assert_eq!(given.headers()["x-request-id"], "trace-42");
 }

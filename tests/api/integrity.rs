@@ -178,7 +178,7 @@ async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
         .unwrap();
     assert_eq!(cancel.status(), 200);
     let turn: Value = cancel.json().await.unwrap();
-    assert_eq!(turn["status"], "cancelled");
+    assert_eq!(turn["status"], "cancelled", "{turn}");
     let mut last = None;
     while let Some(event) = stream.next().await {
         last = Some(event.unwrap().event);
@@ -187,6 +187,48 @@ async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
     let history = apps[1].history("cx").await;
     assert_eq!(history.last().unwrap()["metadata"]["status"], "cancelled");
     assert!(!history.last().unwrap()["content"].as_str().unwrap().contains("nine"));
+}
+
+async fn a_turn_longer_than_its_lease_keeps_the_session(backend: Backend) {
+    // A 300 ms lease is renewed every 100 ms by the replica's lease keeper; the turn runs ~1.2 s.
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100", "--turn-lease", "300ms"]).await;
+    apps[0].create_session("long").await;
+    let response = apps[0].open_stream("long", "one two three four five six seven eight nine ten").await;
+    let mut stream = response.bytes_stream().eventsource();
+    let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    let response = post(&apps[1], "long", json!({"content": "too early"}), None).await;
+    assert_eq!(response.status(), 409, "three leases later the turn still holds its session");
+    let problem: Value = response.json().await.unwrap();
+    assert_eq!(problem["turn_id"], started["turn_id"]);
+    let mut last = None;
+    while let Some(event) = stream.next().await {
+        last = Some(event.unwrap().event);
+    }
+    assert_eq!(last.as_deref(), Some("turn.completed"));
+    let turn_id = started["turn_id"].as_str().unwrap();
+    let (_, record) = apps[1].get_json(&format!("/v1/sessions/long/turns/{turn_id}")).await;
+    assert_eq!(record["status"], "completed");
+}
+
+async fn the_session_is_free_when_the_last_event_arrives(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &[]).await;
+    let app = &apps[0];
+    app.create_session("next").await;
+    for i in 0..10 {
+        let response = app.open_stream("next", &format!("turn {i}")).await;
+        let mut stream = response.bytes_stream().eventsource();
+        while let Some(event) = stream.next().await {
+            if event.unwrap().event == "turn.completed" {
+                break;
+            }
+        }
+        // The client posts its next turn the moment it sees the end, before the stream closes.
+        let next = post(app, "next", json!({"content": format!("right after {i}")}), None).await;
+        assert_eq!(next.status(), 200, "turn {i}: the session was still busy");
+        drop(stream);
+    }
+    assert_eq!(app.history("next").await.len(), 40);
 }
 
 async fn a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session(backend: Backend) {
@@ -284,6 +326,8 @@ for_each_backend!(
     an_idempotent_retry_while_the_turn_runs_is_409_with_its_id,
     a_streaming_retry_while_the_turn_runs_attaches_to_its_stream,
     a_turn_can_be_cancelled_from_another_replica,
+    a_turn_longer_than_its_lease_keeps_the_session,
+    the_session_is_free_when_the_last_event_arrives,
     a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session,
     concurrent_clients_never_corrupt_a_conversation,
 );

@@ -111,3 +111,51 @@ async fn shutdown_cancels_turns_still_running_after_the_grace_period() {
     assert_eq!(history.len(), 2, "user message and partial answer saved");
     assert_eq!(history[1].metadata["status"], "cancelled");
 }
+
+#[tokio::test]
+async fn a_json_client_that_gives_up_mid_turn_still_gets_its_reply_saved() {
+    let app = spawn_app(&["--echo-delay-ms", "50"]).await;
+    app.create_session("j").await;
+    // The turn runs inside the request's task until the client goes away; then it moves to one
+    // of its own and finishes.
+    let gave_up = app
+        .client
+        .post(app.url("/v1/sessions/j/messages"))
+        .timeout(Duration::from_millis(150))
+        .json(&json!({"content": "a b c d e f g h"}))
+        .send()
+        .await;
+    assert!(gave_up.is_err_and(|e| e.is_timeout()), "the client gave up before the reply");
+    let mut history = Vec::new();
+    for _ in 0..100 {
+        history = app.history("j").await;
+        if history.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(history.len(), 2, "the turn ran to completion after the client left");
+    assert_eq!(history[1]["content"], "echo: a b c d e f g h (context: 0 messages)");
+}
+
+#[tokio::test]
+async fn shutdown_waits_for_a_json_turn_and_cancels_it_after_the_grace_period() {
+    let mut app = spawn_app(&["--echo-delay-ms", "200", "--shutdown-grace", "300ms"]).await;
+    app.create_session("k").await;
+    let client = app.client.clone();
+    let url = app.url("/v1/sessions/k/messages");
+    let request = tokio::spawn(async move {
+        let response =
+            client.post(url).json(&json!({"content": "a b c d e f g h i j"})).send().await.unwrap();
+        (response.status(), response.json::<Value>().await.unwrap())
+    });
+    tokio::time::sleep(Duration::from_millis(450)).await;
+    let server = app.begin_shutdown();
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    let answer = body["messages"].as_array().unwrap();
+    assert_eq!(answer.last().unwrap()["metadata"]["status"], "cancelled", "{body}");
+    tokio::time::timeout(Duration::from_secs(10), server).await.expect("server stopped").unwrap();
+    let history = app.store.last_n("default", "k", 10).await.unwrap();
+    assert_eq!(history.len(), 2, "user message and partial answer saved before the server stopped");
+}

@@ -261,6 +261,32 @@ async fn cors_allows_only_listed_origins_with_credentials_and_preflights_need_no
     assert!(foreign.headers().get("access-control-allow-origin").is_none());
 }
 
+#[tokio::test]
+async fn without_allowed_origins_nothing_is_allowed_cross_origin() {
+    let app = spawn_app(&[]).await;
+    let preflight = app
+        .client
+        .request(Method::OPTIONS, app.url("/v1/sessions"))
+        .header("origin", "https://app.example.com")
+        .header("access-control-request-method", "POST")
+        .send()
+        .await
+        .unwrap();
+    assert!(!preflight.status().is_success(), "a preflight fails: {}", preflight.status());
+    assert!(preflight.headers().get("access-control-allow-origin").is_none());
+    let read = app
+        .client
+        .get(app.url("/v1/sessions"))
+        .header("origin", "https://app.example.com")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(read.status(), 200, "a same-origin or non-browser client is served as usual");
+    for name in ["access-control-allow-origin", "access-control-expose-headers", "vary"] {
+        assert!(read.headers().get(name).is_none(), "no {name} header");
+    }
+}
+
 for_each_backend!(
     requests_over_the_rate_limit_get_429_with_headers_then_recover,
     turns_over_the_limit_get_429_then_recover_after_the_window,

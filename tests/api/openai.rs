@@ -26,7 +26,7 @@ fn model(settings: OpenAiSettings) -> OpenAiModel {
 }
 
 fn ask(text: &str) -> ChatRequest {
-    ChatRequest { messages: vec![PromptMessage::text(Role::User, text)], tools: Vec::new() }
+    ChatRequest { messages: vec![PromptMessage::text(Role::User, text)], tools: Vec::new().into() }
 }
 
 /// Everything a stream produced: its deltas, then its output or its error.
@@ -36,7 +36,7 @@ struct Run {
 }
 
 async fn run(model: &OpenAiModel, request: ChatRequest) -> Result<Run, ModelError> {
-    let mut stream = model.stream(request).await?;
+    let mut stream = model.stream(&request).await?;
     let mut deltas = Vec::new();
     while let Some(event) = stream.next().await {
         match event {
@@ -185,7 +185,7 @@ async fn retries_stop_at_max_retries_with_the_last_status() {
     let scripts =
         vec![Script::error(503, "a"), Script::error(502, "b"), Script::error(503, "c"), Script::text("x")];
     let fake = FakeOpenAi::start(scripts).await;
-    let err = model(settings(&fake)).stream(ask("hi")).await.err().expect("an error");
+    let err = model(settings(&fake)).stream(&ask("hi")).await.err().expect("an error");
     assert!(matches!(&err, ModelError::Status { status: 503, message } if message == "c"), "{err}");
     assert_eq!(fake.requests().len(), 3, "one call and max_retries = 2 retries");
 }
@@ -194,7 +194,7 @@ async fn retries_stop_at_max_retries_with_the_last_status() {
 async fn client_errors_are_not_retried() {
     for status in [400, 401, 403, 404, 422] {
         let fake = FakeOpenAi::start(vec![Script::error(status, "nope"), Script::text("x")]).await;
-        let err = model(settings(&fake)).stream(ask("hi")).await.err().expect("an error");
+        let err = model(settings(&fake)).stream(&ask("hi")).await.err().expect("an error");
         assert!(
             matches!(&err, ModelError::Status { status: s, message } if *s == status && message == "nope")
         );
@@ -206,7 +206,7 @@ async fn client_errors_are_not_retried() {
 #[tokio::test]
 async fn an_error_body_that_is_not_json_is_quoted_briefly() {
     let fake = FakeOpenAi::start(vec![Script::status(400, "x".repeat(5000))]).await;
-    let err = model(settings(&fake)).stream(ask("hi")).await.err().expect("an error");
+    let err = model(settings(&fake)).stream(&ask("hi")).await.err().expect("an error");
     let ModelError::Status { message, .. } = err else { panic!("{err}") };
     assert!(message.len() <= 300, "{}", message.len());
 }
@@ -232,7 +232,7 @@ async fn no_answer_before_the_timeout_is_a_timeout_and_504() {
     s.request_timeout = Duration::from_millis(300);
     s.max_retries = 0;
     let started = Instant::now();
-    let err = model(s).stream(ask("hi")).await.err().expect("an error");
+    let err = model(s).stream(&ask("hi")).await.err().expect("an error");
     assert!(matches!(err, ModelError::Timeout(_)), "{err}");
     assert!(started.elapsed() < Duration::from_secs(3));
     assert_eq!(AppError::from(err).status().as_u16(), 504);
@@ -305,7 +305,7 @@ async fn connect_errors_are_retried_then_reported() {
     let mut s = OpenAiSettings::new(format!("http://{addr}/v1"), "m");
     s.max_retries = 1;
     s.retry_backoff = Duration::from_millis(10);
-    let err = model(s).stream(ask("hi")).await.err().expect("an error");
+    let err = model(s).stream(&ask("hi")).await.err().expect("an error");
     assert!(matches!(err, ModelError::Connect(_)), "{err}");
     assert!(!err.to_string().contains(&addr.to_string()), "no URL in the message: {err}");
 }
@@ -336,7 +336,8 @@ async fn the_request_body_has_the_openai_shape() {
             name: "calculator".into(),
             description: "Evaluates arithmetic.".into(),
             parameters: json!({"type": "object", "properties": {"expression": {"type": "string"}}, "required": ["expression"]}),
-        }],
+        }]
+        .into(),
     };
     complete(&model(s), request).await;
     let sent = &fake.requests()[0];
@@ -397,7 +398,7 @@ async fn the_key_never_appears_in_errors() {
     let mut s = settings(&fake);
     s.api_key = Some(KEY.into());
     let model = model(s);
-    let err = model.stream(ask("hi")).await.err().expect("an error");
+    let err = model.stream(&ask("hi")).await.err().expect("an error");
     assert!(matches!(err, ModelError::Status { status: 401, .. }));
     let texts = [err.to_string(), format!("{err:?}"), format!("{model:?}")];
     let streamed = run(&model, ask("hi")).await.unwrap().end.unwrap_err();
@@ -411,7 +412,7 @@ async fn a_json_body_instead_of_a_stream_is_a_clear_error() {
     let fake =
         FakeOpenAi::start(vec![Script::status(200, r#"{"error": {"message": "streaming unsupported"}}"#)])
             .await;
-    let err = model(settings(&fake)).stream(ask("hi")).await.err().expect("an error");
+    let err = model(settings(&fake)).stream(&ask("hi")).await.err().expect("an error");
     assert!(err.to_string().contains("streaming unsupported"), "{err}");
     assert_eq!(fake.requests().len(), 1);
 }

@@ -172,3 +172,28 @@ async fn a_key_from_parley_keys_new_works_and_no_key_reaches_the_logs() {
         assert!(!logs.contains(secret), "a secret reached the logs");
     }
 }
+
+#[tokio::test]
+async fn an_error_is_logged_once_with_the_request_id_of_its_response() {
+    // Redis on a port where nothing listens: parley starts, and writes fail with 503.
+    let env = [("PARLEY_STORE", "redis"), ("REDIS_URL", "redis://127.0.0.1:1"), ("PARLEY_LOG", "info")];
+    let running = Running::start(&env).await;
+    let response = reqwest::Client::new()
+        .post(running.url("/v1/sessions"))
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let logs = running.stop().await;
+    let lines: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|entry| entry["fields"]["request.id"] == request_id.as_str())
+        .collect();
+    assert_eq!(lines.len(), 1, "one line for the failed request: {logs}");
+    assert_eq!(lines[0]["level"], "WARN");
+    assert_eq!(lines[0]["fields"]["message"], "store unavailable");
+    assert_eq!(lines[0]["fields"]["error.code"], "store_unavailable");
+}

@@ -250,6 +250,36 @@ async fn page_and_window_reads_use_the_primary_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turn_start_reads_its_window_by_the_primary_key() {
+    let store = pg_store(Setup::default()).await;
+    for session in ["a", "b", "c"] {
+        new_session(&store, session).await;
+        fill(&store, session, 3000).await;
+    }
+    sqlx::query("analyze").execute(store.pool()).await.unwrap();
+    let explain = format!("explain {}", sql::BEGIN_TURN);
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+        .bind(TENANT)
+        .bind("b")
+        .bind(uuid::Uuid::now_v7())
+        .bind(15_000_000i64)
+        .bind(20i64)
+        .bind("running")
+        .bind(None::<String>)
+        .bind(Vec::<uuid::Uuid>::new())
+        .bind(None::<sqlx::types::Json<parley::domain::Usage>>)
+        .bind(chrono::Utc::now())
+        .bind(None::<chrono::DateTime<chrono::Utc>>)
+        .fetch_all(store.pool())
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    assert!(!plan.contains("Seq Scan on messages"), "{plan}");
+    assert!(plan.contains("using messages_pkey"), "{plan}");
+    drop_schema(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_admit_exactly_one_turn_and_one_request() {
     let store = pg_store(Setup { max_messages: None, ttl: None }).await;
     new_session(&store, "s1").await;

@@ -24,7 +24,7 @@ impl ChatModel for FailingModel {
         "failing"
     }
 
-    async fn stream(&self, _request: ChatRequest) -> Result<ModelStream, ModelError> {
+    async fn stream(&self, _request: &ChatRequest) -> Result<ModelStream, ModelError> {
         if self.deltas_first == 0 {
             return Err((self.error)());
         }
@@ -46,7 +46,7 @@ impl ChatModel for RecordingModel {
         "recording"
     }
 
-    async fn stream(&self, request: ChatRequest) -> Result<ModelStream, ModelError> {
+    async fn stream(&self, request: &ChatRequest) -> Result<ModelStream, ModelError> {
         self.requests.lock().unwrap().push(request.clone());
         EchoModel::default().stream(request).await
     }

@@ -234,8 +234,9 @@ impl Worker for RedisReplay {
 }
 
 /// A raw sqlx client sending one turn's statements (parley's SQL text, parley's binds) on its
-/// own sessions: get the session, the last 20 messages, save the running turn, append the user
-/// and assistant messages with the completed turn.
+/// own sessions: `BEGIN_TURN` (claim the session, record the running turn, read the prompt and
+/// the last 20 messages), then `FINISH_TURN` (append the user and assistant messages with the
+/// completed turn, release the session).
 pub struct PgReplay {
     pool: PgPool,
     sessions: Vec<String>,
@@ -255,23 +256,22 @@ impl PgReplay {
     }
 
     async fn turn(&self, session: &str) -> Result<(), sqlx::Error> {
-        let t = DEFAULT_TENANT;
-        sqlx::query(sql::GET_SESSION).bind(t).bind(session).fetch_optional(&self.pool).await?;
-        let window = sqlx::query(sql::PAGE_DESC).bind(t).bind(session).bind(0i64).bind(i64::MAX).bind(20i64);
-        window.fetch_all(&self.pool).await?;
         let turn_id = Uuid::now_v7();
         let started = Utc::now();
-        sqlx::query(sql::PUT_TURN)
-            .bind(t)
+        let lease_micros = 15_000_000i64;
+        sqlx::query(sql::BEGIN_TURN)
+            .bind(DEFAULT_TENANT)
             .bind(session)
             .bind(turn_id)
+            .bind(lease_micros)
+            .bind(20i64)
             .bind("running")
             .bind(None::<String>)
             .bind(Vec::<Uuid>::new())
             .bind(None::<SqlJson<Usage>>)
             .bind(started)
             .bind(None::<chrono::DateTime<Utc>>)
-            .execute(&self.pool)
+            .fetch_all(&self.pool)
             .await?;
         self.append(session, turn_id, started).await
     }
@@ -285,7 +285,7 @@ impl PgReplay {
         let ids = vec![Uuid::now_v7(), Uuid::now_v7()];
         let reply = format!("echo: {} (context: 20 messages)", self.content);
         let usage = Usage { prompt_tokens: 40, completion_tokens: 10, total_tokens: 50 };
-        sqlx::query_scalar::<_, i64>(sql::APPEND)
+        sqlx::query_scalar::<_, i64>(sql::FINISH_TURN)
             .bind(DEFAULT_TENANT)
             .bind(session)
             .bind(2i64)
@@ -307,6 +307,7 @@ impl PgReplay {
             .bind(Some(SqlJson(usage)))
             .bind(Some(started))
             .bind(Some(Utc::now()))
+            .bind(turn_id)
             .fetch_optional(&self.pool)
             .await?;
         Ok(())

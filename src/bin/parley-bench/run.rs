@@ -272,10 +272,11 @@ async fn build_floor(
             Ok(Floor::Redis(workers))
         }
         StoreKind::Postgres => {
-            fig.commands =
-                ["GET_SESSION", "PAGE_DESC (last 20)", "PUT_TURN", "APPEND"].map(String::from).to_vec();
-            fig.commands_per_turn = Some(4);
-            fig.floor_kind = "raw sqlx client sending the turn's 4 statements (2c)".into();
+            fig.commands = ["BEGIN_TURN (claim, running record, last 20)", "FINISH_TURN (append, release)"]
+                .map(String::from)
+                .to_vec();
+            fig.commands_per_turn = Some(2);
+            fig.floor_kind = "raw sqlx client sending the turn's 2 statements (2c)".into();
             let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&a.database_url)?
                 .options([("search_path", ctx.tag.as_str())]);
             let pool = sqlx::postgres::PgPoolOptions::new().max_connections(16).connect_with(options).await?;

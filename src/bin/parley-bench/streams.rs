@@ -50,7 +50,7 @@ impl ChatModel for ProbeModel {
         "echo-probe"
     }
 
-    async fn stream(&self, request: ChatRequest) -> Result<ModelStream, ModelError> {
+    async fn stream(&self, request: &ChatRequest) -> Result<ModelStream, ModelError> {
         let tag = request.messages.last().and_then(|m| m.content.split(' ').next()).map(str::to_owned);
         let inner = self.echo.stream(request).await?;
         let stamps = Arc::clone(&self.stamps);

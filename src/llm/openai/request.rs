@@ -134,7 +134,7 @@ mod tests {
     #[test]
     fn a_plain_request_streams_with_usage_and_omits_unset_options() {
         let request =
-            ChatRequest { messages: vec![PromptMessage::text(Role::User, "hi")], tools: Vec::new() };
+            ChatRequest { messages: vec![PromptMessage::text(Role::User, "hi")], tools: Vec::new().into() };
         let v = to_json(&settings(), &request);
         assert_eq!(
             v,
@@ -153,7 +153,8 @@ mod tests {
         s.temperature = Some(0.7);
         s.max_tokens = Some(100);
         let text =
-            serde_json::to_string(&body(&s, &ChatRequest { messages: vec![], tools: vec![] })).unwrap();
+            serde_json::to_string(&body(&s, &ChatRequest { messages: vec![], tools: Vec::new().into() }))
+                .unwrap();
         assert!(text.contains(r#""temperature":0.7"#), "{text}");
         assert!(text.contains(r#""max_tokens":100"#), "{text}");
     }
@@ -174,7 +175,8 @@ mod tests {
                 name: "calc".into(),
                 description: "math".into(),
                 parameters: json!({"type": "object"}),
-            }],
+            }]
+            .into(),
         };
         let v = to_json(&settings(), &request);
         assert_eq!(
@@ -195,7 +197,7 @@ mod tests {
     fn an_assistant_message_with_text_and_calls_keeps_its_text() {
         let mut m = PromptMessage::text(Role::Assistant, "let me check");
         m.tool_calls = vec![ToolCall { id: "c".into(), name: "t".into(), arguments: json!({}) }];
-        let v = to_json(&settings(), &ChatRequest { messages: vec![m], tools: vec![] });
+        let v = to_json(&settings(), &ChatRequest { messages: vec![m], tools: Vec::new().into() });
         assert_eq!(v["messages"][0]["content"], "let me check");
         assert_eq!(v["messages"][0]["tool_calls"][0]["function"]["arguments"], "{}");
     }
