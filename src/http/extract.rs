@@ -18,7 +18,7 @@ pub struct ApiJson<T>(pub T);
 /// Parses a JSON body (see [`ApiJson`]). Every body of this API is an object: an array is 422
 /// even where serde would read it as the struct's fields in order.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
-    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[')
+    if bytes.iter().find(|b| !is_json_whitespace(b)) == Some(&b'[')
         && serde_json::from_slice::<serde::de::IgnoredAny>(bytes).is_ok()
     {
         return Err(AppError::Validation(
@@ -29,6 +29,12 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AppError> {
         serde_json::error::Category::Data => AppError::Validation(format!("invalid request body: {e}")),
         _ => AppError::BadRequest(format!("malformed JSON body: {e}")),
     })
+}
+
+/// JSON's own whitespace (RFC 8259 §2). Not `u8::is_ascii_whitespace`, which also takes form
+/// feed: a body of one form feed is malformed JSON, not an empty body.
+fn is_json_whitespace(b: &u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\n' | b'\r')
 }
 
 fn body_error(rejection: BytesRejection) -> AppError {
@@ -59,7 +65,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         let bytes = Bytes::from_request(req, state).await.map_err(body_error)?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
+        if bytes.iter().all(is_json_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
         parse_json::<Option<T>>(&bytes).map(|body| OptionalJson(body.unwrap_or_default()))

@@ -96,6 +96,14 @@ async fn fuzzing_regressions_stay_fixed() {
     let post_json = |path: &str, body: &'static str| {
         app.client.post(app.url(path)).header("content-type", "application/json").body(body).send()
     };
+    let sessions_before = app.get_json("/v1/sessions").await.1["data"].as_array().unwrap().len();
+    // Form feed is ASCII whitespace but not JSON whitespace: it is malformed JSON, not "no body".
+    problem(post_json("/v1/sessions", "\x0c").await.unwrap(), 400, "invalid_request").await;
+    problem(post_json("/v1/sessions", " \x0b ").await.unwrap(), 400, "invalid_request").await;
+    let whitespace = post_json("/v1/sessions", " \r\n\t ").await.unwrap();
+    assert_eq!(whitespace.status(), 201, "a body of JSON whitespace only is an empty body");
+    let sessions_after = app.get_json("/v1/sessions").await.1["data"].as_array().unwrap().len();
+    assert_eq!(sessions_after, sessions_before + 1, "only the whitespace body created a session");
     // serde would read an array as the body's fields in order; the spec says object.
     problem(post_json("/v1/sessions", "[null, null, null]").await.unwrap(), 422, "validation_failed").await;
     app.create_session("f").await;
