@@ -1,5 +1,7 @@
 //! The domain: sessions, messages, tool calls and turns, as the API shows them and the stores keep them.
 
+use std::sync::Arc;
+
 use chrono::{DateTime, SubsecRound, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -151,6 +153,45 @@ impl Message {
     /// Whether this is an assistant message that calls at least one tool.
     pub fn calls_tools(&self) -> bool {
         self.role == Role::Assistant && self.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+    }
+}
+
+/// A message of a turn's history window: what the prompt and the window's trimming need, without
+/// the id, seq, session, metadata and time the stored message also has. The text is shared, so a
+/// store that keeps it as an `Arc<str>` (the memory store) hands the window over without copying.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowMessage {
+    /// The turn that produced it.
+    pub turn_id: Uuid,
+    /// Who wrote it.
+    pub role: Role,
+    /// The text.
+    pub content: Arc<str>,
+    /// For an assistant message that calls tools: the calls.
+    pub tool_calls: Option<Vec<ToolCall>>,
+    /// For a tool message: the id of the call it answers.
+    pub tool_call_id: Option<String>,
+    /// For a tool message: the tool's name.
+    pub name: Option<String>,
+}
+
+impl WindowMessage {
+    /// Whether this is an assistant message that calls at least one tool.
+    pub fn calls_tools(&self) -> bool {
+        self.role == Role::Assistant && self.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+    }
+}
+
+impl From<Message> for WindowMessage {
+    fn from(m: Message) -> Self {
+        WindowMessage {
+            turn_id: m.turn_id,
+            role: m.role,
+            content: m.content.into(),
+            tool_calls: m.tool_calls,
+            tool_call_id: m.tool_call_id,
+            name: m.name,
+        }
     }
 }
 

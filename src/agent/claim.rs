@@ -18,7 +18,7 @@ use super::feed::TurnFeed;
 use super::registry::RegisterError;
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
-use crate::domain::{Message, Turn, TurnStatus, now};
+use crate::domain::{Turn, TurnStatus, WindowMessage, now};
 use crate::error::{AppError, Problem};
 use crate::store::{DynStore, IdempotencyBegin, IdempotencyRecord, TurnBegin};
 
@@ -32,7 +32,7 @@ pub(super) struct Claimed {
     /// The session's system prompt.
     pub system_prompt: Option<String>,
     /// The session's last messages, before the window is fitted.
-    pub window: Vec<Message>,
+    pub window: Vec<WindowMessage>,
 }
 
 /// What an idempotent request found.

@@ -33,7 +33,7 @@ use feed::TurnFeed;
 use registry::TurnRegistry;
 
 use crate::config::IfBusy;
-use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, new_id, now};
+use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, WindowMessage, new_id, now};
 use crate::error::AppError;
 use crate::llm::{ChatRequest, DynModel, ModelError, ModelEvent, ModelOutput, PromptMessage};
 use crate::store::{AppendBatch, DynStore};
@@ -418,7 +418,7 @@ impl Agent {
 
     /// The prompt before the turn: the system prompt and the history window, without the saved
     /// rounds of turns that never finished, and without broken tool pairs.
-    fn prompt(&self, session_prompt: Option<&str>, messages: Vec<Message>) -> Vec<PromptMessage> {
+    fn prompt(&self, session_prompt: Option<&str>, messages: Vec<WindowMessage>) -> Vec<PromptMessage> {
         let window = window::fit_window(drop_unfinished_turns(messages), self.settings.history_size);
         let mut prompt = Vec::with_capacity(window.len() + 3);
         if let Some(system) =
@@ -682,12 +682,12 @@ fn new_state(
 /// Drops the messages of turns that stopped in the middle of a tool round: turns whose last
 /// stored message is a tool result or a tool call. Those are rounds saved by save-on-iteration
 /// for a turn that then failed (or is still running); they stay readable but are not sent again.
-pub fn drop_unfinished_turns(messages: Vec<Message>) -> Vec<Message> {
+pub fn drop_unfinished_turns(messages: Vec<WindowMessage>) -> Vec<WindowMessage> {
     // Without tool messages no turn can have stopped in a tool round (the common case: no map).
     if !messages.iter().any(|m| m.role == Role::Tool || m.calls_tools()) {
         return messages;
     }
-    let mut last: HashMap<Uuid, &Message> = HashMap::new();
+    let mut last: HashMap<Uuid, &WindowMessage> = HashMap::new();
     for m in &messages {
         last.insert(m.turn_id, m);
     }
@@ -719,6 +719,7 @@ mod tests {
             call,
             result,
         ];
+        let history: Vec<WindowMessage> = history.into_iter().map(WindowMessage::from).collect();
         let kept = drop_unfinished_turns(history.clone());
         assert_eq!(kept, history[..2].to_vec());
     }

@@ -3,12 +3,12 @@
 
 use std::collections::HashSet;
 
-use crate::domain::{Message, Role};
+use crate::domain::{Role, WindowMessage};
 
 /// Keeps at most `max` of the newest messages, then drops any tool message whose calling assistant
 /// message is not in the window and any assistant tool-call message whose results are not all
 /// right after it. `messages` must be oldest first.
-pub fn fit_window(mut messages: Vec<Message>, max: usize) -> Vec<Message> {
+pub fn fit_window(mut messages: Vec<WindowMessage>, max: usize) -> Vec<WindowMessage> {
     let skip = messages.len().saturating_sub(max);
     messages.drain(..skip);
     // Mark what to keep, then move it out: no message is cloned.
@@ -32,7 +32,7 @@ pub fn fit_window(mut messages: Vec<Message>, max: usize) -> Vec<Message> {
 }
 
 /// The index after the tool messages that follow the tool-call message at `start`.
-fn group_end(messages: &[Message], start: usize) -> usize {
+fn group_end(messages: &[WindowMessage], start: usize) -> usize {
     let mut end = start + 1;
     while end < messages.len() && messages[end].role == Role::Tool {
         end += 1;
@@ -41,7 +41,7 @@ fn group_end(messages: &[Message], start: usize) -> usize {
 }
 
 /// Whether the tool messages after the call answer every call exactly once, and nothing else.
-fn group_is_complete(group: &[Message]) -> bool {
+fn group_is_complete(group: &[WindowMessage]) -> bool {
     let calls: HashSet<&str> = group[0].tool_calls.iter().flatten().map(|c| c.id.as_str()).collect();
     let answers: Vec<&str> = group[1..].iter().filter_map(|m| m.tool_call_id.as_deref()).collect();
     let answered: HashSet<&str> = answers.iter().copied().collect();
@@ -51,12 +51,12 @@ fn group_is_complete(group: &[Message]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::{ToolCall, new_id};
+    use crate::domain::{Message, ToolCall, new_id};
     use proptest::prelude::*;
 
     /// A history of turns; each turn is a user message, then `rounds` tool rounds of `calls`
     /// calls each, then the final assistant answer.
-    fn history(turns: &[(usize, usize)]) -> Vec<Message> {
+    fn history(turns: &[(usize, usize)]) -> Vec<WindowMessage> {
         let mut out = Vec::new();
         for (t, &(rounds, calls)) in turns.iter().enumerate() {
             let turn = new_id();
@@ -82,13 +82,10 @@ mod tests {
             }
             out.push(Message::new("s", turn, Role::Assistant, format!("a{t}")));
         }
-        for (i, m) in out.iter_mut().enumerate() {
-            m.seq = i as u64 + 1;
-        }
-        out
+        out.into_iter().map(WindowMessage::from).collect()
     }
 
-    fn assert_well_formed(window: &[Message]) {
+    fn assert_well_formed(window: &[WindowMessage]) {
         let mut i = 0;
         while i < window.len() {
             let m = &window[i];

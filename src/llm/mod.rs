@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use futures::stream::BoxStream;
 use serde_json::Value;
 
-use crate::domain::{Message, Role, ToolCall, Usage};
+use crate::domain::{Message, Role, ToolCall, Usage, WindowMessage};
 
 /// A shared handle to the configured model.
 pub type DynModel = Arc<dyn ChatModel>;
@@ -23,8 +23,8 @@ pub type DynModel = Arc<dyn ChatModel>;
 pub struct PromptMessage {
     /// Who wrote it.
     pub role: Role,
-    /// The text.
-    pub content: String,
+    /// The text (shared with the history window it came from).
+    pub content: Arc<str>,
     /// For an assistant message that called tools.
     pub tool_calls: Vec<ToolCall>,
     /// For a tool message: the call it answers.
@@ -35,7 +35,7 @@ pub struct PromptMessage {
 
 impl PromptMessage {
     /// A plain text message.
-    pub fn text(role: Role, content: impl Into<String>) -> Self {
+    pub fn text(role: Role, content: impl Into<Arc<str>>) -> Self {
         PromptMessage {
             role,
             content: content.into(),
@@ -46,8 +46,8 @@ impl PromptMessage {
     }
 }
 
-impl From<Message> for PromptMessage {
-    fn from(m: Message) -> Self {
+impl From<WindowMessage> for PromptMessage {
+    fn from(m: WindowMessage) -> Self {
         PromptMessage {
             role: m.role,
             content: m.content,
@@ -62,7 +62,7 @@ impl From<&Message> for PromptMessage {
     fn from(m: &Message) -> Self {
         PromptMessage {
             role: m.role,
-            content: m.content.clone(),
+            content: m.content.as_str().into(),
             tool_calls: m.tool_calls.clone().unwrap_or_default(),
             tool_call_id: m.tool_call_id.clone(),
             name: m.name.clone(),

@@ -25,7 +25,7 @@ use super::{
     AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
     SessionCursor, StoreError, TurnBegin,
 };
-use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, new_id};
+use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, WindowMessage, new_id};
 
 /// How the factory must configure the store it builds.
 #[derive(Debug, Clone, Default)]
@@ -598,8 +598,10 @@ where
         panic!("a free session is claimed")
     };
     assert_eq!(system_prompt.as_deref(), Some("Be brief."));
-    assert_eq!(seqs(&window), vec![3, 4, 5, 6], "the last 4 messages, oldest first");
-    assert!(window.iter().all(|m| m.session_id == "s1"));
+    let last = store.last_n(TENANT, "s1", 4).await.unwrap();
+    assert_eq!(seqs(&last), vec![3, 4, 5, 6]);
+    let last: Vec<WindowMessage> = last.into_iter().map(WindowMessage::from).collect();
+    assert_eq!(window, last, "the last 4 messages, oldest first");
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(first.id));
     assert_eq!(store.get_turn(TENANT, "s1", first.id).await.unwrap(), Some(first.clone()));
 

@@ -7,16 +7,17 @@
 //! in-memory work, never across an `.await`.
 //!
 //! Messages are kept in a compact form ([`StoredMessage`]): no copy of the session id, the text
-//! as an exact-size `Box<str>`, and the fields most messages leave empty (metadata, tool calls)
-//! behind one optional box. A stored message costs about 80 bytes plus its text, against about
-//! 280 plus its text as a [`Message`]; reads rebuild the `Message`s they return. Turn records are
+//! as an exact-size `Arc<str>` (a turn's window shares it instead of copying it), and the fields
+//! most messages leave empty (metadata, tool calls) behind one optional box. A stored message
+//! costs about 100 bytes plus its text, against about 280 plus its text as a [`Message`]; reads
+//! rebuild the `Message`s they return. Turn records are
 //! kept the same way ([`StoredTurn`]: no session id, the error boxed, the ids an exact-size slice).
 
 use std::collections::{BTreeSet, VecDeque};
 
 use foldhash::{HashMap, HashMapExt};
 use std::hash::{Hash, Hasher};
-use std::sync::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -29,7 +30,9 @@ use super::{
 };
 use chrono::{DateTime, Utc};
 
-use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, now};
+use crate::domain::{
+    Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, WindowMessage, now,
+};
 
 /// Default cap on messages per session (`PARLEY_MEMORY_MAX_MESSAGES`).
 pub const DEFAULT_MAX_MESSAGES: usize = 10_000;
@@ -40,8 +43,9 @@ const SHARDS: usize = 64;
 /// Sessions by tenant, then id (the sessions of one shard).
 type Shard = HashMap<String, HashMap<String, SessionData>>;
 
-/// (updated_at micros, id) of each session of a tenant, for listing newest first.
-type Index = BTreeSet<(i64, String)>;
+/// (updated_at micros, id) of each session of a tenant, for listing newest first. The id is the
+/// session's own `SessionData::key`, shared: moving a session in the index allocates nothing.
+type Index = BTreeSet<(i64, Arc<str>)>;
 
 /// The in-memory conversation store.
 #[derive(Debug)]
@@ -63,7 +67,8 @@ struct StoredMessage {
     seq: u64,
     created_at: DateTime<Utc>,
     role: Role,
-    content: Box<str>,
+    /// Shared with the windows handed to turns, which then copy nothing.
+    content: Arc<str>,
     /// Metadata, tool calls, tool call id and name; `None` when all are empty (most messages).
     extra: Option<Box<Extra>>,
 }
@@ -97,6 +102,18 @@ impl StoredMessage {
             role: m.role,
             content: m.content.as_str().into(),
             extra,
+        }
+    }
+
+    fn to_window(&self) -> WindowMessage {
+        let extra = self.extra.as_deref();
+        WindowMessage {
+            turn_id: self.turn_id,
+            role: self.role,
+            content: Arc::clone(&self.content),
+            tool_calls: extra.and_then(|e| e.tool_calls.clone()),
+            tool_call_id: extra.and_then(|e| e.tool_call_id.clone()),
+            name: extra.and_then(|e| e.name.clone()),
         }
     }
 
@@ -158,14 +175,16 @@ impl StoredTurn {
 #[derive(Debug)]
 struct SessionData {
     session: Session,
+    /// The session id as its tenant's index holds it.
+    key: Arc<str>,
     messages: VecDeque<StoredMessage>,
     /// The last seq handed out; survives clears and trimming.
     last_seq: u64,
-    turns: HashMap<Uuid, StoredTurn>,
-    /// Turn ids oldest first, to bound how many records a session keeps.
-    turn_order: VecDeque<Uuid>,
+    /// Ended turns' records ordered by id, which is by start time (UUID v7): found by binary
+    /// search, and a new record goes at the end. No map: no hashing, no table to grow.
+    turns: VecDeque<(Uuid, StoredTurn)>,
     /// The running turn's record, kept apart from `turns` until it ends: a turn's record is
-    /// written twice (running, then ended), and one turn runs per session, so the map is touched
+    /// written twice (running, then ended), and one turn runs per session, so `turns` is touched
     /// once per turn.
     running: Option<(Uuid, StoredTurn)>,
     /// The turn holding the session, if its lease has not run out.
@@ -212,14 +231,16 @@ impl MemoryStore {
     }
 
     /// Moves a session in its tenant's index (call with the session's shard locked).
-    fn touch(&self, tenant: &str, id: &str, old_micros: i64, new_micros: i64) {
+    fn touch(&self, tenant: &str, key: &Arc<str>, old_micros: i64, new_micros: i64) {
         if old_micros == new_micros {
             return;
         }
         let mut indexes = self.indexes();
-        let index = indexes.entry(tenant.to_owned()).or_default();
-        index.remove(&(old_micros, id.to_owned()));
-        index.insert((new_micros, id.to_owned()));
+        // A session's tenant has an index from the session's creation on.
+        if let Some(index) = indexes.get_mut(tenant) {
+            index.remove(&(old_micros, Arc::clone(key)));
+            index.insert((new_micros, Arc::clone(key)));
+        }
     }
 
     fn with_session_mut<T>(
@@ -282,7 +303,7 @@ impl MemoryStore {
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = d.messages.len() as u64;
         let new = d.session.updated_at.timestamp_micros();
-        self.touch(tenant, session_id, old, new);
+        self.touch(tenant, &d.key, old, new);
         Ok((stored, release.is_some()))
     }
 }
@@ -309,19 +330,23 @@ impl SessionData {
     fn turn_record(&self, id: Uuid) -> Option<&StoredTurn> {
         match &self.running {
             Some((running, record)) if *running == id => Some(record),
-            _ => self.turns.get(&id),
+            _ => self.turns.binary_search_by_key(&id, |(k, _)| *k).ok().map(|i| &self.turns[i].1),
         }
     }
 
-    /// Files a record in the map, keeping at most `cap` (the oldest go first).
+    /// Files an ended turn's record, keeping at most `cap` (the oldest go first).
     fn file_turn(&mut self, id: Uuid, record: StoredTurn, cap: usize) {
-        if self.turns.insert(id, record).is_none() {
-            self.turn_order.push_back(id);
+        // The common case, the newest turn, goes at the end without a search (each step of a
+        // binary search would touch another cache line).
+        let newest = self.turns.back().is_none_or(|(last, _)| *last < id);
+        let found =
+            if newest { Err(self.turns.len()) } else { self.turns.binary_search_by_key(&id, |(k, _)| *k) };
+        match found {
+            Ok(at) => self.turns[at].1 = record,
+            Err(at) => self.turns.insert(at, (id, record)),
         }
-        while self.turn_order.len() > cap {
-            if let Some(old) = self.turn_order.pop_front() {
-                self.turns.remove(&old);
-            }
+        while self.turns.len() > cap {
+            self.turns.pop_front();
         }
     }
 
@@ -342,6 +367,12 @@ impl SessionData {
     fn last(&self, n: usize) -> Vec<Message> {
         let skip = self.messages.len().saturating_sub(n);
         self.messages.range(skip..).map(|m| m.to_message(&self.session.id)).collect()
+    }
+
+    /// The last `n` messages as a turn's window, oldest first.
+    fn window(&self, n: usize) -> Vec<WindowMessage> {
+        let skip = self.messages.len().saturating_sub(n);
+        self.messages.range(skip..).map(StoredMessage::to_window).collect()
     }
 
     /// The live lock, dropping one whose lease ran out.
@@ -404,13 +435,17 @@ impl ConversationStore for MemoryStore {
             metadata: new.metadata,
             message_count: 0,
         };
-        self.indexes().entry(tenant.to_owned()).or_default().insert((at.timestamp_micros(), new.id.clone()));
+        let key: Arc<str> = new.id.as_str().into();
+        self.indexes()
+            .entry(tenant.to_owned())
+            .or_default()
+            .insert((at.timestamp_micros(), Arc::clone(&key)));
         let data = SessionData {
             session: session.clone(),
+            key,
             messages: VecDeque::new(),
             last_seq: 0,
-            turns: HashMap::new(),
-            turn_order: VecDeque::new(),
+            turns: VecDeque::new(),
             running: None,
             lock: None,
             idempotency: HashMap::new(),
@@ -440,11 +475,11 @@ impl ConversationStore for MemoryStore {
             let Some(index) = indexes.get(tenant) else {
                 return Ok(SessionPage { sessions: Vec::new(), has_more: false });
             };
-            let keys: Box<dyn Iterator<Item = &(i64, String)>> = match cursor {
-                Some(c) => Box::new(index.range(..(c.updated_at_micros, c.id.clone())).rev()),
+            let keys: Box<dyn Iterator<Item = &(i64, Arc<str>)>> = match cursor {
+                Some(c) => Box::new(index.range(..(c.updated_at_micros, Arc::from(c.id.as_str()))).rev()),
                 None => Box::new(index.iter().rev()),
             };
-            keys.take(limit.saturating_add(1)).map(|(_, id)| id.clone()).collect()
+            keys.take(limit.saturating_add(1)).map(|(_, id)| id.to_string()).collect()
         };
         let has_more = ids.len() > limit;
         let sessions = ids
@@ -464,7 +499,7 @@ impl ConversationStore for MemoryStore {
             return Ok(false);
         };
         if let Some(index) = self.indexes().get_mut(tenant) {
-            index.remove(&(d.session.updated_at.timestamp_micros(), id.to_owned()));
+            index.remove(&(d.session.updated_at.timestamp_micros(), d.key));
         }
         Ok(true)
     }
@@ -492,7 +527,10 @@ impl ConversationStore for MemoryStore {
             LockOutcome::Busy(holder) => TurnBegin::Busy(holder),
             LockOutcome::Acquired => {
                 d.remember_turn(turn, self.max_messages);
-                TurnBegin::Started { system_prompt: d.session.system_prompt.clone(), window: d.last(window) }
+                TurnBegin::Started {
+                    system_prompt: d.session.system_prompt.clone(),
+                    window: d.window(window),
+                }
             }
         })
     }
@@ -517,7 +555,7 @@ impl ConversationStore for MemoryStore {
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = 0;
         let new = d.session.updated_at.timestamp_micros();
-        self.touch(tenant, session_id, old, new);
+        self.touch(tenant, &d.key, old, new);
         Ok(())
     }
 

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::{Message, NewSession, Session, Turn};
+use crate::domain::{Message, NewSession, Session, Turn, WindowMessage};
 
 /// A shared handle to whichever store the service runs on.
 pub type DynStore = Arc<dyn ConversationStore>;
@@ -164,7 +164,7 @@ pub enum TurnBegin {
         /// The session's system prompt, if it has one.
         system_prompt: Option<String>,
         /// The session's last messages (at most the number asked for), oldest first.
-        window: Vec<Message>,
+        window: Vec<WindowMessage>,
     },
     /// Another turn holds the session; nothing was written.
     Busy(Uuid),
@@ -279,7 +279,7 @@ pub trait ConversationStore: Send + Sync + 'static {
         let rest = async {
             let messages = self.last_n(tenant, session_id, window).await?;
             self.put_turn(tenant, turn).await?;
-            Ok(messages)
+            Ok(messages.into_iter().map(WindowMessage::from).collect())
         }
         .await;
         match rest {

@@ -45,7 +45,9 @@ use super::{
     TurnBegin,
 };
 use crate::config::redact_url;
-use crate::domain::{Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage};
+use crate::domain::{
+    Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, WindowMessage,
+};
 use sql::*;
 
 /// The embedded migrations (`migrations/`).
@@ -951,7 +953,7 @@ impl ConversationStore for PgStore {
                         let mut messages = Vec::with_capacity(rows.len());
                         for row in &rows {
                             match message_from_row(row, session_id) {
-                                Ok(Some(message)) => messages.push(message),
+                                Ok(Some(message)) => messages.push(WindowMessage::from(message)),
                                 Ok(None) => {}
                                 Err(e) => return Ok(Err(e)),
                             }

@@ -79,7 +79,7 @@ use super::{
     TurnBegin,
 };
 use crate::config::StoreConfig;
-use crate::domain::{Message, NewSession, Session, Turn, now};
+use crate::domain::{Message, NewSession, Session, Turn, WindowMessage, now};
 
 /// Lua shared by the write scripts. `KEYS` is always `meta, messages, turns, turn_order, index,
 /// lock, idem, idem_exp`;
@@ -847,7 +847,8 @@ impl ConversationStore for RedisStore {
             return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
         }
         let system_prompt = (has_prompt == 1).then_some(prompt);
-        Ok(TurnBegin::Started { system_prompt, window: parse_messages(&members)? })
+        let window = parse_messages(&members)?.into_iter().map(WindowMessage::from).collect();
+        Ok(TurnBegin::Started { system_prompt, window })
     }
 
     async fn finish_turn(

@@ -160,8 +160,8 @@ async fn the_model_gets_the_system_prompt_the_window_and_the_new_message() {
     let roles: Vec<Role> = last_m.messages.iter().map(|m| m.role).collect();
     // The system prompt, the last 3 of [q0, a0, q1, a1], then the new message q2.
     assert_eq!(roles, vec![Role::System, Role::Assistant, Role::User, Role::Assistant, Role::User]);
-    assert_eq!(last_m.messages[0].content, "Default prompt");
-    assert_eq!(last_m.messages[2].content, "q1");
-    assert_eq!(last_m.messages[4].content, "q2");
-    assert_eq!(requests[3].messages[0].content, "Own prompt", "the session's prompt wins");
+    assert_eq!(last_m.messages[0].content.as_ref(), "Default prompt");
+    assert_eq!(last_m.messages[2].content.as_ref(), "q1");
+    assert_eq!(last_m.messages[4].content.as_ref(), "q2");
+    assert_eq!(requests[3].messages[0].content.as_ref(), "Own prompt", "the session's prompt wins");
 }

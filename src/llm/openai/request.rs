@@ -83,7 +83,7 @@ pub(crate) fn body<'a>(settings: &'a OpenAiSettings, request: &'a ChatRequest) -
 
 fn message(m: &PromptMessage) -> WireMessage<'_> {
     let calls_tools = m.role == Role::Assistant && !m.tool_calls.is_empty();
-    let content = if calls_tools && m.content.is_empty() { None } else { Some(m.content.as_str()) };
+    let content = if calls_tools && m.content.is_empty() { None } else { Some(&*m.content) };
     let tool_calls = if calls_tools { m.tool_calls.iter().map(tool_call).collect() } else { Vec::new() };
     let tool_call_id = if m.role == Role::Tool { m.tool_call_id.as_deref() } else { None };
     WireMessage { role: m.role.as_str(), content, tool_calls, tool_call_id }
