@@ -36,7 +36,7 @@ use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
-use sqlx::{AssertSqlSafe, Row};
+use sqlx::{AssertSqlSafe, Connection, Row};
 use uuid::Uuid;
 
 use super::{
@@ -58,6 +58,11 @@ pub const SWEEP_BATCH: i64 = 500;
 
 /// Most lease renewals sent in one statement.
 const RENEW_BATCH: usize = 1000;
+
+/// A pooled connection idle this long is pinged before it is used again. sqlx pings every
+/// connection when it goes back to the pool, and by default again when it is taken out: a round
+/// trip per statement that a connection used a moment ago does not need.
+const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 
 /// Longest TTL applied (about 1000 years), so that `now() + ttl` stays a valid timestamp.
 const MAX_TTL_MICROS: i64 = 1000 * 366 * 24 * 3600 * 1_000_000;
@@ -110,6 +115,12 @@ impl PgStore {
     /// PostgreSQL is down and reports it through [`ConversationStore::ping`]. Must be called
     /// within a Tokio runtime (the pool spawns its maintenance task).
     pub fn new(opts: PgOptions) -> StoreResult<Self> {
+        Self::pinging_idle_after(opts, PING_IF_IDLE_FOR)
+    }
+
+    /// [`PgStore::new`], with pooled connections pinged before use once idle for `idle`
+    /// (10 s in `new`; a dead connection found so is replaced before the statement runs).
+    pub fn pinging_idle_after(opts: PgOptions, idle: Duration) -> StoreResult<Self> {
         let mut connect = PgConnectOptions::from_str(&opts.url).map_err(|e| {
             StoreError::Backend(format!("invalid PostgreSQL URL {}: {e}", redact_url(&opts.url)))
         })?;
@@ -121,6 +132,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(opts.pool_size.max(1))
             .acquire_timeout(opts.op_timeout)
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for >= idle {
+                        conn.ping().await?;
+                    }
+                    Ok(true)
+                })
+            })
             .connect_lazy_with(connect);
         Ok(PgStore {
             pool,

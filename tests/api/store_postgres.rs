@@ -13,6 +13,7 @@ use parley::store::postgres::{PgOptions, PgStore, sql};
 use parley::store::{
     AppendBatch, ConversationStore, DynStore, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreError,
 };
+use sqlx::Connection;
 
 use crate::helpers::{database_url, unique_name};
 
@@ -386,5 +387,40 @@ async fn expired_idempotency_keys_are_deleted_by_begin_and_by_the_sweeper() {
         .await
         .unwrap();
     assert_eq!(keys, vec!["s1/c"], "the sweeper deleted the rest");
+    drop_schema(&store).await;
+}
+
+/// A pooled connection that died while idle (here its backend is terminated) is found by the ping
+/// before use and replaced: the next operation succeeds. `new` pings only connections idle 10 s
+/// or more (a connection used a moment ago was pinged when it went back to the pool); this store
+/// pings any idle connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_died_idle_is_replaced_before_use() {
+    let setup = Setup::default();
+    let store = PgStore::pinging_idle_after(PgOptions { pool_size: 1, ..options(&setup) }, Duration::ZERO)
+        .expect("build store");
+    store.migrate().await.expect("migrate");
+    new_session(&store, "s1").await;
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.pool()).await.unwrap();
+    let mut admin = sqlx::PgConnection::connect(&database_url()).await.unwrap();
+    let killed: bool =
+        sqlx::query_scalar("select pg_terminate_backend($1)").bind(pid).fetch_one(&mut admin).await.unwrap();
+    assert!(killed);
+    // The backend is gone once the server no longer lists it.
+    for _ in 0..100 {
+        let alive: bool = sqlx::query_scalar("select exists(select 1 from pg_stat_activity where pid = $1)")
+            .bind(pid)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+        if !alive {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let session = store.get_session(TENANT, "s1").await.expect("a fresh connection answers");
+    assert!(session.is_some());
+    let now: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.pool()).await.unwrap();
+    assert_ne!(now, pid, "another backend");
     drop_schema(&store).await;
 }
