@@ -34,6 +34,9 @@ use crate::procs::Server;
 use crate::setup;
 use crate::stats::{Summary, median};
 
+/// About how many deltas the echo model streams for a probe's message (its reply's words).
+const REPLY_DELTAS: u64 = 10;
+
 /// When each probe's first delta left the model, by probe tag.
 type Stamps = Arc<Mutex<HashMap<String, Instant>>>;
 
@@ -137,11 +140,15 @@ async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyh
     let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{i:03}")).collect();
     setup::create_sessions(addr, &sessions, 16).await?;
     // Warm-up: connections, the store's pools, the allocator.
-    probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0).await?;
+    // Clients start spread over one turn: turns of equal length in a closed loop that all start
+    // at once would start and end in lockstep for the whole run, 64 store writes at the same
+    // instant, which no real traffic does.
+    let spread = Duration::from_millis(args.delay_ms * REPLY_DELTAS);
+    probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0, spread).await?;
     let mut runs = Vec::new();
     for run in 1..=args.runs {
         let overheads =
-            probe_run(addr, &sessions, Duration::from_secs_f64(args.duration), &stamps, run).await?;
+            probe_run(addr, &sessions, Duration::from_secs_f64(args.duration), &stamps, run, spread).await?;
         runs.push(Summary::of(overheads, 0, Duration::from_secs_f64(args.duration)));
     }
     Ok(ProbeResult {
@@ -159,13 +166,17 @@ async fn probe_run(
     duration: Duration,
     stamps: &Stamps,
     run: usize,
+    spread: Duration,
 ) -> anyhow::Result<Vec<u32>> {
     let deadline = Instant::now() + duration;
+    let count = sessions.len().max(1) as u32;
     let tasks: Vec<_> = sessions
         .iter()
-        .map(|session| {
+        .enumerate()
+        .map(|(k, session)| {
             let (session, stamps) = (session.clone(), Arc::clone(stamps));
             tokio::spawn(async move {
+                tokio::time::sleep(spread * k as u32 / count).await;
                 let mut client = Client::new(addr);
                 let mut out = Vec::new();
                 let mut i = 0u64;
