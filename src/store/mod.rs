@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod memory;
+pub mod pgpool;
 pub mod postgres;
 pub mod redis;
 

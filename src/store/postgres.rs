@@ -34,9 +34,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Connection, Row};
+
+use super::pgpool::ConnPool;
 use uuid::Uuid;
 
 use super::{
@@ -59,9 +62,8 @@ pub const SWEEP_BATCH: i64 = 500;
 /// Most lease renewals sent in one statement.
 const RENEW_BATCH: usize = 1000;
 
-/// A pooled connection idle this long is pinged before it is used again. sqlx pings every
-/// connection when it goes back to the pool, and by default again when it is taken out: a round
-/// trip per statement that a connection used a moment ago does not need.
+/// A pooled connection idle this long is pinged before it is used again (see
+/// [`super::pgpool`]); one used a moment ago is not: that would be a round trip per statement.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
 
 /// Longest TTL applied (about 1000 years), so that `now() + ttl` stays a valid timestamp.
@@ -101,6 +103,9 @@ impl std::fmt::Debug for PgOptions {
 /// The PostgreSQL conversation store.
 #[derive(Debug)]
 pub struct PgStore {
+    /// The connections every store operation runs on (see [`ConnPool`]).
+    conns: ConnPool,
+    /// A small sqlx pool for migrations and for tests and tools ([`PgStore::pool`]).
     pool: PgPool,
     schema: Option<String>,
     /// The cap on messages per session, as bound to queries.
@@ -120,6 +125,7 @@ impl PgStore {
 
     /// [`PgStore::new`], with pooled connections pinged before use once idle for `idle`
     /// (10 s in `new`; a dead connection found so is replaced before the statement runs).
+    /// Store operations run on parley's own pool ([`ConnPool`]), which sends no other ping.
     pub fn pinging_idle_after(opts: PgOptions, idle: Duration) -> StoreResult<Self> {
         let mut connect = PgConnectOptions::from_str(&opts.url).map_err(|e| {
             StoreError::Backend(format!("invalid PostgreSQL URL {}: {e}", redact_url(&opts.url)))
@@ -129,20 +135,14 @@ impl PgStore {
             check_schema_name(schema)?;
             connect = connect.options([("search_path", schema)]);
         }
+        let conns = ConnPool::new(connect.clone(), opts.pool_size as usize, opts.op_timeout, idle);
+        // Migrations and tools only: two connections, opened when first needed.
         let pool = PgPoolOptions::new()
-            .max_connections(opts.pool_size.max(1))
+            .max_connections(2)
             .acquire_timeout(opts.op_timeout)
-            .test_before_acquire(false)
-            .before_acquire(move |conn, meta| {
-                Box::pin(async move {
-                    if meta.idle_for >= idle {
-                        conn.ping().await?;
-                    }
-                    Ok(true)
-                })
-            })
             .connect_lazy_with(connect);
         Ok(PgStore {
+            conns,
             pool,
             schema: opts.schema,
             max_messages: opts.max_messages.filter(|&m| m > 0).map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
@@ -164,9 +164,15 @@ impl PgStore {
         MIGRATOR.run(&self.pool).await.map_err(migrate_err)
     }
 
-    /// The connection pool, for tests and tools that need raw access.
+    /// A connection pool for tests and tools that need raw access (not the one store operations
+    /// run on: see [`PgStore::conns`]).
     pub fn pool(&self) -> &PgPool {
         &self.pool
+    }
+
+    /// The pool store operations run on.
+    pub fn conns(&self) -> &ConnPool {
+        &self.conns
     }
 
     /// Deletes every expired session (with its messages, turns, lock and idempotency keys), then
@@ -175,7 +181,7 @@ impl PgStore {
     pub async fn sweep_expired(&self) -> StoreResult<u64> {
         let mut total = 0;
         loop {
-            let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.pool)).await?;
+            let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.conns)).await?;
             total += done.rows_affected();
             if done.rows_affected() < SWEEP_BATCH as u64 {
                 break;
@@ -183,7 +189,7 @@ impl PgStore {
         }
         loop {
             let query = sqlx::query(SWEEP_IDEMPOTENCY).bind(SWEEP_BATCH);
-            if self.timed(query.execute(&self.pool)).await?.rows_affected() < SWEEP_BATCH as u64 {
+            if self.timed(query.execute(&self.conns)).await?.rows_affected() < SWEEP_BATCH as u64 {
                 return Ok(total);
             }
         }
@@ -246,13 +252,38 @@ impl PgStore {
             .bind(new.system_prompt.as_deref())
             .bind(json_text(&new.metadata))
             .bind(self.ttl_micros)
-            .fetch_one(&self.pool)
+            .fetch_one(&self.conns)
             .await
+    }
+
+    /// Clears a session's messages in one transaction on `conn`; false if the session is missing.
+    async fn clear_on(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &str,
+        session_id: &str,
+    ) -> Result<bool, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        let last_seq: Option<i64> = sqlx::query_scalar(CLEAR_SESSION)
+            .bind(tenant)
+            .bind(session_id)
+            .bind(self.ttl_micros)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(last_seq) = last_seq else {
+            tx.rollback().await?;
+            return Ok(false);
+        };
+        // A new statement, so a new snapshot: it sees every append that committed before the
+        // update above took the session's lock.
+        sqlx::query(CLEAR_MESSAGES).bind(tenant).bind(session_id).bind(last_seq).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Deletes the session if it has expired but was not swept yet; true if it did.
     async fn drop_if_expired(&self, tenant: &str, id: &str) -> StoreResult<bool> {
-        let done = self.timed(sqlx::query(DROP_EXPIRED).bind(tenant).bind(id).execute(&self.pool)).await?;
+        let done = self.timed(sqlx::query(DROP_EXPIRED).bind(tenant).bind(id).execute(&self.conns)).await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -297,7 +328,7 @@ impl PgStore {
             None => query,
         };
         let last_seq =
-            self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)?;
+            self.timed(query.fetch_optional(&self.conns)).await?.ok_or(StoreError::SessionNotFound)?;
         let first = to_u64(last_seq - n) + 1;
         let mut stored = batch.messages;
         for (i, m) in stored.iter_mut().enumerate() {
@@ -329,7 +360,7 @@ impl PgStore {
                     .bind(to_i64(after))
                     .bind(to_i64(before))
                     .bind(to_i64(limit as u64))
-                    .fetch_all(&self.pool),
+                    .fetch_all(&self.conns),
             )
             .await?;
         if rows.is_empty() {
@@ -880,7 +911,7 @@ impl ConversationStore for PgStore {
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        self.timed(sqlx::query("select 1").execute(&self.pool)).await.map(|_| ())
+        self.timed(sqlx::query("select 1").execute(&self.conns)).await.map(|_| ())
     }
 
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
@@ -903,7 +934,7 @@ impl ConversationStore for PgStore {
 
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
         let row =
-            self.timed(sqlx::query(GET_SESSION).bind(tenant).bind(id).fetch_optional(&self.pool)).await?;
+            self.timed(sqlx::query(GET_SESSION).bind(tenant).bind(id).fetch_optional(&self.conns)).await?;
         row.as_ref().map(session_from_row).transpose()
     }
 
@@ -922,7 +953,7 @@ impl ConversationStore for PgStore {
                 sqlx::query(LIST_AFTER).bind(tenant).bind(fetch).bind(at).bind(c.id.as_str())
             }
         };
-        let rows = self.timed(query.fetch_all(&self.pool)).await?;
+        let rows = self.timed(query.fetch_all(&self.conns)).await?;
         let has_more = rows.len() > limit;
         let sessions = rows.iter().take(limit).map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
         Ok(SessionPage { sessions, has_more })
@@ -930,7 +961,7 @@ impl ConversationStore for PgStore {
 
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         let query = sqlx::query_scalar::<_, bool>(DELETE_SESSION).bind(tenant).bind(id);
-        Ok(self.timed(query.fetch_optional(&self.pool)).await?.unwrap_or(false))
+        Ok(self.timed(query.fetch_optional(&self.conns)).await?.unwrap_or(false))
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
@@ -960,7 +991,7 @@ impl ConversationStore for PgStore {
                     .bind(turn.usage.map(Json))
                     .bind(turn.created_at)
                     .bind(turn.completed_at)
-                    .fetch_all(&self.pool)
+                    .fetch_all(&self.conns)
                     .await?;
                 let Some(head) = rows.first() else { return Ok(Err(StoreError::Backend("no row".into()))) };
                 let found: bool = head.try_get("found")?;
@@ -1023,24 +1054,10 @@ impl ConversationStore for PgStore {
 
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
         let work = async {
-            let mut tx = self.pool.begin().await?;
-            let last_seq: Option<i64> = sqlx::query_scalar(CLEAR_SESSION)
-                .bind(tenant)
-                .bind(session_id)
-                .bind(self.ttl_micros)
-                .fetch_optional(&mut *tx)
-                .await?;
-            let Some(last_seq) = last_seq else { return Ok(false) };
-            // A new statement, so a new snapshot: it sees every append that committed before
-            // the update above took the session's lock.
-            sqlx::query(CLEAR_MESSAGES)
-                .bind(tenant)
-                .bind(session_id)
-                .bind(last_seq)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            Ok(true)
+            let mut checkout = self.conns.checkout().await?;
+            let outcome = self.clear_on(checkout.conn(), tenant, session_id).await;
+            checkout.settle(&outcome);
+            outcome
         };
         if self.timed(work).await? { Ok(()) } else { Err(StoreError::SessionNotFound) }
     }
@@ -1056,7 +1073,7 @@ impl ConversationStore for PgStore {
             .bind(turn.usage.map(Json))
             .bind(turn.created_at)
             .bind(turn.completed_at);
-        let done = match self.within(query.execute(&self.pool)).await? {
+        let done = match self.within(query.execute(&self.conns)).await? {
             Ok(done) => done,
             // The session was deleted between the check and the insert.
             Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::SessionNotFound),
@@ -1067,7 +1084,7 @@ impl ConversationStore for PgStore {
 
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {
         let query = sqlx::query(GET_TURN).bind(tenant).bind(session_id).bind(turn_id);
-        let row = self.timed(query.fetch_optional(&self.pool)).await?;
+        let row = self.timed(query.fetch_optional(&self.conns)).await?;
         row.map(|r| turn_from_row(&r, session_id)).transpose()
     }
     async fn acquire_turn_lock(
@@ -1084,7 +1101,7 @@ impl ConversationStore for PgStore {
                     .bind(session_id)
                     .bind(turn_id)
                     .bind(micros(lease))
-                    .fetch_one(&self.pool)
+                    .fetch_one(&self.conns)
                     .await?;
                 match (found, acquired, holder) {
                     (false, _, _) => return Ok(Err(StoreError::SessionNotFound)),
@@ -1113,7 +1130,7 @@ impl ConversationStore for PgStore {
             .bind(session_id)
             .bind(turn_id)
             .bind(micros(lease));
-        Ok(match self.timed(query.fetch_optional(&self.pool)).await? {
+        Ok(match self.timed(query.fetch_optional(&self.conns)).await? {
             Some(cancel_requested) => LockStatus { held: true, cancel_requested },
             None => LockStatus { held: false, cancel_requested: false },
         })
@@ -1130,7 +1147,7 @@ impl ConversationStore for PgStore {
                 .bind(sessions)
                 .bind(ids)
                 .bind(micros(lease));
-            let renewed = self.timed(query.fetch_all(&self.pool)).await?;
+            let renewed = self.timed(query.fetch_all(&self.conns)).await?;
             let mut chunk_statuses = vec![LockStatus { held: false, cancel_requested: false }; chunk.len()];
             for (ord, cancel_requested) in renewed {
                 if let Some(status) = usize::try_from(ord - 1).ok().and_then(|i| chunk_statuses.get_mut(i)) {
@@ -1144,18 +1161,18 @@ impl ConversationStore for PgStore {
 
     async fn release_turn_lock(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
         let query = sqlx::query(RELEASE_LOCK).bind(tenant).bind(session_id).bind(turn_id);
-        self.timed(query.execute(&self.pool)).await.map(|_| ())
+        self.timed(query.execute(&self.conns)).await.map(|_| ())
     }
 
     async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>> {
         let query = sqlx::query_scalar::<_, Option<Uuid>>(LOCK_HOLDER).bind(tenant).bind(session_id);
-        self.timed(query.fetch_optional(&self.pool)).await?.ok_or(StoreError::SessionNotFound)
+        self.timed(query.fetch_optional(&self.conns)).await?.ok_or(StoreError::SessionNotFound)
     }
 
     async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {
         let query =
             sqlx::query_as::<_, (bool, bool)>(CANCEL_LOCK).bind(tenant).bind(session_id).bind(turn_id);
-        match self.timed(query.fetch_one(&self.pool)).await? {
+        match self.timed(query.fetch_one(&self.conns)).await? {
             (false, _) => Err(StoreError::SessionNotFound),
             (true, flagged) => Ok(flagged),
         }
@@ -1180,7 +1197,7 @@ impl ConversationStore for PgStore {
                     .bind(fingerprint)
                     .bind(turn_id)
                     .bind(micros(ttl))
-                    .fetch_one(&self.pool)
+                    .fetch_one(&self.conns)
                     .await?;
                 match found {
                     (false, ..) => return Ok(Err(StoreError::SessionNotFound)),
@@ -1215,16 +1232,20 @@ impl ConversationStore for PgStore {
             .bind(key)
             .bind(json_text(response))
             .bind(micros(ttl));
-        if self.timed(query.fetch_one(&self.pool)).await? { Ok(()) } else { Err(StoreError::SessionNotFound) }
+        if self.timed(query.fetch_one(&self.conns)).await? {
+            Ok(())
+        } else {
+            Err(StoreError::SessionNotFound)
+        }
     }
 
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         let query = sqlx::query(ABORT_IDEMPOTENT).bind(tenant).bind(session_id).bind(key);
-        self.timed(query.execute(&self.pool)).await.map(|_| ())
+        self.timed(query.execute(&self.conns)).await.map(|_| ())
     }
 
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
         let query = sqlx::query_scalar::<_, i64>(COUNT_SESSIONS).bind(tenant);
-        Ok(to_u64(self.timed(query.fetch_one(&self.pool)).await?))
+        Ok(to_u64(self.timed(query.fetch_one(&self.conns)).await?))
     }
 }

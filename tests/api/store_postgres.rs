@@ -392,8 +392,7 @@ async fn expired_idempotency_keys_are_deleted_by_begin_and_by_the_sweeper() {
 
 /// A pooled connection that died while idle (here its backend is terminated) is found by the ping
 /// before use and replaced: the next operation succeeds. `new` pings only connections idle 10 s
-/// or more (a connection used a moment ago was pinged when it went back to the pool); this store
-/// pings any idle connection.
+/// or more; this store pings any idle connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_died_idle_is_replaced_before_use() {
     let setup = Setup::default();
@@ -401,7 +400,7 @@ async fn a_connection_that_died_idle_is_replaced_before_use() {
         .expect("build store");
     store.migrate().await.expect("migrate");
     new_session(&store, "s1").await;
-    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.pool()).await.unwrap();
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.conns()).await.unwrap();
     let mut admin = sqlx::PgConnection::connect(&database_url()).await.unwrap();
     let killed: bool =
         sqlx::query_scalar("select pg_terminate_backend($1)").bind(pid).fetch_one(&mut admin).await.unwrap();
@@ -420,7 +419,26 @@ async fn a_connection_that_died_idle_is_replaced_before_use() {
     }
     let session = store.get_session(TENANT, "s1").await.expect("a fresh connection answers");
     assert!(session.is_some());
-    let now: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.pool()).await.unwrap();
+    let now: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.conns()).await.unwrap();
     assert_ne!(now, pid, "another backend");
+    drop_schema(&store).await;
+}
+
+/// A statement interrupted midway (its future dropped, as the operation timeout does) leaves its
+/// connection in the middle of a statement: the pool closes that connection instead of reusing
+/// it, so the next operation neither waits for the interrupted statement nor reads its results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_interrupted_mid_statement_is_not_reused() {
+    let setup = Setup::default();
+    let store = PgStore::new(PgOptions { pool_size: 1, ..options(&setup) }).expect("build store");
+    store.migrate().await.expect("migrate");
+    let pid: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.conns()).await.unwrap();
+    let slow = sqlx::query("select pg_sleep(5)").execute(store.conns());
+    assert!(tokio::time::timeout(Duration::from_millis(200), slow).await.is_err(), "interrupted");
+    let started = Instant::now();
+    new_session(&store, "s1").await;
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    let now: i32 = sqlx::query_scalar("select pg_backend_pid()").fetch_one(store.conns()).await.unwrap();
+    assert_ne!(now, pid, "a fresh connection");
     drop_schema(&store).await;
 }

@@ -20,9 +20,9 @@ use chrono::Utc;
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hyper::Method;
 use parley::domain::{DEFAULT_TENANT, Usage};
+use parley::store::pgpool::ConnPool;
 use parley::store::postgres::sql;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
 use sqlx::types::Json as SqlJson;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use uuid::Uuid;
@@ -238,14 +238,14 @@ impl Worker for RedisReplay {
 /// the last 20 messages), then `FINISH_TURN` (append the user and assistant messages with the
 /// completed turn, release the session).
 pub struct PgReplay {
-    pool: PgPool,
+    pool: ConnPool,
     sessions: Vec<String>,
     content: String,
 }
 
 impl PgReplay {
     /// Workers sharing `pool`; worker w owns sessions w, w + clients…
-    pub fn workers(pool: &PgPool, clients: usize, sessions: &[String], content: &str) -> Vec<PgReplay> {
+    pub fn workers(pool: &ConnPool, clients: usize, sessions: &[String], content: &str) -> Vec<PgReplay> {
         (0..clients)
             .map(|w| PgReplay {
                 pool: pool.clone(),
