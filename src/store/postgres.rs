@@ -105,7 +105,7 @@ impl std::fmt::Debug for PgOptions {
 pub struct PgStore {
     /// The connections every store operation runs on (see [`ConnPool`]).
     conns: ConnPool,
-    /// A small sqlx pool for migrations and for tests and tools ([`PgStore::pool`]).
+    /// A small sqlx pool for tests and tools ([`PgStore::pool`]), opened only if they use it.
     pool: PgPool,
     schema: Option<String>,
     /// The cap on messages per session, as bound to queries.
@@ -136,7 +136,7 @@ impl PgStore {
             connect = connect.options([("search_path", schema)]);
         }
         let conns = ConnPool::new(connect.clone(), opts.pool_size as usize, opts.op_timeout, idle);
-        // Migrations and tools only: two connections, opened when first needed.
+        // Tests and tools only: two connections, opened when first needed.
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(opts.op_timeout)
@@ -156,12 +156,20 @@ impl PgStore {
 
     /// Creates the schema if one is configured and missing, then applies pending migrations.
     pub async fn migrate(&self) -> StoreResult<()> {
+        // On the store's own pool: the connection that answered a readiness check a moment ago
+        // serves the migrations too.
+        let mut checkout = self.conns.checkout().await.map_err(db)?;
+        let conn = checkout.conn();
         if let Some(schema) = &self.schema {
             let sql = format!("create schema if not exists \"{schema}\"");
             // The name was checked to be a plain identifier in `new`.
-            sqlx::query(AssertSqlSafe(sql)).execute(&self.pool).await.map_err(db)?;
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut *conn).await.map_err(db)?;
         }
-        MIGRATOR.run(&self.pool).await.map_err(migrate_err)
+        // `run_direct` is `run` on a connection (sqlx provides it for spawned futures, where
+        // `run`'s `Acquire` bound is "not general enough").
+        MIGRATOR.run_direct(None, conn, false).await.map_err(migrate_err)?;
+        checkout.settle(&Ok::<(), sqlx::Error>(()));
+        Ok(())
     }
 
     /// A connection pool for tests and tools that need raw access (not the one store operations
