@@ -388,6 +388,33 @@ impl PgStore {
 /// or key (another transaction changed it concurrently); in practice once is enough.
 const ATTEMPTS: usize = 5;
 
+/// What one statement claiming a session's lock found.
+enum Claim {
+    /// No such session.
+    Missing,
+    /// The lock is ours.
+    Acquired,
+    /// Another turn holds it.
+    Busy(Uuid),
+    /// The holder committed after this statement's snapshot and shows as none: ask again.
+    Retry,
+}
+
+/// Reads a claim statement's `found`, `acquired` and `holder` columns for turn `me`.
+fn claim(found: bool, acquired: bool, holder: Option<Uuid>, me: Uuid) -> Claim {
+    match (found, acquired, holder) {
+        (false, _, _) => Claim::Missing,
+        (true, true, _) => Claim::Acquired,
+        (true, false, Some(other)) if other != me => Claim::Busy(other),
+        _ => Claim::Retry,
+    }
+}
+
+/// The claim still found no holder after [`ATTEMPTS`] statements.
+fn lock_kept_changing_hands() -> StoreError {
+    StoreError::Backend("the turn lock kept changing hands; try again".into())
+}
+
 /// A lease or ttl in microseconds, as bound to queries: at most [`MAX_TTL_MICROS`].
 fn micros(duration: Duration) -> i64 {
     i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)
@@ -985,8 +1012,7 @@ impl ConversationStore for PgStore {
     ) -> StoreResult<TurnBegin> {
         let session_id = turn.session_id.as_str();
         let work = async {
-            // A holder that committed after this statement's snapshot shows as none: ask again.
-            for _ in 0..5 {
+            for _ in 0..ATTEMPTS {
                 let rows = sqlx::query(BEGIN_TURN)
                     .bind(tenant)
                     .bind(session_id)
@@ -1005,9 +1031,9 @@ impl ConversationStore for PgStore {
                 let found: bool = head.try_get("found")?;
                 let acquired: bool = head.try_get("acquired")?;
                 let holder: Option<Uuid> = head.try_get("holder")?;
-                match (found, acquired, holder) {
-                    (false, _, _) => return Ok(Err(StoreError::SessionNotFound)),
-                    (true, true, _) => {
+                match claim(found, acquired, holder, turn.id) {
+                    Claim::Missing => return Ok(Err(StoreError::SessionNotFound)),
+                    Claim::Acquired => {
                         let system_prompt: Option<String> = head.try_get("system_prompt")?;
                         let mut messages = Vec::with_capacity(rows.len());
                         for row in &rows {
@@ -1019,11 +1045,11 @@ impl ConversationStore for PgStore {
                         }
                         return Ok(Ok(TurnBegin::Started { system_prompt, window: messages }));
                     }
-                    (true, false, Some(other)) if other != turn.id => return Ok(Ok(TurnBegin::Busy(other))),
-                    _ => {}
+                    Claim::Busy(other) => return Ok(Ok(TurnBegin::Busy(other))),
+                    Claim::Retry => {}
                 }
             }
-            Ok(Err(StoreError::Backend("the turn lock kept changing hands; try again".into())))
+            Ok(Err(lock_kept_changing_hands()))
         };
         self.claiming(work).await
     }
@@ -1111,17 +1137,14 @@ impl ConversationStore for PgStore {
                     .bind(micros(lease))
                     .fetch_one(&self.conns)
                     .await?;
-                match (found, acquired, holder) {
-                    (false, _, _) => return Ok(Err(StoreError::SessionNotFound)),
-                    (true, true, _) => return Ok(Ok(LockOutcome::Acquired)),
-                    (true, false, Some(other)) if other != turn_id => {
-                        return Ok(Ok(LockOutcome::Busy(other)));
-                    }
-                    // The holder committed after this statement's snapshot: ask again.
-                    _ => {}
+                match claim(found, acquired, holder, turn_id) {
+                    Claim::Missing => return Ok(Err(StoreError::SessionNotFound)),
+                    Claim::Acquired => return Ok(Ok(LockOutcome::Acquired)),
+                    Claim::Busy(other) => return Ok(Ok(LockOutcome::Busy(other))),
+                    Claim::Retry => {}
                 }
             }
-            Ok(Err(StoreError::Backend("the turn lock kept changing hands; try again".into())))
+            Ok(Err(lock_kept_changing_hands()))
         };
         self.claiming(work).await
     }
