@@ -16,17 +16,23 @@ use uuid::Uuid;
 /// (tenant, session).
 type SessionKey = (String, String);
 
-/// Running turns by tenant, then session.
+/// Running turns by tenant, then session (the turns of one shard).
 type Running = foldhash::HashMap<String, foldhash::HashMap<String, RunningTurn>>;
+
+/// How many locks the running turns are spread over. Every turn takes its shard's lock three
+/// times; with one lock for all, a worker thread preempted while holding it stalled every other
+/// worker's turns for a scheduler tick (bench/README.md).
+const SHARDS: usize = 64;
 
 /// Turns waiting for one session; tokio's mutex is fair, so they go in arrival order.
 type WaitQueue = Arc<tokio::sync::Mutex<()>>;
 
 /// Registry of running turns.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct TurnRegistry {
-    /// Running turns by tenant, then session (looked up by `&str`, without building a key).
-    running: Mutex<Running>,
+    /// Running turns by tenant, then session (looked up by `&str`, without building a key),
+    /// spread over `SHARDS` locks by (tenant, session).
+    running: Box<[Mutex<Running>]>,
     /// Every turn task, for graceful shutdown.
     tracker: TaskTracker,
     /// Set once shutdown begins: no new turns.
@@ -66,19 +72,39 @@ pub enum RegisterError {
     Closed,
 }
 
+impl Default for TurnRegistry {
+    fn default() -> Self {
+        TurnRegistry {
+            running: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            tracker: TaskTracker::new(),
+            closed: AtomicBool::new(false),
+            queues: Mutex::default(),
+        }
+    }
+}
+
 impl TurnRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Running> {
-        self.running.lock().unwrap_or_else(|e| e.into_inner())
+    /// The shard of a session's running turn, locked. A panic while holding it leaves the map
+    /// consistent (nothing panics mid-update), so a poisoned lock is used as is.
+    fn lock(&self, tenant: &str, session: &str) -> std::sync::MutexGuard<'_, Running> {
+        use std::hash::BuildHasher;
+        let hash = foldhash::fast::FixedState::with_seed(0).hash_one((tenant, session));
+        self.running[(hash % SHARDS as u64) as usize].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Every shard in turn, locked one at a time.
+    fn each_shard(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, Running>> {
+        self.running.iter().map(|shard| shard.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The turn running in a session, to read or change under the lock.
     fn with_turn<T>(&self, tenant: &str, session: &str, f: impl FnOnce(&mut RunningTurn) -> T) -> Option<T> {
-        self.lock().get_mut(tenant).and_then(|t| t.get_mut(session)).map(f)
+        self.lock(tenant, session).get_mut(tenant).and_then(|t| t.get_mut(session)).map(f)
     }
 
     /// Registers a turn; fails if the session already runs one or shutdown has begun.
@@ -91,7 +117,7 @@ impl TurnRegistry {
         if self.closed.load(Ordering::SeqCst) {
             return Err(RegisterError::Closed);
         }
-        let mut running = self.lock();
+        let mut running = self.lock(tenant, session);
         if !running.contains_key(tenant) {
             running.insert(tenant.to_owned(), Default::default());
         }
@@ -122,7 +148,7 @@ impl TurnRegistry {
 
     /// Removes a finished turn.
     pub fn finish(&self, tenant: &str, session: &str, turn_id: Uuid) {
-        let mut running = self.lock();
+        let mut running = self.lock(tenant, session);
         if let Some(sessions) = running.get_mut(tenant)
             && sessions.get(session).is_some_and(|r| r.turn_id == turn_id)
         {
@@ -142,14 +168,15 @@ impl TurnRegistry {
 
     /// The turns holding the store's lock, for the lease keeper.
     pub fn leased(&self) -> LeasedTurns {
-        let running = self.lock();
         let mut leased = LeasedTurns::default();
-        for (tenant, sessions) in running.iter() {
-            for (session, r) in sessions.iter().filter(|(_, r)| r.claimed) {
-                let key =
-                    LeaseKey { tenant: tenant.clone(), session_id: session.clone(), turn_id: r.turn_id };
-                leased.keys.push(key);
-                leased.cancels.push(r.cancel.clone());
+        for running in self.each_shard() {
+            for (tenant, sessions) in running.iter() {
+                for (session, r) in sessions.iter().filter(|(_, r)| r.claimed) {
+                    let key =
+                        LeaseKey { tenant: tenant.clone(), session_id: session.clone(), turn_id: r.turn_id };
+                    leased.keys.push(key);
+                    leased.cancels.push(r.cancel.clone());
+                }
             }
         }
         leased
@@ -206,7 +233,10 @@ impl TurnRegistry {
         if tokio::time::timeout(grace, self.tracker.wait()).await.is_ok() {
             return;
         }
-        let running: Vec<RunningTurn> = self.lock().values().flat_map(|s| s.values().cloned()).collect();
+        let running: Vec<RunningTurn> = self
+            .each_shard()
+            .flat_map(|shard| shard.values().flat_map(|s| s.values().cloned()).collect::<Vec<_>>())
+            .collect();
         tracing::warn!(turns = running.len(), "grace period over: cancelling running turns");
         for turn in running {
             turn.cancel.cancel();
@@ -240,6 +270,31 @@ mod tests {
         assert!(!token.is_cancelled());
         assert!(r.cancel("t", "s", a));
         assert!(token.is_cancelled());
+    }
+
+    #[test]
+    fn every_shard_is_seen_by_the_lease_keeper() {
+        let r = TurnRegistry::new();
+        let mut claimed: Vec<(String, Uuid)> = Vec::new();
+        for i in 0..200 {
+            let (session, id) = (format!("s{i}"), Uuid::now_v7());
+            r.register("t", &session, id).unwrap();
+            // Only turns that hold the store's lock have leases to renew.
+            if i % 2 == 0 {
+                r.started("t", &session, id, None);
+                claimed.push((session, id));
+            }
+        }
+        let leased = r.leased();
+        let mut got: Vec<(String, Uuid)> =
+            leased.keys.iter().map(|k| (k.session_id.clone(), k.turn_id)).collect();
+        got.sort();
+        claimed.sort();
+        assert_eq!(got, claimed);
+        assert_eq!(leased.cancels.len(), 100);
+        r.finish("t", "s0", claimed.iter().find(|(s, _)| s == "s0").unwrap().1);
+        assert_eq!(r.leased().keys.len(), 99);
+        assert_eq!(r.running_in("t", "s0"), None);
     }
 
     #[tokio::test]

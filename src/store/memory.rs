@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use foldhash::{HashMap, HashMapExt};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -40,21 +40,37 @@ pub const DEFAULT_MAX_MESSAGES: usize = 10_000;
 /// How many locks the sessions are spread over: turns in different sessions seldom share one.
 const SHARDS: usize = 64;
 
-/// Sessions by tenant, then id (the sessions of one shard).
-type Shard = HashMap<String, HashMap<String, SessionData>>;
+/// The sessions of one shard, by tenant.
+type Shard = HashMap<String, TenantShard>;
 
-/// (updated_at micros, id) of each session of a tenant, for listing newest first. The id is the
-/// session's own `SessionData::key`, shared: moving a session in the index allocates nothing.
+/// (updated_at micros, id) of sessions, for listing newest first. The id is the session's own
+/// `SessionData::key`, shared: moving a session in the index allocates nothing.
 type Index = BTreeSet<(i64, Arc<str>)>;
+
+/// One tenant's sessions in one shard, and their order by last update. The order lives in the
+/// shard, under the lock a turn already holds: with one index lock per tenant, a worker thread
+/// preempted while holding it stalled every other worker's turns for a scheduler tick
+/// (bench/README.md). Listing merges the shards' orders.
+#[derive(Debug, Default)]
+struct TenantShard {
+    sessions: HashMap<String, SessionData>,
+    index: Index,
+}
+
+/// Moves a session in its shard's index.
+fn touch(index: &mut Index, key: &Arc<str>, old_micros: i64, new_micros: i64) {
+    if old_micros != new_micros {
+        index.remove(&(old_micros, Arc::clone(key)));
+        index.insert((new_micros, Arc::clone(key)));
+    }
+}
 
 /// The in-memory conversation store.
 #[derive(Debug)]
 pub struct MemoryStore {
-    /// The sessions, spread over `SHARDS` locks by (tenant, id). Critical sections are short and
-    /// never await. Lock order: a shard, then `indexes`; never the other way round.
+    /// The sessions, spread over `SHARDS` locks by (tenant, id). Critical sections are short,
+    /// never await, and hold one shard at a time.
     shards: Box<[RwLock<Shard>]>,
-    /// Every tenant's sessions by last update.
-    indexes: Mutex<HashMap<String, Index>>,
     /// Most messages one session keeps; the oldest go first.
     max_messages: usize,
 }
@@ -205,7 +221,6 @@ impl MemoryStore {
     pub fn new(max_messages: usize) -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
-            indexes: Mutex::new(HashMap::new()),
             max_messages: max_messages.max(1),
         }
     }
@@ -226,21 +241,9 @@ impl MemoryStore {
         self.shard(tenant, id).write().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn indexes(&self) -> MutexGuard<'_, HashMap<String, Index>> {
-        self.indexes.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    /// Moves a session in its tenant's index (call with the session's shard locked).
-    fn touch(&self, tenant: &str, key: &Arc<str>, old_micros: i64, new_micros: i64) {
-        if old_micros == new_micros {
-            return;
-        }
-        let mut indexes = self.indexes();
-        // A session's tenant has an index from the session's creation on.
-        if let Some(index) = indexes.get_mut(tenant) {
-            index.remove(&(old_micros, Arc::clone(key)));
-            index.insert((new_micros, Arc::clone(key)));
-        }
+    /// Every shard in turn, read-locked one at a time.
+    fn each_shard(&self) -> impl Iterator<Item = RwLockReadGuard<'_, Shard>> {
+        self.shards.iter().map(|shard| shard.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     fn with_session_mut<T>(
@@ -250,13 +253,14 @@ impl MemoryStore {
         f: impl FnOnce(&mut SessionData) -> T,
     ) -> StoreResult<T> {
         let mut guard = self.write(tenant, id);
-        let data = guard.get_mut(tenant).and_then(|t| t.get_mut(id)).ok_or(StoreError::SessionNotFound)?;
+        let data =
+            guard.get_mut(tenant).and_then(|t| t.sessions.get_mut(id)).ok_or(StoreError::SessionNotFound)?;
         Ok(f(data))
     }
 
     fn with_session<T>(&self, tenant: &str, id: &str, f: impl FnOnce(&SessionData) -> T) -> StoreResult<T> {
         let guard = self.read(tenant, id);
-        let data = guard.get(tenant).and_then(|t| t.get(id)).ok_or(StoreError::SessionNotFound)?;
+        let data = guard.get(tenant).and_then(|t| t.sessions.get(id)).ok_or(StoreError::SessionNotFound)?;
         Ok(f(data))
     }
 }
@@ -277,8 +281,8 @@ impl MemoryStore {
         release: Option<Uuid>,
     ) -> StoreResult<(Vec<Message>, bool)> {
         let mut guard = self.write(tenant, session_id);
-        let d =
-            guard.get_mut(tenant).and_then(|t| t.get_mut(session_id)).ok_or(StoreError::SessionNotFound)?;
+        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
+        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
         let mut stored = batch.messages;
         for m in &mut stored {
             d.last_seq += 1;
@@ -303,7 +307,7 @@ impl MemoryStore {
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = d.messages.len() as u64;
         let new = d.session.updated_at.timestamp_micros();
-        self.touch(tenant, &d.key, old, new);
+        touch(&mut t.index, &d.key, old, new);
         Ok((stored, release.is_some()))
     }
 }
@@ -423,7 +427,7 @@ impl ConversationStore for MemoryStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         let mut guard = self.write(tenant, &new.id);
         let t = guard.entry(tenant.to_owned()).or_default();
-        if t.contains_key(&new.id) {
+        if t.sessions.contains_key(&new.id) {
             return Err(StoreError::SessionExists);
         }
         let at = now();
@@ -436,10 +440,7 @@ impl ConversationStore for MemoryStore {
             message_count: 0,
         };
         let key: Arc<str> = new.id.as_str().into();
-        self.indexes()
-            .entry(tenant.to_owned())
-            .or_default()
-            .insert((at.timestamp_micros(), Arc::clone(&key)));
+        t.index.insert((at.timestamp_micros(), Arc::clone(&key)));
         let data = SessionData {
             session: session.clone(),
             key,
@@ -450,7 +451,7 @@ impl ConversationStore for MemoryStore {
             lock: None,
             idempotency: HashMap::new(),
         };
-        t.insert(new.id, data);
+        t.sessions.insert(new.id, data);
         Ok(session)
     }
 
@@ -468,24 +469,26 @@ impl ConversationStore for MemoryStore {
         limit: usize,
         cursor: Option<&SessionCursor>,
     ) -> StoreResult<SessionPage> {
-        // The page's ids first, then each session from its shard (the index is never held while
-        // a shard is locked, so that lock order stays shard, then index).
-        let ids: Vec<String> = {
-            let indexes = self.indexes();
-            let Some(index) = indexes.get(tenant) else {
-                return Ok(SessionPage { sessions: Vec::new(), has_more: false });
+        // The page's keys first, merged from every shard's order (each shard gives at most a
+        // page and one), then each session from its shard, one lock at a time.
+        let want = limit.saturating_add(1);
+        let before = cursor.map(|c| (c.updated_at_micros, Arc::<str>::from(c.id.as_str())));
+        let mut keys: Vec<(i64, Arc<str>)> = Vec::new();
+        for shard in self.each_shard() {
+            let Some(t) = shard.get(tenant) else { continue };
+            let newest_first: Box<dyn Iterator<Item = &(i64, Arc<str>)>> = match &before {
+                Some(before) => Box::new(t.index.range(..before.clone()).rev()),
+                None => Box::new(t.index.iter().rev()),
             };
-            let keys: Box<dyn Iterator<Item = &(i64, Arc<str>)>> = match cursor {
-                Some(c) => Box::new(index.range(..(c.updated_at_micros, Arc::from(c.id.as_str()))).rev()),
-                None => Box::new(index.iter().rev()),
-            };
-            keys.take(limit.saturating_add(1)).map(|(_, id)| id.to_string()).collect()
-        };
-        let has_more = ids.len() > limit;
-        let sessions = ids
+            keys.extend(newest_first.take(want).cloned());
+        }
+        keys.sort_unstable_by(|a, b| b.cmp(a));
+        keys.truncate(want);
+        let has_more = keys.len() > limit;
+        let sessions = keys
             .iter()
             .take(limit)
-            .filter_map(|id| self.with_session(tenant, id, |d| d.session.clone()).ok())
+            .filter_map(|(_, id)| self.with_session(tenant, id, |d| d.session.clone()).ok())
             .collect();
         Ok(SessionPage { sessions, has_more })
     }
@@ -495,11 +498,12 @@ impl ConversationStore for MemoryStore {
         let Some(t) = guard.get_mut(tenant) else {
             return Ok(false);
         };
-        let Some(d) = t.remove(id) else {
+        let Some(d) = t.sessions.remove(id) else {
             return Ok(false);
         };
-        if let Some(index) = self.indexes().get_mut(tenant) {
-            index.remove(&(d.session.updated_at.timestamp_micros(), d.key));
+        t.index.remove(&(d.session.updated_at.timestamp_micros(), d.key));
+        if t.sessions.is_empty() {
+            guard.remove(tenant);
         }
         Ok(true)
     }
@@ -548,14 +552,14 @@ impl ConversationStore for MemoryStore {
 
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
         let mut guard = self.write(tenant, session_id);
-        let d =
-            guard.get_mut(tenant).and_then(|t| t.get_mut(session_id)).ok_or(StoreError::SessionNotFound)?;
+        let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
+        let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
         d.messages = VecDeque::new();
         let old = d.session.updated_at.timestamp_micros();
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = 0;
         let new = d.session.updated_at.timestamp_micros();
-        self.touch(tenant, &d.key, old, new);
+        touch(&mut t.index, &d.key, old, new);
         Ok(())
     }
 
@@ -674,6 +678,6 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        Ok(self.indexes().get(tenant).map_or(0, |index| index.len() as u64))
+        Ok(self.each_shard().map(|shard| shard.get(tenant).map_or(0, |t| t.sessions.len() as u64)).sum())
     }
 }

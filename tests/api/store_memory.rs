@@ -44,3 +44,53 @@ async fn turn_records_are_capped_oldest_first_and_found_in_any_order() {
     assert_eq!(found(2).await.unwrap(), Some(ended(&started[2])));
     assert_eq!(found(4).await.unwrap(), Some(ended(&started[4])));
 }
+
+/// Sessions are spread over the store's shards, each with its own order by update: listing
+/// merges them into one order, newest first, that pages by cursor with no gap or repeat, and the
+/// count adds up every shard.
+#[tokio::test]
+async fn listing_merges_every_shard_newest_first_and_counts_them_all() {
+    use parley::domain::{Message, Metadata, NewSession, Role};
+    use parley::store::{AppendBatch, ConversationStore, SessionCursor};
+
+    let store = MemoryStore::new(100);
+    let new = |id: String| NewSession { id, system_prompt: None, metadata: Metadata::new() };
+    for i in 0..300 {
+        store.create_session("t", new(format!("s{i:03}"))).await.unwrap();
+    }
+    store.create_session("other", new("s000".into())).await.unwrap();
+    // Updating every third session, newest last, reorders them across shards.
+    for i in (0..300).step_by(3) {
+        let id = format!("s{i:03}");
+        let message = Message::new(&id, uuid::Uuid::now_v7(), Role::User, "bump");
+        store.append("t", &id, AppendBatch { messages: vec![message], turn: None }).await.unwrap();
+    }
+    for gone in ["s001", "s150", "s299"] {
+        assert!(store.delete_session("t", gone).await.unwrap());
+    }
+    assert_eq!(store.count_sessions("t").await.unwrap(), 297);
+    assert_eq!(store.count_sessions("other").await.unwrap(), 1);
+
+    let mut expected = Vec::new();
+    for i in 0..300 {
+        let id = format!("s{i:03}");
+        if let Some(session) = store.get_session("t", &id).await.unwrap() {
+            expected.push((session.updated_at, id));
+        }
+    }
+    expected.sort_by(|a, b| b.cmp(a));
+    let expected: Vec<String> = expected.into_iter().map(|(_, id)| id).collect();
+    let mut listed = Vec::new();
+    let mut cursor: Option<SessionCursor> = None;
+    loop {
+        let page = store.list_sessions("t", 7, cursor.as_ref()).await.unwrap();
+        assert!(page.sessions.len() <= 7);
+        listed.extend(page.sessions.iter().map(|s| s.id.clone()));
+        if !page.has_more {
+            break;
+        }
+        cursor = Some(SessionCursor::after(page.sessions.last().unwrap()));
+    }
+    assert_eq!(listed, expected);
+    assert_eq!(listed.first().map(String::as_str), Some("s297"), "the last one updated comes first");
+}
