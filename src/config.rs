@@ -137,6 +137,14 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Pin one runtime worker thread to each CPU parley may use (Linux). For a machine or an
+    /// exclusive cpuset of parley's own; leave off where the CPUs are shared under a quota.
+    #[arg(long, env = "PARLEY_PIN_WORKERS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub pin_workers: bool,
+    /// Turn transparent huge pages off for parley's process (Linux), as Redis's `disable-thp`:
+    /// the first write to each new 2 MiB of heap otherwise stalls a worker thread.
+    #[arg(long, env = "PARLEY_DISABLE_THP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub disable_thp: bool,
 
     #[command(flatten)]
     /// Limits and the agent loop.

@@ -12,6 +12,7 @@
 //! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI.
 //! - [`auth`]: API keys (format, digests, the key ring) and the tenants they act for.
 //! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
+//! - [`runtime`]: the Tokio runtime, with worker threads optionally pinned one per CPU.
 //! - [`app`]: wiring: build the state from a config, serve until shutdown.
 
 pub mod agent;
@@ -23,5 +24,6 @@ pub mod error;
 pub mod http;
 pub mod llm;
 pub mod ratelimit;
+pub mod runtime;
 pub mod store;
 pub mod tools;

@@ -45,6 +45,8 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(
         addr = %listener.local_addr()?,
         store = state.store.backend(),
+        pinned_workers = config.pin_workers,
+        transparent_huge_pages = !parley::runtime::transparent_huge_pages_disabled(),
         model = ?config.model.provider,
         "parley listening"
     );
@@ -76,18 +78,21 @@ fn new_key(tenant: &str, id: Option<&str>, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.config);
-    let result = match cli.command.unwrap_or(Command::Serve) {
-        Command::Serve => serve(cli.config).await,
-        Command::Migrate => migrate(cli.config).await,
-        Command::Openapi => {
-            print!("{}", parley::http::openapi_json());
-            Ok(())
-        }
-        Command::Keys(KeysCommand::New { tenant, id, json }) => new_key(&tenant, id.as_deref(), json),
+    let command = cli.command.unwrap_or(Command::Serve);
+    let serving = matches!(command, Command::Serve);
+    if serving
+        && cli.config.disable_thp
+        && let Err(e) = parley::runtime::disable_transparent_huge_pages()
+    {
+        tracing::warn!(error = %e, "could not turn transparent huge pages off; they stay as the system sets them");
+    }
+    let pin = cli.config.pin_workers && serving;
+    let result = match parley::runtime::build(pin) {
+        Ok(runtime) => runtime.block_on(run(command, cli.config)),
+        Err(e) => Err(anyhow::Error::new(e).context("could not start the runtime")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,5 +101,17 @@ async fn main() -> ExitCode {
             eprintln!("parley: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Serve => serve(config).await,
+        Command::Migrate => migrate(config).await,
+        Command::Openapi => {
+            print!("{}", parley::http::openapi_json());
+            Ok(())
+        }
+        Command::Keys(KeysCommand::New { tenant, id, json }) => new_key(&tenant, id.as_deref(), json),
     }
 }

@@ -197,3 +197,52 @@ async fn an_error_is_logged_once_with_the_request_id_of_its_response() {
     assert_eq!(lines[0]["fields"]["message"], "store unavailable");
     assert_eq!(lines[0]["fields"]["error.code"], "store_unavailable");
 }
+
+/// The `status` file of a process or thread, as (field, value) lines.
+#[cfg(target_os = "linux")]
+fn proc_status(path: &str) -> std::collections::HashMap<String, String> {
+    let text = std::fs::read_to_string(format!("{path}/status")).unwrap_or_default();
+    text.lines().filter_map(|l| l.split_once(':')).map(|(k, v)| (k.to_owned(), v.trim().to_owned())).collect()
+}
+
+/// By default the server turns transparent huge pages off for itself and leaves its worker
+/// threads free to run anywhere; PARLEY_DISABLE_THP=false leaves the pages as the system sets
+/// them, and PARLEY_PIN_WORKERS=true pins one worker to each CPU.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_server_turns_huge_pages_off_and_pins_workers_when_asked() {
+    let all_cpus = proc_status("/proc/self")["Cpus_allowed_list"].clone();
+    let workers = |pid: u32| -> Vec<String> {
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .unwrap()
+            .map(|t| proc_status(&t.unwrap().path().to_string_lossy()))
+            .filter(|s| s.get("Name").is_some_and(|n| n == "tokio-rt-worker"))
+            .map(|s| s["Cpus_allowed_list"].clone())
+            .collect()
+    };
+
+    let running = Running::start(&[]).await;
+    let pid = running.child.id().unwrap();
+    assert_eq!(proc_status(&format!("/proc/{pid}"))["THP_enabled"], "0");
+    assert!(workers(pid).iter().all(|cpus| *cpus == all_cpus), "{:?}", workers(pid));
+    running.stop().await;
+
+    let running = Running::start(&[("PARLEY_DISABLE_THP", "false"), ("PARLEY_PIN_WORKERS", "true")]).await;
+    let pid = running.child.id().unwrap();
+    assert_eq!(proc_status(&format!("/proc/{pid}"))["THP_enabled"], "1");
+    // Workers pin themselves the first time they go idle, which an idle server does at once.
+    let mut pinned = Vec::new();
+    for _ in 0..100 {
+        pinned = workers(pid);
+        if !pinned.is_empty() && pinned.iter().all(|cpus| !cpus.contains([',', '-'])) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sorted = pinned.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), pinned.len(), "one CPU per worker: {pinned:?}");
+    assert!(pinned.iter().all(|cpus| !cpus.contains([',', '-'])), "each on one CPU: {pinned:?}");
+    running.stop().await;
+}

@@ -50,6 +50,12 @@ enum Cmd {
         /// Size of the JSON body of each answer.
         #[arg(long, default_value_t = 700)]
         body_bytes: usize,
+        /// Pin the runtime's workers one per CPU, as parley does with PARLEY_PIN_WORKERS=true.
+        #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+        pin_workers: bool,
+        /// Turn transparent huge pages off, as parley does with PARLEY_DISABLE_THP=true.
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        disable_thp: bool,
     },
     /// Figure 5a: parley's application in-process with an instrumented echo model; prints JSON.
     StreamProbe(streams::ProbeArgs),
@@ -88,13 +94,20 @@ fn dispatch(command: Cmd) -> anyhow::Result<()> {
     match command {
         Cmd::Run(args) => runtime()?.block_on(run::run(args)),
         Cmd::Load(args) => runtime()?.block_on(run::load(args)),
-        Cmd::FloorServer { addr, body_bytes } => runtime()?.block_on(floor::serve_floor(addr, body_bytes)),
+        Cmd::FloorServer { addr, body_bytes, pin_workers, disable_thp } => {
+            if disable_thp {
+                parley::runtime::disable_transparent_huge_pages()?;
+            }
+            parley::runtime::build(pin_workers)?.block_on(floor::serve_floor(addr, body_bytes))
+        }
         Cmd::StreamProbe(args) => {
             let result = streams::probe(&args)?;
             println!("{}", serde_json::to_string(&result)?);
             Ok(())
         }
         Cmd::Footprint { messages, bytes, sessions } => {
+            // The store as parley runs it by default (PARLEY_DISABLE_THP=true).
+            parley::runtime::disable_transparent_huge_pages()?;
             let rt = tokio::runtime::Builder::new_current_thread().build()?;
             let result = rt.block_on(footprint::measure(messages, bytes, sessions))?;
             println!("{}", serde_json::to_string(&result)?);

@@ -60,6 +60,12 @@ pub struct RunArgs {
     /// Messages stored for figure 6.
     #[arg(long, default_value_t = 1_000_000)]
     pub footprint_messages: usize,
+    /// Start parley with PARLEY_PIN_WORKERS (and the floor server pinned the same way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub pin_workers: bool,
+    /// Start parley with PARLEY_DISABLE_THP (and the floor server the same way).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub disable_thp: bool,
     /// The parley binary (built in release).
     #[arg(long, default_value = "target/release/parley")]
     pub parley_bin: PathBuf,
@@ -147,6 +153,7 @@ fn settings(args: &RunArgs) -> serde_json::Value {
     serde_json::json!({
         "runs": args.runs, "duration_s": args.duration, "clients": args.clients,
         "sessions": args.sessions, "growth_messages": args.growth_messages,
+        "pin_workers": args.pin_workers, "disable_thp": args.disable_thp,
         "growth_pairs": args.growth_pairs, "streams": args.streams,
         "footprint_messages": args.footprint_messages, "content": CONTENT,
         "history_size": 20, "stream_probe_delay_ms": PROBE_DELAY_MS,
@@ -162,6 +169,8 @@ fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, St
         ("PARLEY_MODEL_PROVIDER", "echo".to_owned()),
         ("PARLEY_LOG", "info".to_owned()),
         ("PARLEY_SHUTDOWN_GRACE", "1s".to_owned()),
+        ("PARLEY_PIN_WORKERS", a.pin_workers.to_string()),
+        ("PARLEY_DISABLE_THP", a.disable_thp.to_string()),
         // The memory store keeps 10,000 messages per session by default; figure 4 needs more.
         ("PARLEY_MEMORY_MAX_MESSAGES", (a.growth_messages + 100_000).to_string()),
         ("PARLEY_REDIS_PREFIX", ctx.tag.clone()),
@@ -257,7 +266,12 @@ async fn build_floor(
     match kind {
         StoreKind::Memory => {
             fig.floor_kind = "bare axum: parse the same JSON, answer as many bytes (2a)".into();
-            let args = ["floor-server".to_owned(), "--body-bytes".to_owned(), fig.response_bytes.to_string()];
+            let args = [
+                "floor-server".to_owned(),
+                format!("--body-bytes={}", fig.response_bytes),
+                format!("--pin-workers={}", a.pin_workers),
+                format!("--disable-thp={}", a.disable_thp),
+            ];
             let log = ctx.logs.join("floor-server.log");
             let server = Server::start("floor server", &ctx.me, &args, &[], &log, "/readyz").await?;
             let workers = load::turn_workers(server.addr, a.clients, sessions, body);

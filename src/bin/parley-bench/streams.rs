@@ -101,7 +101,12 @@ pub struct ProbeResult {
 /// Runs the probe; parley's configuration comes from the environment like the service's own.
 pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
     let stamps: Stamps = Arc::default();
-    let server_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // parley's own process settings and runtime; the clients run on another runtime.
+    let config = Config::from_env();
+    if config.disable_thp {
+        parley::runtime::disable_transparent_huge_pages()?;
+    }
+    let server_rt = parley::runtime::build(config.pin_workers)?;
     let model = ProbeModel {
         echo: EchoModel::new(EchoSettings { delay: Duration::from_millis(args.delay_ms) }),
         stamps: Arc::clone(&stamps),
