@@ -60,9 +60,11 @@ pub struct RunArgs {
     /// Messages stored for figure 6.
     #[arg(long, default_value_t = 1_000_000)]
     pub footprint_messages: usize,
-    /// Start parley with PARLEY_PIN_WORKERS (and the floor server pinned the same way).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pub pin_workers: bool,
+    /// Stores whose parley runs with PARLEY_PIN_WORKERS=true (the memory store's floor server is
+    /// pinned with it); `--pin-workers` alone pins none. Not Redis by default: its one thread
+    /// shares these cores, and pinned workers cannot leave its CPU (bench/README.md).
+    #[arg(long, value_enum, value_delimiter = ',', num_args = 0.., default_value = "memory,postgres")]
+    pub pin_workers: Vec<StoreKind>,
     /// Start parley with PARLEY_DISABLE_THP (and the floor server the same way).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub disable_thp: bool,
@@ -153,7 +155,7 @@ fn settings(args: &RunArgs) -> serde_json::Value {
     serde_json::json!({
         "runs": args.runs, "duration_s": args.duration, "clients": args.clients,
         "sessions": args.sessions, "growth_messages": args.growth_messages,
-        "pin_workers": args.pin_workers, "disable_thp": args.disable_thp,
+        "pin_workers": args.pin_workers.iter().map(|&k| store_name(k)).collect::<Vec<_>>(), "disable_thp": args.disable_thp,
         "growth_pairs": args.growth_pairs, "streams": args.streams,
         "footprint_messages": args.footprint_messages, "content": CONTENT,
         "history_size": 20, "stream_probe_delay_ms": PROBE_DELAY_MS,
@@ -169,7 +171,7 @@ fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, St
         ("PARLEY_MODEL_PROVIDER", "echo".to_owned()),
         ("PARLEY_LOG", "info".to_owned()),
         ("PARLEY_SHUTDOWN_GRACE", "1s".to_owned()),
-        ("PARLEY_PIN_WORKERS", a.pin_workers.to_string()),
+        ("PARLEY_PIN_WORKERS", a.pin_workers.contains(&kind).to_string()),
         ("PARLEY_DISABLE_THP", a.disable_thp.to_string()),
         // The memory store keeps 10,000 messages per session by default; figure 4 needs more.
         ("PARLEY_MEMORY_MAX_MESSAGES", (a.growth_messages + 100_000).to_string()),
@@ -269,7 +271,7 @@ async fn build_floor(
             let args = [
                 "floor-server".to_owned(),
                 format!("--body-bytes={}", fig.response_bytes),
-                format!("--pin-workers={}", a.pin_workers),
+                format!("--pin-workers={}", a.pin_workers.contains(&kind)),
                 format!("--disable-thp={}", a.disable_thp),
             ];
             let log = ctx.logs.join("floor-server.log");
