@@ -12,27 +12,43 @@ use hyper::{Method, Request, StatusCode, header};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::rxstamp::{LastRx, StampedStream};
+
 /// One keep-alive connection to a server on 127.0.0.1, reopened after an error.
 pub struct Client {
     addr: SocketAddr,
     sender: Option<SendRequest<Full<Bytes>>>,
+    /// With [`Client::stamped`]: the kernel's receive timestamp of the last bytes read.
+    last_rx: Option<LastRx>,
 }
 
 impl Client {
     /// A client for `addr`; connects on first use.
     pub fn new(addr: SocketAddr) -> Self {
         assert!(addr.ip().is_loopback(), "the bench only sends load to the loopback interface");
-        Client { addr, sender: None }
+        Client { addr, sender: None, last_rx: None }
+    }
+
+    /// A client whose connections note when their bytes reached the socket (see
+    /// [`crate::rxstamp`]); [`Client::last_rx_ns`] reads the latest.
+    pub fn stamped(addr: SocketAddr) -> Self {
+        Client { last_rx: Some(LastRx::default()), ..Client::new(addr) }
+    }
+
+    /// The receive timestamp (ns since the Unix epoch) of the last bytes read, for a
+    /// [`Client::stamped`] client that has read something.
+    pub fn last_rx_ns(&self) -> Option<u64> {
+        let ns = self.last_rx.as_ref()?.load(std::sync::atomic::Ordering::Acquire);
+        (ns != 0).then_some(ns)
     }
 
     async fn connect(&self) -> anyhow::Result<SendRequest<Full<Bytes>>> {
         let stream = TcpStream::connect(self.addr).await.with_context(|| format!("connect {}", self.addr))?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        Ok(sender)
+        match &self.last_rx {
+            Some(last_rx) => handshake(StampedStream::new(stream, std::sync::Arc::clone(last_rx))?).await,
+            None => handshake(stream).await,
+        }
     }
 
     /// Sends a request and returns the response head with its body unread.
@@ -95,6 +111,17 @@ impl Client {
         }
         Ok(body)
     }
+}
+
+async fn handshake<S>(stream: S) -> anyhow::Result<SendRequest<Full<Bytes>>>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// Reads Server-Sent Events from a response body, one event at a time.

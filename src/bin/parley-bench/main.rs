@@ -21,6 +21,7 @@ mod load;
 mod procs;
 mod report;
 mod run;
+mod rxstamp;
 mod setup;
 mod stats;
 mod streams;

@@ -212,8 +212,11 @@ pub fn markdown(results: &Results) -> String {
         s.growth.as_ref().map(|g| format!("{:.3} / {:.3}", g.big_p50_ms, g.small_p50_ms))
     });
     row(&mut t, "4. growth ratio", stores, |s| s.growth.as_ref().map(|g| format!("{:.2}", g.ratio)));
-    row(&mut t, "5. first-delta overhead p50 / p99 (ms)", stores, |s| {
+    row(&mut t, "5. first-delta overhead to the client's socket p50 / p99 (ms)", stores, |s| {
         s.stream_overhead.as_ref().map(|p| format!("{:.3} / {:.3}", p.p50_ms, p.p99_ms))
+    });
+    row(&mut t, "5. the same to the client's read returning p50 / p99 (ms)", stores, |s| {
+        s.stream_overhead.as_ref().map(|p| format!("{:.3} / {:.3}", p.read_p50_ms, p.read_p99_ms))
     });
     row(&mut t, "5. resident per open stream (KiB)", stores, |s| {
         s.open_streams.as_ref().map(|o| format!("{:.1} ({} open)", o.per_stream_bytes / 1024.0, o.open))

@@ -5,9 +5,12 @@
 //! application (the configured store, `app::state_from_parts`, the real router, `app::serve`) on
 //! its own runtime, with the echo model wrapped to note the instant it yields the first delta of
 //! each turn; clients on another runtime of the same process read the SSE stream over TCP on
-//! 127.0.0.1 and note when the `message.delta` event is complete. Both instants come from the same
-//! monotonic clock, so the difference is exactly what parley adds: the agent loop, the event
-//! channel, SSE encoding, hyper, the kernel's loopback, and the client's read.
+//! 127.0.0.1. The overhead is measured to two instants: when the bytes completing the
+//! `message.delta` event reached the client's socket (the kernel's receive timestamp, see
+//! [`crate::rxstamp`]; the figure), and when the client's read returned them. The first is what
+//! parley adds: the agent loop, the event channel, SSE encoding, hyper and the write. The second
+//! adds the load process's own wake-up: on 2 cores shared with a database, its thread can wait a
+//! scheduler slice for a CPU after the bytes have arrived, a delay of the load generator's.
 //!
 //! (b) Memory: the real parley process holds N open streams (echo delay 1 s per word, replies of
 //! ~45 words); resident memory once every stream has its `turn.started`, minus the resident
@@ -17,7 +20,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use async_trait::async_trait;
@@ -37,8 +40,13 @@ use crate::stats::{Summary, median};
 /// About how many deltas the echo model streams for a probe's message (its reply's words).
 const REPLY_DELTAS: u64 = 10;
 
-/// When each probe's first delta left the model, by probe tag.
-type Stamps = Arc<Mutex<HashMap<String, Instant>>>;
+/// When each probe's first delta left the model, by probe tag: on the monotonic clock, and on the
+/// real-time clock (ns since the Unix epoch) that the kernel's receive timestamps use.
+type Stamps = Arc<Mutex<HashMap<String, (Instant, u64)>>>;
+
+fn realtime_ns() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
+}
 
 /// The echo model, noting the instant it yields the first delta of each turn. The turn is
 /// recognised by the first word of its user message (`probe-…`).
@@ -63,7 +71,8 @@ impl ChatModel for ProbeModel {
                 if let Ok(ModelEvent::Delta(_)) = event
                     && let Some(tag) = tag.take()
                 {
-                    stamps.lock().expect("stamps").insert(tag, Instant::now());
+                    let at = (Instant::now(), realtime_ns());
+                    stamps.lock().expect("stamps").insert(tag, at);
                 }
             })
             .boxed())
@@ -90,12 +99,18 @@ pub struct ProbeArgs {
 /// What the probe measured.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProbeResult {
-    /// Per run: first-delta overheads (p50/p99 in ms, `ok` = streams measured).
+    /// Per run: first-delta overheads to the client's socket (p50/p99 in ms, `ok` = streams).
     pub runs: Vec<Summary>,
-    /// Median over runs of the p50.
+    /// Median over runs of the p50, to the client's socket.
     pub p50_ms: f64,
-    /// Median over runs of the p99.
+    /// Median over runs of the p99, to the client's socket.
     pub p99_ms: f64,
+    /// Per run: the same to the client's read returning (with the load process's wake-up).
+    pub read_runs: Vec<Summary>,
+    /// Median over runs of the p50, to the client's read.
+    pub read_p50_ms: f64,
+    /// Median over runs of the p99, to the client's read.
+    pub read_p99_ms: f64,
 }
 
 /// Runs the probe; parley's configuration comes from the environment like the service's own.
@@ -150,21 +165,25 @@ async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyh
     // instant, which no real traffic does.
     let spread = Duration::from_millis(args.delay_ms * REPLY_DELTAS);
     probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0, spread).await?;
-    let mut runs = Vec::new();
+    let (mut runs, mut read_runs) = (Vec::new(), Vec::new());
+    let duration = Duration::from_secs_f64(args.duration);
     for run in 1..=args.runs {
-        let overheads =
-            probe_run(addr, &sessions, Duration::from_secs_f64(args.duration), &stamps, run, spread).await?;
-        runs.push(Summary::of(overheads, 0, Duration::from_secs_f64(args.duration)));
+        let (to_socket, to_read) = probe_run(addr, &sessions, duration, &stamps, run, spread).await?;
+        runs.push(Summary::of(to_socket, 0, duration));
+        read_runs.push(Summary::of(to_read, 0, duration));
     }
     Ok(ProbeResult {
         p50_ms: median(runs.iter().map(|r| r.p50_ms)),
         p99_ms: median(runs.iter().map(|r| r.p99_ms)),
+        read_p50_ms: median(read_runs.iter().map(|r| r.p50_ms)),
+        read_p99_ms: median(read_runs.iter().map(|r| r.p99_ms)),
         runs,
+        read_runs,
     })
 }
 
 /// Every client streams turns one after another until `duration` is over; returns the
-/// first-delta overheads in microseconds.
+/// first-delta overheads in microseconds, to the client's socket and to its read.
 async fn probe_run(
     addr: SocketAddr,
     sessions: &[String],
@@ -172,7 +191,7 @@ async fn probe_run(
     stamps: &Stamps,
     run: usize,
     spread: Duration,
-) -> anyhow::Result<Vec<u32>> {
+) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
     let deadline = Instant::now() + duration;
     let count = sessions.len().max(1) as u32;
     let tasks: Vec<_> = sessions
@@ -182,7 +201,7 @@ async fn probe_run(
             let (session, stamps) = (session.clone(), Arc::clone(stamps));
             tokio::spawn(async move {
                 tokio::time::sleep(spread * k as u32 / count).await;
-                let mut client = Client::new(addr);
+                let mut client = Client::stamped(addr);
                 let mut out = Vec::new();
                 let mut i = 0u64;
                 while Instant::now() < deadline && i < 100_000 {
@@ -194,14 +213,23 @@ async fn probe_run(
             })
         })
         .collect();
-    let mut all = Vec::new();
+    let (mut to_socket, mut to_read) = (Vec::new(), Vec::new());
     for task in tasks {
-        all.extend(task.await.context("probe client panicked")??);
+        for (socket, read) in task.await.context("probe client panicked")?? {
+            to_socket.push(socket);
+            to_read.push(read);
+        }
     }
-    Ok(all)
+    Ok((to_socket, to_read))
 }
 
-async fn one_probe(client: &mut Client, session: &str, tag: &str, stamps: &Stamps) -> anyhow::Result<u32> {
+/// One streamed turn; its first delta's overhead in µs, to the client's socket and to its read.
+async fn one_probe(
+    client: &mut Client,
+    session: &str,
+    tag: &str,
+    stamps: &Stamps,
+) -> anyhow::Result<(u32, u32)> {
     let body = setup::turn_body(&format!("{tag} how are you today"));
     let path = format!("/v1/sessions/{session}/messages?stream=true");
     let response = client.send(Method::POST, &path, Some(body)).await?;
@@ -212,9 +240,14 @@ async fn one_probe(client: &mut Client, session: &str, tag: &str, stamps: &Stamp
     let mut overhead = None;
     while let Some(event) = reader.next().await? {
         if event.name == "message.delta" && overhead.is_none() {
-            let received = Instant::now();
-            let sent = stamps.lock().expect("stamps").remove(tag).context("no model stamp for the probe")?;
-            overhead = Some(received.saturating_duration_since(sent).as_micros() as u32);
+            let read = Instant::now();
+            // The delta's bytes came in the client's last read: its receive timestamp is theirs.
+            let arrived = client.last_rx_ns().context("no receive timestamp on the probe's socket")?;
+            let (sent, sent_ns) =
+                stamps.lock().expect("stamps").remove(tag).context("no model stamp for the probe")?;
+            let to_socket = arrived.saturating_sub(sent_ns) / 1000;
+            let to_read = read.saturating_duration_since(sent).as_micros();
+            overhead = Some((to_socket as u32, to_read as u32));
         }
     }
     overhead.context("the stream had no delta")
