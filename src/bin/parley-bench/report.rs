@@ -22,7 +22,7 @@ pub struct Machine {
     pub memory_gib: f64,
     /// Kernel release.
     pub kernel: String,
-    /// The commit measured.
+    /// The commit measured (`git describe --always --dirty`: `-dirty` when the tree had changes).
     pub git: String,
     /// The command line.
     pub command: String,

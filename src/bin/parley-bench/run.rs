@@ -478,7 +478,8 @@ fn machine() -> Machine {
         .find_map(|l| l.strip_prefix("MemTotal:").and_then(|v| v.split_whitespace().next()?.parse().ok()))
         .unwrap_or(0.0);
     let git = std::process::Command::new("git")
-        .args(["rev-parse", "--short", "HEAD"])
+        // "-dirty" when the working tree has changes: the figures are then not of that commit.
+        .args(["describe", "--always", "--dirty", "--abbrev=7"])
         .output()
         .ok()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
