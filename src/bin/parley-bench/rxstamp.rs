@@ -58,6 +58,38 @@ impl StampedStream {
     }
 }
 
+/// Turns the kernel's receive timestamps on and waits until they are given, which the kernel does
+/// a moment after the first socket asks (it enables them from a work queue): until then segments
+/// arrive unstamped. The returned pair keeps them on; hold it while measuring.
+#[cfg(target_os = "linux")]
+pub async fn keep_stamping(timeout: std::time::Duration) -> io::Result<(StampedStream, TcpStream)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let client = TcpStream::connect(listener.local_addr()?).await?;
+    let (mut server, _) = listener.accept().await?;
+    let last_rx = LastRx::default();
+    let mut stamped = StampedStream::new(client, Arc::clone(&last_rx))?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut buf = [0u8; 1];
+    loop {
+        server.write_all(b".").await?;
+        stamped.read_exact(&mut buf).await?;
+        if last_rx.load(Ordering::Acquire) != 0 {
+            return Ok((stamped, server));
+        }
+        if std::time::Instant::now() >= deadline {
+            return Err(io::Error::other("the kernel gives no receive timestamps (SO_TIMESTAMPNS)"));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Receive timestamps need Linux's `SO_TIMESTAMPNS`.
+#[cfg(not(target_os = "linux"))]
+pub async fn keep_stamping(_: std::time::Duration) -> io::Result<(StampedStream, TcpStream)> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "receive timestamps need Linux (SO_TIMESTAMPNS)"))
+}
+
 #[cfg(target_os = "linux")]
 /// One `recvmsg` into `buf`: the bytes read and the receive timestamp, if the kernel gave one.
 fn recv_stamped(fd: libc::c_int, buf: &mut [u8]) -> io::Result<(usize, Option<u64>)> {
@@ -105,9 +137,8 @@ impl AsyncRead for StampedStream {
             let unfilled = buf.initialize_unfilled();
             match this.inner.try_io(Interest::READABLE, || recv_stamped(fd, unfilled)) {
                 Ok((n, stamp)) => {
-                    if let Some(ns) = stamp {
-                        this.last_rx.store(ns, Ordering::Release);
-                    }
+                    // A read without a stamp clears it: an older stamp must not pass for these bytes'.
+                    this.last_rx.store(stamp.unwrap_or(0), Ordering::Release);
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
@@ -144,6 +175,7 @@ mod tests {
 
     #[tokio::test]
     async fn reads_record_when_the_bytes_reached_the_socket_not_when_they_were_read() {
+        let _on = keep_stamping(std::time::Duration::from_secs(5)).await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let last_rx = LastRx::default();
@@ -164,5 +196,19 @@ mod tests {
         let rx = last_rx.load(Ordering::Acquire);
         assert!(rx >= before && rx <= after, "stamp {rx} outside the write [{before}, {after}]");
         assert!(read_at - rx >= 50_000_000, "the stamp is the arrival, 50 ms before the read");
+    }
+
+    #[tokio::test]
+    async fn a_read_without_a_stamp_clears_the_last_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        // A stamp left from earlier bytes; a read that gets none must not keep it.
+        let last_rx = LastRx::new(AtomicU64::new(42));
+        let mut stamped = StampedStream { inner: client, last_rx: Arc::clone(&last_rx) };
+        server.write_all(b"x").await.unwrap();
+        let mut buf = [0u8; 1];
+        stamped.read_exact(&mut buf).await.unwrap();
+        assert_ne!(last_rx.load(Ordering::Acquire), 42, "the stale stamp was kept");
     }
 }
