@@ -25,6 +25,7 @@ mod rxstamp;
 mod setup;
 mod stats;
 mod streams;
+mod upstream;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;

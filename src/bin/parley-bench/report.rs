@@ -66,6 +66,8 @@ pub struct StoreFigures {
     pub growth: Option<Growth>,
     /// Figure 5a.
     pub stream_overhead: Option<ProbeResult>,
+    /// Figure 5a through the openai provider: from the upstream's first content chunk.
+    pub stream_overhead_upstream: Option<ProbeResult>,
     /// Figure 5b.
     pub open_streams: Option<OpenStreams>,
     /// Errors that stopped a figure.
@@ -217,6 +219,9 @@ pub fn markdown(results: &Results) -> String {
     });
     row(&mut t, "5. the same to the client's read returning p50 / p99 (ms)", stores, |s| {
         s.stream_overhead.as_ref().map(|p| format!("{:.3} / {:.3}", p.read_p50_ms, p.read_p99_ms))
+    });
+    row(&mut t, "5. openai provider: upstream's chunk to the client's socket p50 / p99 (ms)", stores, |s| {
+        s.stream_overhead_upstream.as_ref().map(|p| format!("{:.3} / {:.3}", p.p50_ms, p.p99_ms))
     });
     row(&mut t, "5. resident per open stream (KiB)", stores, |s| {
         s.open_streams.as_ref().map(|o| format!("{:.1} ({} open)", o.per_stream_bytes / 1024.0, o.open))

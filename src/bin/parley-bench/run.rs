@@ -218,7 +218,9 @@ async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyh
     parley.stop(Duration::from_secs(5)).await;
     if a.wants(5) {
         eprintln!("[bench] figure 5a: stream overhead");
-        out.stream_overhead = Some(stream_probe(ctx, kind).await?);
+        out.stream_overhead = Some(stream_probe(ctx, kind, false).await?);
+        eprintln!("[bench] figure 5a: stream overhead through the openai provider");
+        out.stream_overhead_upstream = Some(stream_probe(ctx, kind, true).await?);
         eprintln!("[bench] figure 5b: {} open streams", a.streams);
         let parley = start_parley(ctx, kind, 1000, "streams").await?;
         let result = streams::open_streams(&parley, a.streams).await;
@@ -394,15 +396,20 @@ fn store_config(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<parley::config::Co
 /// Echo delay per word while measuring stream overhead.
 const PROBE_DELAY_MS: u64 = 20;
 
-async fn stream_probe(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<ProbeResult> {
+/// Figure 5a: with the echo model, or (`upstream`) with the openai provider against the probe's
+/// OpenAI-compatible upstream.
+async fn stream_probe(ctx: &Ctx, kind: StoreKind, upstream: bool) -> anyhow::Result<ProbeResult> {
     let a = &ctx.args;
-    let args = [
+    let mut args = vec![
         "stream-probe".to_owned(),
         format!("--clients={}", a.clients),
         format!("--delay-ms={PROBE_DELAY_MS}"),
         format!("--duration={}", a.duration),
         format!("--runs={}", a.runs),
     ];
+    if upstream {
+        args.push("--upstream".to_owned());
+    }
     child_json(ctx, &args, &parley_env(ctx, kind, 0)).await
 }
 

@@ -42,9 +42,10 @@ const REPLY_DELTAS: u64 = 10;
 
 /// When each probe's first delta left the model, by probe tag: on the monotonic clock, and on the
 /// real-time clock (ns since the Unix epoch) that the kernel's receive timestamps use.
-type Stamps = Arc<Mutex<HashMap<String, (Instant, u64)>>>;
+pub type Stamps = Arc<Mutex<HashMap<String, (Instant, u64)>>>;
 
-fn realtime_ns() -> u64 {
+/// Now on the real-time clock, in ns since the Unix epoch.
+pub fn realtime_ns() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64)
 }
 
@@ -94,6 +95,10 @@ pub struct ProbeArgs {
     /// Runs (the figure is the median of their p99s).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
+    /// Run parley's `openai` provider against an OpenAI-compatible upstream in this process,
+    /// instead of the echo model, and measure from the upstream's first content chunk.
+    #[arg(long)]
+    pub upstream: bool,
 }
 
 /// What the probe measured.
@@ -122,13 +127,21 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
         parley::runtime::disable_transparent_huge_pages()?;
     }
     let server_rt = parley::runtime::build(config.pin_workers)?;
-    let model = ProbeModel {
-        echo: EchoModel::new(EchoSettings { delay: Duration::from_millis(args.delay_ms) }),
-        stamps: Arc::clone(&stamps),
+    let client_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let delay = Duration::from_millis(args.delay_ms);
+    let model: parley::llm::DynModel = if args.upstream {
+        // The upstream runs beside the clients, on their runtime: parley's is parley's alone.
+        let upstream = client_rt.block_on(crate::upstream::start(Arc::clone(&stamps), delay))?;
+        let mut config = config;
+        config.model.provider = parley::config::ModelProvider::Openai;
+        config.model.openai_base_url = format!("http://{upstream}/v1");
+        config.model.openai_api_key = Some("probe".to_owned());
+        parley::app::build_model(&config)?
+    } else {
+        Arc::new(ProbeModel { echo: EchoModel::new(EchoSettings { delay }), stamps: Arc::clone(&stamps) })
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let addr = server_rt.block_on(start_parley(model, stop_rx))?;
-    let client_rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let result = client_rt.block_on(drive_probe(addr, args, stamps));
     let _ = stop_tx.send(());
     server_rt.shutdown_timeout(Duration::from_secs(2));
@@ -136,13 +149,13 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
 }
 
 async fn start_parley(
-    model: ProbeModel,
+    model: parley::llm::DynModel,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<SocketAddr> {
     let config = Config::from_env();
     let store = parley::app::build_store(&config).await?;
     let tools = parley::app::build_tools(&config)?;
-    let state = parley::app::state_from_parts(&config, store, Arc::new(model), tools)?;
+    let state = parley::app::state_from_parts(&config, store, model, tools)?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
