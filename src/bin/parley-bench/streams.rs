@@ -172,7 +172,9 @@ async fn start_parley(
 async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyhow::Result<ProbeResult> {
     // Receive timestamps on, and kept on, before the first byte measured.
     let _stamping = crate::rxstamp::keep_stamping(Duration::from_secs(5)).await?;
-    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{i:03}")).collect();
+    // Each form of the probe has sessions of its own: both run against the same store.
+    let form = if args.upstream { "up" } else { "echo" };
+    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{i:03}")).collect();
     setup::create_sessions(addr, &sessions, 16).await?;
     // Warm-up: connections, the store's pools, the allocator.
     // Clients start spread over one turn: turns of equal length in a closed loop that all start
