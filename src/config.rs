@@ -100,6 +100,20 @@ pub enum ModelProvider {
     Openai,
 }
 
+/// Which request field carries the reply's token limit (`PARLEY_MAX_TOKENS`) upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum MaxTokensParam {
+    /// `max_completion_tokens` for OpenAI's and Azure OpenAI's own hosts, `max_tokens` elsewhere.
+    #[default]
+    Auto,
+    /// `max_tokens`: what vLLM, Ollama, llama.cpp server and most compatible servers read.
+    #[value(name = "max_tokens", alias = "max-tokens")]
+    MaxTokens,
+    /// `max_completion_tokens`: what OpenAI reads now (its reasoning models refuse `max_tokens`).
+    #[value(name = "max_completion_tokens", alias = "max-completion-tokens")]
+    MaxCompletionTokens,
+}
+
 /// What a turn does when another turn runs in its session.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum, serde::Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "lowercase")]
@@ -349,6 +363,9 @@ pub struct ModelConfig {
     /// Most tokens per model reply; the upstream default when unset.
     #[arg(long, env = "PARLEY_MAX_TOKENS")]
     pub max_tokens: Option<u32>,
+    /// The request field that carries `PARLEY_MAX_TOKENS` upstream.
+    #[arg(long, env = "PARLEY_MAX_TOKENS_PARAM", value_enum, default_value = "auto")]
+    pub max_tokens_param: MaxTokensParam,
     /// Timeout to connect to the model endpoint.
     #[arg(id = "model_connect_timeout", long = "model-connect-timeout", env = "PARLEY_MODEL_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub connect_timeout: Duration,

@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use self::retry::Failure;
 use super::{ChatModel, ChatRequest, ModelError, ModelStream};
-use crate::config::ModelConfig;
+use crate::config::{MaxTokensParam, ModelConfig};
 use crate::tools::truncate;
 
 /// The first backoff of [`OpenAiSettings::new`] and of the settings built from the configuration.
@@ -33,6 +33,22 @@ const MAX_ERROR_BODY: usize = 8 * 1024;
 
 /// The longest upstream message kept in an error.
 const MAX_MESSAGE: usize = 300;
+
+/// The field that carries the token limit to `host`: OpenAI's own API (and Azure OpenAI's) reads
+/// `max_completion_tokens` and refuses `max_tokens` for its reasoning models; the compatible
+/// servers (vLLM, Ollama, llama.cpp server…) all read `max_tokens`, and not all of them know the
+/// newer name.
+fn max_tokens_param_for(param: MaxTokensParam, host: Option<&str>) -> MaxTokensParam {
+    if param != MaxTokensParam::Auto {
+        return param;
+    }
+    let host = host.unwrap_or_default().to_ascii_lowercase();
+    if host == "api.openai.com" || host.ends_with(".openai.azure.com") {
+        MaxTokensParam::MaxCompletionTokens
+    } else {
+        MaxTokensParam::MaxTokens
+    }
+}
 
 /// Installs rustls' `ring` crypto provider for the process, once; reqwest panics without one.
 /// Anything that builds a reqwest client (the provider, HTTP tools, tests) calls it first.
@@ -54,8 +70,11 @@ pub struct OpenAiSettings {
     pub model: String,
     /// Sampling temperature; the upstream default when unset.
     pub temperature: Option<f32>,
-    /// Most tokens per reply (`max_tokens`); the upstream default when unset.
+    /// Most tokens per reply; the upstream default when unset.
     pub max_tokens: Option<u32>,
+    /// The request field that carries `max_tokens`; `Auto` is settled by the host when the model
+    /// is built.
+    pub max_tokens_param: MaxTokensParam,
     /// Timeout to connect.
     pub connect_timeout: Duration,
     /// Timeout until the response and its first chunk, and between two chunks.
@@ -76,6 +95,7 @@ impl OpenAiSettings {
             model: model.into(),
             temperature: None,
             max_tokens: None,
+            max_tokens_param: MaxTokensParam::Auto,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             max_retries: 2,
@@ -92,6 +112,7 @@ impl fmt::Debug for OpenAiSettings {
             .field("model", &self.model)
             .field("temperature", &self.temperature)
             .field("max_tokens", &self.max_tokens)
+            .field("max_tokens_param", &self.max_tokens_param)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("max_retries", &self.max_retries)
@@ -108,6 +129,7 @@ impl From<&ModelConfig> for OpenAiSettings {
             model: c.name.clone(),
             temperature: c.temperature,
             max_tokens: c.max_tokens,
+            max_tokens_param: c.max_tokens_param,
             connect_timeout: c.connect_timeout,
             request_timeout: c.request_timeout,
             max_retries: c.max_retries,
@@ -136,9 +158,10 @@ impl fmt::Debug for OpenAiModel {
 
 impl OpenAiModel {
     /// A model with these settings; an error for an unusable base URL or API key.
-    pub fn new(settings: OpenAiSettings) -> Result<Self, ModelError> {
+    pub fn new(mut settings: OpenAiSettings) -> Result<Self, ModelError> {
         install_crypto_provider();
         let url = completions_url(&settings.base_url)?;
+        settings.max_tokens_param = max_tokens_param_for(settings.max_tokens_param, url.host_str());
         let authorization = settings.api_key.as_deref().map(bearer).transpose()?;
         let client = reqwest::Client::builder()
             .connect_timeout(settings.connect_timeout)
@@ -375,6 +398,21 @@ mod tests {
     }
 
     #[test]
+    fn auto_sends_the_new_token_field_to_openai_and_azure_only() {
+        use MaxTokensParam::*;
+        let auto = |host| max_tokens_param_for(Auto, host);
+        assert_eq!(auto(Some("api.openai.com")), MaxCompletionTokens);
+        assert_eq!(auto(Some("API.OpenAI.com")), MaxCompletionTokens);
+        assert_eq!(auto(Some("my-resource.openai.azure.com")), MaxCompletionTokens);
+        assert_eq!(auto(Some("localhost")), MaxTokens);
+        assert_eq!(auto(Some("api.openai.com.example.net")), MaxTokens);
+        assert_eq!(auto(None), MaxTokens);
+        assert_eq!(max_tokens_param_for(MaxTokens, Some("api.openai.com")), MaxTokens, "a choice stands");
+        let model = OpenAiModel::new(OpenAiSettings::new("https://api.openai.com/v1", "m")).unwrap();
+        assert_eq!(model.settings.max_tokens_param, MaxCompletionTokens, "settled when built");
+    }
+
+    #[test]
     fn scrub_removes_the_key_from_every_variant() {
         let e = scrub(ModelError::Status { status: 401, message: "bad key sk-x1".into() }, Some("sk-x1"));
         assert_eq!(e.to_string(), "model endpoint answered 401: bad key <redacted>");
@@ -390,6 +428,7 @@ mod tests {
             name: "m".into(),
             temperature: Some(0.5),
             max_tokens: None,
+            max_tokens_param: MaxTokensParam::Auto,
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(2),
             max_retries: 3,

@@ -369,6 +369,30 @@ async fn the_request_body_has_the_openai_shape() {
 }
 
 #[tokio::test]
+async fn the_configured_token_limit_field_reaches_the_upstream() {
+    for (param, field, other) in [
+        ("max_completion_tokens", "max_completion_tokens", "max_tokens"),
+        ("max_tokens", "max_tokens", "max_completion_tokens"),
+        // `auto` on a host that is not OpenAI's: the name every compatible server reads.
+        ("auto", "max_tokens", "max_completion_tokens"),
+    ] {
+        let fake = FakeOpenAi::start(vec![Script::text("ok")]).await;
+        let app = crate::helpers::spawn_app(&[
+            "--model-provider=openai",
+            &format!("--openai-base-url={}", fake.base_url),
+            "--max-tokens=64",
+            &format!("--max-tokens-param={param}"),
+        ])
+        .await;
+        app.create_session("s").await;
+        app.post_message("s", "hi").await;
+        let body = &fake.requests()[0].body;
+        assert_eq!(body[field], json!(64), "{param}: {body}");
+        assert!(body.get(other).is_none(), "{param}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn without_tools_the_tools_field_is_absent() {
     let fake = FakeOpenAi::start(vec![Script::text("ok")]).await;
     complete(&model(settings(&fake)), ask("hi")).await;
@@ -376,6 +400,7 @@ async fn without_tools_the_tools_field_is_absent() {
     assert!(body.get("tools").is_none());
     assert!(body.get("temperature").is_none());
     assert!(body.get("max_tokens").is_none());
+    assert!(body.get("max_completion_tokens").is_none());
 }
 
 #[tokio::test]

@@ -4,6 +4,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 use super::OpenAiSettings;
+use crate::config::MaxTokensParam;
 use crate::domain::{Role, ToolCall};
 use crate::llm::{ChatRequest, PromptMessage, ToolSpec};
 
@@ -20,6 +21,8 @@ pub(crate) struct Body<'a> {
     temperature: Option<f32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_tokens: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_completion_tokens: Option<u32>,
 }
 
 #[derive(Debug, Serialize)]
@@ -70,6 +73,8 @@ struct WireFunction<'a> {
 
 /// Builds the body of a streamed call for this request.
 pub(crate) fn body<'a>(settings: &'a OpenAiSettings, request: &'a ChatRequest) -> Body<'a> {
+    // `Auto` is settled when the model is built; a body built from raw settings sends the old name.
+    let completion_tokens = settings.max_tokens_param == MaxTokensParam::MaxCompletionTokens;
     Body {
         model: &settings.model,
         messages: request.messages.iter().map(message).collect(),
@@ -77,7 +82,8 @@ pub(crate) fn body<'a>(settings: &'a OpenAiSettings, request: &'a ChatRequest) -
         stream_options: StreamOptions { include_usage: true },
         tools: request.tools.iter().map(tool).collect(),
         temperature: settings.temperature,
-        max_tokens: settings.max_tokens,
+        max_tokens: settings.max_tokens.filter(|_| !completion_tokens),
+        max_completion_tokens: settings.max_tokens.filter(|_| completion_tokens),
     }
 }
 
@@ -157,6 +163,20 @@ mod tests {
                 .unwrap();
         assert!(text.contains(r#""temperature":0.7"#), "{text}");
         assert!(text.contains(r#""max_tokens":100"#), "{text}");
+        assert!(!text.contains("max_completion_tokens"), "{text}");
+    }
+
+    #[test]
+    fn the_token_limit_goes_in_the_chosen_field() {
+        let mut s = settings();
+        s.max_tokens = Some(64);
+        s.max_tokens_param = MaxTokensParam::MaxCompletionTokens;
+        let v = to_json(&s, &ChatRequest { messages: vec![], tools: Vec::new().into() });
+        assert_eq!(v["max_completion_tokens"], json!(64));
+        assert!(v.get("max_tokens").is_none(), "{v}");
+        s.max_tokens = None;
+        let v = to_json(&s, &ChatRequest { messages: vec![], tools: Vec::new().into() });
+        assert!(v.get("max_completion_tokens").is_none(), "an unset limit sends neither field: {v}");
     }
 
     #[test]
