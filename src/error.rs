@@ -278,6 +278,7 @@ impl From<StoreError> for AppError {
         match err {
             StoreError::SessionNotFound => AppError::SessionNotFound(String::new()),
             StoreError::SessionExists => AppError::SessionExists(String::new()),
+            StoreError::SessionLimitReached(max) => AppError::SessionLimitReached(max),
             StoreError::InvalidCursor => AppError::BadRequest("invalid cursor".to_owned()),
             StoreError::Unavailable(detail) => AppError::StoreUnavailable(detail),
             StoreError::Backend(detail) => AppError::Internal(detail),

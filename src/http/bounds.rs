@@ -1,9 +1,8 @@
-//! Bounds on client input beyond sizes: the shape of metadata, and how many sessions a tenant
-//! may hold.
+//! Bounds on client input beyond sizes: the shape of metadata. (How many sessions a tenant may
+//! hold is the store's to enforce, atomically: `ConversationStore::create_session_within`.)
 
 use serde_json::Value;
 
-use super::AppState;
 use crate::domain::Metadata;
 use crate::error::{AppError, Result};
 
@@ -34,19 +33,6 @@ pub fn check_metadata_shape(metadata: &Metadata, max_depth: usize, max_keys: usi
         return Err(AppError::Validation(format!(
             "metadata nests deeper than {max_depth} levels (PARLEY_MAX_METADATA_DEPTH)"
         )));
-    }
-    Ok(())
-}
-
-/// 409 `session_limit_reached` if the tenant already holds the most sessions allowed. The count
-/// and the creation are two steps, so concurrent creations may overshoot the cap by a few.
-pub async fn check_session_quota(state: &AppState, tenant: &str) -> Result<()> {
-    let max = state.limits.max_sessions_per_tenant;
-    if max == 0 {
-        return Ok(());
-    }
-    if state.store.count_sessions(tenant).await? >= max {
-        return Err(AppError::SessionLimitReached(max));
     }
     Ok(())
 }

@@ -10,7 +10,6 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::bounds::check_session_quota;
 use super::extract::{ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
 use crate::domain::{Metadata, NewSession, Session, new_id};
 use crate::error::{AppError, Problem, Result};
@@ -83,9 +82,12 @@ pub async fn create_session(
     }
     let metadata = body.metadata.unwrap_or_default();
     state.limits.check_metadata(&metadata)?;
-    check_session_quota(&state, &tenant).await?;
     let new = NewSession { id: id.clone(), system_prompt: body.system_prompt, metadata };
-    let session = state.store.create_session(&tenant, new).await.map_err(|e| AppError::from_store(e, &id))?;
+    let created = match state.limits.max_sessions_per_tenant {
+        0 => state.store.create_session(&tenant, new).await,
+        max => state.store.create_session_within(&tenant, new, max).await,
+    };
+    let session = created.map_err(|e| AppError::from_store(e, &id))?;
     let location = format!("/v1/sessions/{}", session.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(session)).into_response())
 }

@@ -506,6 +506,75 @@ where
     assert_eq!(store.count_sessions("nobody").await.unwrap(), 0);
 }
 
+fn named(id: &str) -> NewSession {
+    NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() }
+}
+
+/// A capped creation counts and creates in one step: concurrent creations never overshoot the
+/// limit, a taken id is still `SessionExists`, and deleting makes room again.
+pub async fn concurrent_creations_never_overshoot_the_session_limit<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    const MAX: u64 = 5;
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "before").await;
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(
+                async move { store.create_session_within(TENANT, named(&format!("c{i}")), MAX).await },
+            )
+        })
+        .collect();
+    let (mut created, mut refused) = (0, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => created += 1,
+            Err(StoreError::SessionLimitReached(max)) => {
+                assert_eq!(max, MAX);
+                refused += 1;
+            }
+            Err(e) => panic!("unexpected error: {e}"),
+        }
+    }
+    assert_eq!((created, refused), (MAX - 1, 40 - (MAX - 1)), "the session already there counts");
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), MAX);
+    assert!(matches!(
+        store.create_session_within(TENANT, named("c100"), MAX).await,
+        Err(StoreError::SessionLimitReached(MAX))
+    ));
+    // Another tenant's limit is its own; a taken id is reported as taken while there is room.
+    store.create_session_within(OTHER_TENANT, named("c0"), MAX).await.expect("the other tenant has room");
+    assert!(matches!(
+        store.create_session_within(OTHER_TENANT, named("c0"), MAX).await,
+        Err(StoreError::SessionExists)
+    ));
+    assert!(store.delete_session(TENANT, "before").await.unwrap());
+    let session = store.create_session_within(TENANT, named("after"), MAX).await.expect("room again");
+    assert_eq!((session.id.as_str(), session.message_count), ("after", 0));
+    assert!(store.get_session(TENANT, "after").await.unwrap().is_some());
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), MAX);
+}
+
+/// With a TTL, expired sessions do not count against the limit, and an expired id can be reused.
+pub async fn expired_sessions_leave_room_under_the_limit<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
+    store.create_session_within(TENANT, named("old"), 1).await.expect("room for one");
+    assert!(matches!(
+        store.create_session_within(TENANT, named("new"), 1).await,
+        Err(StoreError::SessionLimitReached(1))
+    ));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    store.create_session_within(TENANT, named("old"), 1).await.expect("the expired id is free again");
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
+}
+
 /// With a TTL, expired sessions are not counted.
 pub async fn expired_sessions_are_not_counted<F, Fut>(factory: &F)
 where
@@ -831,7 +900,8 @@ macro_rules! store_contract_tests {
             idempotency_keys_remember_the_first_request,
             another_tenant_reaches_nothing_of_a_session,
             the_same_id_in_two_tenants_is_two_sessions,
-            sessions_are_counted_per_tenant
+            sessions_are_counted_per_tenant,
+            concurrent_creations_never_overshoot_the_session_limit
         );
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn reports_whether_it_is_distributed() {
@@ -855,6 +925,10 @@ macro_rules! store_contract_tests {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn expired_sessions_are_not_counted() {
             $crate::store::contract::expired_sessions_are_not_counted(&$factory).await;
+        }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn expired_sessions_leave_room_under_the_limit() {
+            $crate::store::contract::expired_sessions_leave_room_under_the_limit(&$factory).await;
         }
     };
     (@ttl $factory:path, false) => {};

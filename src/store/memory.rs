@@ -17,7 +17,7 @@ use std::collections::{BTreeSet, VecDeque};
 
 use foldhash::{HashMap, HashMapExt};
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -71,6 +71,10 @@ pub struct MemoryStore {
     /// The sessions, spread over `SHARDS` locks by (tenant, id). Critical sections are short,
     /// never await, and hold one shard at a time.
     shards: Box<[RwLock<Shard>]>,
+    /// Capped creations of one tenant count and create under one of these gates, picked by the
+    /// tenant, so two of them cannot both see room for one more session. Nothing else takes them:
+    /// deleting only makes room.
+    create_gates: Box<[Mutex<()>]>,
     /// Most messages one session keeps; the oldest go first.
     max_messages: usize,
 }
@@ -221,6 +225,7 @@ impl MemoryStore {
     pub fn new(max_messages: usize) -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| RwLock::new(Shard::new())).collect(),
+            create_gates: (0..SHARDS).map(|_| Mutex::new(())).collect(),
             max_messages: max_messages.max(1),
         }
     }
@@ -239,6 +244,12 @@ impl MemoryStore {
 
     fn write(&self, tenant: &str, id: &str) -> RwLockWriteGuard<'_, Shard> {
         self.shard(tenant, id).write().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn create_gate(&self, tenant: &str) -> &Mutex<()> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        tenant.hash(&mut hasher);
+        &self.create_gates[(hasher.finish() % SHARDS as u64) as usize]
     }
 
     /// Every shard in turn, read-locked one at a time.
@@ -272,6 +283,43 @@ impl Default for MemoryStore {
 }
 
 impl MemoryStore {
+    /// Creates a session unless one with its id exists.
+    fn create(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
+        let mut guard = self.write(tenant, &new.id);
+        let t = guard.entry(tenant.to_owned()).or_default();
+        if t.sessions.contains_key(&new.id) {
+            return Err(StoreError::SessionExists);
+        }
+        let at = now();
+        let session = Session {
+            id: new.id.clone(),
+            created_at: at,
+            updated_at: at,
+            system_prompt: new.system_prompt,
+            metadata: new.metadata,
+            message_count: 0,
+        };
+        let key: Arc<str> = new.id.as_str().into();
+        t.index.insert((at.timestamp_micros(), Arc::clone(&key)));
+        let data = SessionData {
+            session: session.clone(),
+            key,
+            messages: VecDeque::new(),
+            last_seq: 0,
+            turns: VecDeque::new(),
+            running: None,
+            lock: None,
+            idempotency: HashMap::new(),
+        };
+        t.sessions.insert(new.id, data);
+        Ok(session)
+    }
+
+    /// How many sessions the tenant holds.
+    fn count(&self, tenant: &str) -> u64 {
+        self.each_shard().map(|shard| shard.get(tenant).map_or(0, |t| t.sessions.len() as u64)).sum()
+    }
+
     /// Appends a batch to a session and, if `release` holds the session, releases it.
     fn append_to(
         &self,
@@ -425,34 +473,15 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
-        let mut guard = self.write(tenant, &new.id);
-        let t = guard.entry(tenant.to_owned()).or_default();
-        if t.sessions.contains_key(&new.id) {
-            return Err(StoreError::SessionExists);
+        self.create(tenant, new)
+    }
+
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        let _gate = self.create_gate(tenant).lock().unwrap_or_else(|e| e.into_inner());
+        if self.count(tenant) >= max {
+            return Err(StoreError::SessionLimitReached(max));
         }
-        let at = now();
-        let session = Session {
-            id: new.id.clone(),
-            created_at: at,
-            updated_at: at,
-            system_prompt: new.system_prompt,
-            metadata: new.metadata,
-            message_count: 0,
-        };
-        let key: Arc<str> = new.id.as_str().into();
-        t.index.insert((at.timestamp_micros(), Arc::clone(&key)));
-        let data = SessionData {
-            session: session.clone(),
-            key,
-            messages: VecDeque::new(),
-            last_seq: 0,
-            turns: VecDeque::new(),
-            running: None,
-            lock: None,
-            idempotency: HashMap::new(),
-        };
-        t.sessions.insert(new.id, data);
-        Ok(session)
+        self.create(tenant, new)
     }
 
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
@@ -678,6 +707,6 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        Ok(self.each_shard().map(|shard| shard.get(tenant).map_or(0, |t| t.sessions.len() as u64)).sum())
+        Ok(self.count(tenant))
     }
 }

@@ -30,6 +30,9 @@ pub enum StoreError {
     /// A session with this id already exists (for this tenant).
     #[error("session already exists")]
     SessionExists,
+    /// The tenant already holds the most sessions allowed (the number).
+    #[error("the tenant already holds {0} sessions")]
+    SessionLimitReached(u64),
     /// A cursor that this store did not issue.
     #[error("invalid cursor")]
     InvalidCursor,
@@ -383,4 +386,16 @@ pub trait ConversationStore: Send + Sync + 'static {
     /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
     /// sessions may be counted until the backend notices they expired.
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;
+
+    /// Creates a session unless the tenant already holds `max` sessions
+    /// (`PARLEY_MAX_SESSIONS_PER_TENANT`), then `SessionLimitReached(max)`. The built-in stores
+    /// count and create in one atomic step, so concurrent creations never overshoot `max`. This
+    /// default counts, then creates: a store that keeps it may overshoot by a few under concurrent
+    /// creations.
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        if self.count_sessions(tenant).await? >= max {
+            return Err(StoreError::SessionLimitReached(max));
+        }
+        self.create_session(tenant, new).await
+    }
 }

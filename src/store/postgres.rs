@@ -289,6 +289,41 @@ impl PgStore {
         Ok(true)
     }
 
+    /// Creates a session in one transaction on `conn` unless the tenant holds `max` live sessions
+    /// or the id is taken. Creations of one tenant take turns on an advisory lock, and each counts
+    /// in a statement after taking it, so it sees every creation before it: none overshoots.
+    async fn create_within_on(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &str,
+        new: &NewSession,
+        max: u64,
+    ) -> Result<Creation, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        sqlx::query(LOCK_TENANT_CREATIONS).bind(tenant).execute(&mut *tx).await?;
+        let held: i64 = sqlx::query_scalar(COUNT_SESSIONS).bind(tenant).fetch_one(&mut *tx).await?;
+        if to_u64(held) >= max {
+            tx.rollback().await?;
+            return Ok(Creation::LimitReached);
+        }
+        // An expired session the sweeper has not reached yet gives its id up.
+        sqlx::query(DROP_EXPIRED).bind(tenant).bind(&new.id).execute(&mut *tx).await?;
+        let row = sqlx::query(CREATE_SESSION_IF_ABSENT)
+            .bind(tenant)
+            .bind(&new.id)
+            .bind(new.system_prompt.as_deref())
+            .bind(json_text(&new.metadata))
+            .bind(self.ttl_micros)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(Creation::Exists);
+        };
+        tx.commit().await?;
+        Ok(Creation::Created(row))
+    }
+
     /// Deletes the session if it has expired but was not swept yet; true if it did.
     async fn drop_if_expired(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         let done = self.timed(sqlx::query(DROP_EXPIRED).bind(tenant).bind(id).execute(&self.conns)).await?;
@@ -387,6 +422,13 @@ impl PgStore {
 /// How often an acquire or begin runs again when its snapshot could not tell who holds the lock
 /// or key (another transaction changed it concurrently); in practice once is enough.
 const ATTEMPTS: usize = 5;
+
+/// What a capped session creation did.
+enum Creation {
+    Created(PgRow),
+    Exists,
+    LimitReached,
+}
 
 /// What one statement claiming a session's lock found.
 enum Claim {
@@ -700,6 +742,17 @@ pub mod sql {
          values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
          returning id, created_at, updated_at, system_prompt, metadata, message_count";
 
+    /// [`CREATE_SESSION`] that creates nothing (and returns no row) when the id is taken.
+    pub const CREATE_SESSION_IF_ABSENT: &str = "insert into sessions \
+         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, expires_at) \
+         values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
+         on conflict (tenant, id) do nothing \
+         returning id, created_at, updated_at, system_prompt, metadata, message_count";
+
+    /// Serialises a tenant's capped session creations until the transaction ends. Binds: tenant.
+    pub const LOCK_TENANT_CREATIONS: &str =
+        "select pg_advisory_xact_lock(hashtextextended('parley.create_session:' || $1, 0))";
+
     /// Deletes one session if it has expired. Binds: tenant, id.
     pub const DROP_EXPIRED: &str =
         "delete from sessions where tenant = $1 and id = $2 and expires_at <= now()";
@@ -965,6 +1018,20 @@ impl ConversationStore for PgStore {
             Err(e) => return Err(db(e)),
         };
         session_from_row(&row)
+    }
+
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        let work = async {
+            let mut checkout = self.conns.checkout().await?;
+            let outcome = self.create_within_on(checkout.conn(), tenant, &new, max).await;
+            checkout.settle(&outcome);
+            outcome
+        };
+        match self.timed(work).await? {
+            Creation::Created(row) => session_from_row(&row),
+            Creation::Exists => Err(StoreError::SessionExists),
+            Creation::LimitReached => Err(StoreError::SessionLimitReached(max)),
+        }
     }
 
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {

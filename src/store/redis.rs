@@ -129,14 +129,26 @@ local function save_turn(turn_id, json)
 end
 "#;
 
-/// Creates the session unless it exists. ARGV 5..: metadata JSON, `1` + prompt or `0`.
-/// Returns 1, or 0 when the session exists.
+/// Creates the session unless it exists or the tenant holds `max` sessions already. ARGV 5..: max
+/// (0 = no limit), metadata JSON, `1` + prompt or `0`. Returns 1, 0 when the session exists, or -1
+/// at the limit. Counting as `count_sessions` does (live index members), in the same script as the
+/// creation, is what keeps concurrent creations from overshooting the limit.
 const CREATE: &str = r#"
 if redis.call('EXISTS', meta) == 1 then return 0 end
+local max = tonumber(ARGV[5])
+if max > 0 then
+  local held
+  if ttl > 0 then
+    held = redis.call('ZCOUNT', index, '(' .. string.format('%d', tonumber(now) - ttl * 1000), '+inf')
+  else
+    held = redis.call('ZCARD', index)
+  end
+  if held >= max then return -1 end
+end
 redis.call('DEL', messages, turns, order, lock, idem, idem_exp)
-redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[5],
+redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
   'message_count', 0, 'last_seq', 0, 'turn_seq', 0)
-if ARGV[6] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[7]) end
+if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
 redis.call('ZADD', index, now, id)
 refresh()
 return 1
@@ -636,6 +648,32 @@ impl RedisStore {
         Ok(messages)
     }
 
+    /// Creates a session unless it exists or the tenant holds `max` sessions (0 = no limit).
+    async fn create(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        let keys = self.session_keys(tenant, &new.id);
+        let metadata = to_json(&new.metadata)?;
+        let at = now();
+        let mut call = self.write_call(&self.scripts.create, &keys, &new.id, at.timestamp_micros());
+        call.arg(max).arg(metadata);
+        match &new.system_prompt {
+            Some(prompt) => call.arg("1").arg(prompt),
+            None => call.arg("0"),
+        };
+        match self.write::<i64>(&call).await? {
+            0 => return Err(StoreError::SessionExists),
+            -1 => return Err(StoreError::SessionLimitReached(max)),
+            _ => {}
+        }
+        Ok(Session {
+            id: new.id,
+            created_at: at,
+            updated_at: at,
+            system_prompt: new.system_prompt,
+            metadata: new.metadata,
+            message_count: 0,
+        })
+    }
+
     /// A write script call with the session's keys and the common arguments.
     fn write_call<'a>(
         &self,
@@ -757,26 +795,15 @@ impl ConversationStore for RedisStore {
     }
 
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
-        let keys = self.session_keys(tenant, &new.id);
-        let metadata = to_json(&new.metadata)?;
-        let at = now();
-        let mut call = self.write_call(&self.scripts.create, &keys, &new.id, at.timestamp_micros());
-        call.arg(metadata);
-        match &new.system_prompt {
-            Some(prompt) => call.arg("1").arg(prompt),
-            None => call.arg("0"),
-        };
-        if self.write::<i64>(&call).await? == 0 {
-            return Err(StoreError::SessionExists);
+        self.create(tenant, new, 0).await
+    }
+
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        if max == 0 {
+            // The script reads 0 as no limit.
+            return Err(StoreError::SessionLimitReached(0));
         }
-        Ok(Session {
-            id: new.id,
-            created_at: at,
-            updated_at: at,
-            system_prompt: new.system_prompt,
-            metadata: new.metadata,
-            message_count: 0,
-        })
+        self.create(tenant, new, max).await
     }
 
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {

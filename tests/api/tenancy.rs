@@ -124,6 +124,18 @@ async fn the_session_cap_is_per_tenant(backend: Backend) {
     a.create_session("three").await;
 }
 
+async fn concurrent_creations_never_overshoot_the_session_cap(backend: Backend) {
+    let app = spawn(backend, &["--max-sessions-per-tenant", "3"]).await;
+    let a = app.caller(KEY_A);
+    let posts = (0..20).map(|i| a.send(Method::POST, "/v1/sessions", Some(json!({"id": format!("s{i}")}))));
+    let statuses: Vec<u16> =
+        futures::future::join_all(posts).await.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses.iter().filter(|&&s| s == 201).count(), 3, "{statuses:?}");
+    assert_eq!(statuses.iter().filter(|&&s| s == 409).count(), 17, "{statuses:?}");
+    let (_, page) = a.get_json("/v1/sessions?limit=100").await;
+    assert_eq!(page["data"].as_array().unwrap().len(), 3, "{page}");
+}
+
 async fn without_auth_every_caller_is_the_default_tenant(backend: Backend) {
     let app = spawn_app_on(backend, &[]).await;
     app.create_session("shared").await;
@@ -139,5 +151,6 @@ for_each_backend!(
     listing_shows_only_the_callers_sessions,
     the_same_session_id_in_two_tenants_is_two_sessions,
     the_session_cap_is_per_tenant,
+    concurrent_creations_never_overshoot_the_session_cap,
     without_auth_every_caller_is_the_default_tenant,
 );
