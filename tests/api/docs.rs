@@ -19,6 +19,25 @@ fn the_committed_openapi_document_matches_the_code() {
     );
 }
 
+#[test]
+fn the_readme_documents_every_environment_variable() {
+    use clap::CommandFactory;
+    let readme = include_str!("../../README.md");
+    let mut commands = vec![parley::config::Cli::command()];
+    let mut missing = Vec::new();
+    while let Some(command) = commands.pop() {
+        for arg in command.get_arguments() {
+            if let Some(var) = arg.get_env().and_then(|v| v.to_str())
+                && !readme.contains(&format!("`{var}`"))
+            {
+                missing.push(var.to_owned());
+            }
+        }
+        commands.extend(command.get_subcommands().cloned());
+    }
+    assert!(missing.is_empty(), "README.md's configuration table lacks {missing:?}");
+}
+
 #[tokio::test]
 async fn the_spec_and_an_offline_reference_page_are_served() {
     let app = spawn_app(&[]).await;
