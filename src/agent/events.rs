@@ -91,7 +91,6 @@ impl TurnEvent {
         }
     }
 
-    /// Whether this event ends the stream.
     /// The events that replay a completed turn: started, the final message, completed.
     pub fn replay(result: &TurnResult) -> Vec<TurnEvent> {
         let turn_id = result.turn_id;

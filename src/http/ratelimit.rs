@@ -183,6 +183,25 @@ fn is_turn(request: &Request) -> bool {
         )
 }
 
+/// Whether a request follows a turn's events: `GET /v1/sessions/{id}/turns/{turn_id}/events`.
+fn is_follow(request: &Request) -> bool {
+    let mut parts = request.uri().path().split('/');
+    request.method() == Method::GET
+        && matches!(
+            (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next()
+            ),
+            (Some(""), Some("v1"), Some("sessions"), Some(_), Some("turns"), Some(_), Some("events"), None)
+        )
+}
+
 /// Whether a turn asks for a stream (as the messages handler decides: `?stream=true` or an
 /// `Accept` that lists `text/event-stream`).
 fn wants_stream(request: &Request) -> bool {
@@ -270,7 +289,8 @@ impl RateLimits {
         &self,
         limiter: &DynLimiter,
         p: &Principal,
-        turn: Option<bool>,
+        turn: bool,
+        stream: bool,
     ) -> Check<(Option<Quota>, Option<Slot>)> {
         let mut quota = None;
         if self.rps > 0 {
@@ -280,9 +300,6 @@ impl RateLimits {
                 Check::Refuse(r) => return Check::Refuse(r),
             }
         }
-        let Some(stream) = turn else {
-            return Check::Pass((quota, None));
-        };
         let mut slot = None;
         if self.max_streams > 0 && stream {
             match self.stream_slot(limiter, p, quota).await {
@@ -290,7 +307,7 @@ impl RateLimits {
                 Check::Refuse(r) => return Check::Refuse(r),
             }
         }
-        if self.turns > 0 {
+        if self.turns > 0 && turn {
             let rule =
                 Windowed { kind: "turns", limit: self.turns, window: self.turns_window, what: "turns" };
             match self.window(limiter, p, rule).await {
@@ -330,9 +347,10 @@ pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, ne
         return next.run(request).await;
     };
     // Read before awaiting: a request is not `Sync`, so no reference to it may cross an await.
-    let turn = is_turn(&request).then(|| wants_stream(&request));
+    let turn = is_turn(&request);
+    let stream = (turn && wants_stream(&request)) || is_follow(&request);
     let id = request.headers().get("x-request-id").cloned();
-    let (quota, slot) = match limits.check(limiter, &principal, turn).await {
+    let (quota, slot) = match limits.check(limiter, &principal, turn, stream).await {
         Check::Pass(pass) => pass,
         Check::Refuse(response) => {
             let request_id = id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("");
@@ -369,6 +387,10 @@ mod tests {
         assert!(!is_turn(&request(Method::GET, "/v1/sessions/s1/messages", None)));
         assert!(!is_turn(&request(Method::POST, "/v1/sessions", None)));
         assert!(!is_turn(&request(Method::POST, "/v1/sessions/s1/messages/x", None)));
+        assert!(is_follow(&request(Method::GET, "/v1/sessions/s1/turns/t/events", None)));
+        assert!(!is_follow(&request(Method::GET, "/v1/sessions/s1/turns/t", None)));
+        assert!(!is_follow(&request(Method::POST, "/v1/sessions/s1/turns/t/events", None)));
+        assert!(!is_follow(&request(Method::GET, "/v1/sessions/s1/turns/t/events/x", None)));
         assert!(wants_stream(&request(Method::POST, "/v1/sessions/s/messages?a=1&stream=true", None)));
         assert!(wants_stream(&request(
             Method::POST,

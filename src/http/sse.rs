@@ -14,7 +14,16 @@ pub fn turn_stream(
     events: impl Stream<Item = TurnEvent> + Send + 'static,
     keepalive: Duration,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
-    let stream = events.enumerate().map(|(i, event)| Ok(to_sse(i as u64 + 1, &event)));
+    turn_stream_after(events, 0, keepalive)
+}
+
+/// The same for events that come after event `after` of the turn: their ids go on from it.
+pub fn turn_stream_after(
+    events: impl Stream<Item = TurnEvent> + Send + 'static,
+    after: u64,
+    keepalive: Duration,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let stream = events.enumerate().map(move |(i, event)| Ok(to_sse(after + i as u64 + 1, &event)));
     Sse::new(stream).keep_alive(KeepAlive::new().interval(keepalive).text("keep-alive"))
 }
 

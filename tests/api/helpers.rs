@@ -353,7 +353,7 @@ impl Caller {
 }
 
 /// One received SSE event.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SseEvent {
     /// `event:` name.
     pub event: String,

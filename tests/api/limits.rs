@@ -119,6 +119,32 @@ async fn streams_over_the_cap_get_429_until_one_ends(backend: Backend) {
     assert_eq!(status, 200, "a slot is free once a stream ends");
 }
 
+async fn following_a_turn_takes_a_stream_slot_and_no_turn(backend: Backend) {
+    let args = ["--max-streams-per-key", "1", "--rate-limit-turns-per-min", "1", "--echo-delay-ms", "100"];
+    let app = spawn(backend, &args).await;
+    let a = app.caller(KEY_A);
+    a.create_session("s").await;
+    let response = a.start_stream("s", "one two three four five six seven eight").await;
+    assert_eq!(response.status(), 200);
+    let mut events = response.bytes_stream().eventsource();
+    let started: Value = serde_json::from_str(&events.next().await.unwrap().unwrap().data).unwrap();
+    let path = format!("/v1/sessions/s/turns/{}/events", started["turn_id"].as_str().unwrap());
+    limited(a.send(Method::GET, &path, None).await, "a follower over the stream cap").await;
+    while events.next().await.is_some() {}
+    // The key's one turn of the window is spent; following is not a turn.
+    let mut status = 0;
+    for _ in 0..40 {
+        let response = a.send(Method::GET, &path, None).await;
+        status = response.status().as_u16();
+        if status == 200 {
+            assert_eq!(collect_events(response).await.last().unwrap().event, "turn.completed");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status, 200, "a slot is free once the stream ended, and the turn budget does not apply");
+}
+
 async fn a_stream_refused_by_the_handler_gives_its_slot_back(backend: Backend) {
     let app = spawn(backend, &["--max-streams-per-key", "1"]).await;
     let a = app.caller(KEY_A);
@@ -292,5 +318,6 @@ for_each_backend!(
     turns_over_the_limit_get_429_then_recover_after_the_window,
     streams_over_the_cap_get_429_until_one_ends,
     a_stream_refused_by_the_handler_gives_its_slot_back,
+    following_a_turn_takes_a_stream_slot_and_no_turn,
     metadata_is_bounded_in_keys_and_depth,
 );

@@ -39,6 +39,7 @@ mod durability;
 mod errors;
 mod fake_openai;
 mod faulty_store;
+mod follow;
 mod helpers;
 mod history;
 mod integrity;

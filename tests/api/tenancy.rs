@@ -53,6 +53,7 @@ async fn another_tenant_gets_404_on_every_endpoint_of_a_session(backend: Backend
     not_found(b.send(Method::GET, &format!("{s}/messages"), None).await, "GET messages").await;
     not_found(b.send(Method::GET, &turn, None).await, "GET turn").await;
     not_found(b.send(Method::POST, &format!("{turn}/cancel"), None).await, "POST cancel").await;
+    not_found(b.send(Method::GET, &format!("{turn}/events"), None).await, "GET turn events").await;
     let post = Some(json!({"content": "let me in"}));
     not_found(b.send(Method::POST, &format!("{s}/messages"), post.clone()).await, "POST message").await;
     not_found(b.start_stream("private", "let me in").await, "POST message, streamed").await;

@@ -93,6 +93,11 @@ async fn a_stream_that_fails_midway_ends_with_turn_failed_and_appends_nothing() 
     assert_eq!(turn["error"]["code"], "upstream_error");
     assert_eq!(turn["message_ids"], json!([]));
     assert!(turn["completed_at"].is_string());
+    // Following the ended turn tells how it ended.
+    let url = app.url(&format!("/v1/sessions/f/turns/{turn_id}/events"));
+    let followed = crate::helpers::collect_events(app.client.get(url).send().await.unwrap()).await;
+    assert_eq!(followed.iter().map(|e| e.event.as_str()).collect::<Vec<_>>(), vec!["turn.failed"]);
+    assert_eq!(followed[0].data, *failed);
 }
 
 #[tokio::test]
