@@ -56,7 +56,7 @@ fn turn_id(events: &[SseEvent]) -> String {
 }
 
 async fn a_streaming_turn_is_followed_live_from_its_first_event(backend: Backend) {
-    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "100"]).await;
     let app = &apps[0];
     app.create_session("live").await;
     let (head, rest) = first_events(app, "live", 2).await;
@@ -77,7 +77,7 @@ async fn a_streaming_turn_is_followed_live_from_its_first_event(backend: Backend
 }
 
 async fn last_event_id_resumes_after_that_event(backend: Backend) {
-    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "100"]).await;
     let app = &apps[0];
     app.create_session("resume").await;
     let (head, rest) = first_events(app, "resume", 3).await;
