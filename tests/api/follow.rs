@@ -159,7 +159,7 @@ for_each_backend!(
 
 #[tokio::test]
 async fn an_idempotent_json_turn_is_followed_live() {
-    let app = spawn_app(&["--echo-delay-ms", "50"]).await;
+    let app = spawn_app(&["--echo-delay-ms", "100"]).await;
     app.create_session("json").await;
     // The same idempotent JSON turn twice: one runs it, the other is refused at once with its id.
     let post = || {
