@@ -11,7 +11,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use super::extract::{Tenant, TurnIdParams, session_id};
+use super::extract::{ApiQuery, Tenant, TurnIdParams, session_id};
 use super::{AppState, sse};
 use crate::agent::{TurnEvent, TurnResult};
 use crate::domain::{Message, Turn, TurnStatus};
@@ -23,6 +23,16 @@ const FOLLOW_POLL: Duration = Duration::from_millis(200);
 
 /// Most history pages of 100 read backwards to find a finished turn's messages.
 const SCAN_PAGES: usize = 10;
+
+/// Query of `GET /v1/sessions/{id}/turns/{turn_id}/events`.
+#[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct FollowQuery {
+    /// Resume after this event, like `Last-Event-ID` (which wins when both are sent): for a
+    /// browser `EventSource`, which cannot set a header on its first connection.
+    #[param(minimum = 0, maximum = 999_999_999_999_999_999_i64)]
+    pub after: Option<u64>,
+}
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -61,23 +71,25 @@ pub async fn get_turn(
 /// with keep-alives, and then told as a finished one is: `turn.started`, `message.completed` and
 /// `turn.completed` with the stored messages, or `turn.failed`, or `turn.cancelled`.
 #[utoipa::path(get, path = "/v1/sessions/{id}/turns/{turn_id}/events", tag = "turns",
-    params(TurnIdParams,
+    params(TurnIdParams, FollowQuery,
         ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = r"^[0-9]{1,19}$", description = "The id of the last event received: a live turn's stream goes on after it")),
     responses(
         (status = 200, description = "The turn's events (SSE: turn.started, message.delta, tool.call, tool.result, message.completed, turn.completed | turn.failed | turn.cancelled)",
             content((super::messages::TurnEventData = "text/event-stream"))),
         (status = 400, description = "Invalid id or Last-Event-ID", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "No such session or turn", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid query", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn follow_turn(
     State(state): State<AppState>,
     Tenant(tenant): Tenant,
     Path((id, turn_id)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<FollowQuery>,
     headers: HeaderMap,
 ) -> Result<Response> {
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
-    let after = last_event_id(&headers)?;
+    let after = last_event_id(&headers)?.or(query.after).unwrap_or(0);
     let keepalive = state.limits.sse_keepalive;
     if let Some(feed) = state.agent.registry().feed(&tenant, &id, turn_id) {
         let events = feed.follow().skip(after as usize);
@@ -87,18 +99,14 @@ pub async fn follow_turn(
     Ok(sse::turn_stream_after(outcome_events(state, tenant, id, turn), after, keepalive).into_response())
 }
 
-/// The `Last-Event-ID` header as an event number (0 when absent): 1 to 19 digits, as parley
-/// writes event ids.
-fn last_event_id(headers: &HeaderMap) -> Result<u64> {
-    let Some(value) = headers.get("last-event-id") else { return Ok(0) };
+/// The `Last-Event-ID` header as an event number: 1 to 19 digits, as parley writes event ids.
+fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
+    let Some(value) = headers.get("last-event-id") else { return Ok(None) };
     let digits = value.as_bytes();
     let valid = (1..=19).contains(&digits.len()) && digits.iter().all(u8::is_ascii_digit);
-    let id = valid.then(|| std::str::from_utf8(digits).ok()?.parse().ok()).flatten();
-    id.ok_or_else(|| {
-        AppError::BadRequest(
-            "Last-Event-ID must be the id of an event of this turn's stream (digits)".to_owned(),
-        )
-    })
+    let id = valid.then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok()).flatten();
+    let message = "Last-Event-ID must be the id of an event of this turn's stream (digits)";
+    id.map(Some).ok_or_else(|| AppError::BadRequest(message.to_owned()))
 }
 
 /// The events that tell how `turn` ended, once it has: its record is read again while it runs.

@@ -115,8 +115,16 @@ async fn a_finished_turn_is_told_from_the_store(backend: Backend) {
     );
     assert_eq!(events[2].data["usage"], turn["usage"]);
     // Last-Event-ID from the live stream that was lost: the ids go on from it.
+    let ids = |events: &[SseEvent]| events.iter().map(|e| e.id.clone()).collect::<Vec<_>>();
     let events = collect_events(follow(&app, "done", turn_id, Some("12")).await).await;
-    assert_eq!(events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), vec!["13", "14", "15"]);
+    assert_eq!(ids(&events), vec!["13", "14", "15"]);
+    // `?after=` for a browser EventSource's first connection; the header it sends later wins.
+    let url = app.url(&format!("/v1/sessions/done/turns/{turn_id}/events?after=20"));
+    let events = collect_events(app.client.get(&url).send().await.unwrap()).await;
+    assert_eq!(ids(&events), vec!["21", "22", "23"]);
+    let events =
+        collect_events(app.client.get(&url).header("last-event-id", "30").send().await.unwrap()).await;
+    assert_eq!(ids(&events), vec!["31", "32", "33"]);
 }
 
 async fn a_turn_on_another_replica_is_followed_to_its_end(backend: Backend) {
@@ -210,4 +218,7 @@ async fn following_an_unknown_turn_or_with_a_bad_last_event_id_is_a_problem() {
         let problem: Value = response.json().await.unwrap();
         assert_eq!(problem["code"], code, "{problem}");
     }
+    let url = app.url(&format!("/v1/sessions/s/turns/{turn_id}/events?after=-1"));
+    let response = app.client.get(url).send().await.unwrap();
+    assert_eq!(response.status(), 422, "after is an event id");
 }
