@@ -50,6 +50,7 @@ pub fn state_from_parts(
         turn_lease: config.agent.turn_lease,
         if_busy_timeout: config.agent.if_busy_timeout,
         idempotency_ttl: config.agent.idempotency_ttl,
+        store_timeout: config.store.store_timeout,
     };
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
     let auth = Arc::new(Auth::from_config(config)?);
@@ -78,7 +79,11 @@ fn limits(config: &Config) -> Limits {
 /// and reports 503 until they answer.
 pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
     match config.store.kind {
-        StoreKind::Memory => Ok(Arc::new(MemoryStore::new(config.store.memory_max_messages))),
+        StoreKind::Memory => {
+            let store = Arc::new(MemoryStore::new(config.store.memory_max_messages));
+            store.spawn_purger(SWEEP_EVERY);
+            Ok(store)
+        }
         StoreKind::Postgres => Ok(postgres_store(config).await?),
         StoreKind::Redis => {
             let store = RedisStore::new(RedisOptions::from_config(&config.store))?;
@@ -107,7 +112,7 @@ async fn postgres_store(config: &Config) -> anyhow::Result<Arc<PgStore>> {
     let target = redact_url(&config.store.database_url);
     match store.migrate().await {
         Ok(()) => tracing::info!(database = %target, "postgres store ready"),
-        Err(StoreError::Unavailable(e)) => {
+        Err(e @ (StoreError::Unavailable(_) | StoreError::Unanswered(_))) => {
             tracing::warn!(database = %target, error = %e, "postgres unreachable at start-up; will migrate when it answers");
             let retry = Arc::clone(&store);
             tokio::spawn(async move {
@@ -119,13 +124,13 @@ async fn postgres_store(config: &Config) -> anyhow::Result<Arc<PgStore>> {
         }
         Err(e) => return Err(anyhow::anyhow!("could not migrate {target}: {e}")),
     }
-    if config.store.session_ttl.is_some() {
-        store.spawn_ttl_sweeper(SWEEP_EVERY);
-    }
+    // Always: idempotency keys expire whether or not sessions do.
+    store.spawn_ttl_sweeper(SWEEP_EVERY);
     Ok(store)
 }
 
-/// How often expired PostgreSQL sessions are swept when a TTL is set.
+/// How often expired sessions (PostgreSQL, with a TTL) and idempotency keys (memory, PostgreSQL)
+/// are swept.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Builds the configured model.

@@ -33,7 +33,8 @@ pub struct Problem {
     pub detail: String,
     /// A stable machine-readable code.
     pub code: String,
-    /// The running turn, for `turn_in_progress`.
+    /// The turn concerned: the running one for `turn_in_progress`, the one whose outcome to read
+    /// later for `turn_outcome_unknown`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub turn_id: Option<Uuid>,
 }
@@ -86,6 +87,18 @@ pub enum AppError {
     /// 503: the service is shutting down.
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// 503: the turn lost its session lock (its lease ran out while this replica stalled, and
+    /// another turn may have taken the session): nothing more of it was saved.
+    #[error(
+        "the turn lost its hold on the session (its lease ran out) and was stopped; nothing more of it was saved"
+    )]
+    TurnAbandoned,
+    /// 503: the store did not say whether the turn's last write was applied; read the turn
+    /// (`GET /v1/sessions/{id}/turns/{turn_id}`) later to learn how it ended.
+    #[error(
+        "the conversation store did not confirm whether turn {0} was saved; read the turn later to learn its outcome"
+    )]
+    TurnOutcomeUnknown(Uuid),
     /// 408: the request took too long.
     #[error("the request took too long")]
     RequestTimeout,
@@ -127,7 +140,10 @@ impl AppError {
             | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
             AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            AppError::StoreUnavailable(_) | AppError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::StoreUnavailable(_)
+            | AppError::ShuttingDown
+            | AppError::TurnAbandoned
+            | AppError::TurnOutcomeUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -153,6 +169,8 @@ impl AppError {
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",
             AppError::ShuttingDown => "shutting_down",
+            AppError::TurnAbandoned => "turn_abandoned",
+            AppError::TurnOutcomeUnknown(_) => "turn_outcome_unknown",
             AppError::RequestTimeout => "request_timeout",
             AppError::Internal(_) => "internal_error",
             AppError::Unauthorized(_) => "unauthorized",
@@ -180,7 +198,9 @@ impl AppError {
             detail: self.public_detail(),
             code: self.code().to_owned(),
             turn_id: match self {
-                AppError::TurnInProgress(id) | AppError::TurnFinished(id) => Some(*id),
+                AppError::TurnInProgress(id)
+                | AppError::TurnFinished(id)
+                | AppError::TurnOutcomeUnknown(id) => Some(*id),
                 _ => None,
             },
         }
@@ -246,7 +266,7 @@ impl IntoResponse for AppError {
         response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         match self {
-            AppError::StoreUnavailable(_) | AppError::ShuttingDown => {
+            AppError::StoreUnavailable(_) | AppError::ShuttingDown | AppError::TurnOutcomeUnknown(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             AppError::Unauthorized(_) => {
@@ -280,7 +300,10 @@ impl From<StoreError> for AppError {
             StoreError::SessionExists => AppError::SessionExists(String::new()),
             StoreError::SessionLimitReached(max) => AppError::SessionLimitReached(max),
             StoreError::InvalidCursor => AppError::BadRequest("invalid cursor".to_owned()),
-            StoreError::Unavailable(detail) => AppError::StoreUnavailable(detail),
+            StoreError::Unavailable(detail) | StoreError::Unanswered(detail) => {
+                AppError::StoreUnavailable(detail)
+            }
+            StoreError::Fenced => AppError::TurnAbandoned,
             StoreError::Backend(detail) => AppError::Internal(detail),
         }
     }

@@ -11,24 +11,26 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use super::feed::TurnFeed;
-use super::registry::RegisterError;
+use super::registry::{RegisterError, TurnTokens};
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
 use crate::domain::{Turn, TurnStatus, WindowMessage, now};
 use crate::error::{AppError, Problem};
-use crate::store::{DynStore, IdempotencyBegin, IdempotencyRecord, TurnBegin};
+use crate::store::{AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, StoreError, TurnBegin};
 
 /// How often a running turn renews its lease and checks for cancel requests.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
 
 /// A session claimed for a turn, with what the turn needs from it.
 pub(super) struct Claimed {
-    /// Cancels the turn (from this replica's registry, or a cancel request seen in the store).
-    pub cancel: CancellationToken,
+    /// Gives the claim back (registry entry and store lock) however the turn ends.
+    pub guard: ClaimGuard,
+    /// Stops the turn: a cancel request (from this replica's registry, or seen in the store), or
+    /// the loss of its lock.
+    pub tokens: TurnTokens,
     /// The session's system prompt.
     pub system_prompt: Option<String>,
     /// The session's last messages, before the window is fitted.
@@ -115,7 +117,11 @@ impl Agent {
 
     /// Claims the session for a turn: the local registry, then the store lock (shared by
     /// replicas), which in the same store call loads the window and records the turn as running.
-    pub(super) async fn claim_session(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
+    pub(super) async fn claim_session(
+        self: &Arc<Self>,
+        input: &TurnInput,
+        turn: &Turn,
+    ) -> Result<Claimed, AppError> {
         if self.registry.is_closed() {
             return Err(AppError::ShuttingDown);
         }
@@ -126,29 +132,32 @@ impl Agent {
     }
 
     /// One attempt: 409 with the running turn's id if the session is busy here or elsewhere.
-    async fn try_claim(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
+    /// The registry entry is given back on every way out, a dropped request and a panic included
+    /// (the guard's drop), and so is the store's lock when the store may have granted it.
+    async fn try_claim(self: &Arc<Self>, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
         let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
-        let cancel = self.registry.register(tenant, session, turn.id).map_err(|e| match e {
+        let tokens = self.registry.register(tenant, session, turn.id).map_err(|e| match e {
             RegisterError::Busy(running) => AppError::TurnInProgress(running),
             RegisterError::Closed => AppError::ShuttingDown,
         })?;
+        let mut guard = ClaimGuard::new(self, tenant, session, turn.id);
         let (window, lease) = (self.settings.history_size, self.settings.turn_lease);
         let begun = self.store.begin_turn(tenant, turn, window, lease).await;
         match begun {
-            Ok(TurnBegin::Started { system_prompt, window }) => Ok(Claimed { cancel, system_prompt, window }),
+            Ok(TurnBegin::Started { system_prompt, window }) => {
+                Ok(Claimed { guard, tokens, system_prompt, window })
+            }
             Ok(TurnBegin::Busy(running)) => {
-                self.registry.finish(tenant, session, turn.id);
+                guard.lock_released = true;
                 Err(AppError::TurnInProgress(running))
             }
-            Err(e) => {
-                self.registry.finish(tenant, session, turn.id);
-                Err(AppError::from_store(e, session))
-            }
+            // The store may have granted the lock before it failed: the guard releases it.
+            Err(e) => Err(AppError::from_store(e, session)),
         }
     }
 
     /// Waits in arrival order (within this replica) for the session, up to the busy timeout.
-    async fn wait_to_claim(&self, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
+    async fn wait_to_claim(self: &Arc<Self>, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
         let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
         let deadline = Instant::now() + self.settings.if_busy_timeout;
         let queue = self.registry.queue(tenant, session);
@@ -241,19 +250,33 @@ impl Agent {
         if turns.keys.is_empty() {
             return;
         }
-        let statuses = match self.store.renew_turn_locks(&turns.keys, self.settings.turn_lease).await {
+        let lease = self.settings.turn_lease;
+        let sent = Instant::now();
+        let statuses = match self.store.renew_turn_locks(&turns.keys, lease).await {
             Ok(statuses) => statuses,
             Err(e) => {
                 tracing::warn!(turns = turns.keys.len(), error = %e, "could not renew the turn leases");
+                // A lease the store has not extended for longer than the lease may be another
+                // turn's by now: those turns stop (their writes would be refused anyway).
+                for (key, renewed) in turns.keys.iter().zip(&turns.renewed) {
+                    if sent.duration_since(*renewed) >= lease
+                        && self.registry.note_lost(&key.tenant, &key.session_id, key.turn_id)
+                    {
+                        tracing::warn!(turn.id = %key.turn_id, session.id = %key.session_id, "the turn's lease ran out while the store did not answer: stopping it");
+                    }
+                }
                 return;
             }
         };
         for ((key, cancel), status) in turns.keys.iter().zip(&turns.cancels).zip(statuses) {
             let (session, turn_id) = (&key.session_id, key.turn_id);
-            if status.cancel_requested {
-                cancel.cancel();
-            } else if !status.held && self.registry.note_lost(&key.tenant, session, turn_id) {
-                tracing::warn!(turn.id = %turn_id, session.id = %session, "the turn lost its session lock");
+            if status.held {
+                self.registry.note_renewed(&key.tenant, session, turn_id, sent);
+                if status.cancel_requested {
+                    cancel.cancel();
+                }
+            } else if self.registry.note_lost(&key.tenant, session, turn_id) {
+                tracing::warn!(turn.id = %turn_id, session.id = %session, "the turn lost its session lock: stopping it");
             }
         }
     }
@@ -264,21 +287,96 @@ impl Agent {
     }
 }
 
-/// Keeps trying to release a finished turn's lock (the store was down when it ended), so the
-/// session is free as soon as the store is back rather than when the lease runs out.
-pub(super) async fn release_when_possible(
+/// The margin parley takes, past `PARLEY_STORE_TIMEOUT`, to learn the outcome of a write the
+/// store did not answer (at most this, and never more than the store timeout itself).
+pub const OUTCOME_MARGIN: Duration = Duration::from_secs(1);
+
+/// A turn's claim on its session: its registry entry here, and the store's lock. Given back
+/// once, by [`ClaimGuard::give_back`] or on drop (a dropped request, a panic): the registry
+/// entry at once, and the store's lock, unless known gone, by a task that keeps trying while
+/// the lease lasts.
+pub(super) struct ClaimGuard {
+    agent: Arc<Agent>,
+    tenant: String,
+    session: String,
+    turn_id: Uuid,
+    /// Whether the store's lock is known to be gone (released with the turn's last write, or
+    /// never granted).
+    pub lock_released: bool,
+    /// A terminal record to write, fenced, in place of a plain release (the turn's last write
+    /// had no answer: writing the record settles whether it was applied).
+    pub settle: Option<Turn>,
+    armed: bool,
+}
+
+impl ClaimGuard {
+    fn new(agent: &Arc<Agent>, tenant: &str, session: &str, turn_id: Uuid) -> Self {
+        ClaimGuard {
+            agent: Arc::clone(agent),
+            tenant: tenant.to_owned(),
+            session: session.to_owned(),
+            turn_id,
+            lock_released: false,
+            settle: None,
+            armed: true,
+        }
+    }
+
+    /// Gives the claim back (once).
+    pub fn give_back(&mut self) {
+        if !std::mem::replace(&mut self.armed, false) {
+            return;
+        }
+        if !self.lock_released
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(settle_when_possible(
+                Arc::clone(self.agent.store()),
+                self.tenant.clone(),
+                self.session.clone(),
+                self.turn_id,
+                self.settle.take(),
+                self.agent.settings.turn_lease,
+            ));
+        }
+        self.agent.registry.finish(&self.tenant, &self.session, self.turn_id);
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        self.give_back();
+    }
+}
+
+/// Keeps trying to free a session whose turn ended while the store did not answer, so it is
+/// free as soon as the store is back rather than when the lease runs out: writes the turn's
+/// terminal record fenced with the lock's release (`settle`), or releases the lock. Gives up
+/// when the lease has run out (the lock is gone by itself then).
+pub(super) async fn settle_when_possible(
     store: DynStore,
     tenant: String,
     session: String,
     turn_id: Uuid,
+    settle: Option<Turn>,
     lease: Duration,
 ) {
     let deadline = Instant::now() + lease;
     while Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        if store.release_turn_lock(&tenant, &session, turn_id).await.is_ok() {
-            tracing::info!(turn.id = %turn_id, "session lock released after the store came back");
+        let done = match &settle {
+            Some(record) => {
+                let batch = AppendBatch { turn: Some(record.clone()), ..AppendBatch::default() };
+                match store.finish_turn(&tenant, &session, batch, turn_id).await {
+                    Ok(_) | Err(StoreError::Fenced | StoreError::SessionNotFound) => true,
+                    Err(_) => false,
+                }
+            }
+            None => store.release_turn_lock(&tenant, &session, turn_id).await.is_ok(),
+        };
+        if done {
+            tracing::info!(turn.id = %turn_id, "session lock given back after the store answered again");
             return;
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }

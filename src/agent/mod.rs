@@ -30,13 +30,13 @@ use uuid::Uuid;
 
 pub use events::{TurnEvent, TurnResult};
 use feed::TurnFeed;
-use registry::TurnRegistry;
+use registry::{TurnRegistry, TurnTokens};
 
 use crate::config::IfBusy;
 use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, WindowMessage, new_id, now};
 use crate::error::AppError;
 use crate::llm::{ChatRequest, DynModel, ModelError, ModelEvent, ModelOutput, PromptMessage};
-use crate::store::{AppendBatch, DynStore};
+use crate::store::{AppendBatch, DynStore, StoreError};
 use crate::tools::ToolRegistry;
 
 /// How the agent loop behaves.
@@ -58,6 +58,9 @@ pub struct AgentSettings {
     pub if_busy_timeout: Duration,
     /// How long idempotency keys are remembered.
     pub idempotency_ttl: Duration,
+    /// The store's time limit per call (`PARLEY_STORE_TIMEOUT`): bounds how long the agent waits
+    /// to learn the outcome of a write the store did not answer.
+    pub store_timeout: Duration,
 }
 
 impl Default for AgentSettings {
@@ -71,6 +74,7 @@ impl Default for AgentSettings {
             turn_lease: Duration::from_secs(15),
             if_busy_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            store_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -116,38 +120,37 @@ pub struct StartedTurn {
     pub outcome: TurnRun,
 }
 
-/// A turn's run, to await for its outcome. The turn runs inside the task that awaits it (no
-/// task of its own, no wake-up across tasks for a JSON answer); dropping it before the end does
-/// not stop the turn: the rest then runs in a task of its own. Either way the turn counts as
-/// running for graceful shutdown.
-pub struct TurnRun {
-    run: Option<futures::future::BoxFuture<'static, Result<TurnResult, AppError>>>,
+/// Work that runs to its end once started, whoever waits for it: awaited, it runs inside the
+/// task that awaits it (no task of its own, no wake-up across tasks); dropped before the end
+/// (the client went away), the rest runs in a task of its own. Either way it counts as running
+/// for graceful shutdown.
+pub struct RunToEnd<T: Send + 'static> {
+    run: Option<futures::future::BoxFuture<'static, T>>,
     tracker: TaskTracker,
     _running: TaskTrackerToken,
 }
 
-impl TurnRun {
-    fn new(
-        run: impl Future<Output = Result<TurnResult, AppError>> + Send + 'static,
-        tracker: &TaskTracker,
-    ) -> Self {
-        TurnRun { run: Some(Box::pin(run)), tracker: tracker.clone(), _running: tracker.token() }
+/// A turn's run, to await for its outcome; dropping it before the end does not stop the turn.
+pub type TurnRun = RunToEnd<Result<TurnResult, AppError>>;
+
+impl<T: Send + 'static> RunToEnd<T> {
+    /// Starts owning `run`.
+    pub fn new(run: impl Future<Output = T> + Send + 'static, tracker: &TaskTracker) -> Self {
+        RunToEnd { run: Some(Box::pin(run)), tracker: tracker.clone(), _running: tracker.token() }
     }
 }
 
-impl std::fmt::Debug for TurnRun {
+impl<T: Send + 'static> std::fmt::Debug for RunToEnd<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TurnRun").field("done", &self.run.is_none()).finish()
+        f.debug_struct("RunToEnd").field("done", &self.run.is_none()).finish()
     }
 }
 
-impl Future for TurnRun {
-    type Output = Result<TurnResult, AppError>;
+impl<T: Send + 'static> Future for RunToEnd<T> {
+    type Output = T;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        let Some(run) = self.run.as_mut() else {
-            return std::task::Poll::Ready(Err(AppError::Internal("the turn's outcome was taken".into())));
-        };
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<T> {
+        let run = self.run.as_mut().expect("a RunToEnd is not polled after it completed");
         let outcome = run.as_mut().poll(cx);
         if outcome.is_ready() {
             self.run = None;
@@ -156,7 +159,7 @@ impl Future for TurnRun {
     }
 }
 
-impl TurnRun {
+impl RunToEnd<Result<TurnResult, AppError>> {
     /// The turn's events, with the turn run by whoever reads them: a streaming client's
     /// connection runs its turn, so each event is written in the poll that produced it, with no
     /// wake-up of another task in between. If the reader goes away first, the turn goes on in a
@@ -191,14 +194,17 @@ impl<S: futures::Stream<Item = TurnEvent> + Unpin> futures::Stream for Driven<S>
     }
 }
 
-impl Drop for TurnRun {
+impl<T: Send + 'static> Drop for RunToEnd<T> {
     fn drop(&mut self) {
-        // Unwinding from a panic inside the turn: it cannot be resumed.
+        // Unwinding from a panic inside the work: it cannot be resumed (its guards give back
+        // what it held).
         if std::thread::panicking() {
             return;
         }
         if let Some(rest) = self.run.take() {
-            self.tracker.spawn(rest);
+            self.tracker.spawn(async move {
+                drop(rest.await);
+            });
         }
     }
 }
@@ -242,8 +248,8 @@ struct TurnState {
     closing: Vec<TurnEvent>,
     /// The request's idempotency key, settled when the turn ends.
     idempotency_key: Option<String>,
-    /// Whether the store released the session lock with the turn's last append.
-    lock_released: bool,
+    /// The turn's claim on its session, given back when the turn ends (or is dropped).
+    claim: claim::ClaimGuard,
 }
 
 impl TurnState {
@@ -304,6 +310,8 @@ enum Stop {
     Error(AppError),
     /// It was cancelled.
     Cancelled,
+    /// Its last write got no answer from the store: whether it was applied is not known yet.
+    Unanswered(AppError),
 }
 
 impl From<AppError> for Stop {
@@ -316,6 +324,8 @@ impl From<AppError> for Stop {
 /// write is never half-done by an interruption).
 struct Interrupt {
     cancel: CancellationToken,
+    /// Fires when the turn lost its session lock: it stops without saving anything more.
+    lost: CancellationToken,
     deadline: tokio::time::Instant,
     timeout: Duration,
 }
@@ -327,6 +337,7 @@ impl Interrupt {
         tokio::select! {
             biased;
             out = work => Ok(out),
+            _ = self.lost.cancelled() => Err(Stop::Error(AppError::TurnAbandoned)),
             _ = self.cancel.cancelled() => Err(Stop::Cancelled),
             _ = tokio::time::sleep_until(self.deadline) => Err(Stop::Error(AppError::UpstreamTimeout(format!(
                 "the turn exceeded its time limit of {} s (PARLEY_TURN_TIMEOUT)",
@@ -365,8 +376,16 @@ impl Agent {
         &self.settings
     }
 
-    /// Starts a turn: claims the session, records the turn as running and spawns the loop.
-    pub async fn start_turn(self: &Arc<Self>, mut input: TurnInput) -> Result<TurnStart, AppError> {
+    /// Starts a turn: claims the session, records the turn as running and hands the turn to its
+    /// run. Once called, the start runs to its end even if the caller goes away (the request's
+    /// connection closed): then the turn runs to its end too, in a task of its own, and is saved
+    /// (a disconnect is not a cancel). Nothing of a request is left half-done.
+    pub async fn start_turn(self: &Arc<Self>, input: TurnInput) -> Result<TurnStart, AppError> {
+        let agent = Arc::clone(self);
+        RunToEnd::new(async move { agent.begin(input).await }, self.registry.tracker()).await
+    }
+
+    async fn begin(self: Arc<Self>, mut input: TurnInput) -> Result<TurnStart, AppError> {
         let turn = Turn::start(&input.session_id);
         if input.idempotency_key.is_some() {
             // The key is remembered with the session: a missing session is a 404 before anything.
@@ -383,8 +402,12 @@ impl Agent {
         match self.launch(&mut input, turn).await {
             Ok(started) => Ok(TurnStart::Started(started)),
             Err(e) => {
-                if let Some(key) = &input.idempotency_key {
-                    let _ = self.store.abort_idempotent(&input.tenant, &input.session_id, key).await;
+                if let Some(key) = input.idempotency_key.take() {
+                    // In the background: the answer does not wait for a store that may be down.
+                    let (store, tenant, session) = (Arc::clone(&self.store), input.tenant, input.session_id);
+                    tokio::spawn(async move {
+                        let _ = store.abort_idempotent(&tenant, &session, &key).await;
+                    });
                 }
                 Err(e)
             }
@@ -392,7 +415,7 @@ impl Agent {
     }
 
     /// Claims the session (which also loads the window and records the turn as running in the
-    /// store, in one step) and spawns the turn.
+    /// store, in one step) and hands the turn to its run.
     async fn launch(self: &Arc<Self>, input: &mut TurnInput, turn: Turn) -> Result<StartedTurn, AppError> {
         let claimed = self.claim_session(input, &turn).await?;
         let turn_id = turn.id;
@@ -403,7 +426,7 @@ impl Agent {
         self.keeper.get_or_init(|| {
             tokio::spawn(claim::keep_leases(Arc::downgrade(self), self.renew_every()));
         });
-        let state = new_state(input, turn, prompt, feed.clone());
+        let state = new_state(input, turn, prompt, feed.clone(), claimed.guard);
         let session = &input.session_id;
         state.emit(|| TurnEvent::Started {
             turn_id,
@@ -411,8 +434,8 @@ impl Agent {
             user_message: state.pending[0].clone(),
         });
         let agent = Arc::clone(self);
-        let cancel = claimed.cancel;
-        let outcome = TurnRun::new(async move { agent.drive(state, cancel).await }, self.registry.tracker());
+        let tokens = claimed.tokens;
+        let outcome = TurnRun::new(async move { agent.drive(state, tokens).await }, self.registry.tracker());
         Ok(StartedTurn { turn_id, feed, outcome })
     }
 
@@ -430,57 +453,61 @@ impl Agent {
         prompt
     }
 
-    /// Runs the loop to its end (completed, failed, cancelled or timed out) and records it.
+    /// Runs the loop to its end (completed, failed, cancelled or timed out) and records it. A
+    /// panic inside the loop (a provider, a tool, a parser) ends the turn `failed` with
+    /// `internal_error` like any other failure.
     async fn drive(
         self: Arc<Self>,
         mut state: TurnState,
-        cancel: CancellationToken,
+        tokens: TurnTokens,
     ) -> Result<TurnResult, AppError> {
+        use futures::FutureExt;
         let timeout = self.settings.turn_timeout;
-        let interrupt = Interrupt { cancel, deadline: tokio::time::Instant::now() + timeout, timeout };
-        let result = match self.run(&mut state, &interrupt).await {
-            Ok(result) => Ok(result),
-            Err(Stop::Error(e)) => Err(self.fail(&mut state, e).await),
-            Err(Stop::Cancelled) => self.save_cancelled(&mut state).await,
+        let deadline = tokio::time::Instant::now() + timeout;
+        let interrupt = Interrupt { cancel: tokens.cancel, lost: tokens.lost, deadline, timeout };
+        let run = std::panic::AssertUnwindSafe(self.run(&mut state, &interrupt)).catch_unwind().await;
+        let result = match run {
+            Ok(Ok(result)) => Ok(result),
+            Ok(Err(Stop::Error(e))) => Err(self.fail(&mut state, e).await),
+            Ok(Err(Stop::Cancelled)) => self.save_cancelled(&mut state).await,
+            Ok(Err(Stop::Unanswered(e))) => self.resolve_unanswered(&mut state, e).await,
+            Err(panic) => {
+                let what = panic_message(panic.as_ref());
+                tracing::error!(turn.id = %state.turn.id, panic = %what, "the turn panicked");
+                Err(self.fail(&mut state, AppError::Internal(format!("the turn panicked: {what}"))).await)
+            }
         };
         self.settle_idempotency(&state, &result).await;
-        let (tenant, session, turn_id) = (&state.tenant, state.session_id(), state.turn.id);
-        if !state.lock_released
-            && let Err(e) = self.store.release_turn_lock(tenant, session, turn_id).await
-        {
-            tracing::warn!(turn.id = %turn_id, error = %e, "could not release the session lock; retrying");
-            let lease = self.settings.turn_lease;
-            tokio::spawn(claim::release_when_possible(
-                Arc::clone(&self.store),
-                tenant.clone(),
-                session.to_owned(),
-                turn_id,
-                lease,
-            ));
-        }
-        self.registry.finish(tenant, session, turn_id);
+        state.claim.give_back();
         state.flush_closing();
         result
     }
 
-    /// Saves the answer for the turn's idempotency key, or forgets the key if the turn failed.
+    /// Saves the answer for the turn's idempotency key, or forgets the key if the turn failed
+    /// before storing anything (in the background: the answer does not wait for it). A turn whose
+    /// outcome is unknown keeps its key, so a retry learns the outcome instead of running again.
     async fn settle_idempotency(&self, state: &TurnState, result: &Result<TurnResult, AppError>) {
         let Some(key) = &state.idempotency_key else { return };
         let (tenant, session) = (&state.tenant, state.session_id());
-        let saved = match result {
-            Ok(answer) => match serde_json::to_value(answer) {
-                Ok(value) => {
-                    self.store
-                        .complete_idempotent(tenant, session, key, &value, self.settings.idempotency_ttl)
-                        .await
+        match result {
+            Ok(answer) => {
+                let Ok(value) = serde_json::to_value(answer) else { return };
+                let ttl = self.settings.idempotency_ttl;
+                if let Err(e) = self.store.complete_idempotent(tenant, session, key, &value, ttl).await {
+                    tracing::warn!(turn.id = %state.turn.id, error = %e, "could not save the idempotency record");
                 }
-                Err(_) => Ok(()),
-            },
-            Err(_) if state.stored.is_empty() => self.store.abort_idempotent(tenant, session, key).await,
-            Err(_) => Ok(()),
-        };
-        if let Err(e) = saved {
-            tracing::warn!(turn.id = %state.turn.id, error = %e, "could not save the idempotency record");
+            }
+            Err(AppError::TurnOutcomeUnknown(_)) => {}
+            Err(_) if state.stored.is_empty() => {
+                let (store, tenant, session, key) =
+                    (Arc::clone(&self.store), tenant.clone(), session.to_owned(), key.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = store.abort_idempotent(&tenant, &session, &key).await {
+                        tracing::warn!(error = %e, "could not forget the idempotency key of a failed turn");
+                    }
+                });
+            }
+            Err(_) => {}
         }
     }
 
@@ -508,7 +535,7 @@ impl Agent {
             state.partial_text.clear();
             break;
         }
-        Ok(self.complete(state).await?)
+        self.complete(state).await
     }
 
     /// One model call, streaming its text to the client as it comes.
@@ -556,20 +583,26 @@ impl Agent {
         }
     }
 
-    /// Appends the pending messages of a finished tool round (save-on-iteration).
+    /// Appends the pending messages of a finished tool round (save-on-iteration), fenced: only
+    /// while the turn holds its session.
     async fn save_round(&self, state: &mut TurnState) -> Result<(), AppError> {
         let mut turn = state.turn.clone();
         turn.message_ids = state.turn_messages().map(|m| m.id).collect();
         turn.usage = state.usage;
-        let batch = AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(turn.clone()) };
+        let batch = AppendBatch {
+            messages: std::mem::take(&mut state.pending),
+            turn: Some(turn.clone()),
+            fence: Some(turn.id),
+        };
         let stored = self.store.append(&state.tenant, state.session_id(), batch).await?;
         state.stored.extend(stored);
         state.turn = turn;
         Ok(())
     }
 
-    /// Appends the rest of the turn with its completed record.
-    async fn complete(&self, state: &mut TurnState) -> Result<TurnResult, AppError> {
+    /// Appends the rest of the turn with its completed record, fenced, releasing the session in
+    /// the same step.
+    async fn complete(&self, state: &mut TurnState) -> Result<TurnResult, Stop> {
         let turn_id = state.turn.id;
         let completed_at = Some(now());
         let record = Turn {
@@ -581,38 +614,50 @@ impl Agent {
         };
         // On failure the batch is gone with the error, but `pending` is not needed any more:
         // the turn fails, and a failed turn saves nothing more.
-        let batch = AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(record) };
-        let finished = self.store.finish_turn(&state.tenant, state.session_id(), batch, turn_id).await?;
-        state.lock_released = finished.lock_released;
+        let batch =
+            AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(record), fence: None };
+        let finished = match self.store.finish_turn(&state.tenant, state.session_id(), batch, turn_id).await {
+            Ok(finished) => finished,
+            Err(e) if e.outcome_unknown() => return Err(Stop::Unanswered(e.into())),
+            Err(e) => return Err(Stop::Error(e.into())),
+        };
+        state.claim.lock_released = finished.lock_released;
         state.stored.extend(finished.messages);
         state.turn.status = TurnStatus::Completed;
         state.turn.message_ids = state.stored.iter().map(|m| m.id).collect();
         state.turn.usage = state.usage;
         state.turn.completed_at = completed_at;
-        let usage = state.usage;
+        Ok(self.answer(state, TurnStatus::Completed))
+    }
+
+    /// The answer of a saved turn, and its closing events for a streaming client.
+    fn answer(&self, state: &mut TurnState, status: TurnStatus) -> TurnResult {
+        let (turn_id, usage) = (state.turn.id, state.usage);
         if state.events.is_none() {
             // A JSON answer: the stored messages go to the client, nothing else needs them.
-            return Ok(TurnResult { turn_id, messages: std::mem::take(&mut state.stored), usage });
-        }
-        if let Some(last) = state.stored.last() {
-            let message = last.clone();
-            state.emit_last(|_| TurnEvent::MessageCompleted { turn_id, message });
+            return TurnResult { turn_id, messages: std::mem::take(&mut state.stored), usage };
         }
         let result = TurnResult { turn_id, messages: state.stored.clone(), usage };
         let messages = &result.messages;
+        if status == TurnStatus::Cancelled {
+            state.emit_last(|_| TurnEvent::Cancelled { turn_id, messages: messages.clone() });
+            return result;
+        }
+        if let Some(last) = messages.last() {
+            let message = last.clone();
+            state.emit_last(|_| TurnEvent::MessageCompleted { turn_id, message });
+        }
         state.emit_last(|_| TurnEvent::Completed { turn_id, messages: messages.clone(), usage });
-        Ok(result)
+        result
     }
 
-    /// Records a failure (best effort: the store may be the thing that failed) and reports it.
+    /// Records a failure and reports it: the failed record, fenced, releasing the session in the
+    /// same step; a turn that no longer holds its session writes the record alone, which changes
+    /// nothing if the turn already ended (a terminal record never changes).
     async fn fail(&self, state: &mut TurnState, error: AppError) -> AppError {
         let problem = error.problem();
-        state.turn.status = TurnStatus::Failed;
-        state.turn.error = serde_json::to_value(&problem).ok();
-        state.turn.message_ids = state.stored.iter().map(|m| m.id).collect();
-        state.turn.usage = state.usage;
-        state.turn.completed_at = Some(now());
-        if let Err(e) = self.store.put_turn(&state.tenant, &state.turn).await {
+        self.mark_failed(state, &problem);
+        if let Err(e) = self.write_failure(state).await {
             tracing::warn!(turn.id = %state.turn.id, error = %e, "could not record the failed turn");
         }
         tracing::info!(turn.id = %state.turn.id, session.id = %state.turn.session_id, error.code = error.code(), "turn failed");
@@ -620,8 +665,110 @@ impl Agent {
         error
     }
 
+    fn mark_failed(&self, state: &mut TurnState, problem: &crate::error::Problem) {
+        state.turn.status = TurnStatus::Failed;
+        state.turn.error = serde_json::to_value(problem).ok();
+        state.turn.message_ids = state.stored.iter().map(|m| m.id).collect();
+        state.turn.usage = state.usage;
+        state.turn.completed_at = Some(now());
+    }
+
+    /// Writes the failed record (see [`Agent::fail`]).
+    async fn write_failure(&self, state: &mut TurnState) -> Result<(), StoreError> {
+        let (tenant, session, turn_id) = (&state.tenant, state.turn.session_id.as_str(), state.turn.id);
+        let batch = AppendBatch { turn: Some(state.turn.clone()), ..AppendBatch::default() };
+        match self.store.finish_turn(tenant, session, batch, turn_id).await {
+            Ok(finished) => {
+                state.claim.lock_released = finished.lock_released;
+                Ok(())
+            }
+            Err(StoreError::Fenced) => {
+                // The lock is not the turn's any more: nothing of it to release.
+                state.claim.lock_released = true;
+                self.store.put_turn(tenant, &state.turn).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The turn's last write got no answer. Settles it within [`claim::OUTCOME_MARGIN`]: writes
+    /// the failed record fenced (if that is applied, the earlier write cannot be any more, since
+    /// it was fenced by the lock this one releases); if the fence refuses it, the earlier write
+    /// was applied (or the lease ran out): the record says which. If the store still does not
+    /// answer, the client is told `turn_outcome_unknown` and the settling goes on in the
+    /// background; the record is never marked failed for a turn that was saved.
+    async fn resolve_unanswered(
+        &self,
+        state: &mut TurnState,
+        error: AppError,
+    ) -> Result<TurnResult, AppError> {
+        let margin = claim::OUTCOME_MARGIN.min(self.store_timeout());
+        let problem = error.problem();
+        self.mark_failed(state, &problem);
+        let settled = tokio::time::timeout(margin, self.settle_or_read(state)).await;
+        match settled {
+            Ok(Ok(None)) => {
+                tracing::info!(turn.id = %state.turn.id, "turn failed: its last write got no answer, and was not applied");
+                state.emit_last(|s| TurnEvent::Failed { turn_id: s.turn.id, error: problem });
+                Err(error)
+            }
+            Ok(Ok(Some(turn))) if matches!(turn.status, TurnStatus::Completed | TurnStatus::Cancelled) => {
+                let stored = self.turn_messages(state, &turn).await;
+                state.stored = stored;
+                state.turn = turn;
+                let status = state.turn.status;
+                Ok(self.answer(state, status))
+            }
+            Ok(Ok(Some(turn))) => {
+                state.turn = turn;
+                let e = AppError::TurnAbandoned;
+                state.emit_last(|s| TurnEvent::Failed { turn_id: s.turn.id, error: e.problem() });
+                Err(e)
+            }
+            Ok(Err(_)) | Err(_) => {
+                state.claim.settle = Some(state.turn.clone());
+                let e = AppError::TurnOutcomeUnknown(state.turn.id);
+                tracing::warn!(turn.id = %state.turn.id, "the store did not confirm the turn's last write");
+                state.emit_last(|s| TurnEvent::Failed { turn_id: s.turn.id, error: e.problem() });
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the failed record fenced; `None` if it was applied, else the turn's record as the
+    /// store has it (the fence refused: the turn's earlier write was applied, or its lease ran
+    /// out).
+    async fn settle_or_read(&self, state: &mut TurnState) -> Result<Option<Turn>, StoreError> {
+        let (tenant, turn_id) = (state.tenant.clone(), state.turn.id);
+        let batch = AppendBatch { turn: Some(state.turn.clone()), ..AppendBatch::default() };
+        match self.store.finish_turn(&tenant, state.session_id(), batch, turn_id).await {
+            Ok(finished) => {
+                state.claim.lock_released = finished.lock_released;
+                Ok(None)
+            }
+            Err(StoreError::Fenced) => {
+                state.claim.lock_released = true;
+                let turn = self.store.get_turn(&tenant, state.session_id(), turn_id).await?;
+                Ok(Some(turn.unwrap_or_else(|| state.turn.clone())))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The stored messages of a turn, with their seqs, read back from the end of the history.
+    async fn turn_messages(&self, state: &TurnState, turn: &Turn) -> Vec<Message> {
+        let recent = self.store.last_n(&state.tenant, state.session_id(), 1000).await.unwrap_or_default();
+        recent.into_iter().filter(|m| m.turn_id == turn.id).collect()
+    }
+
+    /// The store's time limit per call, as the agent was told it.
+    fn store_timeout(&self) -> Duration {
+        self.settings.store_timeout
+    }
+
     /// Saves what a cancelled turn produced: the user message, finished tool rounds, and the
-    /// partial assistant text marked `status: cancelled` (none if the model had said nothing).
+    /// partial assistant text marked `status: cancelled` (none if the model had said nothing),
+    /// fenced, releasing the session in the same step.
     async fn save_cancelled(&self, state: &mut TurnState) -> Result<TurnResult, AppError> {
         // A round whose tool results are not all in is dropped, so no tool call is left unanswered.
         if let Some(pos) = state.pending.iter().rposition(Message::calls_tools) {
@@ -643,15 +790,31 @@ impl Agent {
         turn.message_ids = state.turn_messages().map(|m| m.id).collect();
         turn.usage = state.usage;
         turn.completed_at = Some(now());
-        let batch = AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(turn.clone()) };
-        match self.store.append(&state.tenant, state.session_id(), batch).await {
-            Ok(stored) => state.stored.extend(stored),
+        let batch = AppendBatch {
+            messages: std::mem::take(&mut state.pending),
+            turn: Some(turn.clone()),
+            fence: None,
+        };
+        match self.store.finish_turn(&state.tenant, state.session_id(), batch, turn.id).await {
+            Ok(finished) => {
+                state.claim.lock_released = finished.lock_released;
+                state.stored.extend(finished.messages);
+            }
+            Err(e) if e.outcome_unknown() => return self.resolve_unanswered(state, e.into()).await,
             Err(e) => return Err(self.fail(state, e.into()).await),
         }
         state.turn = turn;
-        state.emit_last(|s| TurnEvent::Cancelled { turn_id: s.turn.id, messages: s.stored.clone() });
-        Ok(TurnResult { turn_id: state.turn.id, messages: state.stored.clone(), usage: state.usage })
+        Ok(self.answer(state, TurnStatus::Cancelled))
     }
+}
+
+/// The text of a caught panic.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic without a message".to_owned())
 }
 
 /// The state of a turn that starts: the user's message takes the input's text and metadata.
@@ -660,6 +823,7 @@ fn new_state(
     turn: Turn,
     prompt: Vec<PromptMessage>,
     events: Option<Arc<TurnFeed>>,
+    claim: claim::ClaimGuard,
 ) -> TurnState {
     let mut user = Message::new(&input.session_id, turn.id, Role::User, std::mem::take(&mut input.content));
     user.metadata = std::mem::take(&mut input.metadata);
@@ -675,7 +839,7 @@ fn new_state(
         events,
         closing: Vec::new(),
         idempotency_key: input.idempotency_key.clone(),
-        lock_released: false,
+        claim,
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::feed::TurnFeed;
@@ -44,23 +45,36 @@ pub struct TurnRegistry {
 #[derive(Debug, Clone)]
 struct RunningTurn {
     turn_id: Uuid,
-    cancel: CancellationToken,
+    /// Its tokens: a cancel request, and the loss of its lock.
+    tokens: TurnTokens,
     /// Its events, when they are kept.
     feed: Option<Arc<TurnFeed>>,
     /// Whether it holds the store's lock (from [`TurnRegistry::started`] on): only then is its
     /// lease renewed.
     claimed: bool,
-    /// Whether the lease keeper found it had lost the lock (warned once).
-    lost: bool,
+    /// When its lease was last known to be extended (the claim, or a renewal's request); once
+    /// longer ago than the lease, the lock may be another turn's.
+    renewed: Instant,
 }
 
-/// The turns whose leases the keeper renews, and what cancels each (same order).
+/// What stops a running turn early.
+#[derive(Debug, Clone, Default)]
+pub struct TurnTokens {
+    /// Someone asked for the turn to stop (it saves what it has).
+    pub cancel: CancellationToken,
+    /// The turn lost its session lock (its lease ran out): it stops and saves nothing more.
+    pub lost: CancellationToken,
+}
+
+/// The turns whose leases the keeper renews, and what each needs (same order).
 #[derive(Debug, Default)]
 pub struct LeasedTurns {
     /// Which turns.
     pub keys: Vec<LeaseKey>,
     /// What cancels each.
     pub cancels: Vec<CancellationToken>,
+    /// When each lease was last known to be extended.
+    pub renewed: Vec<Instant>,
 }
 
 /// Why a turn could not be registered.
@@ -108,12 +122,7 @@ impl TurnRegistry {
     }
 
     /// Registers a turn; fails if the session already runs one or shutdown has begun.
-    pub fn register(
-        &self,
-        tenant: &str,
-        session: &str,
-        turn_id: Uuid,
-    ) -> Result<CancellationToken, RegisterError> {
+    pub fn register(&self, tenant: &str, session: &str, turn_id: Uuid) -> Result<TurnTokens, RegisterError> {
         if self.closed.load(Ordering::SeqCst) {
             return Err(RegisterError::Closed);
         }
@@ -125,10 +134,16 @@ impl TurnRegistry {
         if let Some(existing) = sessions.get(session) {
             return Err(RegisterError::Busy(existing.turn_id));
         }
-        let cancel = CancellationToken::new();
-        let turn = RunningTurn { turn_id, cancel: cancel.clone(), feed: None, claimed: false, lost: false };
+        let tokens = TurnTokens::default();
+        let turn = RunningTurn {
+            turn_id,
+            tokens: tokens.clone(),
+            feed: None,
+            claimed: false,
+            renewed: Instant::now(),
+        };
         sessions.insert(session.to_owned(), turn);
-        Ok(cancel)
+        Ok(tokens)
     }
 
     /// The queue of turns waiting for this session (tokio's mutex is fair: first come, first served).
@@ -162,6 +177,7 @@ impl TurnRegistry {
             if r.turn_id == turn_id {
                 r.feed = feed;
                 r.claimed = true;
+                r.renewed = Instant::now();
             }
         });
     }
@@ -175,22 +191,34 @@ impl TurnRegistry {
                     let key =
                         LeaseKey { tenant: tenant.clone(), session_id: session.clone(), turn_id: r.turn_id };
                     leased.keys.push(key);
-                    leased.cancels.push(r.cancel.clone());
+                    leased.cancels.push(r.tokens.cancel.clone());
+                    leased.renewed.push(r.renewed);
                 }
             }
         }
         leased
     }
 
-    /// Notes that a running turn lost its lock; true the first time (to warn once), false if
-    /// noted before or if the turn is not running here any more (it just ended).
+    /// Notes that a running turn lost its lock, which stops it; true the first time (to warn
+    /// once), false if noted before or if the turn is not running here any more (it just ended).
     pub fn note_lost(&self, tenant: &str, session: &str, turn_id: Uuid) -> bool {
         self.with_turn(tenant, session, |r| {
-            let first = r.turn_id == turn_id && !r.lost;
-            r.lost |= first;
+            let first = r.turn_id == turn_id && !r.tokens.lost.is_cancelled();
+            if first {
+                r.tokens.lost.cancel();
+            }
             first
         })
         .unwrap_or(false)
+    }
+
+    /// Notes that a running turn's lease was extended by a renewal sent at `at`.
+    pub fn note_renewed(&self, tenant: &str, session: &str, turn_id: Uuid, at: Instant) {
+        self.with_turn(tenant, session, |r| {
+            if r.turn_id == turn_id {
+                r.renewed = at;
+            }
+        });
     }
 
     /// The events of a turn running here, if they are kept.
@@ -208,7 +236,7 @@ impl TurnRegistry {
     pub fn cancel(&self, tenant: &str, session: &str, turn_id: Uuid) -> bool {
         self.with_turn(tenant, session, |r| {
             if r.turn_id == turn_id {
-                r.cancel.cancel();
+                r.tokens.cancel.cancel();
             }
             r.turn_id == turn_id
         })
@@ -239,7 +267,7 @@ impl TurnRegistry {
             .collect();
         tracing::warn!(turns = running.len(), "grace period over: cancelling running turns");
         for turn in running {
-            turn.cancel.cancel();
+            turn.tokens.cancel.cancel();
         }
         self.tracker.wait().await;
     }
@@ -254,7 +282,7 @@ mod tests {
         let r = TurnRegistry::new();
         let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
         r.register("t", "s", a).unwrap();
-        assert_eq!(r.register("t", "s", b), Err(RegisterError::Busy(a)));
+        assert_eq!(r.register("t", "s", b).err(), Some(RegisterError::Busy(a)));
         assert!(r.register("t2", "s", b).is_ok(), "another tenant's session is another session");
         assert!(r.register("t", "s2", b).is_ok());
         r.finish("t", "s", a);
@@ -265,11 +293,15 @@ mod tests {
     fn cancel_reaches_only_the_named_turn() {
         let r = TurnRegistry::new();
         let a = Uuid::now_v7();
-        let token = r.register("t", "s", a).unwrap();
+        let tokens = r.register("t", "s", a).unwrap();
         assert!(!r.cancel("t", "s", Uuid::now_v7()));
-        assert!(!token.is_cancelled());
+        assert!(!tokens.cancel.is_cancelled());
         assert!(r.cancel("t", "s", a));
-        assert!(token.is_cancelled());
+        assert!(tokens.cancel.is_cancelled());
+        assert!(!tokens.lost.is_cancelled(), "a cancel is not a lost lock");
+        assert!(r.note_lost("t", "s", a));
+        assert!(tokens.lost.is_cancelled());
+        assert!(!r.note_lost("t", "s", a), "noted once");
     }
 
     #[test]
@@ -301,6 +333,6 @@ mod tests {
     async fn shutdown_refuses_new_turns() {
         let r = TurnRegistry::new();
         r.shutdown(Duration::from_millis(10)).await;
-        assert_eq!(r.register("t", "s", Uuid::now_v7()), Err(RegisterError::Closed));
+        assert_eq!(r.register("t", "s", Uuid::now_v7()).err(), Some(RegisterError::Closed));
     }
 }

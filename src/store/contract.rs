@@ -69,7 +69,7 @@ pub fn pair(session: &str, text: &str) -> Vec<Message> {
 }
 
 async fn append(store: &DynStore, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
-    store.append(tenant, session, AppendBatch { messages, turn: None }).await.expect("append")
+    store.append(tenant, session, AppendBatch { messages, turn: None, fence: None }).await.expect("append")
 }
 
 async fn fill(store: &DynStore, session: &str, count: usize) {
@@ -345,7 +345,10 @@ where
     turn.message_ids = messages.iter().map(|m| m.id).collect();
     turn.usage = Some(crate::domain::Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
     turn.completed_at = Some(crate::domain::now());
-    store.append(TENANT, "s1", AppendBatch { messages, turn: Some(turn.clone()) }).await.unwrap();
+    store
+        .append(TENANT, "s1", AppendBatch { messages, turn: Some(turn.clone()), fence: None })
+        .await
+        .unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
     let mut failed = Turn::start("s1");
     failed.status = TurnStatus::Failed;
@@ -371,7 +374,9 @@ where
         )
         .await;
     assert!(matches!(again, Err(StoreError::SessionExists)));
-    let lost = store.append(TENANT, "nope", AppendBatch { messages: pair("nope", "x"), turn: None }).await;
+    let lost = store
+        .append(TENANT, "nope", AppendBatch { messages: pair("nope", "x"), turn: None, fence: None })
+        .await;
     assert!(matches!(lost, Err(StoreError::SessionNotFound)));
     assert!(store.get_session(TENANT, "nope").await.unwrap().is_none());
     let page = store.read_page(TENANT, "nope", query(5, Order::Asc, None, None)).await;
@@ -446,8 +451,9 @@ where
     assert!(matches!(page, Err(StoreError::SessionNotFound)));
     assert!(matches!(store.last_n(b, "private", 10).await, Err(StoreError::SessionNotFound)));
     assert!(store.get_turn(b, "private", turn.id).await.unwrap().is_none());
-    let written =
-        store.append(b, "private", AppendBatch { messages: pair("private", "x"), turn: None }).await;
+    let written = store
+        .append(b, "private", AppendBatch { messages: pair("private", "x"), turn: None, fence: None })
+        .await;
     assert!(matches!(written, Err(StoreError::SessionNotFound)));
     assert!(matches!(store.clear(b, "private").await, Err(StoreError::SessionNotFound)));
     assert!(store.put_turn(b, &Turn::start("private")).await.is_err());
@@ -718,7 +724,7 @@ where
     let messages = pair("s1", "hello");
     turn.status = TurnStatus::Completed;
     turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()) };
+    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()), fence: None };
     let finished = store.finish_turn(TENANT, "s1", batch, turn.id).await.unwrap();
     assert!(finished.lock_released);
     assert_eq!(seqs(&finished.messages), vec![1, 2]);
@@ -728,15 +734,123 @@ where
 
     let holder = Turn::start("s1");
     assert!(matches!(store.begin_turn(TENANT, &holder, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
-    let late = AppendBatch { messages: pair("s1", "late"), turn: None };
-    store.finish_turn(TENANT, "s1", late, turn.id).await.unwrap();
+    let late = AppendBatch { messages: pair("s1", "late"), turn: None, fence: None };
+    assert!(matches!(store.finish_turn(TENANT, "s1", late, turn.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(holder.id), "not its claim");
-    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 4);
-    let gone = AppendBatch { messages: pair("missing", "x"), turn: None };
+    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "a fenced write writes nothing");
+    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, fence: None };
     assert!(matches!(
         store.finish_turn(TENANT, "missing", gone, turn.id).await,
         Err(StoreError::SessionNotFound)
     ));
+}
+
+/// Fencing: once a turn's lease ran out and another turn took the session, every write of the
+/// first turn (a round, its last batch, its cancel's save) is refused whole, and the new holder's
+/// writes go through.
+pub async fn fenced_writes_are_refused_once_the_lease_is_lost<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let stale = Turn::start("s1");
+    let short = Duration::from_millis(200);
+    assert!(matches!(store.begin_turn(TENANT, &stale, 20, short).await.unwrap(), TurnBegin::Started { .. }));
+    let round =
+        AppendBatch { messages: pair("s1", "round"), turn: Some(stale.clone()), fence: Some(stale.id) };
+    assert_eq!(seqs(&store.append(TENANT, "s1", round).await.unwrap()), vec![1, 2], "held: written");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fresh = Turn::start("s1");
+    let long = Duration::from_secs(30);
+    assert!(matches!(store.begin_turn(TENANT, &fresh, 20, long).await.unwrap(), TurnBegin::Started { .. }));
+
+    let round = AppendBatch { messages: pair("s1", "stale"), turn: None, fence: Some(stale.id) };
+    assert!(matches!(store.append(TENANT, "s1", round).await, Err(StoreError::Fenced)));
+    let mut done = stale.clone();
+    done.status = TurnStatus::Completed;
+    let last = AppendBatch { messages: pair("s1", "stale"), turn: Some(done), fence: None };
+    assert!(matches!(store.finish_turn(TENANT, "s1", last, stale.id).await, Err(StoreError::Fenced)));
+    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "nothing of the stale turn");
+    assert_eq!(store.get_turn(TENANT, "s1", stale.id).await.unwrap().unwrap().status, TurnStatus::Running);
+    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(fresh.id), "still the new turn's");
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 2);
+
+    let mine = AppendBatch { messages: pair("s1", "fresh"), turn: None, fence: Some(fresh.id) };
+    assert_eq!(seqs(&store.append(TENANT, "s1", mine).await.unwrap()), vec![3, 4], "seqs go on");
+    // A fenced write to a missing session is still a missing session.
+    let gone = AppendBatch { messages: pair("nope", "x"), turn: None, fence: Some(fresh.id) };
+    assert!(matches!(store.append(TENANT, "nope", gone).await, Err(StoreError::SessionNotFound)));
+}
+
+/// A turn's last write is idempotent: applied twice, it is stored once (the first frees the
+/// session, so the second is fenced).
+pub async fn a_finished_turn_is_stored_once<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let mut turn = Turn::start("s1");
+    store.begin_turn(TENANT, &turn, 20, Duration::from_secs(30)).await.unwrap();
+    let messages = pair("s1", "once");
+    turn.status = TurnStatus::Completed;
+    turn.message_ids = messages.iter().map(|m| m.id).collect();
+    let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None };
+    store.finish_turn(TENANT, "s1", batch.clone(), turn.id).await.unwrap();
+    assert!(matches!(store.finish_turn(TENANT, "s1", batch, turn.id).await, Err(StoreError::Fenced)));
+    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2);
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn));
+}
+
+/// A turn's outcome never changes once written: a later record of the same turn (a replica
+/// that lost its lease marking it failed, say) leaves a terminal record as it is.
+pub async fn a_terminal_turn_record_never_changes<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let mut turn = Turn::start("s1");
+    store.put_turn(TENANT, &turn).await.unwrap();
+    turn.status = TurnStatus::Failed;
+    turn.error = Some(json!({"code": "turn_abandoned"}));
+    store.put_turn(TENANT, &turn).await.unwrap();
+    let failed = turn.clone();
+    turn.status = TurnStatus::Completed;
+    turn.error = None;
+    store.put_turn(TENANT, &turn).await.unwrap();
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed.clone()), "put");
+    let batch = AppendBatch { messages: Vec::new(), turn: Some(turn.clone()), fence: None };
+    store.append(TENANT, "s1", batch).await.unwrap();
+    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed), "append");
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 0);
+}
+
+/// Turn records are capped per session like messages: past the cap, the oldest go.
+pub async fn turn_records_are_capped_like_messages<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup { max_messages: Some(3), ..Setup::default() }).await;
+    new_session(&store, TENANT, "s1").await;
+    let mut turns = Vec::new();
+    for i in 0..6 {
+        let mut turn = Turn::start("s1");
+        turn.status = TurnStatus::Completed;
+        let messages = vec![msg("s1", turn.id, Role::User, &format!("q{i}"))];
+        let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None };
+        store.append(TENANT, "s1", batch).await.unwrap();
+        turns.push(turn);
+    }
+    for (i, turn) in turns.iter().enumerate() {
+        let kept = store.get_turn(TENANT, "s1", turn.id).await.unwrap().is_some();
+        assert_eq!(kept, i >= 3, "turn {i} of 6 with a cap of 3");
+    }
 }
 
 /// A lease that is not renewed runs out, and the session is free again.
@@ -896,6 +1010,10 @@ macro_rules! store_contract_tests {
             begin_turn_claims_records_and_reads_the_window,
             renew_turn_locks_renews_each_and_reports_in_order,
             finish_turn_appends_and_frees_the_session,
+            fenced_writes_are_refused_once_the_lease_is_lost,
+            a_finished_turn_is_stored_once,
+            a_terminal_turn_record_never_changes,
+            turn_records_are_capped_like_messages,
             cancel_requests_reach_the_lock_holder,
             idempotency_keys_remember_the_first_request,
             another_tenant_reaches_nothing_of_a_session,

@@ -276,6 +276,57 @@ impl MemoryStore {
     }
 }
 
+impl MemoryStore {
+    /// Forgets every expired idempotency key, one shard at a time; returns how many went. A key
+    /// is also forgotten when its session next starts an idempotent request, but a session that
+    /// never does would keep its keys: [`MemoryStore::spawn_purger`] runs this on a timer.
+    pub fn purge_expired(&self) -> usize {
+        let now = Instant::now();
+        let mut purged = 0;
+        for shard in self.shards.iter() {
+            let mut shard = shard.write().unwrap_or_else(|e| e.into_inner());
+            for tenant in shard.values_mut() {
+                for d in tenant.sessions.values_mut() {
+                    let before = d.idempotency.len();
+                    d.idempotency.retain(|_, (_, until)| *until > now);
+                    purged += before - d.idempotency.len();
+                }
+            }
+        }
+        purged
+    }
+
+    /// Runs [`MemoryStore::purge_expired`] every `every` while the store lives.
+    pub fn spawn_purger(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let store = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let Some(store) = store.upgrade() else { return };
+                let purged = store.purge_expired();
+                if purged > 0 {
+                    tracing::debug!(keys = purged, "forgot expired idempotency keys");
+                }
+            }
+        })
+    }
+
+    /// How many idempotency keys the store remembers (expired ones included until purged).
+    pub fn idempotency_keys(&self) -> usize {
+        self.each_shard()
+            .map(|shard| {
+                shard
+                    .values()
+                    .map(|t| t.sessions.values().map(|d| d.idempotency.len()).sum::<usize>())
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+}
+
 impl Default for MemoryStore {
     fn default() -> Self {
         MemoryStore::new(DEFAULT_MAX_MESSAGES)
@@ -331,6 +382,11 @@ impl MemoryStore {
         let mut guard = self.write(tenant, session_id);
         let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
         let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
+        if let Some(fence) = batch.fence.or(release)
+            && d.live_lock().is_none_or(|l| l.turn_id != fence)
+        {
+            return Err(StoreError::Fenced);
+        }
         let mut stored = batch.messages;
         for m in &mut stored {
             d.last_seq += 1;
@@ -351,6 +407,10 @@ impl MemoryStore {
         {
             d.lock = None;
         }
+        if stored.is_empty() {
+            // Only a turn record (a failed turn's): the history and the session are as they were.
+            return Ok((stored, release.is_some()));
+        }
         let old = d.session.updated_at.timestamp_micros();
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = d.messages.len() as u64;
@@ -362,6 +422,10 @@ impl MemoryStore {
 
 impl SessionData {
     fn remember_turn(&mut self, turn: &Turn, cap: usize) {
+        // A turn's outcome, once written, never changes.
+        if self.turn_record(turn.id).is_some_and(|r| r.status != TurnStatus::Running) {
+            return;
+        }
         if turn.status == TurnStatus::Running {
             // Another running record (a turn that never ended, say) moves to the map first.
             if let Some((id, old)) = self.running.take()
@@ -672,6 +736,8 @@ impl ConversationStore for MemoryStore {
         ttl: Duration,
     ) -> StoreResult<IdempotencyBegin> {
         self.with_session_mut(tenant, session_id, |d| {
+            let now = Instant::now();
+            d.idempotency.retain(|k, (_, until)| *until > now || k == key);
             if let Some(existing) = d.live_idempotency(key) {
                 return IdempotencyBegin::Existing(existing.clone());
             }

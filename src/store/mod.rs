@@ -36,12 +36,28 @@ pub enum StoreError {
     /// A cursor that this store did not issue.
     #[error("invalid cursor")]
     InvalidCursor,
-    /// The backend cannot be reached or timed out; the caller may retry later.
+    /// The backend cannot be reached; the request was not applied. The caller may retry later.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The request was sent but no answer came (a timeout, a connection lost mid-request): it
+    /// may or may not have been applied.
+    #[error("store did not answer: {0}")]
+    Unanswered(String),
+    /// A fenced write of a turn that no longer holds its session's lock (its lease ran out, or
+    /// it already ended): nothing was written.
+    #[error("the turn no longer holds its session")]
+    Fenced,
     /// Anything else the backend reported.
     #[error("store error: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// Whether the write that failed this way may still have been applied: its outcome must be
+    /// learnt before the caller is told anything.
+    pub fn outcome_unknown(&self) -> bool {
+        matches!(self, StoreError::Unanswered(_))
+    }
 }
 
 /// Short alias for store results.
@@ -134,12 +150,17 @@ pub struct SessionPage {
 }
 
 /// A batch written atomically: messages of one turn and, optionally, the turn's new record.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct AppendBatch {
     /// Messages in order; the store assigns their `seq`.
     pub messages: Vec<Message>,
     /// The turn record to save in the same atomic step (e.g. `completed` with its message ids).
+    /// A record that is already terminal (completed, failed, cancelled) is never changed.
     pub turn: Option<Turn>,
+    /// Fencing: the turn that must hold the session's lock (with a live lease) for the batch to
+    /// be written, checked in the same atomic step; otherwise nothing is written and the store
+    /// answers [`StoreError::Fenced`]. `None` writes unconditionally.
+    pub fence: Option<Uuid>,
 }
 
 /// The outcome of claiming a session for a turn.
@@ -250,7 +271,8 @@ pub trait ConversationStore: Send + Sync + 'static {
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool>;
 
     /// Appends a batch atomically and returns the messages with their seqs.
-    /// `SessionNotFound` if the session does not exist.
+    /// `SessionNotFound` if the session does not exist; `Fenced` (and nothing written) if the
+    /// batch names a `fence` turn that does not hold the session.
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>>;
 
     /// Reads one page of history.
@@ -295,25 +317,28 @@ pub trait ConversationStore: Send + Sync + 'static {
         }
     }
 
-    /// Ends a turn: appends its last batch (as [`ConversationStore::append`]) and releases the
-    /// session lock if `turn_id` holds it.
+    /// Ends a turn: appends its last batch (as [`ConversationStore::append`], fenced by
+    /// `turn_id`: [`StoreError::Fenced`] and nothing written unless `turn_id` holds the session)
+    /// and releases the session lock.
     ///
-    /// A backend should do both in one atomic step (the built-in ones do). The default appends,
-    /// then releases; if the release fails it reports `lock_released: false`, since the append
-    /// stands.
+    /// A backend should do both in one atomic step (the built-in ones do). The default appends
+    /// with the fence, then releases; if the release fails it reports `lock_released: false`,
+    /// since the append stands.
     async fn finish_turn(
         &self,
         tenant: &str,
         session_id: &str,
-        batch: AppendBatch,
+        mut batch: AppendBatch,
         turn_id: Uuid,
     ) -> StoreResult<FinishedTurn> {
+        batch.fence = Some(turn_id);
         let messages = self.append(tenant, session_id, batch).await?;
         let lock_released = self.release_turn_lock(tenant, session_id, turn_id).await.is_ok();
         Ok(FinishedTurn { messages, lock_released })
     }
 
-    /// Creates or replaces a turn record.
+    /// Creates or replaces a turn record; a record that is already terminal (completed, failed,
+    /// cancelled) is left as it is, so a turn's outcome never changes once written.
     async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()>;
 
     /// Reads a turn record.

@@ -228,7 +228,7 @@ impl PgStore {
         fut: impl Future<Output = Result<T, sqlx::Error>>,
     ) -> StoreResult<Result<T, sqlx::Error>> {
         tokio::time::timeout(self.op_timeout, fut).await.map_err(|_| {
-            StoreError::Unavailable(format!(
+            StoreError::Unanswered(format!(
                 "PostgreSQL did not answer within {} ms",
                 self.op_timeout.as_millis()
             ))
@@ -344,34 +344,36 @@ impl PgStore {
         let n = batch.messages.len() as i64;
         let cols = Columns::of(&batch.messages);
         let turn = batch.turn.as_ref();
-        let query = sqlx::query_scalar::<_, i64>(if release.is_some() { FINISH_TURN } else { APPEND })
-            .bind(tenant)
-            .bind(session_id)
-            .bind(n)
-            .bind(self.max_messages)
-            .bind(self.ttl_micros)
-            .bind(&cols.ids)
-            .bind(&cols.turn_ids)
-            .bind(&cols.roles)
-            .bind(&cols.contents)
-            .bind(&cols.metadata)
-            .bind(&cols.tool_calls)
-            .bind(&cols.tool_call_ids)
-            .bind(&cols.names)
-            .bind(&cols.created_at)
-            .bind(turn.map(|t| t.id))
-            .bind(turn.map(|t| status_str(t.status)))
-            .bind(turn.and_then(|t| t.error.as_ref()).map(json_text))
-            .bind(turn.map(|t| t.message_ids.clone()))
-            .bind(turn.and_then(|t| t.usage).map(Json))
-            .bind(turn.map(|t| t.created_at))
-            .bind(turn.and_then(|t| t.completed_at));
-        let query = match release {
-            Some(turn_id) => query.bind(turn_id),
-            None => query,
+        let fence = release.or(batch.fence);
+        let query =
+            sqlx::query_as::<_, (Option<i64>, bool)>(if release.is_some() { FINISH_TURN } else { APPEND })
+                .bind(tenant)
+                .bind(session_id)
+                .bind(n)
+                .bind(self.max_messages)
+                .bind(self.ttl_micros)
+                .bind(&cols.ids)
+                .bind(&cols.turn_ids)
+                .bind(&cols.roles)
+                .bind(&cols.contents)
+                .bind(&cols.metadata)
+                .bind(&cols.tool_calls)
+                .bind(&cols.tool_call_ids)
+                .bind(&cols.names)
+                .bind(&cols.created_at)
+                .bind(turn.map(|t| t.id))
+                .bind(turn.map(|t| status_str(t.status)))
+                .bind(turn.and_then(|t| t.error.as_ref()).map(json_text))
+                .bind(turn.map(|t| t.message_ids.clone()))
+                .bind(turn.and_then(|t| t.usage).map(Json))
+                .bind(turn.map(|t| t.created_at))
+                .bind(turn.and_then(|t| t.completed_at))
+                .bind(fence);
+        let last_seq = match self.timed(query.fetch_one(&self.conns)).await? {
+            (Some(last_seq), _) => last_seq,
+            (None, true) => return Err(StoreError::Fenced),
+            (None, false) => return Err(StoreError::SessionNotFound),
         };
-        let last_seq =
-            self.timed(query.fetch_optional(&self.conns)).await?.ok_or(StoreError::SessionNotFound)?;
         let first = to_u64(last_seq - n) + 1;
         let mut stored = batch.messages;
         for (i, m) in stored.iter_mut().enumerate() {
@@ -483,14 +485,26 @@ fn db(error: sqlx::Error) -> StoreError {
     match error {
         E::PoolTimedOut => StoreError::Unavailable("no PostgreSQL connection available in time".to_owned()),
         E::PoolClosed => StoreError::Unavailable("the PostgreSQL pool is closed".to_owned()),
-        E::Io(e) => StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")),
+        // Refused or unroutable: nothing was sent.
+        E::Io(e) if is_unreached(&e) => StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")),
+        // Lost mid-statement: whether it committed is unknown.
+        E::Io(e) => StoreError::Unanswered(format!("lost PostgreSQL: {e}")),
         E::Tls(e) => StoreError::Unavailable(format!("TLS with PostgreSQL failed: {e}")),
-        E::WorkerCrashed => StoreError::Unavailable("the PostgreSQL connection worker crashed".to_owned()),
+        E::WorkerCrashed => StoreError::Unanswered("the PostgreSQL connection worker crashed".to_owned()),
         E::Database(e) if e.code().is_some_and(|c| is_unavailable_code(&c)) => {
             StoreError::Unavailable(format!("PostgreSQL: {}", e.message()))
         }
         other => StoreError::Backend(other.to_string()),
     }
+}
+
+/// Whether an I/O error means the server was never reached (so no statement was sent).
+fn is_unreached(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind as K;
+    matches!(
+        error.kind(),
+        K::ConnectionRefused | K::NotFound | K::AddrNotAvailable | K::HostUnreachable | K::NetworkUnreachable
+    )
 }
 
 /// SQLSTATEs that mean "the server cannot serve now": connection exceptions, shutdown, too many
@@ -655,12 +669,14 @@ impl<'a> Columns<'a> {
     }
 }
 
-/// The `on conflict` clause that makes a turn insert replace the record.
+/// The `on conflict` clause that makes a turn insert replace the record, unless the record is
+/// terminal already: a turn's outcome, once written, never changes.
 macro_rules! turn_upsert {
     () => {
         " on conflict (tenant, session_id, id) do update set status = excluded.status, \
          error = excluded.error, message_ids = excluded.message_ids, usage = excluded.usage, \
-         created_at = excluded.created_at, completed_at = excluded.completed_at"
+         created_at = excluded.created_at, completed_at = excluded.completed_at \
+         where turns.status = 'running'"
     };
 }
 
@@ -698,13 +714,17 @@ macro_rules! page_sql {
 macro_rules! append_sql {
     ($release:literal) => {
         concat!(
-            "with s as (",
+            "with fence as (",
+            " select 1 from turn_locks where $22::uuid is not null and tenant = $1 and session_id = $2",
+            " and turn_id = $22::uuid and expires_at > now() for update",
+            "), s as (",
             " update sessions set last_seq = last_seq + $3,",
             " message_count = case when $4::bigint is null then message_count + $3",
             " else least(message_count + $3, $4::bigint) end,",
-            " updated_at = greatest(now(), updated_at),",
+            " updated_at = case when $3 > 0 then greatest(now(), updated_at) else updated_at end,",
             " expires_at = now() + $5::bigint * interval '1 microsecond'",
             " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
+            " and ($22::uuid is null or exists (select 1 from fence))",
             " returning last_seq",
             "), ins as (",
             " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
@@ -722,9 +742,15 @@ macro_rules! append_sql {
             " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
             " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
             turn_upsert!(),
+            "), trimmed_turns as (",
+            " delete from turns t using s",
+            " where $4::bigint is not null and $15::uuid is not null and t.tenant = $1 and t.session_id = $2",
+            " and t.id <> $15::uuid and t.id <= (select o.id from turns o where o.tenant = $1",
+            " and o.session_id = $2 and o.id <> $15::uuid order by o.id desc offset $4::bigint - 1 limit 1)",
             ")",
             $release,
-            " select last_seq from s"
+            " select (select last_seq from s) as last_seq, exists (select 1 from sessions x",
+            " where x.tenant = $1 and x.id = $2 and (x.expires_at is null or x.expires_at > now())) as found"
         )
     };
 }
@@ -787,9 +813,13 @@ pub mod sql {
 
     /// The whole append in one statement. Binds: $1 tenant, $2 session, $3 batch size, $4 cap
     /// (null: none), $5 ttl in µs (null: none), $6..$14 the message columns, $15..$21 the turn
-    /// (null id: no turn). Returns the session's new `last_seq`, or no row if it does not exist.
+    /// (null id: no turn), $22 the fencing turn (null: none). Returns one row: the session's new
+    /// `last_seq` (null when nothing was written) and whether the session is live (`found`); a
+    /// live session with a null `last_seq` means the fence refused the write.
     ///
-    /// `s` row-locks the session and takes the next seqs; `ins` writes the batch (skipping what the
+    /// `fence` row-locks the fencing turn's lock if it still holds it with a live lease, so no
+    /// other turn can take the session before this statement commits; `s` (only if the fence
+    /// held) row-locks the session and takes the next seqs; `ins` writes the batch (skipping what the
     /// cap would drop at once); `trimmed` deletes what fell out of the window; `saved_turn` upserts the
     /// turn. Rows that a concurrent appender committed after this statement's snapshot are
     /// invisible to `trimmed`; they are outside the window already and the next trim deletes them.
@@ -798,8 +828,8 @@ pub mod sql {
     /// (the benchmark's growth figure caught appends at 80 ms on a 100,000-message table).
     pub const APPEND: &str = append_sql!("");
 
-    /// Ends a turn: [`APPEND`] plus the release of the session lock if the turn holds it, in the
-    /// same statement. Binds: those of [`APPEND`], then $22 the turn whose lock to release.
+    /// Ends a turn: [`APPEND`] fenced by the turn, plus the release of its session lock, in the
+    /// same statement. Binds: those of [`APPEND`], with $22 the turn.
     pub const FINISH_TURN: &str = append_sql!(
         ", released as (delete from turn_locks l using s where l.tenant = $1 and l.session_id = $2 and l.turn_id = $22::uuid)"
     );
@@ -849,13 +879,16 @@ pub mod sql {
     pub const CLEAR_MESSAGES: &str =
         "delete from messages where tenant = $1 and session_id = $2 and seq <= $3";
 
-    /// Creates or replaces a turn of a live session. Binds: tenant, session, then the turn's fields.
+    /// Creates or replaces a turn of a live session (a terminal record stays as it is). Binds:
+    /// tenant, session, then the turn's fields. Returns whether the session is live.
     pub const PUT_TURN: &str = concat!(
-        "insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
-        " select $1, $2, $3, $4, $5::text::json, $6, $7, $8, $9 from sessions s",
-        " where s.tenant = $1 and s.id = $2 and ",
+        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
         live!(),
-        turn_upsert!()
+        "), put as (",
+        " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
+        " select $1, $2, $3, $4, $5::text::json, $6, $7, $8, $9 from s",
+        turn_upsert!(),
+        ") select exists (select 1 from s)"
     );
 
     /// Reads a turn of a live session. Binds: tenant, session, turn id.
@@ -1174,13 +1207,13 @@ impl ConversationStore for PgStore {
             .bind(turn.usage.map(Json))
             .bind(turn.created_at)
             .bind(turn.completed_at);
-        let done = match self.within(query.execute(&self.conns)).await? {
-            Ok(done) => done,
+        let found = match self.within(query.fetch_one(&self.conns)).await? {
+            Ok(row) => row.try_get::<bool, _>(0).map_err(decode)?,
             // The session was deleted between the check and the insert.
             Err(e) if is_foreign_key_violation(&e) => return Err(StoreError::SessionNotFound),
             Err(e) => return Err(db(e)),
         };
-        if done.rows_affected() == 0 { Err(StoreError::SessionNotFound) } else { Ok(()) }
+        if found { Ok(()) } else { Err(StoreError::SessionNotFound) }
     }
 
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>> {

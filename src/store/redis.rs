@@ -114,7 +114,10 @@ local function touch(count)
   redis.call('ZADD', index, at, id)
 end
 
+-- A turn's outcome, once written, never changes: only a running record is replaced.
 local function save_turn(turn_id, json)
+  local old = redis.call('HGET', turns, turn_id)
+  if old and not string.find(old, '"status":"running"', 1, true) then return end
   redis.call('HSET', turns, turn_id, json)
   if not redis.call('ZSCORE', order, turn_id) then
     redis.call('ZADD', order, redis.call('HINCRBY', meta, 'turn_seq', 1), turn_id)
@@ -154,29 +157,33 @@ refresh()
 return 1
 "#;
 
-/// Appends a batch. ARGV 5..: the turn whose lock to release with it (empty = none), turn id
-/// (empty = none), turn JSON, then per message the JSON before and after its seq. Returns the
-/// first seq, or 0 when the session does not exist.
+/// Appends a batch. ARGV 5..: the fencing turn (empty = none), `1` to release its lock with the
+/// batch, turn id (empty = none), turn JSON, then per message the JSON before and after its seq.
+/// Returns the first seq, 0 when the session does not exist, or -1 when the fencing turn does not
+/// hold the session (nothing written; an expired lease has no lock key, so it holds nothing).
 const APPEND: &str = r#"
 if redis.call('EXISTS', meta) == 0 then return 0 end
-local n = (#ARGV - 7) / 2
+if ARGV[5] ~= '' and redis.call('HGET', lock, 'turn') ~= ARGV[5] then return -1 end
+local n = (#ARGV - 8) / 2
 local first = redis.call('HINCRBY', meta, 'last_seq', n) - n + 1
-local members = {}
-for i = 0, n - 1 do
-  local seq = string.format('%d', first + i)
-  members[#members + 1] = seq
-  members[#members + 1] = ARGV[8 + 2 * i] .. seq .. ARGV[9 + 2 * i]
+if n > 0 then
+  local members = {}
+  for i = 0, n - 1 do
+    local seq = string.format('%d', first + i)
+    members[#members + 1] = seq
+    members[#members + 1] = ARGV[9 + 2 * i] .. seq .. ARGV[10 + 2 * i]
+  end
+  call_chunked('ZADD', messages, members)
+  local count = redis.call('ZCARD', messages)
+  if cap > 0 and count > cap then
+    redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
+    count = cap
+  end
+  touch(count)
 end
-call_chunked('ZADD', messages, members)
-local count = redis.call('ZCARD', messages)
-if cap > 0 and count > cap then
-  redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
-  count = cap
-end
-if ARGV[6] ~= '' then save_turn(ARGV[6], ARGV[7]) end
-touch(count)
+if ARGV[7] ~= '' then save_turn(ARGV[7], ARGV[8]) end
 refresh()
-if ARGV[5] ~= '' and redis.call('HGET', lock, 'turn') == ARGV[5] then redis.call('DEL', lock) end
+if ARGV[6] == '1' then redis.call('DEL', lock) end
 return first
 "#;
 
@@ -556,7 +563,7 @@ impl RedisStore {
         match tokio::time::timeout(self.op_timeout, work).await {
             Ok(result) => result,
             Err(_) => {
-                Err(StoreError::Unavailable(format!("Redis did not answer within {:?}", self.op_timeout)))
+                Err(StoreError::Unanswered(format!("Redis did not answer within {:?}", self.op_timeout)))
             }
         }
     }
@@ -628,7 +635,9 @@ impl RedisStore {
         let keys = self.session_keys(tenant, session_id);
         let mut messages = batch.messages;
         let mut call = self.write_call(&self.scripts.append, &keys, session_id, now().timestamp_micros());
-        call.arg(release.map(|id| id.to_string()).unwrap_or_default());
+        let fence = release.or(batch.fence);
+        call.arg(fence.map(|id| id.to_string()).unwrap_or_default());
+        call.arg(if release.is_some() { "1" } else { "0" });
         match &batch.turn {
             Some(turn) => call.arg(turn.id.to_string()).arg(to_json(turn)?),
             None => call.arg("").arg(""),
@@ -638,10 +647,11 @@ impl RedisStore {
             let (head, tail) = split_at_seq(m)?;
             call.arg(head).arg(tail);
         }
-        let first: u64 = self.write(&call).await?;
-        if first == 0 {
-            return Err(StoreError::SessionNotFound);
-        }
+        let first = match self.write::<i64>(&call).await? {
+            0 => return Err(StoreError::SessionNotFound),
+            -1 => return Err(StoreError::Fenced),
+            first => first as u64,
+        };
         for (m, seq) in messages.iter_mut().zip(first..) {
             m.seq = seq;
         }
@@ -720,9 +730,12 @@ impl RedisStore {
 
     fn redis_error(&self, e: RedisError) -> StoreError {
         let text = self.redactor.apply(&format!("Redis: {e}"));
-        let unavailable = is_connection_failure(&e)
-            || e.is_cluster_error()
-            || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading);
+        if is_connection_failure(&e) {
+            // The connection broke with the command sent, or about to be: it may have run.
+            return StoreError::Unanswered(text);
+        }
+        let unavailable =
+            e.is_cluster_error() || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::BusyLoading);
         if unavailable { StoreError::Unavailable(text) } else { StoreError::Backend(text) }
     }
 

@@ -82,7 +82,7 @@ async fn new_session(store: &PgStore, id: &str) {
 async fn fill(store: &PgStore, session: &str, count: usize) -> Vec<Message> {
     let turn = new_id();
     let messages = (1..=count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
-    store.append(TENANT, session, AppendBatch { messages, turn: None }).await.expect("append")
+    store.append(TENANT, session, AppendBatch { messages, turn: None, fence: None }).await.expect("append")
 }
 
 async fn count(store: &PgStore, sql: &'static str) -> i64 {
@@ -108,7 +108,10 @@ async fn json_comes_back_byte_for_byte_with_its_key_order() {
         name: "calc".into(),
         arguments: serde_json::from_str(r#"{"zeta":1,"alpha":2}"#).unwrap(),
     }]);
-    let stored = store.append(TENANT, "s1", AppendBatch { messages: vec![call], turn: None }).await.unwrap();
+    let stored = store
+        .append(TENANT, "s1", AppendBatch { messages: vec![call], turn: None, fence: None })
+        .await
+        .unwrap();
     let back = store.last_n(TENANT, "s1", 1).await.unwrap();
     assert_eq!(serde_json::to_string(&back).unwrap(), serde_json::to_string(&stored).unwrap());
     let mut turn = Turn::start("s1");

@@ -57,7 +57,7 @@ async fn create(store: &RedisStore, tenant: &str, id: &str) {
 fn batch(session: &str, count: usize) -> AppendBatch {
     let turn = new_id();
     let messages = (0..count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
-    AppendBatch { messages, turn: None }
+    AppendBatch { messages, turn: None, fence: None }
 }
 
 #[tokio::test]
@@ -339,7 +339,7 @@ async fn a_dropped_connection_is_replaced_reads_retry_and_writes_do_not() {
 
     kill_clients_of_db(DB).await;
     let lost = store.append("t", "s", batch("s", 1)).await;
-    assert!(matches!(lost, Err(StoreError::Unavailable(_))), "a write is never sent twice: {lost:?}");
+    assert!(matches!(lost, Err(StoreError::Unanswered(_))), "a write is never sent twice: {lost:?}");
     let stored = store.append("t", "s", batch("s", 1)).await.expect("the broken connection was dropped");
     assert!(store.delete_session("t", "s").await.expect("delete"));
     assert!(stored[0].seq <= 2, "the lost write may or may not have run, but only once");
