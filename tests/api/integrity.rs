@@ -255,7 +255,9 @@ async fn a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session(ba
     assert_eq!(cancel.status(), 409);
 }
 
-/// 32 clients post turns to the same 8 sessions at once through two replicas, retrying on 409.
+/// 32 clients post turns to the same 8 sessions at once through two replicas, retrying on 409;
+/// a quarter of them also post turns they leave 0–5 ms after sending (a closed tab), which run or
+/// are refused whole, and never corrupt or wedge a conversation.
 async fn concurrent_clients_never_corrupt_a_conversation(backend: Backend) {
     let apps = spawn_replicas(backend, 2, &[]).await;
     let sessions: Vec<String> = (0..8).map(|i| format!("storm-{i}")).collect();
@@ -271,6 +273,17 @@ async fn concurrent_clients_never_corrupt_a_conversation(backend: Backend) {
             let mut completed = Vec::new();
             for t in 0..3 {
                 let url = format!("{base}/v1/sessions/{session}/messages");
+                if c % 4 == 0 {
+                    let linger = Duration::from_millis((c as u64 + t) % 6);
+                    crate::safety::post_and_leave(
+                        &base,
+                        &session,
+                        &format!("left-c{c}-t{t}"),
+                        t == 1,
+                        linger,
+                    )
+                    .await;
+                }
                 for _attempt in 0..400 {
                     let response = client
                         .post(&url)
@@ -307,7 +320,20 @@ async fn concurrent_clients_never_corrupt_a_conversation(backend: Backend) {
             (1..=history.len() as u64).collect::<Vec<_>>(),
             "{session}: contiguous, unique seqs"
         );
-        assert_eq!(history.len(), completed[session].len() * 2, "{session}: messages = completed turns x 2");
+        let asked: Vec<&str> = history.iter().step_by(2).map(|m| m["content"].as_str().unwrap()).collect();
+        let left = asked.iter().filter(|c| c.starts_with("left-")).count();
+        assert_eq!(history.len(), (completed[session].len() + left) * 2, "{session}: messages = turns x 2");
+        let mut unique = asked.clone();
+        unique.sort();
+        unique.dedup();
+        assert_eq!(unique.len(), asked.len(), "{session}: no turn stored twice");
+        for turn in &completed[session] {
+            assert_eq!(
+                history.iter().filter(|m| m["turn_id"] == turn.as_str()).count(),
+                2,
+                "{session}: {turn}"
+            );
+        }
         for pair in history.chunks(2) {
             assert_eq!(pair[0]["role"], "user");
             assert_eq!(pair[1]["role"], "assistant");
