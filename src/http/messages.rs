@@ -140,7 +140,7 @@ fn validate_content(state: &AppState, content: &str) -> Result<()> {
         (status = 413, description = "Content or body too large", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The model failed; nothing was stored", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "Store unavailable or shutting down", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable (nothing stored), shutting down, turn_abandoned (the turn lost its session lock), or turn_outcome_unknown (the store did not confirm the final append: read the turn named by turn_id later)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The model timed out; nothing was stored", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn post_message(
