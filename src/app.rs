@@ -51,6 +51,7 @@ pub fn state_from_parts(
         if_busy_timeout: config.agent.if_busy_timeout,
         idempotency_ttl: config.agent.idempotency_ttl,
         store_timeout: config.store.store_timeout,
+        fork_max_messages: config.agent.fork_max_messages,
     };
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
     let auth = Arc::new(Auth::from_config(config)?);

@@ -262,6 +262,9 @@ pub struct AgentConfig {
     /// What a turn posted while another runs in the session does: `reject` (409) or `wait`.
     #[arg(long, env = "PARLEY_IF_BUSY", value_enum, default_value = "reject")]
     pub if_busy: IfBusy,
+    /// Most messages `POST /v1/sessions/{id}/fork` copies; a larger fork answers 413.
+    #[arg(long, env = "PARLEY_FORK_MAX_MESSAGES", default_value_t = 10_000)]
+    pub fork_max_messages: usize,
     /// Longest a turn waits for the running one with `if_busy = wait`, before answering 409.
     #[arg(long, env = "PARLEY_IF_BUSY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     pub if_busy_timeout: Duration,

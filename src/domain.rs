@@ -130,6 +130,10 @@ pub struct Message {
     pub name: Option<String>,
     /// When the message was created.
     pub created_at: DateTime<Utc>,
+    /// For a message an edit or a regenerate replaced: the turn that replaced it. Superseded
+    /// messages are kept, but leave the window, the default history pages and `message_count`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub superseded_by: Option<Uuid>,
 }
 
 impl Message {
@@ -144,6 +148,7 @@ impl Message {
             content: content.into(),
             metadata: Metadata::new(),
             tool_calls: None,
+            superseded_by: None,
             tool_call_id: None,
             name: None,
             created_at: now(),

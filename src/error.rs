@@ -72,6 +72,15 @@ pub enum AppError {
     /// 409: the turn has already ended.
     #[error("turn {0} has already ended")]
     TurnFinished(Uuid),
+    /// 422: `replace_from` does not name a user message of the active history.
+    #[error("{0}")]
+    InvalidReplaceFrom(String),
+    /// 409: only the last turn of a session can be regenerated.
+    #[error("turn {0} is not the last turn of the session; only the last one can be regenerated")]
+    TurnNotLast(Uuid),
+    /// 413: a fork would copy more messages than `PARLEY_FORK_MAX_MESSAGES`.
+    #[error("{0}")]
+    ForkTooLarge(String),
     /// 422: an `Idempotency-Key` reused with a different request.
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
@@ -128,8 +137,10 @@ impl AppError {
     pub fn status(&self) -> StatusCode {
         match self {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            AppError::Validation(_) | AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
-            AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::Validation(_) | AppError::IdempotencyKeyReused | AppError::InvalidReplaceFrom(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            AppError::PayloadTooLarge(_) | AppError::ForkTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             AppError::SessionNotFound(_) | AppError::TurnNotFound(_) | AppError::RouteNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -137,6 +148,7 @@ impl AppError {
             AppError::SessionExists(_)
             | AppError::TurnInProgress(_)
             | AppError::TurnFinished(_)
+            | AppError::TurnNotLast(_)
             | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
             AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
@@ -165,6 +177,9 @@ impl AppError {
             AppError::TurnInProgress(_) => "turn_in_progress",
             AppError::TurnFinished(_) => "turn_finished",
             AppError::IdempotencyKeyReused => "idempotency_key_reused",
+            AppError::InvalidReplaceFrom(_) => "invalid_replace_from",
+            AppError::TurnNotLast(_) => "turn_not_last",
+            AppError::ForkTooLarge(_) => "fork_too_large",
             AppError::Upstream(_) => "upstream_error",
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",

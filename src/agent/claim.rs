@@ -17,9 +17,11 @@ use super::feed::TurnFeed;
 use super::registry::{RegisterError, TurnTokens};
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
-use crate::domain::{Turn, TurnStatus, WindowMessage, now};
+use crate::domain::{Role, Turn, TurnStatus, WindowMessage, now};
 use crate::error::{AppError, Problem};
-use crate::store::{AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, StoreError, TurnBegin};
+use crate::store::{
+    AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, Order, PageQuery, StoreError, TurnBegin,
+};
 
 /// How often a running turn renews its lease and checks for cancel requests.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
@@ -53,6 +55,11 @@ pub fn fingerprint(input: &TurnInput) -> String {
     hasher.update(input.content.as_bytes());
     hasher.update([0u8]);
     hasher.update(serde_json::to_vec(&input.metadata).unwrap_or_default());
+    if let Some(seq) = input.replace_from {
+        // An edit is another request than a post of the same text.
+        hasher.update(b"\0replace_from:");
+        hasher.update(seq.to_le_bytes());
+    }
     hasher.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -141,18 +148,78 @@ impl Agent {
             RegisterError::Closed => AppError::ShuttingDown,
         })?;
         let mut guard = ClaimGuard::new(self, tenant, session, turn.id);
-        let (window, lease) = (self.settings.history_size, self.settings.turn_lease);
+        let lease = self.settings.turn_lease;
+        // An edit reads its window (the history before the message it replaces) once it holds
+        // the session.
+        let window = if input.replace_from.is_some() { 0 } else { self.settings.history_size };
         let begun = self.store.begin_turn(tenant, turn, window, lease).await;
         match begun {
-            Ok(TurnBegin::Started { system_prompt, window }) => {
-                Ok(Claimed { guard, tokens, system_prompt, window })
-            }
+            Ok(TurnBegin::Started { system_prompt, window }) => match input.replace_from {
+                None => Ok(Claimed { guard, tokens, system_prompt, window }),
+                Some(seq) => match self.edit_window(tenant, session, seq).await {
+                    Ok(window) => Ok(Claimed { guard, tokens, system_prompt, window }),
+                    Err(e) => {
+                        self.refuse_claimed(turn, &e, &mut guard, tenant).await;
+                        Err(e)
+                    }
+                },
+            },
             Ok(TurnBegin::Busy(running)) => {
                 guard.lock_released = true;
                 Err(AppError::TurnInProgress(running))
             }
             // The store may have granted the lock before it failed: the guard releases it.
             Err(e) => Err(AppError::from_store(e, session)),
+        }
+    }
+
+    /// The window of an edit: the history before `seq`, which must be a user message of the
+    /// active history (a user message starts its turn), read in one page.
+    pub(super) async fn edit_window(
+        &self,
+        tenant: &str,
+        session: &str,
+        seq: u64,
+    ) -> Result<Vec<WindowMessage>, AppError> {
+        let limit = self.settings.history_size + 1;
+        let query =
+            PageQuery { limit, order: Order::Desc, before: seq.checked_add(1), ..PageQuery::default() };
+        let page = self
+            .store
+            .read_page(tenant, session, query)
+            .await
+            .map_err(|e| AppError::from_store(e, session))?;
+        let mut messages = page.messages.into_iter();
+        match messages.next() {
+            Some(m) if m.seq == seq && m.role == Role::User => {}
+            Some(m) if m.seq == seq => {
+                return Err(AppError::InvalidReplaceFrom(format!(
+                    "replace_from {seq} is a{} {} message; it must be a user message",
+                    if m.role == Role::Assistant { "n" } else { "" },
+                    m.role.as_str()
+                )));
+            }
+            _ => {
+                return Err(AppError::InvalidReplaceFrom(format!(
+                    "replace_from {seq} is not a message of the session's active history (superseded, cleared, or past the end)"
+                )));
+            }
+        }
+        let mut window: Vec<WindowMessage> = messages.map(WindowMessage::from).collect();
+        window.reverse();
+        Ok(window)
+    }
+
+    /// Ends a turn refused after it claimed its session (an edit whose message was superseded in
+    /// the meantime): its record says why, and the session is free again.
+    async fn refuse_claimed(&self, turn: &Turn, error: &AppError, guard: &mut ClaimGuard, tenant: &str) {
+        let mut record = turn.clone();
+        record.status = TurnStatus::Failed;
+        record.error = serde_json::to_value(error.problem()).ok();
+        record.completed_at = Some(now());
+        let batch = AppendBatch { turn: Some(record), ..AppendBatch::default() };
+        if self.store.finish_turn(tenant, &turn.session_id, batch, turn.id).await.is_ok() {
+            guard.lock_released = true;
         }
     }
 

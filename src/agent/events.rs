@@ -20,6 +20,9 @@ pub enum TurnEvent {
         session_id: String,
         /// The user message as it will be stored.
         user_message: Message,
+        /// For an edit or a regenerate: the seq from which the active messages will be
+        /// superseded when the turn is saved (a UI can drop those bubbles at once); else null.
+        replaces_from: Option<u64>,
     },
     /// A piece of assistant text.
     Delta {
@@ -97,7 +100,13 @@ impl TurnEvent {
         let mut events = Vec::with_capacity(3);
         if let Some(first) = result.messages.first() {
             let session_id = first.session_id.clone();
-            events.push(TurnEvent::Started { turn_id, session_id, user_message: first.clone() });
+            let replaces_from = None;
+            events.push(TurnEvent::Started {
+                turn_id,
+                session_id,
+                user_message: first.clone(),
+                replaces_from,
+            });
         }
         if let Some(last) = result.messages.last() {
             events.push(TurnEvent::MessageCompleted { turn_id, message: last.clone() });

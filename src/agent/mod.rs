@@ -12,6 +12,7 @@
 pub mod claim;
 pub mod events;
 pub mod feed;
+pub mod history;
 pub mod registry;
 pub mod window;
 
@@ -61,6 +62,8 @@ pub struct AgentSettings {
     /// The store's time limit per call (`PARLEY_STORE_TIMEOUT`): bounds how long the agent waits
     /// to learn the outcome of a write the store did not answer.
     pub store_timeout: Duration,
+    /// Most messages a fork copies (`PARLEY_FORK_MAX_MESSAGES`).
+    pub fork_max_messages: usize,
 }
 
 impl Default for AgentSettings {
@@ -75,6 +78,7 @@ impl Default for AgentSettings {
             if_busy_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             store_timeout: Duration::from_secs(5),
+            fork_max_messages: 10_000,
         }
     }
 }
@@ -96,6 +100,9 @@ pub struct TurnInput {
     pub idempotency_key: Option<String>,
     /// Whether the client streams the turn (its events are built only then).
     pub stream: bool,
+    /// An edit: the seq of a user message of the active history; the turn runs with the history
+    /// before it, and its save supersedes every active message from it on.
+    pub replace_from: Option<u64>,
 }
 
 /// How a turn request was answered.
@@ -250,6 +257,8 @@ struct TurnState {
     idempotency_key: Option<String>,
     /// The turn's claim on its session, given back when the turn ends (or is dropped).
     claim: claim::ClaimGuard,
+    /// For an edit: the seq from which its save supersedes the active messages.
+    replace_from: Option<u64>,
 }
 
 impl TurnState {
@@ -417,6 +426,10 @@ impl Agent {
     /// Claims the session (which also loads the window and records the turn as running in the
     /// store, in one step) and hands the turn to its run.
     async fn launch(self: &Arc<Self>, input: &mut TurnInput, turn: Turn) -> Result<StartedTurn, AppError> {
+        if let Some(seq) = input.replace_from {
+            // Refused before anything is written (and checked again once the session is held).
+            self.edit_window(&input.tenant, &input.session_id, seq).await?;
+        }
         let claimed = self.claim_session(input, &turn).await?;
         let turn_id = turn.id;
         let prompt = self.prompt(claimed.system_prompt.as_deref(), claimed.window);
@@ -432,6 +445,7 @@ impl Agent {
             turn_id,
             session_id: session.clone(),
             user_message: state.pending[0].clone(),
+            replaces_from: state.replace_from,
         });
         let agent = Arc::clone(self);
         let tokens = claimed.tokens;
@@ -526,7 +540,9 @@ impl Agent {
                 state.pending.push(assistant);
                 state.partial_text.clear();
                 interrupt.guard(self.run_tools(state, &output.tool_calls)).await?;
-                if self.settings.save_on_iteration {
+                // An edit is saved in one step with its supersession, so that a failed edit
+                // leaves the history exactly as it was.
+                if self.settings.save_on_iteration && state.replace_from.is_none() {
                     self.save_round(state).await?;
                 }
                 continue;
@@ -593,6 +609,7 @@ impl Agent {
             messages: std::mem::take(&mut state.pending),
             turn: Some(turn.clone()),
             fence: Some(turn.id),
+            supersede_from: None,
         };
         let stored = self.store.append(&state.tenant, state.session_id(), batch).await?;
         state.stored.extend(stored);
@@ -614,8 +631,12 @@ impl Agent {
         };
         // On failure the batch is gone with the error, but `pending` is not needed any more:
         // the turn fails, and a failed turn saves nothing more.
-        let batch =
-            AppendBatch { messages: std::mem::take(&mut state.pending), turn: Some(record), fence: None };
+        let batch = AppendBatch {
+            messages: std::mem::take(&mut state.pending),
+            turn: Some(record),
+            fence: None,
+            supersede_from: state.replace_from,
+        };
         let finished = match self.store.finish_turn(&state.tenant, state.session_id(), batch, turn_id).await {
             Ok(finished) => finished,
             Err(e) if e.outcome_unknown() => return Err(Stop::Unanswered(e.into())),
@@ -794,6 +815,8 @@ impl Agent {
             messages: std::mem::take(&mut state.pending),
             turn: Some(turn.clone()),
             fence: None,
+            // A cancelled edit supersedes what it replaces in the same write: the user chose to.
+            supersede_from: state.replace_from,
         };
         match self.store.finish_turn(&state.tenant, state.session_id(), batch, turn.id).await {
             Ok(finished) => {
@@ -840,6 +863,7 @@ fn new_state(
         closing: Vec::new(),
         idempotency_key: input.idempotency_key.clone(),
         claim,
+        replace_from: input.replace_from,
     }
 }
 

@@ -19,9 +19,9 @@ use crate::domain::{Message, Metadata};
 use crate::error::{AppError, Problem, Result};
 use crate::store::{Order, PageQuery};
 
-/// The turn route (no request timeout: turns have their own).
+/// The turn routes (no request timeout: turns have their own): post, and regenerate.
 pub fn turn_router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(post_message))
+    OpenApiRouter::new().routes(routes!(post_message)).routes(routes!(super::turns::regenerate_turn))
 }
 
 /// The history routes.
@@ -40,6 +40,11 @@ pub struct PostMessage {
     pub metadata: Option<Metadata>,
     /// If another turn runs in the session: `reject` (409) or `wait` for it; default `PARLEY_IF_BUSY`.
     pub if_busy: Option<IfBusy>,
+    /// Edit and resend: the seq of a user message of the active history. The turn runs with the
+    /// history before it, and when it is saved every active message from that seq on becomes
+    /// superseded (kept, with `superseded_by`), in the same atomic step.
+    #[schema(minimum = 1)]
+    pub replace_from: Option<u64>,
 }
 
 /// One Server-Sent Event of a streamed turn.
@@ -81,6 +86,9 @@ pub struct ListMessagesQuery {
     /// The `next_cursor` of the previous page (same as `after` for asc, `before` for desc).
     #[param(minimum = 0)]
     pub cursor: Option<i64>,
+    /// Superseded messages too (replaced by an edit or a regenerate; they carry
+    /// `superseded_by`), merged with the active ones in seq order, with the same cursors.
+    pub include_superseded: Option<bool>,
 }
 
 /// A page of history.
@@ -97,9 +105,9 @@ pub struct MessageList {
 /// The headers a turn request reads, taken from the request without copying its header map.
 pub struct TurnHeaders {
     /// `Accept` names `text/event-stream`.
-    event_stream: bool,
+    pub event_stream: bool,
     /// The raw `Idempotency-Key`, checked by the handler.
-    idempotency_key: Option<HeaderValue>,
+    pub idempotency_key: Option<HeaderValue>,
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for TurnHeaders {
@@ -138,7 +146,7 @@ fn validate_content(state: &AppState, content: &str) -> Result<()> {
         (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "Another turn is running in the session", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "Content or body too large", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or `invalid_replace_from` (not a user message of the active history)", body = Problem, content_type = "application/problem+json"),
         (status = 502, description = "The model failed; nothing was stored", body = Problem, content_type = "application/problem+json"),
         (status = 503, description = "Store unavailable (nothing stored), shutting down, turn_abandoned (the turn lost its session lock), or turn_outcome_unknown (the store did not confirm the final append: read the turn named by turn_id later)", body = Problem, content_type = "application/problem+json"),
         (status = 504, description = "The model timed out; nothing was stored", body = Problem, content_type = "application/problem+json"),
@@ -158,9 +166,24 @@ pub async fn post_message(
     let idempotency_key = idempotency_key(headers.idempotency_key.as_ref())?;
     let if_busy = body.if_busy.unwrap_or(state.limits.if_busy);
     let stream = query.stream.unwrap_or(false) || headers.event_stream;
-    let input =
-        TurnInput { tenant, session_id, content: body.content, metadata, if_busy, idempotency_key, stream };
-    match state.agent.start_turn(input).await? {
+    let replace_from = body.replace_from;
+    let input = TurnInput {
+        tenant,
+        session_id,
+        content: body.content,
+        metadata,
+        if_busy,
+        idempotency_key,
+        stream,
+        replace_from,
+    };
+    let start = state.agent.start_turn(input).await?;
+    turn_response(&state, start, stream).await
+}
+
+/// Renders how a turn request was answered: the turn's events (SSE) or its result (JSON).
+pub async fn turn_response(state: &AppState, start: TurnStart, stream: bool) -> Result<Response> {
+    match start {
         TurnStart::Started(StartedTurn { feed: Some(feed), outcome, .. }) if stream => {
             let events = outcome.driving(Box::pin(feed.follow()));
             Ok(sse::turn_stream(events, state.limits.sse_keepalive).into_response())
@@ -189,7 +212,7 @@ pub async fn post_message(
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.
-fn idempotency_key(value: Option<&HeaderValue>) -> Result<Option<String>> {
+pub fn idempotency_key(value: Option<&HeaderValue>) -> Result<Option<String>> {
     let Some(value) = value else { return Ok(None) };
     let key = value
         .to_str()
@@ -231,7 +254,17 @@ pub async fn list_messages(
     };
     let page = state
         .store
-        .read_page(&tenant, &id, PageQuery { limit, order, after, before })
+        .read_page(
+            &tenant,
+            &id,
+            PageQuery {
+                limit,
+                order,
+                after,
+                before,
+                include_superseded: query.include_superseded.unwrap_or(false),
+            },
+        )
         .await
         .map_err(|e| AppError::from_store(e, &id))?;
     let next_cursor = page.next_seq().map(|s| s.to_string());

@@ -20,6 +20,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_session, list_sessions))
         .routes(routes!(get_session, delete_session))
+        .routes(routes!(fork_session))
 }
 
 /// Body of `POST /v1/sessions`; every field is optional.
@@ -149,4 +150,64 @@ pub async fn delete_session(
     } else {
         Err(AppError::SessionNotFound(id))
     }
+}
+
+/// Body of `POST /v1/sessions/{id}/fork`; every field is optional.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+pub struct ForkSession {
+    /// The new session's id, `[A-Za-z0-9._:-]{1,128}`; a UUID v7 is chosen when omitted.
+    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    pub id: Option<String>,
+    /// Copy the active messages up to and including this seq (default: all). It may not cut a
+    /// tool round (a tool call and its results).
+    #[schema(minimum = 0)]
+    pub up_to_seq: Option<u64>,
+    /// The new session's metadata (a JSON object); the source's when omitted.
+    #[schema(value_type = Option<Object>)]
+    pub metadata: Option<Metadata>,
+}
+
+/// Fork a session: a new session of the same tenant holding a copy of the source's active
+/// history (up to `up_to_seq`), renumbered from 1, with new message ids and
+/// `metadata.forked_from`, and the source's system prompt; written in one atomic step.
+#[utoipa::path(post, path = "/v1/sessions/{id}/fork", tag = "sessions",
+    params(SessionIdParam),
+    request_body(content = Option<ForkSession>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "The new session", body = Session, headers(("Location" = String))),
+        (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "The new id is taken (`session_exists`), or the tenant holds the most sessions allowed (`session_limit_reached`)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "`fork_too_large`: more messages than `PARLEY_FORK_MAX_MESSAGES`", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields, or an `up_to_seq` inside a tool round", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn fork_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    OptionalJson(body): OptionalJson<ForkSession>,
+) -> Result<Response> {
+    let source = session_id(id)?;
+    let id = match body.id {
+        Some(id) => session_id(id)?,
+        None => new_id().to_string(),
+    };
+    if let Some(metadata) = &body.metadata {
+        state.limits.check_metadata(metadata)?;
+    }
+    let max_sessions = match state.limits.max_sessions_per_tenant {
+        0 => u64::MAX,
+        max => max,
+    };
+    let fork = crate::agent::history::Fork {
+        tenant,
+        source,
+        id,
+        up_to_seq: body.up_to_seq,
+        metadata: body.metadata,
+        max_sessions,
+    };
+    let session = state.agent.fork(fork).await?;
+    let location = format!("/v1/sessions/{}", session.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(session)).into_response())
 }

@@ -162,7 +162,7 @@ async fn stored_messages(state: &AppState, tenant: &str, id: &str, turn: &Turn) 
     let mut found: Vec<Message> = Vec::with_capacity(turn.message_ids.len());
     let mut before = None;
     for _ in 0..SCAN_PAGES {
-        let query = PageQuery { limit: 100, order: Order::Desc, after: None, before };
+        let query = PageQuery { limit: 100, order: Order::Desc, after: None, before, ..PageQuery::default() };
         let page = state.store.read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))?;
         before = page.next_seq();
         let oldest_is_the_turns = page.messages.last().is_some_and(|m| m.turn_id == turn.id);
@@ -219,4 +219,52 @@ pub async fn cancel_turn(
 fn parse_turn_id(text: &str) -> Result<Uuid> {
     Uuid::parse_str(text)
         .map_err(|_| AppError::BadRequest(format!("invalid turn id {text:?}: expected a UUID")))
+}
+
+/// Body of `POST /v1/sessions/{id}/turns/{turn_id}/regenerate`; every field is optional.
+#[derive(Debug, Default, serde::Deserialize, utoipa::ToSchema)]
+pub struct RegenerateTurn {
+    /// If another turn runs in the session: `reject` (409) or `wait` for it; default `PARLEY_IF_BUSY`.
+    pub if_busy: Option<crate::config::IfBusy>,
+}
+
+/// Regenerate the session's last turn: run it again with the same user message (its new copy
+/// records `metadata.regenerated_from`); once saved, the old turn's messages are superseded.
+#[utoipa::path(post, path = "/v1/sessions/{id}/turns/{turn_id}/regenerate", tag = "turns",
+    params(TurnIdParams, super::messages::PostMessageQuery,
+        ("Idempotency-Key" = Option<String>, Header, pattern = r"^[!-~]{1,255}$", description = "Retry-safe key: a retry with the same key returns the same new turn without running the model again")),
+    request_body(content = Option<RegenerateTurn>, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The new turn's stored messages (JSON), or its events (SSE, as a post's)",
+            content((TurnResult = "application/json"), (super::messages::TurnEventData = "text/event-stream"))),
+        (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session or turn", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "`turn_not_last` (only the last turn can be regenerated), or a turn is running (`turn_in_progress`)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+        (status = 502, description = "The model failed; nothing was stored or superseded", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "Store unavailable, shutting down, turn_abandoned or turn_outcome_unknown (as a post)", body = Problem, content_type = "application/problem+json"),
+        (status = 504, description = "The model timed out; nothing was stored or superseded", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn regenerate_turn(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path((id, turn_id)): Path<(String, String)>,
+    ApiQuery(query): ApiQuery<super::messages::PostMessageQuery>,
+    headers: super::messages::TurnHeaders,
+    super::extract::OptionalJson(body): super::extract::OptionalJson<RegenerateTurn>,
+) -> Result<Response> {
+    let session_id = session_id(id)?;
+    let turn_id = parse_turn_id(&turn_id)?;
+    let idempotency_key = super::messages::idempotency_key(headers.idempotency_key.as_ref())?;
+    let stream = query.stream.unwrap_or(false) || headers.event_stream;
+    let request = crate::agent::history::Regenerate {
+        tenant,
+        session_id,
+        turn_id,
+        if_busy: body.if_busy.unwrap_or(state.limits.if_busy),
+        idempotency_key,
+        stream,
+    };
+    let start = state.agent.regenerate(request).await?;
+    super::messages::turn_response(&state, start, stream).await
 }

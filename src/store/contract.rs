@@ -69,7 +69,10 @@ pub fn pair(session: &str, text: &str) -> Vec<Message> {
 }
 
 async fn append(store: &DynStore, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
-    store.append(tenant, session, AppendBatch { messages, turn: None, fence: None }).await.expect("append")
+    store
+        .append(tenant, session, AppendBatch { messages, turn: None, fence: None, supersede_from: None })
+        .await
+        .expect("append")
 }
 
 async fn fill(store: &DynStore, session: &str, count: usize) {
@@ -83,7 +86,7 @@ fn seqs(messages: &[Message]) -> Vec<u64> {
 }
 
 fn query(limit: usize, order: Order, after: Option<u64>, before: Option<u64>) -> PageQuery {
-    PageQuery { limit, order, after, before }
+    PageQuery { limit, order, after, before, ..PageQuery::default() }
 }
 
 /// Appended messages read back in order, with seqs 1, 2, 3… and every field intact.
@@ -346,7 +349,11 @@ where
     turn.usage = Some(crate::domain::Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
     turn.completed_at = Some(crate::domain::now());
     store
-        .append(TENANT, "s1", AppendBatch { messages, turn: Some(turn.clone()), fence: None })
+        .append(
+            TENANT,
+            "s1",
+            AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None },
+        )
         .await
         .unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
@@ -375,7 +382,11 @@ where
         .await;
     assert!(matches!(again, Err(StoreError::SessionExists)));
     let lost = store
-        .append(TENANT, "nope", AppendBatch { messages: pair("nope", "x"), turn: None, fence: None })
+        .append(
+            TENANT,
+            "nope",
+            AppendBatch { messages: pair("nope", "x"), turn: None, fence: None, supersede_from: None },
+        )
         .await;
     assert!(matches!(lost, Err(StoreError::SessionNotFound)));
     assert!(store.get_session(TENANT, "nope").await.unwrap().is_none());
@@ -452,7 +463,11 @@ where
     assert!(matches!(store.last_n(b, "private", 10).await, Err(StoreError::SessionNotFound)));
     assert!(store.get_turn(b, "private", turn.id).await.unwrap().is_none());
     let written = store
-        .append(b, "private", AppendBatch { messages: pair("private", "x"), turn: None, fence: None })
+        .append(
+            b,
+            "private",
+            AppendBatch { messages: pair("private", "x"), turn: None, fence: None, supersede_from: None },
+        )
         .await;
     assert!(matches!(written, Err(StoreError::SessionNotFound)));
     assert!(matches!(store.clear(b, "private").await, Err(StoreError::SessionNotFound)));
@@ -724,7 +739,12 @@ where
     let messages = pair("s1", "hello");
     turn.status = TurnStatus::Completed;
     turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()), fence: None };
+    let batch = AppendBatch {
+        messages: messages.clone(),
+        turn: Some(turn.clone()),
+        fence: None,
+        supersede_from: None,
+    };
     let finished = store.finish_turn(TENANT, "s1", batch, turn.id).await.unwrap();
     assert!(finished.lock_released);
     assert_eq!(seqs(&finished.messages), vec![1, 2]);
@@ -734,11 +754,11 @@ where
 
     let holder = Turn::start("s1");
     assert!(matches!(store.begin_turn(TENANT, &holder, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
-    let late = AppendBatch { messages: pair("s1", "late"), turn: None, fence: None };
+    let late = AppendBatch { messages: pair("s1", "late"), turn: None, fence: None, supersede_from: None };
     assert!(matches!(store.finish_turn(TENANT, "s1", late, turn.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(holder.id), "not its claim");
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "a fenced write writes nothing");
-    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, fence: None };
+    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, fence: None, supersede_from: None };
     assert!(matches!(
         store.finish_turn(TENANT, "missing", gone, turn.id).await,
         Err(StoreError::SessionNotFound)
@@ -758,29 +778,45 @@ where
     let stale = Turn::start("s1");
     let short = Duration::from_millis(200);
     assert!(matches!(store.begin_turn(TENANT, &stale, 20, short).await.unwrap(), TurnBegin::Started { .. }));
-    let round =
-        AppendBatch { messages: pair("s1", "round"), turn: Some(stale.clone()), fence: Some(stale.id) };
+    let round = AppendBatch {
+        messages: pair("s1", "round"),
+        turn: Some(stale.clone()),
+        fence: Some(stale.id),
+        supersede_from: None,
+    };
     assert_eq!(seqs(&store.append(TENANT, "s1", round).await.unwrap()), vec![1, 2], "held: written");
     tokio::time::sleep(Duration::from_millis(400)).await;
     let fresh = Turn::start("s1");
     let long = Duration::from_secs(30);
     assert!(matches!(store.begin_turn(TENANT, &fresh, 20, long).await.unwrap(), TurnBegin::Started { .. }));
 
-    let round = AppendBatch { messages: pair("s1", "stale"), turn: None, fence: Some(stale.id) };
+    let round = AppendBatch {
+        messages: pair("s1", "stale"),
+        turn: None,
+        fence: Some(stale.id),
+        supersede_from: None,
+    };
     assert!(matches!(store.append(TENANT, "s1", round).await, Err(StoreError::Fenced)));
     let mut done = stale.clone();
     done.status = TurnStatus::Completed;
-    let last = AppendBatch { messages: pair("s1", "stale"), turn: Some(done), fence: None };
+    let last =
+        AppendBatch { messages: pair("s1", "stale"), turn: Some(done), fence: None, supersede_from: None };
     assert!(matches!(store.finish_turn(TENANT, "s1", last, stale.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "nothing of the stale turn");
     assert_eq!(store.get_turn(TENANT, "s1", stale.id).await.unwrap().unwrap().status, TurnStatus::Running);
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(fresh.id), "still the new turn's");
     assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 2);
 
-    let mine = AppendBatch { messages: pair("s1", "fresh"), turn: None, fence: Some(fresh.id) };
+    let mine = AppendBatch {
+        messages: pair("s1", "fresh"),
+        turn: None,
+        fence: Some(fresh.id),
+        supersede_from: None,
+    };
     assert_eq!(seqs(&store.append(TENANT, "s1", mine).await.unwrap()), vec![3, 4], "seqs go on");
     // A fenced write to a missing session is still a missing session.
-    let gone = AppendBatch { messages: pair("nope", "x"), turn: None, fence: Some(fresh.id) };
+    let gone =
+        AppendBatch { messages: pair("nope", "x"), turn: None, fence: Some(fresh.id), supersede_from: None };
     assert!(matches!(store.append(TENANT, "nope", gone).await, Err(StoreError::SessionNotFound)));
 }
 
@@ -798,7 +834,7 @@ where
     let messages = pair("s1", "once");
     turn.status = TurnStatus::Completed;
     turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None };
+    let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None };
     store.finish_turn(TENANT, "s1", batch.clone(), turn.id).await.unwrap();
     assert!(matches!(store.finish_turn(TENANT, "s1", batch, turn.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2);
@@ -824,7 +860,8 @@ where
     turn.error = None;
     store.put_turn(TENANT, &turn).await.unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed.clone()), "put");
-    let batch = AppendBatch { messages: Vec::new(), turn: Some(turn.clone()), fence: None };
+    let batch =
+        AppendBatch { messages: Vec::new(), turn: Some(turn.clone()), fence: None, supersede_from: None };
     store.append(TENANT, "s1", batch).await.unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed), "append");
     assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 0);
@@ -843,7 +880,7 @@ where
         let mut turn = Turn::start("s1");
         turn.status = TurnStatus::Completed;
         let messages = vec![msg("s1", turn.id, Role::User, &format!("q{i}"))];
-        let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None };
+        let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None };
         store.append(TENANT, "s1", batch).await.unwrap();
         turns.push(turn);
     }
@@ -851,6 +888,140 @@ where
         let kept = store.get_turn(TENANT, "s1", turn.id).await.unwrap().is_some();
         assert_eq!(kept, i >= 3, "turn {i} of 6 with a cap of 3");
     }
+}
+
+/// An edit's append supersedes, in the same atomic step, every active message from its seq on:
+/// they leave the active pages, `last_n`, the window and `message_count`, and stay readable in
+/// the superseded view (with `superseded_by`), merged in seq order with the same cursors; seqs
+/// are never reused.
+pub async fn an_edit_supersedes_in_the_same_append<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    for i in 0..3 {
+        append(&store, TENANT, "s1", pair("s1", &format!("q{i}"))).await;
+    }
+    let mut edit = Turn::start("s1");
+    edit.status = TurnStatus::Completed;
+    let messages = vec![
+        msg("s1", edit.id, Role::User, "q1 edited"),
+        msg("s1", edit.id, Role::Assistant, "re: q1 edited"),
+    ];
+    let batch = AppendBatch { messages, turn: Some(edit.clone()), fence: None, supersede_from: Some(3) };
+    let stored = store.append(TENANT, "s1", batch).await.unwrap();
+    assert_eq!(seqs(&stored), vec![7, 8], "seqs are never reused");
+
+    let active = store.last_n(TENANT, "s1", 10).await.unwrap();
+    assert_eq!(seqs(&active), vec![1, 2, 7, 8]);
+    assert!(active.iter().all(|m| m.superseded_by.is_none()));
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 4);
+    let page = store.read_page(TENANT, "s1", query(10, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(seqs(&page.messages), vec![1, 2, 7, 8]);
+
+    let all = |limit, order, after, before| PageQuery {
+        include_superseded: true,
+        ..query(limit, order, after, before)
+    };
+    let every = store.read_page(TENANT, "s1", all(20, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(seqs(&every.messages), (1..=8).collect::<Vec<_>>());
+    for m in &every.messages {
+        let expected = (3..=6).contains(&m.seq).then_some(edit.id);
+        assert_eq!(m.superseded_by, expected, "seq {}", m.seq);
+    }
+    assert_eq!(every.messages[2].content, "q1", "kept as it was");
+    // Paged by cursor in both orders: no gap, no repeat.
+    let (mut seen, mut after) = (Vec::new(), None);
+    loop {
+        let page = store.read_page(TENANT, "s1", all(3, Order::Asc, after, None)).await.unwrap();
+        seen.extend(seqs(&page.messages));
+        match page.next_seq() {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=8).collect::<Vec<_>>());
+    let (mut seen, mut before) = (Vec::new(), None);
+    loop {
+        let page = store.read_page(TENANT, "s1", all(3, Order::Desc, None, before)).await.unwrap();
+        seen.extend(seqs(&page.messages));
+        match page.next_seq() {
+            Some(next) => before = Some(next),
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=8).rev().collect::<Vec<_>>());
+
+    // The window of the next turn holds no superseded message.
+    let next = Turn::start("s1");
+    let TurnBegin::Started { window, .. } =
+        store.begin_turn(TENANT, &next, 20, Duration::from_secs(30)).await.unwrap()
+    else {
+        panic!("busy")
+    };
+    let texts: Vec<&str> = window.iter().map(|m| &*m.content).collect();
+    assert_eq!(texts, vec!["q0", "re: q0", "q1 edited", "re: q1 edited"]);
+    store.release_turn_lock(TENANT, "s1", next.id).await.unwrap();
+
+    // A second edit supersedes what the first left, and clear drops both kinds.
+    let mut again = Turn::start("s1");
+    again.status = TurnStatus::Completed;
+    let batch = AppendBatch {
+        messages: vec![msg("s1", again.id, Role::User, "q0 again")],
+        turn: Some(again.clone()),
+        fence: None,
+        supersede_from: Some(1),
+    };
+    assert_eq!(seqs(&store.append(TENANT, "s1", batch).await.unwrap()), vec![9]);
+    assert_eq!(seqs(&store.last_n(TENANT, "s1", 10).await.unwrap()), vec![9]);
+    let every = store.read_page(TENANT, "s1", all(20, Order::Asc, None, None)).await.unwrap();
+    assert_eq!(seqs(&every.messages), (1..=9).collect::<Vec<_>>());
+    assert_eq!(every.messages[0].superseded_by, Some(again.id));
+    assert_eq!(every.messages[2].superseded_by, Some(edit.id), "superseded once, by the first edit");
+    store.clear(TENANT, "s1").await.unwrap();
+    let every = store.read_page(TENANT, "s1", all(20, Order::Asc, None, None)).await.unwrap();
+    assert!(every.messages.is_empty(), "{:?}", every.messages);
+}
+
+/// A fork's write: a new session holding messages with seqs from 1, created whole or not at all,
+/// within the tenant's session cap, never over an existing id.
+pub async fn a_session_is_created_holding_messages<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "taken").await;
+    let mut messages = pair("copy", "a");
+    messages.extend(pair("copy", "b"));
+    let new =
+        NewSession { id: "copy".into(), system_prompt: Some("be brief".into()), metadata: Metadata::new() };
+    let (session, stored) = store.create_session_with(TENANT, new, messages.clone(), 10).await.unwrap();
+    assert_eq!((session.id.as_str(), session.message_count), ("copy", 4));
+    assert_eq!(seqs(&stored), vec![1, 2, 3, 4]);
+    let read = store.last_n(TENANT, "copy", 10).await.unwrap();
+    assert_eq!(read, stored);
+    assert_eq!(
+        read.iter().map(|m| m.id).collect::<Vec<_>>(),
+        messages.iter().map(|m| m.id).collect::<Vec<_>>()
+    );
+    let got = store.get_session(TENANT, "copy").await.unwrap().unwrap();
+    assert_eq!((got.system_prompt.as_deref(), got.message_count), (Some("be brief"), 4));
+    let next = store
+        .append(TENANT, "copy", AppendBatch { messages: pair("copy", "c"), ..AppendBatch::default() })
+        .await;
+    assert_eq!(seqs(&next.unwrap()), vec![5, 6], "seqs go on after the copy");
+
+    let again = NewSession { id: "taken".into(), system_prompt: None, metadata: Metadata::new() };
+    let taken = store.create_session_with(TENANT, again, pair("taken", "x"), 10).await;
+    assert!(matches!(taken, Err(StoreError::SessionExists)));
+    assert!(store.last_n(TENANT, "taken", 10).await.unwrap().is_empty(), "nothing written");
+    let full = NewSession { id: "third".into(), system_prompt: None, metadata: Metadata::new() };
+    let capped = store.create_session_with(TENANT, full, pair("third", "x"), 2).await;
+    assert!(matches!(capped, Err(StoreError::SessionLimitReached(2))));
+    assert!(store.get_session(TENANT, "third").await.unwrap().is_none());
 }
 
 /// A lease that is not renewed runs out, and the session is free again.
@@ -1014,6 +1185,8 @@ macro_rules! store_contract_tests {
             a_finished_turn_is_stored_once,
             a_terminal_turn_record_never_changes,
             turn_records_are_capped_like_messages,
+            an_edit_supersedes_in_the_same_append,
+            a_session_is_created_holding_messages,
             cancel_requests_reach_the_lock_holder,
             idempotency_keys_remember_the_first_request,
             another_tenant_reaches_nothing_of_a_session,

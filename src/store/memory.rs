@@ -100,18 +100,24 @@ struct Extra {
     tool_calls: Option<Vec<ToolCall>>,
     tool_call_id: Option<String>,
     name: Option<String>,
+    /// The turn that replaced it, once superseded.
+    superseded_by: Option<Uuid>,
 }
 
 impl StoredMessage {
     fn of(m: &Message) -> Self {
-        let plain =
-            m.metadata.is_empty() && m.tool_calls.is_none() && m.tool_call_id.is_none() && m.name.is_none();
+        let plain = m.metadata.is_empty()
+            && m.tool_calls.is_none()
+            && m.tool_call_id.is_none()
+            && m.name.is_none()
+            && m.superseded_by.is_none();
         let extra = (!plain).then(|| {
             Box::new(Extra {
                 metadata: m.metadata.clone(),
                 tool_calls: m.tool_calls.clone(),
                 tool_call_id: m.tool_call_id.clone(),
                 name: m.name.clone(),
+                superseded_by: m.superseded_by,
             })
         });
         StoredMessage {
@@ -123,6 +129,20 @@ impl StoredMessage {
             content: m.content.as_str().into(),
             extra,
         }
+    }
+
+    /// Marks it superseded by `turn_id`.
+    fn supersede(&mut self, turn_id: Uuid) {
+        let extra = self.extra.get_or_insert_with(|| {
+            Box::new(Extra {
+                metadata: Metadata::new(),
+                tool_calls: None,
+                tool_call_id: None,
+                name: None,
+                superseded_by: None,
+            })
+        });
+        extra.superseded_by = Some(turn_id);
     }
 
     fn to_window(&self) -> WindowMessage {
@@ -151,6 +171,7 @@ impl StoredMessage {
             tool_call_id: extra.and_then(|e| e.tool_call_id.clone()),
             name: extra.and_then(|e| e.name.clone()),
             created_at: self.created_at,
+            superseded_by: extra.and_then(|e| e.superseded_by),
         }
     }
 }
@@ -198,6 +219,8 @@ struct SessionData {
     /// The session id as its tenant's index holds it.
     key: Arc<str>,
     messages: VecDeque<StoredMessage>,
+    /// Messages an edit replaced, by seq, kept apart so that active reads never skip them.
+    superseded: VecDeque<StoredMessage>,
     /// The last seq handed out; survives clears and trimming.
     last_seq: u64,
     /// Ended turns' records ordered by id, which is by start time (UUID v7): found by binary
@@ -336,6 +359,17 @@ impl Default for MemoryStore {
 impl MemoryStore {
     /// Creates a session unless one with its id exists.
     fn create(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
+        self.create_holding(tenant, new, Vec::new()).map(|(session, _)| session)
+    }
+
+    /// Creates a session holding `messages` (seqs from 1), under one write lock: no reader sees
+    /// the session without them.
+    fn create_holding(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        mut messages: Vec<Message>,
+    ) -> StoreResult<(Session, Vec<Message>)> {
         let mut guard = self.write(tenant, &new.id);
         let t = guard.entry(tenant.to_owned()).or_default();
         if t.sessions.contains_key(&new.id) {
@@ -352,18 +386,26 @@ impl MemoryStore {
         };
         let key: Arc<str> = new.id.as_str().into();
         t.index.insert((at.timestamp_micros(), Arc::clone(&key)));
+        for (m, seq) in messages.iter_mut().zip(1..) {
+            m.seq = seq;
+            m.session_id.clone_from(&new.id);
+        }
+        let skip = messages.len().saturating_sub(self.max_messages);
+        let kept: VecDeque<StoredMessage> = messages[skip..].iter().map(StoredMessage::of).collect();
+        let session = Session { message_count: kept.len() as u64, ..session };
         let data = SessionData {
             session: session.clone(),
             key,
-            messages: VecDeque::new(),
-            last_seq: 0,
+            messages: kept,
+            superseded: VecDeque::new(),
+            last_seq: messages.len() as u64,
             turns: VecDeque::new(),
             running: None,
             lock: None,
             idempotency: HashMap::new(),
         };
         t.sessions.insert(new.id, data);
-        Ok(session)
+        Ok((session, messages))
     }
 
     /// How many sessions the tenant holds.
@@ -387,6 +429,20 @@ impl MemoryStore {
         {
             return Err(StoreError::Fenced);
         }
+        if let Some(from) = batch.supersede_from {
+            let by = batch.turn.as_ref().map(|t| t.id).ok_or_else(|| {
+                StoreError::Backend("an append that supersedes messages must carry its turn".into())
+            })?;
+            let at = d.messages.partition_point(|m| m.seq < from);
+            for mut m in d.messages.drain(at..) {
+                m.supersede(by);
+                d.superseded.push_back(m);
+            }
+            d.superseded.make_contiguous().sort_by_key(|m| m.seq);
+            while d.superseded.len() > self.max_messages {
+                d.superseded.pop_front();
+            }
+        }
         let mut stored = batch.messages;
         for m in &mut stored {
             d.last_seq += 1;
@@ -407,7 +463,7 @@ impl MemoryStore {
         {
             d.lock = None;
         }
-        if stored.is_empty() {
+        if stored.is_empty() && batch.supersede_from.is_none() {
             // Only a turn record (a failed turn's): the history and the session are as they were.
             return Ok((stored, release.is_some()));
         }
@@ -507,6 +563,9 @@ impl SessionData {
     }
 
     fn page(&self, q: PageQuery) -> MessagePage {
+        if q.include_superseded && !self.superseded.is_empty() {
+            return self.page_with_superseded(q);
+        }
         let msgs = &self.messages;
         let start = q.after.map_or(0, |a| msgs.partition_point(|m| m.seq <= a));
         let end = q.before.map_or(msgs.len(), |b| msgs.partition_point(|m| m.seq < b));
@@ -519,6 +578,32 @@ impl SessionData {
             Order::Desc => msgs.range(end - take..end).rev().map(|m| m.to_message(id)).collect(),
         };
         MessagePage { messages, has_more: available > take }
+    }
+}
+
+impl SessionData {
+    /// A page over active and superseded messages together, in seq order: each list's page
+    /// (found by binary search), merged.
+    fn page_with_superseded(&self, q: PageQuery) -> MessagePage {
+        fn take(msgs: &VecDeque<StoredMessage>, q: PageQuery) -> Vec<&StoredMessage> {
+            let start = q.after.map_or(0, |a| msgs.partition_point(|m| m.seq <= a));
+            let end = q.before.map_or(msgs.len(), |b| msgs.partition_point(|m| m.seq < b)).max(start);
+            let n = (end - start).min(q.limit + 1);
+            match q.order {
+                Order::Asc => msgs.range(start..start + n).collect(),
+                Order::Desc => msgs.range(end - n..end).rev().collect(),
+            }
+        }
+        let mut both: Vec<&StoredMessage> = take(&self.messages, q);
+        both.extend(take(&self.superseded, q));
+        match q.order {
+            Order::Asc => both.sort_by_key(|m| m.seq),
+            Order::Desc => both.sort_by_key(|m| std::cmp::Reverse(m.seq)),
+        }
+        let has_more = both.len() > q.limit;
+        both.truncate(q.limit);
+        let id = self.session.id.as_str();
+        MessagePage { messages: both.into_iter().map(|m| m.to_message(id)).collect(), has_more }
     }
 }
 
@@ -546,6 +631,20 @@ impl ConversationStore for MemoryStore {
             return Err(StoreError::SessionLimitReached(max));
         }
         self.create(tenant, new)
+    }
+
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        let _gate = self.create_gate(tenant).lock().unwrap_or_else(|e| e.into_inner());
+        if self.count(tenant) >= max {
+            return Err(StoreError::SessionLimitReached(max));
+        }
+        self.create_holding(tenant, new, messages)
     }
 
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
@@ -648,6 +747,7 @@ impl ConversationStore for MemoryStore {
         let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
         let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
         d.messages = VecDeque::new();
+        d.superseded = VecDeque::new();
         let old = d.session.updated_at.timestamp_micros();
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = 0;

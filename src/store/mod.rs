@@ -75,7 +75,7 @@ pub enum Order {
 }
 
 /// A request for one page of history.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct PageQuery {
     /// Page size, at least 1.
     pub limit: usize,
@@ -85,6 +85,8 @@ pub struct PageQuery {
     pub after: Option<u64>,
     /// Only messages with a seq less than this.
     pub before: Option<u64>,
+    /// Superseded messages too (they carry `superseded_by`), merged in seq order.
+    pub include_superseded: bool,
 }
 
 /// One page of history.
@@ -161,6 +163,11 @@ pub struct AppendBatch {
     /// be written, checked in the same atomic step; otherwise nothing is written and the store
     /// answers [`StoreError::Fenced`]. `None` writes unconditionally.
     pub fence: Option<Uuid>,
+    /// An edit: before the batch's messages are appended, in the same atomic step, every active
+    /// message with a seq at or above this one becomes superseded by the batch's turn (`turn`
+    /// must be set). Superseded messages are kept apart from the active ones, so that active
+    /// reads stay O(page).
+    pub supersede_from: Option<u64>,
 }
 
 /// The outcome of claiming a session for a turn.
@@ -408,6 +415,27 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Forgets a key (its turn failed before storing anything, so a retry may run again).
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
+    /// Creates a session holding `messages` (their seqs assigned from 1, in order), unless the
+    /// id is taken or the tenant already holds `max` sessions: what a fork writes. The built-in
+    /// stores do it in one atomic step; this default creates, then appends (a failure between
+    /// the two leaves an empty session).
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        let id = new.id.clone();
+        let mut session = self.create_session_within(tenant, new, max).await?;
+        if messages.is_empty() {
+            return Ok((session, messages));
+        }
+        let stored = self.append(tenant, &id, AppendBatch { messages, ..AppendBatch::default() }).await?;
+        session.message_count = stored.len() as u64;
+        Ok((session, stored))
+    }
+
     /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
     /// sessions may be counted until the backend notices they expired.
     async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;

@@ -1,9 +1,11 @@
 //! The PostgreSQL store: durable, shared by every parley replica (`is_distributed()` is true).
 //!
 //! The schema is in `migrations/` (embedded with `sqlx::migrate!`); `0001_init.sql` explains it.
-//! In short: `sessions` holds `last_seq`, the last seq handed out, and `message_count`; the
-//! messages a session holds are exactly those with seq in `(last_seq - message_count, last_seq]`,
-//! and every read filters on that window.
+//! In short: `sessions` holds `last_seq`, the last seq handed out, `floor_seq` (what a clear or
+//! the cap gave up) and `message_count`; the active messages of a session are the rows of
+//! `messages` with a seq above `floor_seq`, and every read filters on that. Messages an edit
+//! replaced move to `superseded_messages` (`0003_superseded_messages.sql`), in the edit's append
+//! statement, so active reads never scan them.
 //!
 //! Costs, in statements sent to the server:
 //! - `append`: one statement, whatever the batch size. A CTE bumps `last_seq` (which row-locks
@@ -24,7 +26,8 @@
 //!   expired keys, and [`PgStore::sweep_expired`] everyone's.
 //!
 //! Every operation is bounded by `op_timeout` (pool acquire included) and fails with
-//! [`StoreError::Unavailable`] when PostgreSQL cannot be reached in time.
+//! [`StoreError::Unavailable`] when PostgreSQL cannot be reached, or [`StoreError::Unanswered`]
+//! when a statement was sent but no answer came in time.
 
 use std::future::Future;
 use std::str::FromStr;
@@ -324,6 +327,60 @@ impl PgStore {
         Ok(Creation::Created(row))
     }
 
+    /// Creates a session holding `messages` (seqs from 1) in one transaction on `conn`, under the
+    /// tenant's creation lock as [`PgStore::create_within_on`].
+    async fn create_holding_on(
+        &self,
+        conn: &mut PgConnection,
+        tenant: &str,
+        new: &NewSession,
+        messages: &[Message],
+        max: u64,
+    ) -> Result<Creation, sqlx::Error> {
+        let mut tx = conn.begin().await?;
+        sqlx::query(LOCK_TENANT_CREATIONS).bind(tenant).execute(&mut *tx).await?;
+        let held: i64 = sqlx::query_scalar(COUNT_SESSIONS).bind(tenant).fetch_one(&mut *tx).await?;
+        if to_u64(held) >= max {
+            tx.rollback().await?;
+            return Ok(Creation::LimitReached);
+        }
+        sqlx::query(DROP_EXPIRED).bind(tenant).bind(&new.id).execute(&mut *tx).await?;
+        let n = messages.len() as i64;
+        let kept = self.max_messages.map_or(n, |cap| n.min(cap));
+        let row = sqlx::query(CREATE_SESSION_HOLDING)
+            .bind(tenant)
+            .bind(&new.id)
+            .bind(new.system_prompt.as_deref())
+            .bind(json_text(&new.metadata))
+            .bind(self.ttl_micros)
+            .bind(n)
+            .bind(kept)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(Creation::Exists);
+        };
+        let cols = Columns::of(messages);
+        sqlx::query(INSERT_MESSAGES)
+            .bind(tenant)
+            .bind(&new.id)
+            .bind(n - kept)
+            .bind(&cols.ids)
+            .bind(&cols.turn_ids)
+            .bind(&cols.roles)
+            .bind(&cols.contents)
+            .bind(&cols.metadata)
+            .bind(&cols.tool_calls)
+            .bind(&cols.tool_call_ids)
+            .bind(&cols.names)
+            .bind(&cols.created_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Creation::Created(row))
+    }
+
     /// Deletes the session if it has expired but was not swept yet; true if it did.
     async fn drop_if_expired(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         let done = self.timed(sqlx::query(DROP_EXPIRED).bind(tenant).bind(id).execute(&self.conns)).await?;
@@ -368,7 +425,8 @@ impl PgStore {
                 .bind(turn.and_then(|t| t.usage).map(Json))
                 .bind(turn.map(|t| t.created_at))
                 .bind(turn.and_then(|t| t.completed_at))
-                .bind(fence);
+                .bind(fence)
+                .bind(batch.supersede_from.map(to_i64));
         let last_seq = match self.timed(query.fetch_one(&self.conns)).await? {
             (Some(last_seq), _) => last_seq,
             (None, true) => return Err(StoreError::Fenced),
@@ -389,13 +447,15 @@ impl PgStore {
         &self,
         tenant: &str,
         session_id: &str,
-        order: Order,
+        (order, include_superseded): (Order, bool),
         (after, before): (u64, u64),
         limit: usize,
     ) -> StoreResult<Option<Vec<Message>>> {
-        let sql = match order {
-            Order::Asc => PAGE_ASC,
-            Order::Desc => PAGE_DESC,
+        let sql = match (order, include_superseded) {
+            (Order::Asc, false) => PAGE_ASC,
+            (Order::Desc, false) => PAGE_DESC,
+            (Order::Asc, true) => PAGE_ALL_ASC,
+            (Order::Desc, true) => PAGE_ALL_DESC,
         };
         let rows = self
             .timed(
@@ -579,6 +639,8 @@ fn message_from_row(row: &PgRow, session_id: &str) -> StoreResult<Option<Message
         tool_call_id: row.try_get("tool_call_id").map_err(decode)?,
         name: row.try_get("name").map_err(decode)?,
         created_at: row.try_get("created_at").map_err(decode)?,
+        // Only the superseded view selects the column.
+        superseded_by: row.try_get::<Option<Uuid>, _>("superseded_by").unwrap_or(None),
     }))
 }
 
@@ -697,7 +759,7 @@ macro_rules! page_sql {
             " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at",
             " from messages",
             " where tenant = s.tenant and session_id = s.id",
-            " and seq > s.last_seq - s.message_count and seq > $3 and seq < $4",
+            " and seq > s.floor_seq and seq > $3 and seq < $4",
             " order by seq ",
             $dir,
             " limit $5",
@@ -717,15 +779,40 @@ macro_rules! append_sql {
             "with fence as (",
             " select 1 from turn_locks where $22::uuid is not null and tenant = $1 and session_id = $2",
             " and turn_id = $22::uuid and expires_at > now() for update",
-            "), s as (",
-            " update sessions set last_seq = last_seq + $3,",
-            " message_count = case when $4::bigint is null then message_count + $3",
-            " else least(message_count + $3, $4::bigint) end,",
-            " updated_at = case when $3 > 0 then greatest(now(), updated_at) else updated_at end,",
-            " expires_at = now() + $5::bigint * interval '1 microsecond'",
+            "), pre as (",
+            " select last_seq, floor_seq from sessions",
             " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
-            " and ($22::uuid is null or exists (select 1 from fence))",
-            " returning last_seq",
+            " and ($22::uuid is null or exists (select 1 from fence)) for update",
+            "), bounds as (",
+            " select pre.last_seq + $3 as last_seq, pre.floor_seq as old_floor,",
+            " case when $4::bigint is null then pre.floor_seq",
+            " else greatest(pre.floor_seq, pre.last_seq + $3 - $4::bigint) end as floor_seq from pre",
+            "), moved as (",
+            " delete from messages d using bounds where $23::bigint is not null and d.tenant = $1",
+            " and d.session_id = $2 and d.seq >= $23::bigint and d.seq > bounds.old_floor",
+            " returning d.*",
+            "), kept_moved as (",
+            " insert into superseded_messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
+            " tool_calls, tool_call_id, name, created_at, superseded_by)",
+            " select tenant, session_id, seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id,",
+            " name, created_at, $15::uuid from moved, bounds where moved.seq > bounds.floor_seq",
+            "), trimmed as (",
+            " delete from messages d using bounds where $4::bigint is not null and d.tenant = $1",
+            " and d.session_id = $2 and d.seq <= bounds.floor_seq",
+            " and ($23::bigint is null or d.seq < $23::bigint) returning (d.seq > bounds.old_floor) as counted",
+            "), trimmed_superseded as (",
+            " delete from superseded_messages d using bounds where $4::bigint is not null and d.tenant = $1",
+            " and d.session_id = $2 and d.seq <= bounds.floor_seq",
+            "), s as (",
+            " update sessions set last_seq = bounds.last_seq, floor_seq = bounds.floor_seq,",
+            " message_count = least(bounds.last_seq - bounds.floor_seq, greatest(0, sessions.message_count",
+            " + least($3, bounds.last_seq - bounds.floor_seq)",
+            " - (select count(*) from moved) - (select count(*) from trimmed where counted))),",
+            " updated_at = case when $3 > 0 or $23::bigint is not null then greatest(now(), updated_at)",
+            " else updated_at end,",
+            " expires_at = now() + $5::bigint * interval '1 microsecond'",
+            " from bounds where tenant = $1 and id = $2",
+            " returning sessions.last_seq",
             "), ins as (",
             " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
             " tool_calls, tool_call_id, name, created_at)",
@@ -735,9 +822,6 @@ macro_rules! append_sql {
             " $12::text[], $13::text[], $14::timestamptz[]) with ordinality",
             " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
             " where $4::bigint is null or m.ord > $3 - $4::bigint",
-            "), trimmed as (",
-            " delete from messages d using s",
-            " where $4::bigint is not null and d.tenant = $1 and d.session_id = $2 and d.seq <= s.last_seq - $4::bigint",
             "), saved_turn as (",
             " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
             " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
@@ -755,12 +839,47 @@ macro_rules! append_sql {
     };
 }
 
+/// One page over active and superseded messages together, in direction `$dir`: a range scan of
+/// each table's key, merged. Binds as [`page_sql!`].
+macro_rules! page_all_sql {
+    ($dir:literal) => {
+        concat!(
+            "select m.* from sessions s left join lateral (",
+            " select * from ((",
+            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at,",
+            " null::uuid as superseded_by from messages",
+            " where tenant = s.tenant and session_id = s.id and seq > s.floor_seq and seq > $3 and seq < $4",
+            " order by seq ",
+            $dir,
+            " limit $5",
+            ") union all (",
+            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at,",
+            " superseded_by from superseded_messages",
+            " where tenant = s.tenant and session_id = s.id and seq > s.floor_seq and seq > $3 and seq < $4",
+            " order by seq ",
+            $dir,
+            " limit $5",
+            ")) both_sets order by seq ",
+            $dir,
+            " limit $5",
+            ") m on true where s.tenant = $1 and s.id = $2 and ",
+            live!(),
+            " order by m.seq ",
+            $dir
+        )
+    };
+}
+
 /// The statements this store sends; public so that tests can `EXPLAIN` them.
 pub mod sql {
     /// One page, oldest first. Binds: tenant, session, after, before, limit.
     pub const PAGE_ASC: &str = page_sql!("asc");
     /// One page (or the last N), newest first. Binds: tenant, session, after, before, limit.
     pub const PAGE_DESC: &str = page_sql!("desc");
+    /// [`PAGE_ASC`] over active and superseded messages together.
+    pub const PAGE_ALL_ASC: &str = page_all_sql!("asc");
+    /// [`PAGE_DESC`] over active and superseded messages together.
+    pub const PAGE_ALL_DESC: &str = page_all_sql!("desc");
 
     /// Creates a session. Binds: tenant, id, system prompt, metadata text, ttl in µs.
     pub const CREATE_SESSION: &str = "insert into sessions \
@@ -841,7 +960,7 @@ pub mod sql {
     /// completed_at. Returns one row per message of the window, oldest first (or one row of
     /// null message columns), each with `found`, `acquired`, `holder` and `system_prompt`.
     pub const BEGIN_TURN: &str = concat!(
-        "with s as (select s.tenant, s.id, s.system_prompt, s.last_seq, s.message_count from sessions s",
+        "with s as (select s.tenant, s.id, s.system_prompt, s.floor_seq from sessions s",
         " where s.tenant = $1 and s.id = $2 and ",
         live!(),
         "), took as (",
@@ -862,13 +981,13 @@ pub mod sql {
         ") select h.found, h.acquired, h.holder, h.system_prompt, m.* from head h left join lateral (",
         " select w.seq, w.id, w.turn_id, w.role, w.content, w.metadata, w.tool_calls, w.tool_call_id, w.name,",
         " w.created_at from messages w where h.acquired and w.tenant = $1 and w.session_id = $2",
-        " and w.seq > (select s.last_seq - s.message_count from s) order by w.seq desc limit $5",
+        " and w.seq > (select s.floor_seq from s) order by w.seq desc limit $5",
         ") m on true order by m.seq asc"
     );
 
     /// Empties a live session's window and returns its `last_seq`. Binds: tenant, id, ttl in µs.
     pub const CLEAR_SESSION: &str = concat!(
-        "update sessions s set message_count = 0, updated_at = greatest(now(), updated_at),",
+        "update sessions s set message_count = 0, floor_seq = last_seq, updated_at = greatest(now(), updated_at),",
         " expires_at = now() + $3::bigint * interval '1 microsecond'",
         " where s.tenant = $1 and s.id = $2 and ",
         live!(),
@@ -876,8 +995,31 @@ pub mod sql {
     );
 
     /// Deletes the messages a clear gave up. Binds: tenant, session, last seq.
-    pub const CLEAR_MESSAGES: &str =
-        "delete from messages where tenant = $1 and session_id = $2 and seq <= $3";
+    pub const CLEAR_MESSAGES: &str = "with sup as (delete from superseded_messages \
+         where tenant = $1 and session_id = $2 and seq <= $3) \
+         delete from messages where tenant = $1 and session_id = $2 and seq <= $3";
+
+    /// Creates a session holding a fork's messages, in the transaction that counted the tenant's
+    /// sessions. Binds: tenant, id, system prompt, metadata text, ttl in µs, message count, the
+    /// number kept (the cap). Returns the session row, or no row when the id is taken.
+    pub const CREATE_SESSION_HOLDING: &str = "insert into sessions \
+         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, floor_seq, expires_at) \
+         values ($1, $2, now(), now(), $3, $4::text::json, $7, $6, $6 - $7, now() + $5::bigint * interval '1 microsecond') \
+         on conflict (tenant, id) do nothing \
+         returning id, created_at, updated_at, system_prompt, metadata, message_count";
+
+    /// Writes a fork's messages with seqs from 1, skipping those under the floor. Binds: tenant,
+    /// session, floor seq, then the message columns as [`APPEND`]'s $6..$14.
+    pub const INSERT_MESSAGES: &str = concat!(
+        "insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
+        " tool_calls, tool_call_id, name, created_at)",
+        " select $1, $2, m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
+        " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
+        " from unnest($4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[],",
+        " $10::text[], $11::text[], $12::timestamptz[]) with ordinality",
+        " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
+        " where m.ord > $3"
+    );
 
     /// Creates or replaces a turn of a live session (a terminal record stays as it is). Binds:
     /// tenant, session, then the turn's fields. Returns whether the session is live.
@@ -1067,6 +1209,31 @@ impl ConversationStore for PgStore {
         }
     }
 
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        mut messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        let work = async {
+            let mut checkout = self.conns.checkout().await?;
+            let outcome = self.create_holding_on(checkout.conn(), tenant, &new, &messages, max).await;
+            checkout.settle(&outcome);
+            outcome
+        };
+        let session = match self.timed(work).await? {
+            Creation::Created(row) => session_from_row(&row)?,
+            Creation::Exists => return Err(StoreError::SessionExists),
+            Creation::LimitReached => return Err(StoreError::SessionLimitReached(max)),
+        };
+        for (m, seq) in messages.iter_mut().zip(1..) {
+            m.seq = seq;
+            m.session_id.clone_from(&new.id);
+        }
+        Ok((session, messages))
+    }
+
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
         let row =
             self.timed(sqlx::query(GET_SESSION).bind(tenant).bind(id).fetch_optional(&self.conns)).await?;
@@ -1169,7 +1336,7 @@ impl ConversationStore for PgStore {
         let bounds = (query.after.unwrap_or(0), query.before.unwrap_or(u64::MAX));
         let fetch = query.limit.saturating_add(1);
         let mut messages = self
-            .window(tenant, session_id, query.order, bounds, fetch)
+            .window(tenant, session_id, (query.order, query.include_superseded), bounds, fetch)
             .await?
             .ok_or(StoreError::SessionNotFound)?;
         let has_more = messages.len() > query.limit;
@@ -1179,7 +1346,7 @@ impl ConversationStore for PgStore {
 
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
         let mut messages = self
-            .window(tenant, session_id, Order::Desc, (0, u64::MAX), n)
+            .window(tenant, session_id, (Order::Desc, false), (0, u64::MAX), n)
             .await?
             .ok_or(StoreError::SessionNotFound)?;
         messages.reverse();

@@ -88,7 +88,7 @@ use crate::domain::{Message, NewSession, Session, Turn, WindowMessage, now};
 /// Timestamps stay strings in Lua: its numbers print with 14 digits, and µs since the epoch have 16.
 const PRELUDE: &str = r#"
 local meta, messages, turns, order, index = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local lock, idem, idem_exp = KEYS[6], KEYS[7], KEYS[8]
+local lock, idem, idem_exp, superseded = KEYS[6], KEYS[7], KEYS[8], KEYS[9]
 local id, now, ttl, cap = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 
 local function call_chunked(command, key, list)
@@ -100,7 +100,7 @@ end
 -- Every key but the lock, whose expiry is its lease.
 local function refresh()
   if ttl > 0 then
-    for _, key in ipairs({meta, messages, turns, order, index, idem, idem_exp}) do
+    for _, key in ipairs({meta, messages, turns, order, index, idem, idem_exp, superseded}) do
       redis.call('PEXPIRE', key, ttl)
     end
   end
@@ -148,7 +148,7 @@ if max > 0 then
   end
   if held >= max then return -1 end
 end
-redis.call('DEL', messages, turns, order, lock, idem, idem_exp)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
 redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
   'message_count', 0, 'last_seq', 0, 'turn_seq', 0)
 if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
@@ -158,22 +158,40 @@ return 1
 "#;
 
 /// Appends a batch. ARGV 5..: the fencing turn (empty = none), `1` to release its lock with the
-/// batch, turn id (empty = none), turn JSON, then per message the JSON before and after its seq.
-/// Returns the first seq, 0 when the session does not exist, or -1 when the fencing turn does not
-/// hold the session (nothing written; an expired lease has no lock key, so it holds nothing).
+/// batch, turn id (empty = none), turn JSON, the seq from which active messages become superseded
+/// by that turn (empty = none), then per message the JSON before and after its seq. Returns the
+/// first seq, 0 when the session does not exist, or -1 when the fencing turn does not hold the
+/// session (nothing written; an expired lease has no lock key, so it holds nothing).
 const APPEND: &str = r#"
 if redis.call('EXISTS', meta) == 0 then return 0 end
 if ARGV[5] ~= '' and redis.call('HGET', lock, 'turn') ~= ARGV[5] then return -1 end
-local n = (#ARGV - 8) / 2
+local n = (#ARGV - 9) / 2
 local first = redis.call('HINCRBY', meta, 'last_seq', n) - n + 1
-if n > 0 then
-  local members = {}
-  for i = 0, n - 1 do
-    local seq = string.format('%d', first + i)
-    members[#members + 1] = seq
-    members[#members + 1] = ARGV[9 + 2 * i] .. seq .. ARGV[10 + 2 * i]
+if ARGV[9] ~= '' then
+  local moved = redis.call('ZRANGE', messages, ARGV[9], '+inf', 'BYSCORE', 'WITHSCORES')
+  local marked = {}
+  local tag = ',"superseded_by":"' .. ARGV[7] .. '"}'
+  for i = 1, #moved, 2 do
+    marked[#marked + 1] = moved[i + 1]
+    marked[#marked + 1] = string.sub(moved[i], 1, -2) .. tag
   end
-  call_chunked('ZADD', messages, members)
+  if #marked > 0 then
+    call_chunked('ZADD', superseded, marked)
+    redis.call('ZREMRANGEBYSCORE', messages, ARGV[9], '+inf')
+    local kept = redis.call('ZCARD', superseded)
+    if cap > 0 and kept > cap then redis.call('ZREMRANGEBYRANK', superseded, 0, kept - cap - 1) end
+  end
+end
+if n > 0 or ARGV[9] ~= '' then
+  if n > 0 then
+    local members = {}
+    for i = 0, n - 1 do
+      local seq = string.format('%d', first + i)
+      members[#members + 1] = seq
+      members[#members + 1] = ARGV[10 + 2 * i] .. seq .. ARGV[11 + 2 * i]
+    end
+    call_chunked('ZADD', messages, members)
+  end
   local count = redis.call('ZCARD', messages)
   if cap > 0 and count > cap then
     redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
@@ -185,6 +203,73 @@ if ARGV[7] ~= '' then save_turn(ARGV[7], ARGV[8]) end
 refresh()
 if ARGV[6] == '1' then redis.call('DEL', lock) end
 return first
+"#;
+
+/// Creates a session holding messages (what a fork writes), as [`CREATE`] does, then adds the
+/// messages with seqs from 1. ARGV 5..: max, metadata JSON, `1`/`0` has a prompt, the prompt
+/// (empty when none), then per message the JSON before and after its seq. Returns as `CREATE`.
+const CREATE_WITH: &str = r#"
+if redis.call('EXISTS', meta) == 1 then return 0 end
+local max = tonumber(ARGV[5])
+if max > 0 then
+  local held
+  if ttl > 0 then
+    held = redis.call('ZCOUNT', index, '(' .. string.format('%d', tonumber(now) - ttl * 1000), '+inf')
+  else
+    held = redis.call('ZCARD', index)
+  end
+  if held >= max then return -1 end
+end
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
+local n = (#ARGV - 8) / 2
+redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
+  'message_count', 0, 'last_seq', n, 'turn_seq', 0)
+if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
+local members = {}
+for i = 0, n - 1 do
+  local seq = string.format('%d', 1 + i)
+  members[#members + 1] = seq
+  members[#members + 1] = ARGV[9 + 2 * i] .. seq .. ARGV[10 + 2 * i]
+end
+if n > 0 then call_chunked('ZADD', messages, members) end
+local count = redis.call('ZCARD', messages)
+if cap > 0 and count > cap then
+  redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
+  count = cap
+end
+redis.call('HSET', meta, 'message_count', count)
+redis.call('ZADD', index, now, id)
+refresh()
+return 1
+"#;
+
+/// One page by seq over active and superseded messages together. KEYS: meta, messages,
+/// superseded. ARGV as [`READ_PAGE`]. Takes up to limit + 1 from each set and merges them by seq.
+const READ_PAGE_ALL: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local limit = tonumber(ARGV[4])
+local function take(key)
+  if ARGV[3] == 'desc' then
+    return redis.call('ZRANGE', key, ARGV[2], ARGV[1], 'BYSCORE', 'REV', 'LIMIT', 0, limit + 1, 'WITHSCORES')
+  end
+  return redis.call('ZRANGE', key, ARGV[1], ARGV[2], 'BYSCORE', 'LIMIT', 0, limit + 1, 'WITHSCORES')
+end
+local a, b = take(KEYS[2]), take(KEYS[3])
+local found, i, j = {}, 1, 1
+while #found <= limit and (i <= #a or j <= #b) do
+  local pick_a
+  if i > #a then pick_a = false
+  elseif j > #b then pick_a = true
+  elseif ARGV[3] == 'desc' then pick_a = tonumber(a[i + 1]) > tonumber(b[j + 1])
+  else pick_a = tonumber(a[i + 1]) < tonumber(b[j + 1]) end
+  if pick_a then found[#found + 1] = a[i]; i = i + 2 else found[#found + 1] = b[j]; j = j + 2 end
+end
+local more = 0
+if #found > limit then
+  found[#found] = nil
+  more = 1
+end
+return {more, found}
 "#;
 
 /// Starts a turn: claims the session unless another turn holds it, records the turn, and reads
@@ -210,7 +295,7 @@ return {1, '', window, 0, ''}
 /// Drops every message, keeping the session and its seq counter. Returns 1, or 0 when missing.
 const CLEAR: &str = r#"
 if redis.call('EXISTS', meta) == 0 then return 0 end
-redis.call('DEL', messages)
+redis.call('DEL', messages, superseded)
 touch(0)
 refresh()
 return 1
@@ -227,7 +312,7 @@ return 1
 /// Deletes every key of the session and its index entry. Returns 1 if the session existed.
 const DELETE: &str = r#"
 local existed = redis.call('DEL', meta)
-redis.call('DEL', messages, turns, order, lock, idem, idem_exp)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
 redis.call('ZREM', index, id)
 return existed
 "#;
@@ -462,12 +547,14 @@ pub struct RedisStore {
 
 struct Scripts {
     create: Script,
+    create_with: Script,
     append: Script,
     begin_turn: Script,
     clear: Script,
     put_turn: Script,
     delete: Script,
     read_page: Script,
+    read_page_all: Script,
     last_n: Script,
     drop_stale: Script,
     acquire_lock: Script,
@@ -486,12 +573,14 @@ impl Scripts {
         let idem = |body: &str| Script::new(&format!("{IDEM_PRELUDE}{body}"));
         Scripts {
             create: write(CREATE),
+            create_with: write(CREATE_WITH),
             append: write(APPEND),
             begin_turn: write(BEGIN_TURN),
             clear: write(CLEAR),
             put_turn: write(PUT_TURN),
             delete: write(DELETE),
             read_page: Script::new(READ_PAGE),
+            read_page_all: Script::new(READ_PAGE_ALL),
             last_n: Script::new(LAST_N),
             drop_stale: Script::new(DROP_STALE),
             acquire_lock: Script::new(ACQUIRE_LOCK),
@@ -640,8 +729,14 @@ impl RedisStore {
         call.arg(if release.is_some() { "1" } else { "0" });
         match &batch.turn {
             Some(turn) => call.arg(turn.id.to_string()).arg(to_json(turn)?),
+            None if batch.supersede_from.is_some() => {
+                return Err(StoreError::Backend(
+                    "an append that supersedes messages must carry its turn".into(),
+                ));
+            }
             None => call.arg("").arg(""),
         };
+        call.arg(batch.supersede_from.map(|s| s.to_string()).unwrap_or_default());
         for m in &mut messages {
             m.session_id = session_id.to_owned();
             let (head, tail) = split_at_seq(m)?;
@@ -819,6 +914,49 @@ impl ConversationStore for RedisStore {
         self.create(tenant, new, max).await
     }
 
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        mut messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        if max == 0 {
+            return Err(StoreError::SessionLimitReached(0));
+        }
+        let keys = self.session_keys(tenant, &new.id);
+        let at = now();
+        let mut call = self.write_call(&self.scripts.create_with, &keys, &new.id, at.timestamp_micros());
+        call.arg(max).arg(to_json(&new.metadata)?);
+        match &new.system_prompt {
+            Some(prompt) => call.arg("1").arg(prompt),
+            None => call.arg("0").arg(""),
+        };
+        for m in &mut messages {
+            m.session_id.clone_from(&new.id);
+            let (head, tail) = split_at_seq(m)?;
+            call.arg(head).arg(tail);
+        }
+        match self.write::<i64>(&call).await? {
+            0 => return Err(StoreError::SessionExists),
+            -1 => return Err(StoreError::SessionLimitReached(max)),
+            _ => {}
+        }
+        for (m, seq) in messages.iter_mut().zip(1..) {
+            m.seq = seq;
+        }
+        let kept = if self.cap > 0 { messages.len().min(self.cap) } else { messages.len() };
+        let session = Session {
+            id: new.id,
+            created_at: at,
+            updated_at: at,
+            system_prompt: new.system_prompt,
+            metadata: new.metadata,
+            message_count: kept as u64,
+        };
+        Ok((session, messages))
+    }
+
     async fn get_session(&self, tenant: &str, id: &str) -> StoreResult<Option<Session>> {
         let mut cmd = redis::cmd("HGETALL");
         cmd.arg(self.session_keys(tenant, id).meta);
@@ -903,7 +1041,14 @@ impl ConversationStore for RedisStore {
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
-        let mut call = self.read_call(&self.scripts.read_page, tenant, session_id);
+        let mut call = if query.include_superseded {
+            let keys = self.session_keys(tenant, session_id);
+            let mut call = self.scripts.read_page_all.prepare_invoke();
+            call.key(keys.meta).key(keys.messages).key(keys.superseded);
+            call
+        } else {
+            self.read_call(&self.scripts.read_page, tenant, session_id)
+        };
         let min = query.after.map_or_else(|| "-inf".to_owned(), |a| format!("({a}"));
         let max = query.before.map_or_else(|| "+inf".to_owned(), |b| format!("({b}"));
         let order = if query.order == Order::Desc { "desc" } else { "asc" };
@@ -1196,6 +1341,9 @@ struct SessionKeys {
     idem: String,
     /// When each idempotency key is forgotten: zset key → server time in ms.
     idem_exp: String,
+    /// Messages an edit replaced: zset seq → message JSON with `superseded_by`, apart from the
+    /// active `messages`, so that active reads never skip them.
+    superseded: String,
 }
 
 impl SessionKeys {
@@ -1210,11 +1358,12 @@ impl SessionKeys {
             lock: format!("{base}:lock"),
             idem: format!("{base}:idem"),
             idem_exp: format!("{base}:idem_exp"),
+            superseded: format!("{base}:superseded"),
         }
     }
 
     /// In the order the write scripts expect them as `KEYS`.
-    fn all(&self) -> [&str; 8] {
+    fn all(&self) -> [&str; 9] {
         [
             &self.meta,
             &self.messages,
@@ -1224,6 +1373,7 @@ impl SessionKeys {
             &self.lock,
             &self.idem,
             &self.idem_exp,
+            &self.superseded,
         ]
     }
 }

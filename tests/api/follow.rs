@@ -94,7 +94,7 @@ async fn last_event_id_resumes_after_that_event(backend: Backend) {
         "no delta lost or doubled"
     );
     let last = whole.last().unwrap();
-    assert_eq!(last.event, "turn.completed");
+    assert_eq!(last.event, "turn.completed", "{}", last.data);
     assert_eq!(last.data["messages"], json!(app.history("resume").await), "what was stored");
 }
 

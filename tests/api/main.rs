@@ -36,6 +36,7 @@ mod agent_loop;
 mod auth;
 mod docs;
 mod durability;
+mod editing;
 mod errors;
 mod fake_openai;
 mod faulty_store;

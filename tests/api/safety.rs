@@ -70,11 +70,18 @@ async fn clients_that_leave_right_after_posting_never_wedge_their_session(backen
             match history.iter().position(|c| *c == first) {
                 Some(at) => {
                     assert_eq!(history.len(), 4, "{session}: both turns, once each: {history:?}");
-                    assert!(history[at + 1].starts_with(&format!("echo: {first} ")), "{session}: {history:?}");
+                    assert!(
+                        history[at + 1].starts_with(&format!("echo: {first} ")),
+                        "{session}: {history:?}"
+                    );
                     true
                 }
                 None => {
-                    assert_eq!(history.len(), 2, "{session}: nothing of a request never accepted: {history:?}");
+                    assert_eq!(
+                        history.len(),
+                        2,
+                        "{session}: nothing of a request never accepted: {history:?}"
+                    );
                     false
                 }
             }

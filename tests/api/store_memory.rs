@@ -64,7 +64,11 @@ async fn listing_merges_every_shard_newest_first_and_counts_them_all() {
         let id = format!("s{i:03}");
         let message = Message::new(&id, uuid::Uuid::now_v7(), Role::User, "bump");
         store
-            .append("t", &id, AppendBatch { messages: vec![message], turn: None, fence: None })
+            .append(
+                "t",
+                &id,
+                AppendBatch { messages: vec![message], turn: None, fence: None, supersede_from: None },
+            )
             .await
             .unwrap();
     }

@@ -82,7 +82,10 @@ async fn new_session(store: &PgStore, id: &str) {
 async fn fill(store: &PgStore, session: &str, count: usize) -> Vec<Message> {
     let turn = new_id();
     let messages = (1..=count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
-    store.append(TENANT, session, AppendBatch { messages, turn: None, fence: None }).await.expect("append")
+    store
+        .append(TENANT, session, AppendBatch { messages, turn: None, fence: None, supersede_from: None })
+        .await
+        .expect("append")
 }
 
 async fn count(store: &PgStore, sql: &'static str) -> i64 {
@@ -109,7 +112,11 @@ async fn json_comes_back_byte_for_byte_with_its_key_order() {
         arguments: serde_json::from_str(r#"{"zeta":1,"alpha":2}"#).unwrap(),
     }]);
     let stored = store
-        .append(TENANT, "s1", AppendBatch { messages: vec![call], turn: None, fence: None })
+        .append(
+            TENANT,
+            "s1",
+            AppendBatch { messages: vec![call], turn: None, fence: None, supersede_from: None },
+        )
         .await
         .unwrap();
     let back = store.last_n(TENANT, "s1", 1).await.unwrap();
@@ -213,7 +220,7 @@ async fn a_capped_session_stays_exact_under_concurrent_appenders() {
     }
     let session = store.get_session(TENANT, "s1").await.unwrap().unwrap();
     assert_eq!(session.message_count, 10);
-    let page = PageQuery { limit: 100, order: Order::Asc, after: None, before: None };
+    let page = PageQuery { limit: 100, order: Order::Asc, after: None, before: None, ..PageQuery::default() };
     let all = store.read_page(TENANT, "s1", page).await.unwrap();
     assert_eq!(all.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), (87..=96).collect::<Vec<u64>>());
     // One more append deletes whatever a concurrent trim could not see.
@@ -250,6 +257,56 @@ async fn page_and_window_reads_use_the_primary_key() {
         assert!(!plan.contains("Seq Scan on messages"), "{plan}");
         assert!(plan.contains("using messages_pkey"), "{plan}");
     }
+    drop_schema(&store).await;
+}
+
+/// Superseded messages live in their own table: an active page never scans them, and the
+/// superseded view is two range scans of primary keys, merged (O(page) either way), even with
+/// thousands of superseded messages in the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_stay_range_scans_with_superseded_messages() {
+    let store = pg_store(Setup::default()).await;
+    for session in ["a", "b", "c"] {
+        new_session(&store, session).await;
+        fill(&store, session, 3000).await;
+        // An edit from seq 100 on: 2,900 messages move to superseded_messages.
+        let mut edit = Turn::start(session);
+        edit.status = parley::domain::TurnStatus::Completed;
+        let messages = vec![parley::store::contract::msg(session, edit.id, Role::User, "edited")];
+        let batch = AppendBatch { messages, turn: Some(edit), fence: None, supersede_from: Some(100) };
+        store.append(TENANT, session, batch).await.unwrap();
+    }
+    assert_eq!(count(&store, "select count(*) from superseded_messages").await, 3 * 2901);
+    sqlx::query("analyze").execute(store.pool()).await.unwrap();
+    let cases: [(&str, i64, i64, bool); 4] = [
+        (sql::PAGE_DESC, 0, i64::MAX, false),
+        (sql::PAGE_ASC, 50, i64::MAX, false),
+        (sql::PAGE_ALL_ASC, 1500, i64::MAX, true),
+        (sql::PAGE_ALL_DESC, 0, 2000, true),
+    ];
+    for (query, after, before, both) in cases {
+        let explain = format!("explain {query}");
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+            .bind(TENANT)
+            .bind("b")
+            .bind(after)
+            .bind(before)
+            .bind(21i64)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan on messages"), "{plan}");
+        assert!(!plan.contains("Seq Scan on superseded_messages"), "{plan}");
+        assert!(plan.contains("using messages_pkey"), "{plan}");
+        assert_eq!(plan.contains("superseded_messages"), both, "{plan}");
+        if both {
+            assert!(plan.contains("using superseded_messages_pkey"), "{plan}");
+        }
+    }
+    let page = PageQuery { limit: 5, order: Order::Desc, include_superseded: true, ..PageQuery::default() };
+    let newest = store.read_page(TENANT, "b", page).await.unwrap();
+    assert_eq!(newest.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![3001, 3000, 2999, 2998, 2997]);
     drop_schema(&store).await;
 }
 

@@ -57,7 +57,7 @@ async fn create(store: &RedisStore, tenant: &str, id: &str) {
 fn batch(session: &str, count: usize) -> AppendBatch {
     let turn = new_id();
     let messages = (0..count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
-    AppendBatch { messages, turn: None, fence: None }
+    AppendBatch { messages, turn: None, fence: None, supersede_from: None }
 }
 
 #[tokio::test]
@@ -224,7 +224,13 @@ async fn median_read(store: &RedisStore, session: &str, last_seq: u64) -> Durati
     let mut times = Vec::new();
     for round in 0..20 {
         let started = Instant::now();
-        let query = PageQuery { limit: 20, order: Order::Desc, after: None, before: Some(last_seq - 100) };
+        let query = PageQuery {
+            limit: 20,
+            order: Order::Desc,
+            after: None,
+            before: Some(last_seq - 100),
+            ..PageQuery::default()
+        };
         let page = store.read_page("t", session, query).await.expect("page");
         assert_eq!(page.messages.len(), 20);
         assert_eq!(store.last_n("t", session, 20).await.expect("last n").len(), 20);

@@ -308,6 +308,7 @@ impl PgReplay {
             .bind(Some(started))
             .bind(Some(Utc::now()))
             .bind(turn_id)
+            .bind(None::<i64>)
             .fetch_optional(&self.pool)
             .await?;
         Ok(())

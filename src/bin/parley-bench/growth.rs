@@ -65,7 +65,13 @@ pub async fn seed_big_in_store(store: &DynStore, messages: u64, content: &str) -
             let role = if i % 2 == 0 { Role::User } else { Role::Assistant };
             batch.push(Message::new(BIG, turn, role, content));
         }
-        store.append(DEFAULT_TENANT, BIG, AppendBatch { messages: batch, turn: None, fence: None }).await?;
+        store
+            .append(
+                DEFAULT_TENANT,
+                BIG,
+                AppendBatch { messages: batch, turn: None, fence: None, supersede_from: None },
+            )
+            .await?;
         left -= n;
     }
     Ok(())
