@@ -23,6 +23,7 @@ use serde_json::Value;
 use self::retry::Failure;
 use super::{ChatModel, ChatRequest, ModelError, ModelStream};
 use crate::config::{MaxTokensParam, ModelConfig};
+use crate::redact::redact_url;
 use crate::tools::truncate;
 
 /// The first backoff of [`OpenAiSettings::new`] and of the settings built from the configuration.
@@ -107,7 +108,7 @@ impl OpenAiSettings {
 impl fmt::Debug for OpenAiSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiSettings")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("model", &self.model)
             .field("temperature", &self.temperature)
@@ -150,7 +151,7 @@ pub struct OpenAiModel {
 impl fmt::Debug for OpenAiModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiModel")
-            .field("url", &self.url.as_str())
+            .field("url", &redact_url(self.url.as_str()))
             .field("settings", &self.settings)
             .finish()
     }
@@ -373,9 +374,12 @@ mod tests {
     fn debug_never_shows_the_key() {
         let mut s = OpenAiSettings::new("http://localhost:1/v1", "m");
         s.api_key = Some("sk-secret-123".into());
+        s.base_url = "http://user:urlsecret@localhost:1/v1".into();
         assert!(!format!("{s:?}").contains("sk-secret-123"));
+        assert!(!format!("{s:?}").contains("urlsecret"));
         let model = OpenAiModel::new(s).unwrap();
         assert!(!format!("{model:?}").contains("sk-secret-123"));
+        assert!(!format!("{model:?}").contains("urlsecret"));
     }
 
     #[test]
