@@ -74,9 +74,15 @@ pub enum AppError {
     /// 422: an `Idempotency-Key` reused with a different request.
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
-    /// 502: the model endpoint failed.
-    #[error("the model failed: {0}")]
-    Upstream(String),
+    /// 502: the model endpoint failed. Clients see the upstream status only; the detail (an
+    /// excerpt of the upstream's answer, redacted) is logged.
+    #[error("the model failed: {detail}")]
+    Upstream {
+        /// The upstream's HTTP status, when it answered with an error status.
+        status: Option<u16>,
+        /// What went wrong, for the log.
+        detail: String,
+    },
     /// 504: the model endpoint timed out.
     #[error("the model timed out: {0}")]
     UpstreamTimeout(String),
@@ -125,7 +131,7 @@ impl AppError {
             | AppError::TurnInProgress(_)
             | AppError::TurnFinished(_)
             | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
-            AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            AppError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::StoreUnavailable(_) | AppError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -149,7 +155,7 @@ impl AppError {
             AppError::TurnInProgress(_) => "turn_in_progress",
             AppError::TurnFinished(_) => "turn_finished",
             AppError::IdempotencyKeyReused => "idempotency_key_reused",
-            AppError::Upstream(_) => "upstream_error",
+            AppError::Upstream { .. } => "upstream_error",
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",
             AppError::ShuttingDown => "shutting_down",
@@ -161,10 +167,15 @@ impl AppError {
         }
     }
 
-    /// The text shown to clients: never internal details of stores or upstreams.
+    /// The text shown to clients: never internal details of stores or upstreams (an upstream's
+    /// error body may name its infrastructure, quote the request or echo a credential).
     fn public_detail(&self) -> String {
         match self {
             AppError::StoreUnavailable(_) => "the conversation store is unavailable; retry later".to_owned(),
+            AppError::Upstream { status: Some(status), .. } => {
+                format!("the model endpoint answered with HTTP status {status}")
+            }
+            AppError::Upstream { status: None, .. } => "the model endpoint failed".to_owned(),
             AppError::Internal(_) => "an internal error occurred".to_owned(),
             other => other.to_string(),
         }
@@ -191,7 +202,7 @@ impl AppError {
         let (level, message, detail) = match self {
             AppError::Internal(detail) => (Level::ERROR, "request failed", Some(detail.clone())),
             AppError::StoreUnavailable(detail) => (Level::WARN, "store unavailable", Some(detail.clone())),
-            AppError::Upstream(_) | AppError::UpstreamTimeout(_) => {
+            AppError::Upstream { .. } | AppError::UpstreamTimeout(_) => {
                 (Level::WARN, "model failed", Some(self.to_string()))
             }
             _ => (Level::DEBUG, "request rejected", None),
@@ -290,7 +301,10 @@ impl From<ModelError> for AppError {
     fn from(err: ModelError) -> Self {
         match err {
             ModelError::Timeout(_) => AppError::UpstreamTimeout(err.to_string()),
-            other => AppError::Upstream(other.to_string()),
+            ModelError::Status { status, .. } => {
+                AppError::Upstream { status: Some(status), detail: err.to_string() }
+            }
+            other => AppError::Upstream { status: None, detail: other.to_string() },
         }
     }
 }
@@ -327,5 +341,19 @@ mod tests {
         let e = AppError::from(ModelError::Status { status: 500, message: "boom".into() });
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(e.code(), "upstream_error");
+    }
+
+    #[test]
+    fn upstream_failures_show_their_status_but_never_their_text() {
+        let body = "internal: shard db-7 at 10.0.0.3 rejected key sk-live-1234567890";
+        let e = AppError::from(ModelError::Status { status: 401, message: body.into() });
+        let p = e.problem();
+        assert_eq!((p.status, p.code.as_str()), (502, "upstream_error"));
+        assert!(p.detail.contains("401") && !p.detail.contains("shard"), "{}", p.detail);
+        assert!(e.log_entry().detail.is_some_and(|d| d.contains("shard")), "the log keeps it");
+        for other in [ModelError::Protocol(body.into()), ModelError::Connect(body.into())] {
+            let p = AppError::from(other).problem();
+            assert!(!p.detail.contains("shard"), "{}", p.detail);
+        }
     }
 }
