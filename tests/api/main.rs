@@ -46,6 +46,7 @@ mod integrity;
 mod lifecycle;
 mod limits;
 mod openai;
+mod raw_http;
 mod servers;
 mod sessions;
 mod startup;

@@ -2,7 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, spawn_app_on};
+use crate::helpers::{Backend, spawn_app, spawn_app_on};
+use crate::raw_http;
 
 async fn creating_a_session_returns_201_with_location_and_the_session(backend: Backend) {
     let app = spawn_app_on(backend, &[]).await;
@@ -90,6 +91,35 @@ async fn sessions_list_most_recently_updated_first_with_a_cursor(backend: Backen
     assert_eq!(seen, vec!["b", "e", "d", "c", "a"]);
     let (_, one) = app.get_json("/v1/sessions/b").await;
     assert_eq!(one["message_count"], 2);
+}
+
+#[tokio::test]
+async fn dot_segments_are_refused_as_session_ids_on_create_and_in_paths() {
+    let app = spawn_app(&[]).await;
+    for id in [".", ".."] {
+        let response = app.create_session_with(json!({ "id": id })).await;
+        assert_eq!(response.status(), 400, "creating {id:?}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_request", "{problem}");
+    }
+    app.create_session("...").await;
+    app.create_session(".a..").await;
+    // reqwest resolves dot segments (`%2E%2E` too) before sending, so these go over a raw socket.
+    let turn = "/turns/0190b7a4-0000-7000-8000-000000000000";
+    for id in [".", "..", "%2E", "%2e%2E"] {
+        for tail in ["", "/messages", turn] {
+            let path = format!("/v1/sessions/{id}{tail}");
+            let response = raw_http::exchange(&app.base, &raw_http::get(&app.base, &path, "")).await;
+            assert_eq!(response.status, 400, "GET {path}: {:?}", response.json());
+            assert_eq!(response.header("content-type"), Some("application/problem+json"));
+            assert_eq!(response.json()["code"], "invalid_request");
+        }
+        let path = format!("/v1/sessions/{id}/messages");
+        let post = raw_http::with_json(&app.base, "POST", &path, "", &json!({"content": "hi"}));
+        assert_eq!(raw_http::exchange(&app.base, &post).await.status, 400, "POST {path}");
+        let delete = format!("DELETE /v1/sessions/{id} HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(raw_http::exchange(&app.base, delete.as_bytes()).await.status, 400, "DELETE {id}");
+    }
 }
 
 for_each_backend!(
