@@ -1,12 +1,11 @@
 //! Wiring: build the store, model, tools and agent from a `Config`, and serve the API on a bound
 //! listener until a shutdown future resolves (then drain turns within the grace period).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
@@ -17,6 +16,7 @@ use crate::http::{AppParts, AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
+use crate::server::ServerSettings;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
@@ -71,6 +71,9 @@ fn limits(config: &Config) -> Limits {
         max_metadata_depth: config.limits.max_metadata_depth,
         max_metadata_keys: config.limits.max_metadata_keys,
         max_sessions_per_tenant: config.limits.max_sessions_per_tenant,
+        header_read_timeout: config.http.header_read_timeout,
+        idle_timeout: config.http.idle_timeout,
+        max_connections: config.http.max_connections,
     }
 }
 
@@ -156,7 +159,9 @@ pub fn build_tools(config: &Config) -> anyhow::Result<ToolRegistry> {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves; then refuses new turns, lets running
-/// turns finish within `grace` (cancelling the rest, which saves their partial text), and returns.
+/// turns finish within `grace` (cancelling the rest, which saves their partial text), stops
+/// accepting connections, closes the open ones gracefully, and returns. Connections are timed and
+/// capped as `crate::server` describes, with the state's limits.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -164,6 +169,11 @@ pub async fn serve(
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
     let agent = Arc::clone(&state.agent);
+    let settings = ServerSettings {
+        header_read_timeout: state.limits.header_read_timeout,
+        idle_timeout: state.limits.idle_timeout,
+        max_connections: state.limits.max_connections,
+    };
     let router = crate::http::router(state);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -172,19 +182,10 @@ pub async fn serve(
         agent.registry().shutdown(grace).await;
         let _ = drained_tx.send(());
     };
-    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client ACKs the
-    // previous one (a delayed ACK: tens of milliseconds per delta).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    // The client address keys rate limits when authentication is off.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(signal).into_future();
+    let server = crate::server::run(listener, router, settings, signal);
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result.context("server error")?,
+        () = &mut server => {}
         _ = async { let _ = drained_rx.await; tokio::time::sleep(std::time::Duration::from_secs(5)).await } => {
             tracing::warn!("connections still open 5 s after the turns drained: closing them");
         }

@@ -300,6 +300,19 @@ pub struct HttpConfig {
     /// How long running turns may take to finish after SIGTERM before they are cancelled.
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Longest a client may take to send a request's head (request line and headers), counted
+    /// from its first byte, or from the opening of a connection that sends nothing; the connection
+    /// is closed after it.
+    #[arg(long, env = "PARLEY_HEADER_READ_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub header_read_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request; a request in flight (a
+    /// streaming turn included) keeps it busy, not idle.
+    #[arg(long, env = "PARLEY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// Most open client connections; past it, a new connection gets 503 `too_many_connections`
+    /// and is closed. 0 is unlimited.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
 /// The conversation store. `Debug` hides the passwords of the URLs.
@@ -488,6 +501,9 @@ impl Config {
         if limits.rate_limit_turns_window.is_zero() {
             return Err("PARLEY_RATE_LIMIT_TURNS_WINDOW must be longer than 0".to_owned());
         }
+        if self.http.header_read_timeout.is_zero() || self.http.idle_timeout.is_zero() {
+            return Err("PARLEY_HEADER_READ_TIMEOUT and PARLEY_IDLE_TIMEOUT must be longer than 0".to_owned());
+        }
         Ok(())
     }
 
@@ -604,9 +620,17 @@ mod tests {
     fn input_bounds_are_checked() {
         assert!(parse(&["--max-metadata-depth", "0"]).validate().is_err());
         assert!(parse(&["--rate-limit-turns-window", "0s"]).validate().is_err());
+        assert!(parse(&["--header-read-timeout", "0s"]).validate().is_err());
+        assert!(parse(&["--idle-timeout", "0s"]).validate().is_err());
         let c = parse(&[]);
         assert_eq!((c.limits.max_metadata_depth, c.limits.max_metadata_keys), (8, 64));
         assert_eq!(c.limits.rate_limit_rps, None);
+        let http = &c.http;
+        assert_eq!(
+            (http.header_read_timeout, http.idle_timeout),
+            (Duration::from_secs(30), Duration::from_secs(60))
+        );
+        assert_eq!(http.max_connections, 10_000);
     }
 
     #[test]

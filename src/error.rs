@@ -92,6 +92,10 @@ pub enum AppError {
     /// 503: the service is shutting down.
     #[error("the service is shutting down")]
     ShuttingDown,
+    /// 503: the service holds as many connections as `PARLEY_MAX_CONNECTIONS` allows; answered on
+    /// the new connection before it is closed, with `Retry-After`.
+    #[error("the service has as many open connections as it accepts (PARLEY_MAX_CONNECTIONS); retry later")]
+    TooManyConnections,
     /// 408: the request took too long.
     #[error("the request took too long")]
     RequestTimeout,
@@ -133,7 +137,9 @@ impl AppError {
             | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
             AppError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            AppError::StoreUnavailable(_) | AppError::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+            AppError::StoreUnavailable(_) | AppError::ShuttingDown | AppError::TooManyConnections => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             AppError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             AppError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
@@ -159,6 +165,7 @@ impl AppError {
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",
             AppError::ShuttingDown => "shutting_down",
+            AppError::TooManyConnections => "too_many_connections",
             AppError::RequestTimeout => "request_timeout",
             AppError::Internal(_) => "internal_error",
             AppError::Unauthorized(_) => "unauthorized",
@@ -257,7 +264,7 @@ impl IntoResponse for AppError {
         response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         match self {
-            AppError::StoreUnavailable(_) | AppError::ShuttingDown => {
+            AppError::StoreUnavailable(_) | AppError::ShuttingDown | AppError::TooManyConnections => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             AppError::Unauthorized(_) => {

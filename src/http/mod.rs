@@ -104,6 +104,12 @@ pub struct Limits {
     pub max_metadata_keys: usize,
     /// Most sessions per tenant; 0 is unlimited.
     pub max_sessions_per_tenant: u64,
+    /// Longest a client may take to send a request's head.
+    pub header_read_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Most open client connections; 0 is unlimited.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -121,6 +127,9 @@ impl Default for Limits {
             max_metadata_depth: 8,
             max_metadata_keys: 64,
             max_sessions_per_tenant: 0,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
         }
     }
 }

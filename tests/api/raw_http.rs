@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// The longest any read of a response may take before the test fails.
@@ -117,7 +117,7 @@ async fn read_response_unbounded(stream: &mut TcpStream) -> std::io::Result<RawR
 
 /// Whether the server has closed the connection (end of stream or reset), waiting at most
 /// `within`; any bytes that arrive first are discarded.
-pub async fn closed_by_server(stream: &mut TcpStream, within: Duration) -> bool {
+pub async fn closed_by_server(stream: &mut (impl AsyncRead + Unpin), within: Duration) -> bool {
     let wait = async {
         let mut sink = [0u8; 1024];
         loop {
