@@ -50,6 +50,12 @@ pub enum AppError {
     /// 413: a body or a field over its limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 414: a request target (path and query) over parley's limit.
+    #[error("the request URI is {0} bytes; the limit is {max} bytes", max = crate::http::middleware::MAX_URI_BYTES)]
+    UriTooLong(usize),
+    /// 431: more header fields, or more bytes of them, than parley reads.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// 404: no session with this id.
     #[error("session {0:?} not found")]
     SessionNotFound(String),
@@ -127,6 +133,8 @@ impl AppError {
             AppError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AppError::Validation(_) | AppError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             AppError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::SessionNotFound(_) | AppError::TurnNotFound(_) | AppError::RouteNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -153,6 +161,8 @@ impl AppError {
             AppError::BadRequest(_) => "invalid_request",
             AppError::Validation(_) => "validation_failed",
             AppError::PayloadTooLarge(_) => "payload_too_large",
+            AppError::UriTooLong(_) => "uri_too_long",
+            AppError::HeadersTooLarge(_) => "headers_too_large",
             AppError::SessionNotFound(_) => "session_not_found",
             AppError::TurnNotFound(_) => "turn_not_found",
             AppError::RouteNotFound(_) => "not_found",

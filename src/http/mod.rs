@@ -3,7 +3,8 @@
 //!
 //! - [`sessions`], [`messages`], [`turns`], [`health`]: the resources.
 //! - [`extract`]: extractors that reject bad input as problem+json.
-//! - [`middleware`]: the problem+json fallback for errors raised outside handlers.
+//! - [`middleware`]: bounds on request heads, and the problem+json fallback for errors raised
+//!   outside handlers.
 //! - [`sse`]: the Server-Sent Events encoding of a turn.
 //! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
 //!   client input.
@@ -277,7 +278,8 @@ pub fn router(state: AppState) -> Router {
     if limited || keyed {
         app = app.layer(axum::middleware::from_fn_with_state(auth, auth::authenticate));
     }
-    app.layer(layers)
+    // Before authentication and everything else that reads the head.
+    app.layer(axum::middleware::from_fn(middleware::check_head)).layer(layers)
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline, exactly as committed.
