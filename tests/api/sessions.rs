@@ -122,7 +122,50 @@ async fn dot_segments_are_refused_as_session_ids_on_create_and_in_paths() {
     }
 }
 
+/// Numbers no f64 holds exactly, as the client writes them.
+const EXACT_NUMBERS: [(&str, &str); 6] = [
+    ("two_to_the_64", "18446744073709551616"),
+    ("minus_two_to_the_64", "-18446744073709551616"),
+    ("thirty_digits", "123456789012345678901234567890"),
+    ("two_to_the_53_plus_1", "9007199254740993"),
+    ("precise", "0.1000000000000000055511151231257827"),
+    ("trailing_zero", "1.50"),
+];
+
+fn exact_metadata() -> String {
+    let fields: Vec<String> = EXACT_NUMBERS.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    format!("{{{}}}", fields.join(","))
+}
+
+fn assert_exact(text: &str, what: &str) {
+    for (key, number) in EXACT_NUMBERS {
+        assert!(text.contains(&format!("\"{key}\":{number}")), "{what}: {key} is not {number} in {text}");
+    }
+}
+
+async fn metadata_numbers_round_trip_exactly(backend: Backend) {
+    let app = spawn_app_on(backend, &[]).await;
+    let body = format!(r#"{{"id": "exact", "metadata": {}}}"#, exact_metadata());
+    let post = |path: &str, body: String| {
+        app.client.post(app.url(path)).header("content-type", "application/json").body(body).send()
+    };
+    let created = post("/v1/sessions", body).await.unwrap();
+    assert_eq!(created.status(), 201);
+    assert_exact(&created.text().await.unwrap(), "the created session");
+    let read = app.client.get(app.url("/v1/sessions/exact")).send().await.unwrap();
+    assert_exact(&read.text().await.unwrap(), "the session read back");
+    let listed = app.client.get(app.url("/v1/sessions")).send().await.unwrap();
+    assert_exact(&listed.text().await.unwrap(), "the session list");
+    let turn = format!(r#"{{"content": "hi", "metadata": {}}}"#, exact_metadata());
+    let answered = post("/v1/sessions/exact/messages", turn).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert_exact(&answered.text().await.unwrap(), "the turn's user message");
+    let history = app.client.get(app.url("/v1/sessions/exact/messages")).send().await.unwrap();
+    assert_exact(&history.text().await.unwrap(), "the message read back");
+}
+
 for_each_backend!(
+    metadata_numbers_round_trip_exactly,
     creating_a_session_returns_201_with_location_and_the_session,
     a_session_without_a_body_gets_a_uuid_v7_id,
     creating_a_taken_id_is_409,
