@@ -1,12 +1,11 @@
 //! Wiring: build the store, model, tools and agent from a `Config`, and serve the API on a bound
 //! listener until a shutdown future resolves (then drain turns within the grace period).
 
-use std::future::{Future, IntoFuture};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings};
@@ -17,6 +16,7 @@ use crate::http::{AppParts, AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
+use crate::server::ServerSettings;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
@@ -73,6 +73,9 @@ fn limits(config: &Config) -> Limits {
         max_metadata_depth: config.limits.max_metadata_depth,
         max_metadata_keys: config.limits.max_metadata_keys,
         max_sessions_per_tenant: config.limits.max_sessions_per_tenant,
+        header_read_timeout: config.http.header_read_timeout,
+        idle_timeout: config.http.idle_timeout,
+        max_connections: config.http.max_connections,
     }
 }
 
@@ -106,28 +109,67 @@ fn pg_options(config: &Config) -> PgOptions {
     }
 }
 
-/// The PostgreSQL store, migrated. If PostgreSQL is down at start-up, parley starts anyway
-/// (`/readyz` answers 503) and applies the migrations as soon as it answers.
+/// The PostgreSQL store, migrated. If PostgreSQL is unreachable at start-up, parley starts anyway
+/// (`/readyz` answers 503) and applies the migrations as soon as it answers, logging each failed
+/// attempt. An error that retrying cannot fix (the database does not exist, the login is refused,
+/// a migration fails or no longer matches the database) stops start-up at once, or, met on a later
+/// attempt, stops the retries with an error in the log.
 async fn postgres_store(config: &Config) -> anyhow::Result<Arc<PgStore>> {
     let store = Arc::new(PgStore::new(pg_options(config))?);
     let target = redact_url(&config.store.database_url);
     match store.migrate().await {
         Ok(()) => tracing::info!(database = %target, "postgres store ready"),
-        Err(e @ (StoreError::Unavailable(_) | StoreError::Unanswered(_))) => {
-            tracing::warn!(database = %target, error = %e, "postgres unreachable at start-up; will migrate when it answers");
+        Err(StoreError::Unavailable(e) | StoreError::Unanswered(e)) => {
+            tracing::warn!(database = %target, error = %e, attempt = 1,
+                "postgres unreachable at start-up; serving (readyz answers 503) and retrying the migrations every 2 s");
             let retry = Arc::clone(&store);
             tokio::spawn(async move {
-                while retry.migrate().await.is_err() {
-                    tokio::time::sleep(Duration::from_secs(2)).await;
+                match retry_migrations(|| retry.migrate(), MIGRATE_RETRY_EVERY).await {
+                    Ok(attempts) => tracing::info!(attempts, "postgres reachable again: migrations applied"),
+                    Err(e) => tracing::error!("{}; parley stops retrying", cannot_migrate(&target, &e)),
                 }
-                tracing::info!("postgres reachable again: migrations applied");
             });
         }
-        Err(e) => return Err(anyhow::anyhow!("could not migrate {target}: {e}")),
+        Err(e) => return Err(anyhow::anyhow!(cannot_migrate(&target, &e))),
     }
     // Always: idempotency keys expire whether or not sessions do.
     store.spawn_ttl_sweeper(SWEEP_EVERY);
     Ok(store)
+}
+
+/// How long to wait between two attempts to migrate an unreachable PostgreSQL.
+const MIGRATE_RETRY_EVERY: Duration = Duration::from_secs(2);
+
+/// Runs `migrate` every `every` (after a first attempt that found the store unavailable) until it
+/// succeeds, returning how many attempts it took in all, or until it fails with an error that
+/// retrying cannot fix, returned at once. Each failure is logged.
+async fn retry_migrations<F, Fut>(mut migrate: F, every: Duration) -> Result<u32, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), StoreError>>,
+{
+    let mut attempt = 1;
+    loop {
+        tokio::time::sleep(every).await;
+        attempt += 1;
+        match migrate().await {
+            Ok(()) => return Ok(attempt),
+            Err(StoreError::Unavailable(e) | StoreError::Unanswered(e)) => {
+                let retry_in_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+                tracing::warn!(attempt, error = %e, retry_in_ms, "postgres still unreachable; retrying the migrations");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// What an error that retrying cannot fix says, with what to check.
+fn cannot_migrate(target: &str, error: &StoreError) -> String {
+    format!(
+        "cannot migrate PostgreSQL at {target}, and retrying cannot fix it: {error}. Check DATABASE_URL \
+         (the database must exist and the user must be able to log in) and the migrations \
+         (`parley migrate`)"
+    )
 }
 
 /// How often expired sessions (PostgreSQL, with a TTL) and idempotency keys (memory, PostgreSQL)
@@ -162,7 +204,9 @@ pub fn build_tools(config: &Config) -> anyhow::Result<ToolRegistry> {
 }
 
 /// Serves the API on `listener` until `shutdown` resolves; then refuses new turns, lets running
-/// turns finish within `grace` (cancelling the rest, which saves their partial text), and returns.
+/// turns finish within `grace` (cancelling the rest, which saves their partial text), stops
+/// accepting connections, closes the open ones gracefully, and returns. Connections are timed and
+/// capped as `crate::server` describes, with the state's limits.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -170,6 +214,11 @@ pub async fn serve(
     grace: std::time::Duration,
 ) -> anyhow::Result<()> {
     let agent = Arc::clone(&state.agent);
+    let settings = ServerSettings {
+        header_read_timeout: state.limits.header_read_timeout,
+        idle_timeout: state.limits.idle_timeout,
+        max_connections: state.limits.max_connections,
+    };
     let router = crate::http::router(state);
     let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
@@ -178,19 +227,10 @@ pub async fn serve(
         agent.registry().shutdown(grace).await;
         let _ = drained_tx.send(());
     };
-    // Without TCP_NODELAY, Nagle's algorithm holds each small SSE event until the client ACKs the
-    // previous one (a delayed ACK: tens of milliseconds per delta).
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-        }
-    });
-    // The client address keys rate limits when authentication is off.
-    let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-    let server = axum::serve(listener, service).with_graceful_shutdown(signal).into_future();
+    let server = crate::server::run(listener, router, settings, signal);
     tokio::pin!(server);
     tokio::select! {
-        result = &mut server => result.context("server error")?,
+        () = &mut server => {}
         _ = async { let _ = drained_rx.await; tokio::time::sleep(std::time::Duration::from_secs(5)).await } => {
             tracing::warn!("connections still open 5 s after the turns drained: closing them");
         }
@@ -204,4 +244,45 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     store.migrate().await.context("could not apply the migrations")?;
     tracing::info!("migrations applied");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    /// Runs the retries over a migration that answers these outcomes in turn; returns their result
+    /// and how many times the migration ran.
+    async fn run(outcomes: Vec<Result<(), StoreError>>) -> (Result<u32, StoreError>, u32) {
+        let script = Mutex::new(VecDeque::from(outcomes));
+        let calls = Mutex::new(0);
+        let migrate = || {
+            *calls.lock().unwrap() += 1;
+            let next = script.lock().unwrap().pop_front().expect("no more attempts were expected");
+            async move { next }
+        };
+        let result = retry_migrations(migrate, Duration::from_millis(1)).await;
+        let calls = *calls.lock().unwrap();
+        (result, calls)
+    }
+
+    #[tokio::test]
+    async fn migrations_are_retried_while_the_store_is_unreachable() {
+        let down = || Err(StoreError::Unavailable("connection refused".into()));
+        let (result, calls) = run(vec![down(), down(), Ok(())]).await;
+        assert_eq!((result.unwrap(), calls), (4, 3), "the first attempt was made before");
+    }
+
+    #[tokio::test]
+    async fn an_error_that_retrying_cannot_fix_stops_the_retries_at_once() {
+        let down = Err(StoreError::Unavailable("connection refused".into()));
+        let missing = Err(StoreError::Backend("database \"nope\" does not exist".into()));
+        let (result, calls) = run(vec![down, missing]).await;
+        assert!(matches!(result, Err(StoreError::Backend(_))), "{result:?}");
+        assert_eq!(calls, 2, "no attempt after it");
+        let text = cannot_migrate("postgres://h/nope", &result.unwrap_err());
+        assert!(text.contains("does not exist") && text.contains("DATABASE_URL"), "{text}");
+    }
 }

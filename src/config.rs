@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::auth::key::Secret;
+pub use crate::redact::redact_url;
 
 /// Command line of the `parley` binary.
 #[derive(Debug, Clone, Parser)]
@@ -302,10 +303,23 @@ pub struct HttpConfig {
     /// How long running turns may take to finish after SIGTERM before they are cancelled.
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Longest a client may take to send a request's head (request line and headers), counted
+    /// from its first byte, or from the opening of a connection that sends nothing; the connection
+    /// is closed after it.
+    #[arg(long, env = "PARLEY_HEADER_READ_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
+    pub header_read_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request; a request in flight (a
+    /// streaming turn included) keeps it busy, not idle.
+    #[arg(long, env = "PARLEY_IDLE_TIMEOUT", value_parser = parse_duration, default_value = "60s")]
+    pub idle_timeout: Duration,
+    /// Most open client connections; past it, a new connection gets 503 `too_many_connections`
+    /// and is closed. 0 is unlimited.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 10_000)]
+    pub max_connections: usize,
 }
 
-/// The conversation store.
-#[derive(Debug, Clone, Args)]
+/// The conversation store. `Debug` hides the passwords of the URLs.
+#[derive(Clone, Args)]
 pub struct StoreConfig {
     /// Which store keeps the history.
     #[arg(long = "store", env = "PARLEY_STORE", value_enum, default_value = "memory")]
@@ -345,8 +359,8 @@ pub struct StoreConfig {
     pub pg_pool_size: u32,
 }
 
-/// The model.
-#[derive(Debug, Clone, Args)]
+/// The model. `Debug` hides the API key and any password in the base URL.
+#[derive(Clone, Args)]
 pub struct ModelConfig {
     /// Which provider answers turns.
     #[arg(long = "model-provider", env = "PARLEY_MODEL_PROVIDER", value_enum, default_value = "echo")]
@@ -381,6 +395,72 @@ pub struct ModelConfig {
     /// Echo model: pause before each streamed word, in milliseconds.
     #[arg(long, env = "PARLEY_ECHO_DELAY_MS", default_value_t = 0)]
     pub echo_delay_ms: u64,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let StoreConfig {
+            kind,
+            distributed,
+            memory_max_messages,
+            max_messages,
+            session_ttl,
+            store_timeout,
+            redis_url,
+            redis_prefix,
+            redis_pool_size,
+            database_url,
+            pg_schema,
+            pg_pool_size,
+        } = self;
+        f.debug_struct("StoreConfig")
+            .field("kind", kind)
+            .field("distributed", distributed)
+            .field("memory_max_messages", memory_max_messages)
+            .field("max_messages", max_messages)
+            .field("session_ttl", session_ttl)
+            .field("store_timeout", store_timeout)
+            .field("redis_url", &redact_url(redis_url))
+            .field("redis_prefix", redis_prefix)
+            .field("redis_pool_size", redis_pool_size)
+            .field("database_url", &redact_url(database_url))
+            .field("pg_schema", pg_schema)
+            .field("pg_pool_size", pg_pool_size)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ModelConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let ModelConfig {
+            provider,
+            openai_base_url,
+            openai_api_key,
+            name,
+            temperature,
+            max_tokens,
+            max_tokens_param,
+            connect_timeout,
+            request_timeout,
+            max_retries,
+            echo_delay_ms,
+        } = self;
+        f.debug_struct("ModelConfig")
+            .field("provider", provider)
+            .field("openai_base_url", &redact_url(openai_base_url))
+            .field("openai_api_key", &openai_api_key.as_ref().map(|_| crate::redact::REDACTED))
+            .field("name", name)
+            .field("temperature", temperature)
+            .field("max_tokens", max_tokens)
+            .field("max_tokens_param", max_tokens_param)
+            .field("connect_timeout", connect_timeout)
+            .field("request_timeout", request_timeout)
+            .field("max_retries", max_retries)
+            .field("echo_delay_ms", echo_delay_ms)
+            .finish()
+    }
 }
 
 impl Config {
@@ -423,6 +503,9 @@ impl Config {
         }
         if limits.rate_limit_turns_window.is_zero() {
             return Err("PARLEY_RATE_LIMIT_TURNS_WINDOW must be longer than 0".to_owned());
+        }
+        if self.http.header_read_timeout.is_zero() || self.http.idle_timeout.is_zero() {
+            return Err("PARLEY_HEADER_READ_TIMEOUT and PARLEY_IDLE_TIMEOUT must be longer than 0".to_owned());
         }
         Ok(())
     }
@@ -469,19 +552,6 @@ fn validate_cors(http: &HttpConfig) -> Result<(), String> {
         }
     }
     Ok(())
-}
-
-/// Hides the password of a connection URL for logs.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) => {
-            if parsed.password().is_some() {
-                let _ = parsed.set_password(Some("***"));
-            }
-            parsed.to_string()
-        }
-        Err(_) => "<unparseable url>".to_owned(),
-    }
 }
 
 #[cfg(test)]
@@ -553,15 +623,45 @@ mod tests {
     fn input_bounds_are_checked() {
         assert!(parse(&["--max-metadata-depth", "0"]).validate().is_err());
         assert!(parse(&["--rate-limit-turns-window", "0s"]).validate().is_err());
+        assert!(parse(&["--header-read-timeout", "0s"]).validate().is_err());
+        assert!(parse(&["--idle-timeout", "0s"]).validate().is_err());
         let c = parse(&[]);
         assert_eq!((c.limits.max_metadata_depth, c.limits.max_metadata_keys), (8, 64));
         assert_eq!(c.limits.rate_limit_rps, None);
+        let http = &c.http;
+        assert_eq!(
+            (http.header_read_timeout, http.idle_timeout),
+            (Duration::from_secs(30), Duration::from_secs(60))
+        );
+        assert_eq!(http.max_connections, 10_000);
     }
 
     #[test]
-    fn urls_are_redacted() {
-        assert_eq!(redact_url("redis://user:hunter2@h:6379/0"), "redis://user:***@h:6379/0");
-        assert!(!redact_url("postgres://u:pw@db/x").contains("pw"));
-        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+    fn no_secret_of_the_configuration_shows_in_debug_output() {
+        let c = parse(&[
+            "--auth",
+            "api_key",
+            "--api-keys",
+            "acme:pk_dev_keysecret1",
+            "--openai-api-key",
+            "sk-modelsecret2",
+            "--openai-base-url",
+            "https://user:basesecret3@llm.example.com/v1",
+            "--redis-url",
+            "redis://:redissecret4@cache:6379/0",
+            "--database-url",
+            "postgres://parley:pgsecret5@db:5432/parley?sslpassword=sslsecret6",
+        ]);
+        let cli = Cli::try_parse_from(["parley", "--openai-api-key", "sk-modelsecret2"]).unwrap();
+        let shown = [format!("{c:?}"), format!("{c:#?}"), format!("{:?}", c.store), format!("{cli:?}")];
+        for text in shown {
+            for secret in
+                ["keysecret1", "modelsecret2", "basesecret3", "redissecret4", "pgsecret5", "sslsecret6"]
+            {
+                assert!(!text.contains(secret), "{secret} shows in {text}");
+            }
+        }
+        let text = format!("{c:?}");
+        assert!(text.contains("db:5432") && text.contains("llm.example.com"), "the rest still shows: {text}");
     }
 }

@@ -27,9 +27,12 @@ pub fn new_id() -> Uuid {
     Uuid::now_v7()
 }
 
-/// Whether `id` is an acceptable session id: `[A-Za-z0-9._:-]{1,128}`.
+/// Whether `id` is an acceptable session id: `[A-Za-z0-9._:-]{1,128}`, except `.` and `..`
+/// (dot segments, which clients, proxies and URL libraries resolve away before a path arrives).
 pub fn is_valid_session_id(id: &str) -> bool {
     !id.is_empty()
+        && id != "."
+        && id != ".."
         && id.len() <= MAX_SESSION_ID_LEN
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
 }
@@ -286,6 +289,8 @@ mod tests {
         assert!(!is_valid_session_id("has space"));
         assert!(!is_valid_session_id("slash/no"));
         assert!(!is_valid_session_id("ümlaut"));
+        assert!(!is_valid_session_id(".") && !is_valid_session_id(".."));
+        assert!(is_valid_session_id("...") && is_valid_session_id(".a") && is_valid_session_id("a.."));
     }
 
     #[test]

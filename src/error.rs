@@ -51,6 +51,12 @@ pub enum AppError {
     /// 413: a body or a field over its limit.
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// 414: a request target (path and query) over parley's limit.
+    #[error("the request URI is {0} bytes; the limit is {max} bytes", max = crate::http::middleware::MAX_URI_BYTES)]
+    UriTooLong(usize),
+    /// 431: more header fields, or more bytes of them, than parley reads.
+    #[error("{0}")]
+    HeadersTooLarge(String),
     /// 404: no session with this id.
     #[error("session {0:?} not found")]
     SessionNotFound(String),
@@ -84,9 +90,15 @@ pub enum AppError {
     /// 422: an `Idempotency-Key` reused with a different request.
     #[error("this Idempotency-Key was used with a different request")]
     IdempotencyKeyReused,
-    /// 502: the model endpoint failed.
-    #[error("the model failed: {0}")]
-    Upstream(String),
+    /// 502: the model endpoint failed. Clients see the upstream status only; the detail (an
+    /// excerpt of the upstream's answer, redacted) is logged.
+    #[error("the model failed: {detail}")]
+    Upstream {
+        /// The upstream's HTTP status, when it answered with an error status.
+        status: Option<u16>,
+        /// What went wrong, for the log.
+        detail: String,
+    },
     /// 504: the model endpoint timed out.
     #[error("the model timed out: {0}")]
     UpstreamTimeout(String),
@@ -108,6 +120,10 @@ pub enum AppError {
         "the conversation store did not confirm whether turn {0} was saved; read the turn later to learn its outcome"
     )]
     TurnOutcomeUnknown(Uuid),
+    /// 503: the service holds as many connections as `PARLEY_MAX_CONNECTIONS` allows; answered on
+    /// the new connection before it is closed, with `Retry-After`.
+    #[error("the service has as many open connections as it accepts (PARLEY_MAX_CONNECTIONS); retry later")]
+    TooManyConnections,
     /// 408: the request took too long.
     #[error("the request took too long")]
     RequestTimeout,
@@ -141,6 +157,8 @@ impl AppError {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
             AppError::PayloadTooLarge(_) | AppError::ForkTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            AppError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            AppError::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             AppError::SessionNotFound(_) | AppError::TurnNotFound(_) | AppError::RouteNotFound(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -150,10 +168,11 @@ impl AppError {
             | AppError::TurnFinished(_)
             | AppError::TurnNotLast(_)
             | AppError::SessionLimitReached(_) => StatusCode::CONFLICT,
-            AppError::Upstream(_) => StatusCode::BAD_GATEWAY,
+            AppError::Upstream { .. } => StatusCode::BAD_GATEWAY,
             AppError::UpstreamTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             AppError::StoreUnavailable(_)
             | AppError::ShuttingDown
+            | AppError::TooManyConnections
             | AppError::TurnAbandoned
             | AppError::TurnOutcomeUnknown(_) => StatusCode::SERVICE_UNAVAILABLE,
             AppError::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -169,6 +188,8 @@ impl AppError {
             AppError::BadRequest(_) => "invalid_request",
             AppError::Validation(_) => "validation_failed",
             AppError::PayloadTooLarge(_) => "payload_too_large",
+            AppError::UriTooLong(_) => "uri_too_long",
+            AppError::HeadersTooLarge(_) => "headers_too_large",
             AppError::SessionNotFound(_) => "session_not_found",
             AppError::TurnNotFound(_) => "turn_not_found",
             AppError::RouteNotFound(_) => "not_found",
@@ -180,10 +201,11 @@ impl AppError {
             AppError::InvalidReplaceFrom(_) => "invalid_replace_from",
             AppError::TurnNotLast(_) => "turn_not_last",
             AppError::ForkTooLarge(_) => "fork_too_large",
-            AppError::Upstream(_) => "upstream_error",
+            AppError::Upstream { .. } => "upstream_error",
             AppError::UpstreamTimeout(_) => "upstream_timeout",
             AppError::StoreUnavailable(_) => "store_unavailable",
             AppError::ShuttingDown => "shutting_down",
+            AppError::TooManyConnections => "too_many_connections",
             AppError::TurnAbandoned => "turn_abandoned",
             AppError::TurnOutcomeUnknown(_) => "turn_outcome_unknown",
             AppError::RequestTimeout => "request_timeout",
@@ -194,10 +216,15 @@ impl AppError {
         }
     }
 
-    /// The text shown to clients: never internal details of stores or upstreams.
+    /// The text shown to clients: never internal details of stores or upstreams (an upstream's
+    /// error body may name its infrastructure, quote the request or echo a credential).
     fn public_detail(&self) -> String {
         match self {
             AppError::StoreUnavailable(_) => "the conversation store is unavailable; retry later".to_owned(),
+            AppError::Upstream { status: Some(status), .. } => {
+                format!("the model endpoint answered with HTTP status {status}")
+            }
+            AppError::Upstream { status: None, .. } => "the model endpoint failed".to_owned(),
             AppError::Internal(_) => "an internal error occurred".to_owned(),
             other => other.to_string(),
         }
@@ -226,7 +253,7 @@ impl AppError {
         let (level, message, detail) = match self {
             AppError::Internal(detail) => (Level::ERROR, "request failed", Some(detail.clone())),
             AppError::StoreUnavailable(detail) => (Level::WARN, "store unavailable", Some(detail.clone())),
-            AppError::Upstream(_) | AppError::UpstreamTimeout(_) => {
+            AppError::Upstream { .. } | AppError::UpstreamTimeout(_) => {
                 (Level::WARN, "model failed", Some(self.to_string()))
             }
             _ => (Level::DEBUG, "request rejected", None),
@@ -281,7 +308,10 @@ impl IntoResponse for AppError {
         response.extensions_mut().insert(log);
         let headers = response.headers_mut();
         match self {
-            AppError::StoreUnavailable(_) | AppError::ShuttingDown | AppError::TurnOutcomeUnknown(_) => {
+            AppError::StoreUnavailable(_)
+            | AppError::ShuttingDown
+            | AppError::TooManyConnections
+            | AppError::TurnOutcomeUnknown(_) => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             AppError::Unauthorized(_) => {
@@ -328,7 +358,10 @@ impl From<ModelError> for AppError {
     fn from(err: ModelError) -> Self {
         match err {
             ModelError::Timeout(_) => AppError::UpstreamTimeout(err.to_string()),
-            other => AppError::Upstream(other.to_string()),
+            ModelError::Status { status, .. } => {
+                AppError::Upstream { status: Some(status), detail: err.to_string() }
+            }
+            other => AppError::Upstream { status: None, detail: other.to_string() },
         }
     }
 }
@@ -365,5 +398,19 @@ mod tests {
         let e = AppError::from(ModelError::Status { status: 500, message: "boom".into() });
         assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
         assert_eq!(e.code(), "upstream_error");
+    }
+
+    #[test]
+    fn upstream_failures_show_their_status_but_never_their_text() {
+        let body = "internal: shard db-7 at 10.0.0.3 rejected key sk-live-1234567890";
+        let e = AppError::from(ModelError::Status { status: 401, message: body.into() });
+        let p = e.problem();
+        assert_eq!((p.status, p.code.as_str()), (502, "upstream_error"));
+        assert!(p.detail.contains("401") && !p.detail.contains("shard"), "{}", p.detail);
+        assert!(e.log_entry().detail.is_some_and(|d| d.contains("shard")), "the log keeps it");
+        for other in [ModelError::Protocol(body.into()), ModelError::Connect(body.into())] {
+            let p = AppError::from(other).problem();
+            assert!(!p.detail.contains("shard"), "{}", p.detail);
+        }
     }
 }

@@ -12,7 +12,10 @@
 //! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI.
 //! - [`auth`]: API keys (format, digests, the key ring) and the tenants they act for.
 //! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
+//! - [`redact`]: secrets kept out of logs and `Debug` output (URL passwords, keys, tokens).
 //! - [`runtime`]: the Tokio runtime, with worker threads optionally pinned one per CPU.
+//! - [`server`]: the accept loop: HTTP/1.1 and h2c connections, head and idle timeouts, the
+//!   connection cap, graceful shutdown.
 //! - [`app`]: wiring: build the state from a config, serve until shutdown.
 
 pub mod agent;
@@ -24,6 +27,8 @@ pub mod error;
 pub mod http;
 pub mod llm;
 pub mod ratelimit;
+pub mod redact;
 pub mod runtime;
+pub mod server;
 pub mod store;
 pub mod tools;

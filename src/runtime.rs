@@ -1,5 +1,6 @@
-//! The process parley serves in: its memory (transparent huge pages off, `PARLEY_DISABLE_THP`) and
-//! its Tokio runtime, with the worker threads optionally pinned one per CPU (`PARLEY_PIN_WORKERS`).
+//! The process parley serves in: its memory (transparent huge pages off, `PARLEY_DISABLE_THP`), its
+//! Tokio runtime, with the worker threads optionally pinned one per CPU (`PARLEY_PIN_WORKERS`), and
+//! its limit of open files (raised to fit `PARLEY_MAX_CONNECTIONS`).
 //!
 //! Why no transparent huge pages: the allocator asks for them, so the first write to each new
 //! 2 MiB of heap stops the writing thread while the kernel zeroes the whole page (and, in a VM
@@ -47,6 +48,35 @@ pub fn transparent_huge_pages_disabled() -> bool {
     }
     #[cfg(not(target_os = "linux"))]
     true
+}
+
+/// Raises this process's soft limit of open files (`RLIMIT_NOFILE`) to `wanted` when it is lower,
+/// as far as the hard limit allows (as Redis does for `maxclients`); never lowers it. Returns the
+/// soft limit in force afterwards. Linux only; elsewhere the limit is left alone and reported as
+/// unbounded.
+pub fn raise_open_files_limit(wanted: u64) -> io::Result<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        let mut limit = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit writes one rlimit struct, which `limit` is.
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if limit.rlim_cur >= wanted {
+            return Ok(limit.rlim_cur);
+        }
+        let raised = libc::rlimit { rlim_cur: wanted.min(limit.rlim_max), rlim_max: limit.rlim_max };
+        // SAFETY: setrlimit reads one rlimit struct, which `raised` is.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(raised.rlim_cur)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = wanted;
+        Ok(u64::MAX)
+    }
 }
 
 /// Builds the multi-thread runtime; `pin_workers` pins one worker to each CPU this process may use.
@@ -177,6 +207,14 @@ mod tests {
         assert_eq!(pinned, cpus, "each CPU has its own worker");
         let blocking = rt.block_on(rt.spawn_blocking(affinity::allowed_cpus)).unwrap().unwrap();
         assert_eq!(blocking, cpus, "spawn_blocking threads keep the whole mask");
+    }
+
+    #[test]
+    fn the_open_files_limit_is_raised_never_lowered() {
+        let now = raise_open_files_limit(0).unwrap();
+        assert!(now > 0);
+        assert_eq!(raise_open_files_limit(now / 2).unwrap(), now, "never lowered");
+        assert!(raise_open_files_limit(now + 1).unwrap() >= now);
     }
 
     #[test]

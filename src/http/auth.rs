@@ -9,6 +9,9 @@
 //!
 //! The middleware puts a [`Principal`] and a [`Tenant`] in the request's extensions and records
 //! `tenant` and `auth.key_id` on the request span. The key itself is never logged.
+//!
+//! A request with more than one `Authorization` header never reaches it: `check_head` (in
+//! [`super::middleware`]) answers 400 first, whether authentication is on or off.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

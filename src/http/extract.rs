@@ -92,7 +92,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
 #[into_params(parameter_in = Path)]
 pub struct SessionIdParam {
     /// Session id.
-    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    #[param(pattern = r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub id: String,
 }
 
@@ -101,19 +101,20 @@ pub struct SessionIdParam {
 #[into_params(parameter_in = Path)]
 pub struct TurnIdParams {
     /// Session id.
-    #[param(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    #[param(pattern = r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub id: String,
     /// Turn id (a UUID).
     pub turn_id: uuid::Uuid,
 }
 
-/// Checks a session id from a path: `[A-Za-z0-9._:-]{1,128}`, else 400.
+/// Checks a session id from a path: `[A-Za-z0-9._:-]{1,128}`, not `.` or `..`, else 400.
 pub fn session_id(id: String) -> Result<String, AppError> {
     if is_valid_session_id(&id) {
         Ok(id)
     } else {
         Err(AppError::BadRequest(
-            "invalid session id: use 1 to 128 characters from A-Z a-z 0-9 . _ : -".to_owned(),
+            "invalid session id: use 1 to 128 characters from A-Z a-z 0-9 . _ : - (not `.` or `..`)"
+                .to_owned(),
         ))
     }
 }

@@ -1,5 +1,6 @@
-//! Middleware pieces: the problem+json fallback for errors produced outside handlers (timeouts,
-//! body limits, unknown routes, panics) and the request span.
+//! Middleware pieces: the bounds on a request's head (URI and header size, one `Authorization`),
+//! the problem+json fallback for errors produced outside handlers (timeouts, body limits, unknown
+//! routes, panics) and the request span.
 
 use std::any::Any;
 
@@ -11,6 +12,52 @@ use tracing::Span;
 use std::time::Duration;
 
 use crate::error::{AppError, ErrorLog, PROBLEM_JSON, Problem, problem_response};
+
+/// The longest request target (path and query) parley reads; a longer one answers 414. Below
+/// hyper's own limit (64 KiB), past which hyper answers a bare 414 itself.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
+/// The most header fields parley reads; more answer 431. Below hyper's own limit
+/// (`crate::server::HYPER_MAX_HEADERS`), past which hyper answers a bare 431 itself.
+pub const MAX_HEADER_FIELDS: usize = 100;
+
+/// The most bytes of header fields (names, values and their separators) parley reads; more answer
+/// 431. Well below hyper's read buffer (about 400 KiB), past which hyper answers a bare 431 itself.
+pub const MAX_HEADER_BYTES: usize = 32 * 1024;
+
+/// Refuses, as problem+json and before anything else reads them, a request whose head is over
+/// parley's bounds (414, 431) or that carries more than one `Authorization` header (400: which
+/// credential would count is ambiguous, and a proxy and parley might pick different ones).
+pub async fn check_head(request: Request<Body>, next: axum::middleware::Next) -> Response<Body> {
+    match head_problem(request.uri(), request.headers()) {
+        Some(error) => error.into_response(),
+        None => next.run(request).await,
+    }
+}
+
+fn head_problem(uri: &Uri, headers: &axum::http::HeaderMap) -> Option<AppError> {
+    let target = uri.path_and_query().map_or(uri.path().len(), |pq| pq.as_str().len());
+    if target > MAX_URI_BYTES {
+        return Some(AppError::UriTooLong(target));
+    }
+    if headers.len() > MAX_HEADER_FIELDS {
+        return Some(AppError::HeadersTooLarge(format!(
+            "the request has {} header fields; the limit is {MAX_HEADER_FIELDS}",
+            headers.len()
+        )));
+    }
+    // As on the wire: `name: value` and CRLF.
+    let size: usize = headers.iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum();
+    if size > MAX_HEADER_BYTES {
+        return Some(AppError::HeadersTooLarge(format!(
+            "the request's header fields are {size} bytes; the limit is {MAX_HEADER_BYTES} bytes"
+        )));
+    }
+    if headers.get_all(header::AUTHORIZATION).iter().nth(1).is_some() {
+        return Some(AppError::BadRequest("the request has more than one Authorization header".to_owned()));
+    }
+    None
+}
 
 /// 404 for an unknown route, as problem+json.
 pub async fn not_found(uri: Uri) -> AppError {
@@ -131,4 +178,34 @@ pub fn make_span(request: &Request<Body>) -> Span {
         tenant = tracing::field::Empty,
         auth.key_id = tracing::field::Empty,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::{HeaderMap, HeaderValue};
+
+    use super::*;
+
+    fn code(uri: &str, headers: &HeaderMap) -> Option<&'static str> {
+        head_problem(&uri.parse().unwrap(), headers).map(|e| e.code())
+    }
+
+    #[test]
+    fn heads_within_the_bounds_pass_and_others_are_named() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer a"));
+        assert_eq!(code("/v1/sessions?limit=5", &headers), None);
+        let long = format!("/v1/sessions?cursor={}", "a".repeat(MAX_URI_BYTES));
+        assert_eq!(code(&long, &headers), Some("uri_too_long"));
+        headers.append(header::AUTHORIZATION, HeaderValue::from_static("Bearer b"));
+        assert_eq!(code("/", &headers), Some("invalid_request"));
+        let mut many = HeaderMap::new();
+        for i in 0..=MAX_HEADER_FIELDS {
+            many.append(axum::http::HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(), 0.into());
+        }
+        assert_eq!(code("/", &many), Some("headers_too_large"));
+        let mut big = HeaderMap::new();
+        big.insert("x-big", HeaderValue::from_str(&"v".repeat(MAX_HEADER_BYTES)).unwrap());
+        assert_eq!(code("/", &big), Some("headers_too_large"));
+    }
 }

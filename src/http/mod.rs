@@ -3,7 +3,8 @@
 //!
 //! - [`sessions`], [`messages`], [`turns`], [`health`]: the resources.
 //! - [`extract`]: extractors that reject bad input as problem+json.
-//! - [`middleware`]: the problem+json fallback for errors raised outside handlers.
+//! - [`middleware`]: bounds on request heads, and the problem+json fallback for errors raised
+//!   outside handlers.
 //! - [`sse`]: the Server-Sent Events encoding of a turn.
 //! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
 //!   client input.
@@ -104,6 +105,12 @@ pub struct Limits {
     pub max_metadata_keys: usize,
     /// Most sessions per tenant; 0 is unlimited.
     pub max_sessions_per_tenant: u64,
+    /// Longest a client may take to send a request's head.
+    pub header_read_timeout: Duration,
+    /// Longest a kept-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// Most open client connections; 0 is unlimited.
+    pub max_connections: usize,
 }
 
 impl Default for Limits {
@@ -121,6 +128,9 @@ impl Default for Limits {
             max_metadata_depth: 8,
             max_metadata_keys: 64,
             max_sessions_per_tenant: 0,
+            header_read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 10_000,
         }
     }
 }
@@ -268,7 +278,8 @@ pub fn router(state: AppState) -> Router {
     if limited || keyed {
         app = app.layer(axum::middleware::from_fn_with_state(auth, auth::authenticate));
     }
-    app.layer(layers)
+    // Before authentication and everything else that reads the head.
+    app.layer(axum::middleware::from_fn(middleware::check_head)).layer(layers)
 }
 
 /// The OpenAPI document as pretty JSON with a trailing newline, exactly as committed.

@@ -26,8 +26,9 @@ pub fn router() -> OpenApiRouter<AppState> {
 /// Body of `POST /v1/sessions`; every field is optional.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 pub struct CreateSession {
-    /// The session id, `[A-Za-z0-9._:-]{1,128}`; a UUID v7 is chosen when omitted.
-    #[schema(pattern = r"^[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
+    /// The session id, `[A-Za-z0-9._:-]{1,128}` but not `.` or `..`; a UUID v7 is chosen when
+    /// omitted.
+    #[schema(pattern = r"^(?!\.\.?$)[A-Za-z0-9._:-]{1,128}$", min_length = 1, max_length = 128)]
     pub id: Option<String>,
     /// The session's system prompt; the server default applies when omitted.
     pub system_prompt: Option<String>,

@@ -23,6 +23,7 @@ use serde_json::Value;
 use self::retry::Failure;
 use super::{ChatModel, ChatRequest, ModelError, ModelStream};
 use crate::config::{MaxTokensParam, ModelConfig};
+use crate::redact::{REDACTED, redact_secrets, redact_url};
 use crate::tools::truncate;
 
 /// The first backoff of [`OpenAiSettings::new`] and of the settings built from the configuration.
@@ -107,7 +108,7 @@ impl OpenAiSettings {
 impl fmt::Debug for OpenAiSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiSettings")
-            .field("base_url", &self.base_url)
+            .field("base_url", &redact_url(&self.base_url))
             .field("api_key", &self.api_key.as_ref().map(|_| "<redacted>"))
             .field("model", &self.model)
             .field("temperature", &self.temperature)
@@ -150,7 +151,7 @@ pub struct OpenAiModel {
 impl fmt::Debug for OpenAiModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OpenAiModel")
-            .field("url", &self.url.as_str())
+            .field("url", &redact_url(self.url.as_str()))
             .field("settings", &self.settings)
             .finish()
     }
@@ -282,6 +283,8 @@ async fn check_status(response: reqwest::Response, timeout: Duration) -> Result<
     }
     let retry_after = retry::retry_after(response.headers());
     let message = error_message(response, timeout).await;
+    // The one place the upstream's own words are kept: clients get the status only.
+    tracing::warn!(upstream.status = status.as_u16(), upstream.error = %message, "the model endpoint answered an error");
     let error = ModelError::Status { status: status.as_u16(), message };
     Err(Failure { error, retryable: retry::is_retryable_status(status.as_u16()), retry_after })
 }
@@ -303,7 +306,8 @@ async fn check_content_type(
     Err(Failure::permanent(ModelError::Protocol(format!("expected an event stream, got JSON: {message}"))))
 }
 
-/// A short description of an error body: its `error.message` when it has one, else its start.
+/// A short description of an error body, credentials redacted: its `error.message` when it has
+/// one, else its start.
 async fn error_message(response: reqwest::Response, timeout: Duration) -> String {
     let status = response.status();
     let body: String =
@@ -320,7 +324,7 @@ async fn error_message(response: reqwest::Response, timeout: Duration) -> String
     if text.is_empty() {
         status.canonical_reason().unwrap_or("no details").to_owned()
     } else {
-        truncate(&text, MAX_MESSAGE).to_owned()
+        redact_secrets(truncate(&text, MAX_MESSAGE))
     }
 }
 
@@ -353,10 +357,17 @@ fn error_chain(error: reqwest::Error) -> String {
     text
 }
 
-/// Replaces any occurrence of the key in the error's text.
+/// Replaces any occurrence of the key, and anything else that looks like a credential, in the
+/// error's text.
 fn scrub(error: ModelError, key: Option<&str>) -> ModelError {
-    let Some(key) = key.map(str::trim).filter(|k| !k.is_empty()) else { return error };
-    let clean = |text: String| text.replace(key, "<redacted>");
+    let key = key.map(str::trim).filter(|k| !k.is_empty());
+    let clean = |text: String| {
+        let text = match key {
+            Some(key) => text.replace(key, REDACTED),
+            None => text,
+        };
+        redact_secrets(&text)
+    };
     match error {
         ModelError::Status { status, message } => ModelError::Status { status, message: clean(message) },
         ModelError::Timeout(m) => ModelError::Timeout(clean(m)),
@@ -373,9 +384,12 @@ mod tests {
     fn debug_never_shows_the_key() {
         let mut s = OpenAiSettings::new("http://localhost:1/v1", "m");
         s.api_key = Some("sk-secret-123".into());
+        s.base_url = "http://user:urlsecret@localhost:1/v1".into();
         assert!(!format!("{s:?}").contains("sk-secret-123"));
+        assert!(!format!("{s:?}").contains("urlsecret"));
         let model = OpenAiModel::new(s).unwrap();
         assert!(!format!("{model:?}").contains("sk-secret-123"));
+        assert!(!format!("{model:?}").contains("urlsecret"));
     }
 
     #[test]

@@ -31,11 +31,23 @@ pub struct PooledConn {
     settled: bool,
 }
 
-/// Opens connections and decides whether a returning one can be reused.
-#[derive(Debug)]
+/// Opens connections and decides whether a returning one can be reused. `Debug` shows where it
+/// connects, never the password (sqlx's own `Debug` of the options shows it).
 pub struct Manager {
     connect: PgConnectOptions,
     ping_idle_after: Duration,
+}
+
+impl std::fmt::Debug for Manager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Manager")
+            .field("host", &self.connect.get_host())
+            .field("port", &self.connect.get_port())
+            .field("username", &self.connect.get_username())
+            .field("database", &self.connect.get_database())
+            .field("ping_idle_after", &self.ping_idle_after)
+            .finish_non_exhaustive()
+    }
 }
 
 impl managed::Manager for Manager {
@@ -170,5 +182,21 @@ impl<'p> Executor<'p> for &'_ ConnPool {
     fn describe<'e>(self, sql: SqlStr) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>> {
         let pool = self.clone();
         Box::pin(async move { on_checkout!(pool, |conn| conn.describe(sql)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn debug_output_never_shows_the_password() {
+        let connect = PgConnectOptions::from_str("postgres://parley:pgsecret9@db.example:5432/chat").unwrap();
+        let pool = ConnPool::new(connect, 2, Duration::from_secs(1), Duration::from_secs(10));
+        let text = format!("{pool:?}");
+        assert!(!text.contains("pgsecret9"), "{text}");
+        assert!(text.contains("db.example"), "{text}");
     }
 }

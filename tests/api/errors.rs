@@ -186,3 +186,63 @@ async fn every_answer_carries_a_request_id_and_a_given_one_is_kept() {
         app.client.get(app.url("/v1/nowhere")).header("x-request-id", "trace-42").send().await.unwrap();
     assert_eq!(given.headers()["x-request-id"], "trace-42");
 }
+
+#[tokio::test]
+async fn a_uri_over_parleys_limit_is_414_as_a_problem() {
+    let app = spawn_app(&[]).await;
+    let long = format!("/v1/sessions?cursor={}", "a".repeat(10 * 1024));
+    let body = problem(app.client.get(app.url(&long)).send().await.unwrap(), 414, "uri_too_long").await;
+    assert!(body["detail"].as_str().unwrap().contains("8192"), "{body}");
+    let id = "b".repeat(9 * 1024);
+    let response = app.client.post(app.url(&format!("/v1/sessions/{id}/messages"))).send().await.unwrap();
+    problem(response, 414, "uri_too_long").await;
+}
+
+#[tokio::test]
+async fn headers_over_parleys_limits_are_431_as_a_problem() {
+    let app = spawn_app(&[]).await;
+    // 40 KiB in ten fields.
+    let mut request = app.client.get(app.url("/v1/sessions"));
+    for i in 0..10 {
+        request = request.header(format!("x-big-{i}"), "v".repeat(4 * 1024));
+    }
+    problem(request.send().await.unwrap(), 431, "headers_too_large").await;
+    // 150 small fields: more than hyper itself parses by default (100), which would answer a bare 431.
+    let mut request = app.client.get(app.url("/v1/sessions"));
+    for i in 0..150 {
+        request = request.header(format!("x-small-{i}"), "v");
+    }
+    problem(request.send().await.unwrap(), 431, "headers_too_large").await;
+    assert_eq!(
+        app.client
+            .get(app.url("/v1/sessions"))
+            .header("x-ok", "v".repeat(8 * 1024))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}
+
+#[tokio::test]
+async fn two_authorization_headers_are_refused_with_400_whether_auth_is_on_or_off() {
+    use crate::helpers::{KEY_A, KEY_B, two_tenants};
+    let keyed = two_tenants();
+    let keyed: Vec<&str> = keyed.iter().map(String::as_str).collect();
+    for args in [keyed, Vec::new()] {
+        let app = spawn_app(&args).await;
+        for second in [KEY_A, KEY_B] {
+            let response = app
+                .client
+                .get(app.url("/v1/sessions"))
+                .header("authorization", format!("Bearer {KEY_A}"))
+                .header("authorization", format!("Bearer {second}"))
+                .send()
+                .await
+                .unwrap();
+            let body = problem(response, 400, "invalid_request").await;
+            assert!(body["detail"].as_str().unwrap().contains("Authorization"), "{body}");
+        }
+    }
+}

@@ -34,6 +34,7 @@ macro_rules! for_each_backend {
 
 mod agent_loop;
 mod auth;
+mod connections;
 mod docs;
 mod durability;
 mod editing;
@@ -47,6 +48,7 @@ mod integrity;
 mod lifecycle;
 mod limits;
 mod openai;
+mod raw_http;
 mod safety;
 mod servers;
 mod sessions;

@@ -441,3 +441,49 @@ async fn a_json_body_instead_of_a_stream_is_a_clear_error() {
     assert!(err.to_string().contains("streaming unsupported"), "{err}");
     assert_eq!(fake.requests().len(), 1);
 }
+
+#[tokio::test]
+async fn an_upstream_error_body_reaches_the_log_not_the_client() {
+    let body = "Incorrect API key provided: sk-live-abcdef123456 (shard db-7.internal.corp)";
+    let in_stream =
+        Script::chunks(vec![chunk::role(), chunk::error("stack trace at worker-9.internal.corp")]);
+    let fake = FakeOpenAi::start(vec![Script::error(401, body), Script::error(401, body), in_stream]).await;
+    let app = crate::helpers::spawn_app(&[
+        "--model-provider=openai",
+        &format!("--openai-base-url={}", fake.base_url),
+        "--max-retries=0",
+    ])
+    .await;
+    app.create_session("s").await;
+    let leaks = |text: &str| ["Incorrect", "sk-live", "internal.corp"].iter().any(|w| text.contains(w));
+
+    let response = app.post_message_raw("s", json!({"content": "hi"})).await;
+    assert_eq!(response.status(), 502);
+    let problem: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(problem["code"], "upstream_error");
+    assert!(problem["detail"].as_str().unwrap().contains("401"), "the upstream status is told: {problem}");
+    assert!(!leaks(&problem.to_string()), "{problem}");
+
+    for (content, status) in [("streamed", Some("401")), ("in-stream error", None)] {
+        let response = app
+            .client
+            .post(app.url("/v1/sessions/s/messages"))
+            .header("accept", "text/event-stream")
+            .json(&json!({ "content": content }))
+            .send()
+            .await
+            .unwrap();
+        let events = crate::helpers::collect_events(response).await;
+        let last = events.last().expect("events");
+        assert_eq!(last.event, "turn.failed");
+        let text = last.data.to_string();
+        assert!(!leaks(&text), "{text}");
+        if let Some(status) = status {
+            assert!(text.contains(status), "{text}");
+        }
+        let turn_id = last.data["turn_id"].as_str().unwrap();
+        let (code, record) = app.get_json(&format!("/v1/sessions/s/turns/{turn_id}")).await;
+        assert_eq!(code, 200);
+        assert!(!leaks(&record.to_string()), "the turn record keeps no upstream text: {record}");
+    }
+}

@@ -2,7 +2,8 @@
 
 use serde_json::{Value, json};
 
-use crate::helpers::{Backend, spawn_app_on};
+use crate::helpers::{Backend, spawn_app, spawn_app_on};
+use crate::raw_http;
 
 async fn creating_a_session_returns_201_with_location_and_the_session(backend: Backend) {
     let app = spawn_app_on(backend, &[]).await;
@@ -92,7 +93,79 @@ async fn sessions_list_most_recently_updated_first_with_a_cursor(backend: Backen
     assert_eq!(one["message_count"], 2);
 }
 
+#[tokio::test]
+async fn dot_segments_are_refused_as_session_ids_on_create_and_in_paths() {
+    let app = spawn_app(&[]).await;
+    for id in [".", ".."] {
+        let response = app.create_session_with(json!({ "id": id })).await;
+        assert_eq!(response.status(), 400, "creating {id:?}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], "invalid_request", "{problem}");
+    }
+    app.create_session("...").await;
+    app.create_session(".a..").await;
+    // reqwest resolves dot segments (`%2E%2E` too) before sending, so these go over a raw socket.
+    let turn = "/turns/0190b7a4-0000-7000-8000-000000000000";
+    for id in [".", "..", "%2E", "%2e%2E"] {
+        for tail in ["", "/messages", turn] {
+            let path = format!("/v1/sessions/{id}{tail}");
+            let response = raw_http::exchange(&app.base, &raw_http::get(&app.base, &path, "")).await;
+            assert_eq!(response.status, 400, "GET {path}: {:?}", response.json());
+            assert_eq!(response.header("content-type"), Some("application/problem+json"));
+            assert_eq!(response.json()["code"], "invalid_request");
+        }
+        let path = format!("/v1/sessions/{id}/messages");
+        let post = raw_http::with_json(&app.base, "POST", &path, "", &json!({"content": "hi"}));
+        assert_eq!(raw_http::exchange(&app.base, &post).await.status, 400, "POST {path}");
+        let delete = format!("DELETE /v1/sessions/{id} HTTP/1.1\r\nhost: x\r\n\r\n");
+        assert_eq!(raw_http::exchange(&app.base, delete.as_bytes()).await.status, 400, "DELETE {id}");
+    }
+}
+
+/// Numbers no f64 holds exactly, as the client writes them.
+const EXACT_NUMBERS: [(&str, &str); 6] = [
+    ("two_to_the_64", "18446744073709551616"),
+    ("minus_two_to_the_64", "-18446744073709551616"),
+    ("thirty_digits", "123456789012345678901234567890"),
+    ("two_to_the_53_plus_1", "9007199254740993"),
+    ("precise", "0.1000000000000000055511151231257827"),
+    ("trailing_zero", "1.50"),
+];
+
+fn exact_metadata() -> String {
+    let fields: Vec<String> = EXACT_NUMBERS.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    format!("{{{}}}", fields.join(","))
+}
+
+fn assert_exact(text: &str, what: &str) {
+    for (key, number) in EXACT_NUMBERS {
+        assert!(text.contains(&format!("\"{key}\":{number}")), "{what}: {key} is not {number} in {text}");
+    }
+}
+
+async fn metadata_numbers_round_trip_exactly(backend: Backend) {
+    let app = spawn_app_on(backend, &[]).await;
+    let body = format!(r#"{{"id": "exact", "metadata": {}}}"#, exact_metadata());
+    let post = |path: &str, body: String| {
+        app.client.post(app.url(path)).header("content-type", "application/json").body(body).send()
+    };
+    let created = post("/v1/sessions", body).await.unwrap();
+    assert_eq!(created.status(), 201);
+    assert_exact(&created.text().await.unwrap(), "the created session");
+    let read = app.client.get(app.url("/v1/sessions/exact")).send().await.unwrap();
+    assert_exact(&read.text().await.unwrap(), "the session read back");
+    let listed = app.client.get(app.url("/v1/sessions")).send().await.unwrap();
+    assert_exact(&listed.text().await.unwrap(), "the session list");
+    let turn = format!(r#"{{"content": "hi", "metadata": {}}}"#, exact_metadata());
+    let answered = post("/v1/sessions/exact/messages", turn).await.unwrap();
+    assert_eq!(answered.status(), 200);
+    assert_exact(&answered.text().await.unwrap(), "the turn's user message");
+    let history = app.client.get(app.url("/v1/sessions/exact/messages")).send().await.unwrap();
+    assert_exact(&history.text().await.unwrap(), "the message read back");
+}
+
 for_each_backend!(
+    metadata_numbers_round_trip_exactly,
     creating_a_session_returns_201_with_location_and_the_session,
     a_session_without_a_body_gets_a_uuid_v7_id,
     creating_a_taken_id_is_409,

@@ -246,3 +246,48 @@ async fn the_server_turns_huge_pages_off_and_pins_workers_when_asked() {
     assert!(pinned.iter().all(|cpus| !cpus.contains([',', '-'])), "each on one CPU: {pinned:?}");
     running.stop().await;
 }
+
+#[tokio::test]
+async fn a_database_that_does_not_exist_stops_start_up_at_once_with_a_clear_message() {
+    let mut url = url::Url::parse(&crate::helpers::database_url()).unwrap();
+    let missing = unique_name("parley_missing");
+    url.set_path(&format!("/{missing}"));
+    let env = [("PARLEY_STORE", "postgres"), ("DATABASE_URL", url.as_str())];
+    let started = std::time::Instant::now();
+    let (ok, stderr) = run_to_exit(&env).await;
+    assert!(!ok, "parley started without its database");
+    // The retries of an unreachable server come every 2 s, forever; this one is not retried.
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+    for text in [missing.as_str(), "does not exist", "retrying cannot fix it", "DATABASE_URL"] {
+        assert!(stderr.contains(text), "the error names {text:?}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_postgres_is_retried_at_start_up_and_each_failure_is_logged() {
+    let port = crate::servers::free_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let env = [("PARLEY_STORE", "postgres"), ("DATABASE_URL", url.as_str()), ("PARLEY_STORE_TIMEOUT", "1s")];
+    let running = Running::start(&env).await;
+    let retried = |logs: &[String]| {
+        logs.iter().filter(|l| l.contains("postgres still unreachable; retrying the migrations")).count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while retried(&running.logs.lock().unwrap()) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no logged retries: {:?}",
+            running.logs.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(reqwest::get(running.url("/readyz")).await.unwrap().status(), 503);
+    let logs = running.stop().await;
+    let attempts: Vec<Value> = logs
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["fields"]["message"] == "postgres still unreachable; retrying the migrations")
+        .map(|e| e["fields"]["attempt"].clone())
+        .collect();
+    assert_eq!(&attempts[..2], &[Value::from(2), Value::from(3)], "{logs}");
+}
