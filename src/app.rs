@@ -71,6 +71,7 @@ fn limits(config: &Config) -> Limits {
         max_metadata_depth: config.limits.max_metadata_depth,
         max_metadata_keys: config.limits.max_metadata_keys,
         max_sessions_per_tenant: config.limits.max_sessions_per_tenant,
+        ui: config.http.ui,
     }
 }
 

@@ -299,6 +299,9 @@ pub struct HttpConfig {
     /// How long running turns may take to finish after SIGTERM before they are cancelled.
     #[arg(long, env = "PARLEY_SHUTDOWN_GRACE", value_parser = parse_duration, default_value = "30s")]
     pub shutdown_grace: Duration,
+    /// Serve the chat page at `/` (built into the binary).
+    #[arg(long, env = "PARLEY_UI", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ui: bool,
 }
 
 /// The conversation store.

@@ -7,6 +7,7 @@
 //! - [`sse`]: the Server-Sent Events encoding of a turn.
 //! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
 //!   client input.
+//! - [`ui`]: the chat page at `/` (outside the OpenAPI document).
 
 pub mod auth;
 pub mod bounds;
@@ -18,6 +19,7 @@ pub mod ratelimit;
 pub mod sessions;
 pub mod sse;
 pub mod turns;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,6 +106,8 @@ pub struct Limits {
     pub max_metadata_keys: usize,
     /// Most sessions per tenant; 0 is unlimited.
     pub max_sessions_per_tenant: u64,
+    /// Whether `/` serves the chat page.
+    pub ui: bool,
 }
 
 impl Default for Limits {
@@ -121,6 +125,7 @@ impl Default for Limits {
             max_metadata_depth: 8,
             max_metadata_keys: 64,
             max_sessions_per_tenant: 0,
+            ui: true,
         }
     }
 }
@@ -257,8 +262,10 @@ pub fn router(state: AppState) -> Router {
     // authenticate; with neither, the two layers would only pass requests on, so they are left out.
     let (limited, keyed) = (state.rate_limits.is_on(), state.auth.is_on());
     let (auth, rate_limits) = (Arc::clone(&state.auth), Arc::clone(&state.rate_limits));
+    let ui = if state.limits.ui { ui::router() } else { Router::new() };
     let mut app = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(ui)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .with_state(state);

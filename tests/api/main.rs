@@ -56,3 +56,4 @@ mod streaming;
 mod tenancy;
 mod tools_http;
 mod turns;
+mod ui;
