@@ -9,6 +9,7 @@ COPY Cargo.toml Cargo.lock build.rs ./
 RUN mkdir -p src migrations && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
     && cargo build --release --locked --bin parley || true
 COPY migrations ./migrations
+COPY web ./web
 COPY src ./src
 RUN touch src/main.rs src/lib.rs && cargo build --release --locked --bin parley \
     && strip target/release/parley

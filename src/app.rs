@@ -76,6 +76,7 @@ fn limits(config: &Config) -> Limits {
         header_read_timeout: config.http.header_read_timeout,
         idle_timeout: config.http.idle_timeout,
         max_connections: config.http.max_connections,
+        ui: config.http.ui,
     }
 }
 

@@ -316,6 +316,9 @@ pub struct HttpConfig {
     /// and is closed. 0 is unlimited.
     #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 10_000)]
     pub max_connections: usize,
+    /// Serve the chat page at `/` (built into the binary).
+    #[arg(long, env = "PARLEY_UI", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ui: bool,
 }
 
 /// The conversation store. `Debug` hides the passwords of the URLs.

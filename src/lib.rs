@@ -9,7 +9,8 @@
 //! - [`llm`]: the chat model trait and its providers (echo, OpenAI-compatible).
 //! - [`tools`]: the tool trait, the registry and the built-in and HTTP tools.
 //! - [`agent`]: the turn: load the window, call the model, run tools, append.
-//! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI.
+//! - [`http`]: the HTTP API: one module per resource, extractors, middleware, OpenAPI; the chat
+//!   page at `/` (its files are in `web/`).
 //! - [`auth`]: API keys (format, digests, the key ring) and the tenants they act for.
 //! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
 //! - [`redact`]: secrets kept out of logs and `Debug` output (URL passwords, keys, tokens).

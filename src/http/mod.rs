@@ -8,6 +8,7 @@
 //! - [`sse`]: the Server-Sent Events encoding of a turn.
 //! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
 //!   client input.
+//! - [`ui`]: the chat page at `/` (outside the OpenAPI document).
 
 pub mod auth;
 pub mod bounds;
@@ -19,6 +20,7 @@ pub mod ratelimit;
 pub mod sessions;
 pub mod sse;
 pub mod turns;
+pub mod ui;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +113,8 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Most open client connections; 0 is unlimited.
     pub max_connections: usize,
+    /// Whether `/` serves the chat page.
+    pub ui: bool,
 }
 
 impl Default for Limits {
@@ -131,6 +135,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
+            ui: true,
         }
     }
 }
@@ -216,7 +221,7 @@ fn cors(origins: &[String], credentials: bool) -> CorsLayer {
     };
     CorsLayer::new()
         .allow_origin(allow)
-        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
@@ -267,8 +272,10 @@ pub fn router(state: AppState) -> Router {
     // authenticate; with neither, the two layers would only pass requests on, so they are left out.
     let (limited, keyed) = (state.rate_limits.is_on(), state.auth.is_on());
     let (auth, rate_limits) = (Arc::clone(&state.auth), Arc::clone(&state.rate_limits));
+    let ui = if state.limits.ui { ui::router() } else { Router::new() };
     let mut app = api
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
+        .merge(ui)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
         .with_state(state);

@@ -1,4 +1,4 @@
-//! `/v1/sessions`: create, list, read and delete sessions.
+//! `/v1/sessions`: create, list, read, update (metadata) and delete sessions.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
-use super::extract::{ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
+use super::extract::{ApiJson, ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
 use crate::domain::{Metadata, NewSession, Session, new_id};
 use crate::error::{AppError, Problem, Result};
 use crate::store::SessionCursor;
@@ -19,7 +19,7 @@ use crate::store::SessionCursor;
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(create_session, list_sessions))
-        .routes(routes!(get_session, delete_session))
+        .routes(routes!(get_session, update_session, delete_session))
         .routes(routes!(fork_session))
 }
 
@@ -35,6 +35,14 @@ pub struct CreateSession {
     /// Client metadata (a JSON object).
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<Metadata>,
+}
+
+/// Body of `PATCH /v1/sessions/{id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct UpdateSession {
+    /// The session's new metadata (a JSON object), replacing the old one whole.
+    #[schema(value_type = Object)]
+    pub metadata: Metadata,
 }
 
 /// Query of `GET /v1/sessions`.
@@ -129,6 +137,30 @@ pub async fn get_session(
 ) -> Result<Json<Session>> {
     let id = session_id(id)?;
     let session = state.store.get_session(&tenant, &id).await?;
+    session.map(Json).ok_or(AppError::SessionNotFound(id))
+}
+
+/// Update a session: replace its metadata (a chat's title, say). Its `updated_at`, and so its
+/// place in the list, stay as they were.
+#[utoipa::path(patch, path = "/v1/sessions/{id}", tag = "sessions",
+    params(SessionIdParam),
+    request_body(content = UpdateSession, content_type = "application/json"),
+    responses(
+        (status = 200, description = "The updated session", body = Session),
+        (status = 400, description = "Malformed JSON or invalid id", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "No such session", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "Metadata too large", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "Invalid fields", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn update_session(
+    State(state): State<AppState>,
+    Tenant(tenant): Tenant,
+    Path(id): Path<String>,
+    ApiJson(body): ApiJson<UpdateSession>,
+) -> Result<Json<Session>> {
+    let id = session_id(id)?;
+    state.limits.check_metadata(&body.metadata)?;
+    let session = state.store.set_session_metadata(&tenant, &id, body.metadata).await?;
     session.map(Json).ok_or(AppError::SessionNotFound(id))
 }
 

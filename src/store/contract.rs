@@ -394,6 +394,32 @@ where
     assert!(matches!(page, Err(StoreError::SessionNotFound)));
 }
 
+/// Metadata is replaced as given (key order kept); the session keeps its `updated_at` and its
+/// place in the list; an unknown session, or another tenant's, answers `None` and changes nothing.
+pub async fn session_metadata_is_replaced_in_place<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    tokio::time::sleep(Duration::from_millis(2)).await;
+    new_session(&store, TENANT, "s2").await;
+    let before = store.get_session(TENANT, "s1").await.unwrap().unwrap();
+    let metadata: Metadata = serde_json::from_value(json!({"title": "Zebra ü", "a": {"b": [1, 2]}})).unwrap();
+    let set = store.set_session_metadata(TENANT, "s1", metadata.clone()).await.unwrap().expect("the session");
+    assert_eq!(set.metadata, metadata);
+    assert_eq!((set.updated_at, set.message_count), (before.updated_at, before.message_count));
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap(), set);
+    let ids: Vec<String> =
+        store.list_sessions(TENANT, 10, None).await.unwrap().sessions.into_iter().map(|s| s.id).collect();
+    assert_eq!(ids, vec!["s2", "s1"], "renaming does not move a session up the list");
+    assert!(store.set_session_metadata(OTHER_TENANT, "s1", Metadata::new()).await.unwrap().is_none());
+    assert!(store.set_session_metadata(TENANT, "nope", Metadata::new()).await.unwrap().is_none());
+    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().metadata, metadata);
+    assert!(store.get_session(OTHER_TENANT, "s1").await.unwrap().is_none());
+}
+
 /// Sessions list newest-updated first and page by cursor with no gap or repeat.
 pub async fn sessions_list_newest_first_by_cursor<F, Fut>(factory: &F)
 where
@@ -1174,6 +1200,7 @@ macro_rules! store_contract_tests {
             metadata_and_tool_calls_round_trip_exactly,
             turn_records_round_trip,
             conflicts_and_unknown_sessions_are_reported,
+            session_metadata_is_replaced_in_place,
             sessions_list_newest_first_by_cursor,
             tenants_are_isolated,
             turn_locks_admit_one_turn_per_session,

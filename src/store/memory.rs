@@ -700,6 +700,23 @@ impl ConversationStore for MemoryStore {
         Ok(true)
     }
 
+    async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> StoreResult<Option<Session>> {
+        let set = self.with_session_mut(tenant, id, |d| {
+            d.session.metadata = metadata;
+            d.session.clone()
+        });
+        match set {
+            Ok(s) => Ok(Some(s)),
+            Err(StoreError::SessionNotFound) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
         Ok(self.append_to(tenant, session_id, batch, None)?.0)
     }

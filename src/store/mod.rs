@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
-use crate::domain::{Message, NewSession, Session, Turn, WindowMessage};
+use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage};
 
 /// A shared handle to whichever store the service runs on.
 pub type DynStore = Arc<dyn ConversationStore>;
@@ -276,6 +276,16 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Deletes a session, its history and its turns; false if it did not exist.
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool>;
+
+    /// Replaces a session's metadata and returns the session; `None` if it does not exist. Its
+    /// `updated_at`, and so its place in the list, stay as they were (it counts as a write for
+    /// the TTL).
+    async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> StoreResult<Option<Session>>;
 
     /// Appends a batch atomically and returns the messages with their seqs.
     /// `SessionNotFound` if the session does not exist; `Fenced` (and nothing written) if the

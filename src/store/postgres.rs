@@ -925,6 +925,16 @@ pub mod sql {
         " order by updated_at desc, id desc limit $2"
     );
 
+    /// Replaces a live session's metadata (not its `updated_at`) and slides its TTL. Binds: tenant,
+    /// id, metadata text, ttl in µs.
+    pub const SET_SESSION_METADATA: &str = concat!(
+        "update sessions s set metadata = $3::text::json,",
+        " expires_at = now() + $4::bigint * interval '1 microsecond'",
+        " where s.tenant = $1 and s.id = $2 and ",
+        live!(),
+        " returning id, created_at, updated_at, system_prompt, metadata, message_count"
+    );
+
     /// Deletes a session (cascading to its messages and turns); returns whether it was live.
     /// Binds: tenant, id.
     pub const DELETE_SESSION: &str = "delete from sessions where tenant = $1 and id = $2 \
@@ -1264,6 +1274,21 @@ impl ConversationStore for PgStore {
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         let query = sqlx::query_scalar::<_, bool>(DELETE_SESSION).bind(tenant).bind(id);
         Ok(self.timed(query.fetch_optional(&self.conns)).await?.unwrap_or(false))
+    }
+
+    async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> StoreResult<Option<Session>> {
+        let query = sqlx::query(SET_SESSION_METADATA)
+            .bind(tenant)
+            .bind(id)
+            .bind(json_text(&metadata))
+            .bind(self.ttl_micros);
+        let row = self.timed(query.fetch_optional(&self.conns)).await?;
+        row.as_ref().map(session_from_row).transpose()
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {

@@ -54,7 +54,7 @@
 //!
 //! # Commands per operation
 //! `get_session` HGETALL · `get_turn` HGET · `append`, `create_session`, `clear`, `put_turn`,
-//! `delete_session`, `read_page`, `last_n` and the eight lock and idempotency methods one EVALSHA
+//! `delete_session`, `set_session_metadata`, `read_page`, `last_n` and the eight lock and idempotency methods one EVALSHA
 //! each · `ping` PING · `list_sessions` one ZRANGE (or a pipeline of two with a cursor) plus one
 //! pipeline of HGETALL, plus one EVALSHA when it finds expired sessions · `count_sessions` ZCARD
 //! (ZCOUNT with a TTL).
@@ -79,7 +79,7 @@ use super::{
     TurnBegin,
 };
 use crate::config::StoreConfig;
-use crate::domain::{Message, NewSession, Session, Turn, WindowMessage, now};
+use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage, now};
 
 /// Lua shared by the write scripts. `KEYS` is always `meta, messages, turns, turn_order, index,
 /// lock, idem, idem_exp`;
@@ -315,6 +315,15 @@ local existed = redis.call('DEL', meta)
 redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
 redis.call('ZREM', index, id)
 return existed
+"#;
+
+/// Replaces the session's metadata, leaving `updated_at` and the index alone. ARGV 5: metadata
+/// JSON. Returns the meta hash, or nothing when the session is missing.
+const SET_METADATA: &str = r#"
+if redis.call('EXISTS', meta) == 0 then return {} end
+redis.call('HSET', meta, 'metadata', ARGV[5])
+refresh()
+return redis.call('HGETALL', meta)
 "#;
 
 /// One page by seq. KEYS: meta, messages. ARGV: min, max (ZRANGE BYSCORE bounds), `asc`/`desc`,
@@ -553,6 +562,7 @@ struct Scripts {
     clear: Script,
     put_turn: Script,
     delete: Script,
+    set_metadata: Script,
     read_page: Script,
     read_page_all: Script,
     last_n: Script,
@@ -579,6 +589,7 @@ impl Scripts {
             clear: write(CLEAR),
             put_turn: write(PUT_TURN),
             delete: write(DELETE),
+            set_metadata: write(SET_METADATA),
             read_page: Script::new(READ_PAGE),
             read_page_all: Script::new(READ_PAGE_ALL),
             last_n: Script::new(LAST_N),
@@ -1001,6 +1012,18 @@ impl ConversationStore for RedisStore {
         let keys = self.session_keys(tenant, id);
         let call = self.write_call(&self.scripts.delete, &keys, id, now().timestamp_micros());
         Ok(self.write::<i64>(&call).await? == 1)
+    }
+
+    async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> StoreResult<Option<Session>> {
+        let keys = self.session_keys(tenant, id);
+        let mut call = self.write_call(&self.scripts.set_metadata, &keys, id, now().timestamp_micros());
+        call.arg(to_json(&metadata)?);
+        parse_session(self.write(&call).await?)
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {

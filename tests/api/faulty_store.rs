@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parley::domain::{Message, NewSession, Session, Turn};
+use parley::domain::{Message, Metadata, NewSession, Session, Turn};
 use parley::store::memory::MemoryStore;
 use parley::store::{
     AppendBatch, ConversationStore, IdempotencyBegin, LockOutcome, LockStatus, MessagePage, PageQuery,
@@ -81,6 +81,16 @@ impl ConversationStore for FaultyStore {
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         self.before("delete_session").await;
         self.inner.delete_session(tenant, id).await
+    }
+
+    async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> StoreResult<Option<Session>> {
+        self.before("set_session_metadata").await;
+        self.inner.set_session_metadata(tenant, id, metadata).await
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {

@@ -60,3 +60,4 @@ mod streaming;
 mod tenancy;
 mod tools_http;
 mod turns;
+mod ui;

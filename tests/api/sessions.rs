@@ -164,6 +164,48 @@ async fn metadata_numbers_round_trip_exactly(backend: Backend) {
     assert_exact(&history.text().await.unwrap(), "the message read back");
 }
 
+async fn patching_a_session_replaces_its_metadata_and_keeps_its_place(backend: Backend) {
+    let app = spawn_app_on(backend, &[]).await;
+    app.create_session_with(json!({"id": "old", "metadata": {"title": "First", "pinned": true}})).await;
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let newer = app.create_session("new").await;
+    let patch =
+        |id: &str, body: Value| app.client.patch(app.url(&format!("/v1/sessions/{id}"))).json(&body).send();
+    let response = patch("old", json!({"metadata": {"title": "Renamed <b>ü</b>"}})).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["metadata"], json!({"title": "Renamed <b>ü</b>"}), "replaced whole, not merged");
+    assert_eq!(body["created_at"], body["updated_at"], "updated_at stays");
+    let (_, read) = app.get_json("/v1/sessions/old").await;
+    assert_eq!(read, body);
+    let (_, list) = app.get_json("/v1/sessions").await;
+    let ids: Vec<&str> = list["data"].as_array().unwrap().iter().map(|s| s["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["new", "old"], "a rename does not move a chat up the list");
+    assert_eq!(app.get_json("/v1/sessions/new").await.1, newer);
+}
+
+async fn patching_checks_the_session_and_the_body(backend: Backend) {
+    let app = spawn_app_on(backend, &["--max-metadata-bytes", "64"]).await;
+    app.create_session("s").await;
+    let patch = |id: &str, body: &str| {
+        app.client.patch(app.url(&format!("/v1/sessions/{id}"))).body(body.to_owned()).send()
+    };
+    let cases = [
+        ("nobody", r#"{"metadata": {}}"#, 404, "session_not_found"),
+        ("s", r#"{"metadata": "x"}"#, 422, "validation_failed"),
+        ("s", r#"{}"#, 422, "validation_failed"),
+        ("s", r#"{"metadata": {"#, 400, "invalid_request"),
+        ("s", &format!(r#"{{"metadata": {{"t": "{}"}}}}"#, "x".repeat(100)), 413, "payload_too_large"),
+    ];
+    for (id, body, status, code) in cases {
+        let response = patch(id, body).await.unwrap();
+        assert_eq!(response.status(), status, "{id} {body}");
+        let problem: Value = response.json().await.unwrap();
+        assert_eq!(problem["code"], code, "{id} {body}: {problem}");
+    }
+    assert_eq!(app.get_json("/v1/sessions/s").await.1["metadata"], json!({}), "nothing changed");
+}
+
 for_each_backend!(
     metadata_numbers_round_trip_exactly,
     creating_a_session_returns_201_with_location_and_the_session,
@@ -172,4 +214,6 @@ for_each_backend!(
     reading_an_unknown_session_is_404,
     deleting_a_session_removes_it_and_its_history,
     sessions_list_most_recently_updated_first_with_a_cursor,
+    patching_a_session_replaces_its_metadata_and_keeps_its_place,
+    patching_checks_the_session_and_the_body,
 );

@@ -58,6 +58,8 @@ async fn another_tenant_gets_404_on_every_endpoint_of_a_session(backend: Backend
     not_found(b.send(Method::POST, &format!("{s}/messages"), post.clone()).await, "POST message").await;
     not_found(b.start_stream("private", "let me in").await, "POST message, streamed").await;
     not_found(b.send(Method::DELETE, &format!("{s}/messages"), None).await, "DELETE messages").await;
+    let patch = Some(json!({"metadata": {"title": "mine now"}}));
+    not_found(b.send(Method::PATCH, s, patch).await, "PATCH session").await;
     not_found(b.send(Method::DELETE, s, None).await, "DELETE session").await;
 
     let mut names = Vec::new();
