@@ -38,6 +38,7 @@ mod docs;
 mod durability;
 mod editing;
 mod errors;
+mod failover;
 mod fake_openai;
 mod faulty_store;
 mod follow;
