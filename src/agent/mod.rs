@@ -678,8 +678,19 @@ impl Agent {
     async fn fail(&self, state: &mut TurnState, error: AppError) -> AppError {
         let problem = error.problem();
         self.mark_failed(state, &problem);
-        if let Err(e) = self.write_failure(state).await {
-            tracing::warn!(turn.id = %state.turn.id, error = %e, "could not record the failed turn");
+        // The answer waits for the record at most the margin: a store that failed the turn may
+        // not answer this write either, and the answer's bound is the store timeout plus the
+        // margin. Past it, the record is written in the background once the store answers.
+        let margin = claim::OUTCOME_MARGIN.min(self.store_timeout());
+        match tokio::time::timeout(margin, self.write_failure(state)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(turn.id = %state.turn.id, error = %e, "could not record the failed turn")
+            }
+            Err(_) => {
+                tracing::warn!(turn.id = %state.turn.id, "the store did not record the failed turn in time; retrying in the background");
+                state.claim.settle = Some(state.turn.clone());
+            }
         }
         tracing::info!(turn.id = %state.turn.id, session.id = %state.turn.session_id, error.code = error.code(), "turn failed");
         state.emit_last(|s| TurnEvent::Failed { turn_id: s.turn.id, error: problem });

@@ -39,6 +39,7 @@ mod docs;
 mod durability;
 mod editing;
 mod errors;
+mod failover;
 mod fake_openai;
 mod faulty_store;
 mod follow;

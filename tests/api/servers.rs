@@ -1,10 +1,13 @@
-//! Private Redis and PostgreSQL servers that a test may stop and restart (outage tests), and the
-//! parley binary as a child process (restart tests). Each lives in a temporary folder on a free
-//! port, so stopping it never disturbs the shared servers other tests use.
+//! Private Redis and PostgreSQL servers that a test may stop and restart (outage tests) or freeze
+//! and thaw (stall tests), and the parley binary as a child process (restart and pause tests).
+//! Each lives in a temporary folder on a free port, so stopping it never disturbs the shared
+//! servers other tests use.
 #![allow(dead_code, reason = "each test uses a different subset")]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 /// A free TCP port on 127.0.0.1.
@@ -30,17 +33,48 @@ fn wait_for_port(port: u16, up: bool) {
     panic!("port {port} did not become {}", if up { "open" } else { "closed" });
 }
 
+/// Sends a signal (`STOP`, `CONT`, …) to these processes; a process already gone is skipped.
+fn signal(pids: &[u32], name: &str) {
+    if pids.is_empty() {
+        return;
+    }
+    let mut kill = Command::new("kill");
+    kill.arg(format!("-{name}")).args(pids.iter().map(u32::to_string));
+    let _ = kill.stdout(Stdio::null()).stderr(Stdio::null()).status();
+}
+
+/// The processes whose parent is `parent`, read from `/proc/*/stat`.
+fn children_of(parent: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return Vec::new() };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            // `pid (comm) state ppid …`: the command name may hold spaces and parentheses.
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after_name = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+            after_name.split_whitespace().nth(1).and_then(|p| p.parse::<u32>().ok()) == Some(parent)
+        })
+        .collect()
+}
+
 /// A private `redis-server` with an append-only file, so its data survives a restart.
 pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// Whether it is frozen (SIGSTOP), to thaw it before it is killed.
+    frozen: AtomicBool,
 }
 
 impl PrivateRedis {
     /// Starts one (needs `redis-server` on the PATH; `scripts/test` installs it).
     pub fn start() -> Self {
-        let mut redis = PrivateRedis { port: free_port(), dir: temp_dir("redis"), child: None };
+        let mut redis = PrivateRedis {
+            port: free_port(),
+            dir: temp_dir("redis"),
+            child: None,
+            frozen: AtomicBool::new(false),
+        };
         redis.up();
         redis
     }
@@ -64,8 +98,26 @@ impl PrivateRedis {
         wait_for_port(self.port, true);
     }
 
+    /// Freezes the server (SIGSTOP): its connections stay open and take requests, but nothing
+    /// answers them until [`PrivateRedis::thaw`] (a stalled store, not a dead one).
+    pub fn freeze(&self) {
+        let pid = self.child.as_ref().map(Child::id).expect("redis-server running");
+        signal(&[pid], "STOP");
+        self.frozen.store(true, Ordering::SeqCst);
+    }
+
+    /// Lets a frozen server run again (SIGCONT): it then serves what it was sent meanwhile.
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child
+            && self.frozen.swap(false, Ordering::SeqCst)
+        {
+            signal(&[child.id()], "CONT");
+        }
+    }
+
     /// Kills the server at once (like a crash).
     pub fn kill(&mut self) {
+        self.thaw();
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
@@ -87,6 +139,8 @@ pub struct PrivatePostgres {
     port: u16,
     dir: PathBuf,
     bin: PathBuf,
+    /// The processes [`PrivatePostgres::freeze`] stopped, to thaw.
+    frozen: Mutex<Vec<u32>>,
 }
 
 fn postgres_bin() -> PathBuf {
@@ -129,7 +183,7 @@ impl PrivatePostgres {
         let mut initdb = as_postgres(&bin.join("initdb"));
         initdb.args(["-U", "postgres", "--auth=trust", "--no-sync", "-D"]).arg(dir.join("data"));
         run(initdb, "initdb");
-        let pg = PrivatePostgres { port: free_port(), dir, bin };
+        let pg = PrivatePostgres { port: free_port(), dir, bin, frozen: Mutex::new(Vec::new()) };
         pg.up();
         pg
     }
@@ -153,8 +207,36 @@ impl PrivatePostgres {
         wait_for_port(self.port, true);
     }
 
+    /// The postmaster's pid (the first line of `postmaster.pid`).
+    fn postmaster(&self) -> u32 {
+        let file = self.dir.join("data").join("postmaster.pid");
+        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        text.lines().next().and_then(|l| l.trim().parse().ok()).expect("a pid in postmaster.pid")
+    }
+
+    /// Freezes the server (SIGSTOP to the postmaster, then to each of its children: every
+    /// backend and auxiliary process, which run in sessions of their own): open connections and
+    /// new ones are accepted by the kernel, but nothing answers until [`PrivatePostgres::thaw`].
+    pub fn freeze(&self) {
+        let postmaster = self.postmaster();
+        // The postmaster first, so it forks no new backend that would escape.
+        signal(&[postmaster], "STOP");
+        let mut pids = vec![postmaster];
+        pids.extend(children_of(postmaster));
+        signal(&pids[1..], "STOP");
+        self.frozen.lock().unwrap_or_else(|e| e.into_inner()).extend(pids);
+    }
+
+    /// Lets a frozen server run again (SIGCONT to every process [`PrivatePostgres::freeze`]
+    /// stopped).
+    pub fn thaw(&self) {
+        let pids = std::mem::take(&mut *self.frozen.lock().unwrap_or_else(|e| e.into_inner()));
+        signal(&pids, "CONT");
+    }
+
     /// Stops the server at once (immediate mode: like a crash; committed data survives).
     pub fn kill(&self) {
+        self.thaw();
         let mut ctl = as_postgres(&self.bin.join("pg_ctl"));
         ctl.args(["-w", "-D"]).arg(self.dir.join("data")).args(["-m", "immediate", "stop"]);
         run(ctl, "pg_ctl stop");
@@ -164,6 +246,8 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
+        // A frozen postmaster would not act on pg_ctl's signal.
+        self.thaw();
         let mut ctl = as_postgres(&self.bin.join("pg_ctl"));
         ctl.args(["-D"]).arg(self.dir.join("data")).args(["-m", "immediate", "stop"]);
         let _ = ctl.stdout(Stdio::null()).stderr(Stdio::null()).status();
@@ -176,19 +260,37 @@ pub struct ParleyProcess {
     /// `http://127.0.0.1:<port>`.
     pub base: String,
     child: Child,
+    /// Where its stderr goes ([`ParleyProcess::start_logged`]): removed on drop, kept (and named)
+    /// when the test failed.
+    log: Option<PathBuf>,
 }
 
 impl ParleyProcess {
     /// Starts `parley` with these environment variables and waits until it answers `/healthz`.
     pub async fn start(env: &[(&str, String)]) -> Self {
+        Self::spawn(env, None).await
+    }
+
+    /// Starts `parley` as [`ParleyProcess::start`] does, with its log (`PARLEY_LOG` from `env`,
+    /// `warn` by default) in a temporary file that a failing test leaves behind.
+    pub async fn start_logged(env: &[(&str, String)]) -> Self {
+        let log = std::env::temp_dir().join(format!("{}.log", crate::helpers::unique_name("parley")));
+        Self::spawn(env, Some(log)).await
+    }
+
+    async fn spawn(env: &[(&str, String)], log: Option<PathBuf>) -> Self {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
         command.env("PARLEY_ADDR", format!("127.0.0.1:{port}")).env("PARLEY_LOG", "warn");
         for (key, value) in env {
             command.env(key, value);
         }
-        let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start parley");
-        let process = ParleyProcess { base: format!("http://127.0.0.1:{port}"), child };
+        let stderr = match &log {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log file")),
+            None => Stdio::null(),
+        };
+        let child = command.stdout(Stdio::null()).stderr(stderr).spawn().expect("start parley");
+        let process = ParleyProcess { base: format!("http://127.0.0.1:{port}"), child, log };
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if client.get(format!("{}/healthz", process.base)).send().await.is_ok() {
@@ -197,6 +299,16 @@ impl ParleyProcess {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("parley did not start on port {port}");
+    }
+
+    /// Pauses the process (SIGSTOP), as a long stall would: its sockets stay open, nothing runs.
+    pub fn pause(&self) {
+        signal(&[self.child.id()], "STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        signal(&[self.child.id()], "CONT");
     }
 
     /// Sends SIGTERM and waits for the process to exit; returns whether it exited successfully.
@@ -213,8 +325,16 @@ impl ParleyProcess {
 
 impl Drop for ParleyProcess {
     fn drop(&mut self) {
-        // Also when a test fails midway: no parley outlives its test.
+        // Also when a test fails midway: no parley outlives its test. SIGKILL ends a paused
+        // process too.
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(log) = &self.log {
+            if std::thread::panicking() {
+                eprintln!("parley's log: {}", log.display());
+            } else {
+                let _ = std::fs::remove_file(log);
+            }
+        }
     }
 }
