@@ -9,7 +9,8 @@ import { fileURLToPath } from "node:url";
 import { chromium } from "playwright-core";
 
 export const ROOT = fileURLToPath(new URL("../../..", import.meta.url));
-export const BINARY = process.env.PARLEY_BIN || `${ROOT}target/debug/parley`;
+const TARGET = process.env.CARGO_TARGET_DIR ? `${process.env.CARGO_TARGET_DIR.replace(/\/$/, "")}/` : `${ROOT}target/`;
+export const BINARY = process.env.PARLEY_BIN || `${TARGET}debug/parley`;
 export const CHROMIUM = process.env.CHROMIUM || "/usr/bin/chromium";
 export const SCREENSHOTS = fileURLToPath(new URL("../screenshots/", import.meta.url));
 
