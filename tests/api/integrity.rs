@@ -190,13 +190,15 @@ async fn a_turn_can_be_cancelled_from_another_replica(backend: Backend) {
 }
 
 async fn a_turn_longer_than_its_lease_keeps_the_session(backend: Backend) {
-    // A 300 ms lease is renewed every 100 ms by the replica's lease keeper; the turn runs ~1.2 s.
-    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100", "--turn-lease", "300ms"]).await;
+    // A 600 ms lease is renewed every 200 ms by the replica's lease keeper; the turn runs ~3.5 s.
+    // (A turn whose lease runs out stops, so the lease leaves room for a loaded machine.)
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "150", "--turn-lease", "600ms"]).await;
     apps[0].create_session("long").await;
-    let response = apps[0].open_stream("long", "one two three four five six seven eight nine ten").await;
+    let words = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen";
+    let response = apps[0].open_stream("long", words).await;
     let mut stream = response.bytes_stream().eventsource();
     let started: Value = serde_json::from_str(&stream.next().await.unwrap().unwrap().data).unwrap();
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    tokio::time::sleep(Duration::from_millis(1900)).await;
     let response = post(&apps[1], "long", json!({"content": "too early"}), None).await;
     assert_eq!(response.status(), 409, "three leases later the turn still holds its session");
     let problem: Value = response.json().await.unwrap();
