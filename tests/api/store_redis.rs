@@ -350,3 +350,41 @@ async fn a_dropped_connection_is_replaced_reads_retry_and_writes_do_not() {
     assert!(store.delete_session("t", "s").await.expect("delete"));
     assert!(stored[0].seq <= 2, "the lost write may or may not have run, but only once");
 }
+
+/// Superseded messages live in a sorted set of their own, in the session's hash slot: the active
+/// set holds only active messages, so an active page is one range read of it whatever was
+/// replaced (and the superseded view reads both sets, a page from each).
+#[tokio::test]
+async fn superseded_messages_live_in_their_own_sorted_set() {
+    let prefix = unique_name("parley_test");
+    let store = RedisStore::new(options(prefix.clone(), &Setup::default())).expect("store");
+    create(&store, "t", "s").await;
+    store.append("t", "s", batch("s", 3000)).await.expect("append");
+    let mut edit = Turn::start("s");
+    edit.status = parley::domain::TurnStatus::Completed;
+    let messages = vec![Message::new("s", edit.id, Role::User, "edited")];
+    let replace = AppendBatch { messages, turn: Some(edit.clone()), fence: None, supersede_from: Some(101) };
+    store.append("t", "s", replace).await.expect("edit");
+
+    let mut conn = raw_connection().await;
+    let keys = keys_under(&mut conn, &prefix).await;
+    let active = keys.iter().find(|k| k.ends_with(":messages")).expect("the active set");
+    let superseded = keys.iter().find(|k| k.ends_with(":superseded")).expect("the superseded set");
+    assert_eq!(active.split(':').nth(1), superseded.split(':').nth(1), "one hash tag");
+    let (n_active, n_superseded): (u64, u64) =
+        (conn.zcard(active).await.unwrap(), conn.zcard(superseded).await.unwrap());
+    assert_eq!((n_active, n_superseded), (101, 2900));
+    let newest: Vec<String> = conn.zrange(superseded, -1, -1).await.unwrap();
+    assert!(newest[0].contains(&format!("\"superseded_by\":\"{}\"", edit.id)), "{}", newest[0]);
+
+    let page = PageQuery { limit: 5, order: Order::Desc, ..PageQuery::default() };
+    let seqs: Vec<u64> =
+        store.read_page("t", "s", page).await.unwrap().messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![3001, 100, 99, 98, 97]);
+    let all = PageQuery { include_superseded: true, ..page };
+    let seqs: Vec<u64> =
+        store.read_page("t", "s", all).await.unwrap().messages.iter().map(|m| m.seq).collect();
+    assert_eq!(seqs, vec![3001, 3000, 2999, 2998, 2997]);
+    assert!(store.delete_session("t", "s").await.unwrap());
+    assert!(keys_under(&mut conn, &prefix).await.iter().all(|k| k.ends_with(":sessions")), "nothing left");
+}
