@@ -16,7 +16,9 @@ use crate::http::{AppParts, AppState, Limits};
 use crate::llm::echo::EchoModel;
 use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
+use crate::metrics::Metrics;
 use crate::server::ServerSettings;
+use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
@@ -41,6 +43,11 @@ pub fn state_from_parts(
     model: DynModel,
     tools: ToolRegistry,
 ) -> anyhow::Result<AppState> {
+    let metrics = config.http.metrics.then(|| Arc::new(Metrics::new(config.http.metrics_tenant_label)));
+    let store: DynStore = match &metrics {
+        Some(metrics) => Arc::new(Instrumented::new(store, Arc::clone(metrics))),
+        None => store,
+    };
     let settings = AgentSettings {
         history_size: config.agent.history_size,
         system_prompt: config.agent.system_prompt.clone(),
@@ -52,11 +59,13 @@ pub fn state_from_parts(
         idempotency_ttl: config.agent.idempotency_ttl,
         store_timeout: config.store.store_timeout,
         fork_max_messages: config.agent.fork_max_messages,
+        metrics: metrics.clone(),
     };
     let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
     let auth = Arc::new(Auth::from_config(config)?);
     let rate_limits = Arc::new(RateLimits::from_config(config)?);
-    Ok(AppState::new(AppParts { agent, store, limits: Arc::new(limits(config)), auth, rate_limits }))
+    let limits = Arc::new(limits(config));
+    Ok(AppState::new(AppParts { agent, store, limits, auth, rate_limits, metrics }))
 }
 
 fn limits(config: &Config) -> Limits {
@@ -76,6 +85,8 @@ fn limits(config: &Config) -> Limits {
         header_read_timeout: config.http.header_read_timeout,
         idle_timeout: config.http.idle_timeout,
         max_connections: config.http.max_connections,
+        metrics_on_main: config.http.metrics && config.http.metrics_addr.is_none(),
+        metrics_public: config.http.metrics_public,
         ui: config.http.ui,
     }
 }

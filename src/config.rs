@@ -319,6 +319,21 @@ pub struct HttpConfig {
     /// Serve the chat page at `/` (built into the binary).
     #[arg(long, env = "PARLEY_UI", default_value_t = true, action = clap::ArgAction::Set)]
     pub ui: bool,
+    /// Count requests, turns, model and tool calls and store operations, and export them in the
+    /// Prometheus text format at `/metrics` (or on `PARLEY_METRICS_ADDR`).
+    #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub metrics: bool,
+    /// Serve `/metrics` on a listener of its own at this address (say, a private interface)
+    /// instead of the main one.
+    #[arg(long, env = "PARLEY_METRICS_ADDR")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// On the main listener, serve `/metrics` without an API key (with `PARLEY_AUTH=api_key` it
+    /// needs one otherwise, like any route).
+    #[arg(long, env = "PARLEY_METRICS_PUBLIC", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_public: bool,
+    /// Add a `tenant` label to the request and turn counters (one series per tenant).
+    #[arg(long, env = "PARLEY_METRICS_TENANT_LABEL", default_value_t = false, action = clap::ArgAction::Set)]
+    pub metrics_tenant_label: bool,
 }
 
 /// The conversation store. `Debug` hides the passwords of the URLs.

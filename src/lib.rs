@@ -13,6 +13,7 @@
 //!   page at `/` (its files are in `web/`).
 //! - [`auth`]: API keys (format, digests, the key ring) and the tenants they act for.
 //! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
+//! - [`metrics`]: the Prometheus series parley exports at `/metrics`.
 //! - [`redact`]: secrets kept out of logs and `Debug` output (URL passwords, keys, tokens).
 //! - [`runtime`]: the Tokio runtime, with worker threads optionally pinned one per CPU.
 //! - [`server`]: the accept loop: HTTP/1.1 and h2c connections, head and idle timeouts, the
@@ -27,6 +28,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod llm;
+pub mod metrics;
 pub mod ratelimit;
 pub mod redact;
 pub mod runtime;

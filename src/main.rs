@@ -50,6 +50,16 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         model = ?config.model.provider,
         "parley listening"
     );
+    if let (Some(addr), Some(metrics)) = (config.http.metrics_addr, state.metrics.clone()) {
+        let metrics_listener = TcpListener::bind(addr).await?;
+        tracing::info!(addr = %metrics_listener.local_addr()?, "metrics listening");
+        let router = parley::http::observe::metrics_router(metrics, None);
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(metrics_listener, router).await {
+                tracing::error!(error = %e, "the metrics listener stopped");
+            }
+        });
+    }
     parley::app::serve(listener, state, shutdown_signal(), config.http.shutdown_grace).await
 }
 

@@ -132,10 +132,14 @@ impl Agent {
         if self.registry.is_closed() {
             return Err(AppError::ShuttingDown);
         }
-        match input.if_busy {
+        let claimed = match input.if_busy {
             IfBusy::Reject => self.try_claim(input, turn).await,
             IfBusy::Wait => self.wait_to_claim(input, turn).await,
+        };
+        if let (Err(AppError::TurnInProgress(_)), Some(metrics)) = (&claimed, &self.settings.metrics) {
+            metrics.turn_conflict();
         }
+        claimed
     }
 
     /// One attempt: 409 with the running turn's id if the session is busy here or elsewhere.
@@ -234,6 +238,12 @@ impl Agent {
             loop {
                 match self.try_claim(input, turn).await {
                     Err(AppError::TurnInProgress(_)) if Instant::now() + pause < deadline => {
+                        if pause == Duration::from_millis(10)
+                            && let Some(metrics) = &self.settings.metrics
+                        {
+                            // Made to wait: counted once, when the wait begins.
+                            metrics.turn_conflict();
+                        }
                         tokio::time::sleep(pause).await;
                         pause = (pause * 2).min(Duration::from_millis(200));
                     }

@@ -64,6 +64,8 @@ pub struct AgentSettings {
     pub store_timeout: Duration,
     /// Most messages a fork copies (`PARLEY_FORK_MAX_MESSAGES`).
     pub fork_max_messages: usize,
+    /// Where turns, model calls, tool calls and conflicts are counted (`None`: metrics off).
+    pub metrics: Option<crate::metrics::DynMetrics>,
 }
 
 impl Default for AgentSettings {
@@ -79,6 +81,7 @@ impl Default for AgentSettings {
             idempotency_ttl: Duration::from_secs(24 * 3600),
             store_timeout: Duration::from_secs(5),
             fork_max_messages: 10_000,
+            metrics: None,
         }
     }
 }
@@ -404,8 +407,14 @@ impl Agent {
                 .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
             match self.begin_idempotent(&input, turn.id).await? {
                 claim::Replay::Run => {}
-                claim::Replay::Done(result) => return Ok(TurnStart::Replayed(result)),
-                claim::Replay::Attach(feed) => return Ok(TurnStart::Attached(feed)),
+                claim::Replay::Done(result) => {
+                    self.count_replay();
+                    return Ok(TurnStart::Replayed(result));
+                }
+                claim::Replay::Attach(feed) => {
+                    self.count_replay();
+                    return Ok(TurnStart::Attached(feed));
+                }
             }
         }
         match self.launch(&mut input, turn).await {
@@ -479,6 +488,8 @@ impl Agent {
         let timeout = self.settings.turn_timeout;
         let deadline = tokio::time::Instant::now() + timeout;
         let interrupt = Interrupt { cancel: tokens.cancel, lost: tokens.lost, deadline, timeout };
+        let started = std::time::Instant::now();
+        let _running = self.settings.metrics.as_ref().map(|m| m.running_turn());
         let run = std::panic::AssertUnwindSafe(self.run(&mut state, &interrupt)).catch_unwind().await;
         let result = match run {
             Ok(Ok(result)) => Ok(result),
@@ -492,6 +503,15 @@ impl Agent {
             }
         };
         self.settle_idempotency(&state, &result).await;
+        if let Some(metrics) = &self.settings.metrics {
+            let outcome = match &result {
+                Ok(_) if state.turn.status == TurnStatus::Cancelled => "cancelled",
+                Ok(_) => "completed",
+                Err(AppError::TurnAbandoned) => "abandoned",
+                Err(_) => "failed",
+            };
+            metrics.turn_ended(outcome, &state.tenant, started.elapsed());
+        }
         state.claim.give_back();
         state.flush_closing();
         result
@@ -563,6 +583,8 @@ impl Agent {
         let tools = if offer_tools { self.tools.specs() } else { Arc::clone(&self.no_tools) };
         let mut request = ChatRequest { messages: std::mem::take(&mut state.prompt), tools };
         request.messages.extend(state.turn_messages().map(PromptMessage::from));
+        let asked = std::time::Instant::now();
+        let mut first_token = None;
         let started = self.model.stream(&request).await;
         request.messages.truncate(before);
         state.prompt = request.messages;
@@ -570,11 +592,19 @@ impl Agent {
         while let Some(event) = stream.next().await {
             match event? {
                 ModelEvent::Delta(delta) => {
+                    first_token.get_or_insert_with(|| asked.elapsed());
                     state.partial_text.push_str(&delta);
                     let (turn_id, message_id) = (state.turn.id, state.partial_id);
                     state.emit(move || TurnEvent::Delta { turn_id, message_id, delta });
                 }
                 ModelEvent::Done(output) => {
+                    if let Some(metrics) = &self.settings.metrics {
+                        let model = self.model.name();
+                        metrics.model_request(model, first_token, asked.elapsed());
+                        if let Some(u) = output.usage {
+                            metrics.model_tokens(model, u.prompt_tokens, u.completion_tokens);
+                        }
+                    }
                     state.add_usage(output.usage);
                     return Ok(output);
                 }
@@ -585,7 +615,14 @@ impl Agent {
 
     /// Runs one round of tool calls concurrently; results keep the calls' order.
     async fn run_tools(&self, state: &mut TurnState, calls: &[ToolCall]) {
-        let runs = calls.iter().map(|call| self.tools.run(&call.name, &call.arguments));
+        let runs = calls.iter().map(|call| async {
+            let started = std::time::Instant::now();
+            let outcome = self.tools.run(&call.name, &call.arguments).await;
+            if let Some(metrics) = &self.settings.metrics {
+                metrics.tool_call(&call.name, !outcome.is_error, started.elapsed());
+            }
+            outcome
+        });
         let outcomes = futures::future::join_all(runs).await;
         for (call, outcome) in calls.iter().zip(outcomes) {
             let mut message = Message::new(state.session_id(), state.turn.id, Role::Tool, outcome.content);
@@ -791,6 +828,12 @@ impl Agent {
     async fn turn_messages(&self, state: &TurnState, turn: &Turn) -> Vec<Message> {
         let recent = self.store.last_n(&state.tenant, state.session_id(), 1000).await.unwrap_or_default();
         recent.into_iter().filter(|m| m.turn_id == turn.id).collect()
+    }
+
+    fn count_replay(&self) {
+        if let Some(metrics) = &self.settings.metrics {
+            metrics.idempotent_replay();
+        }
     }
 
     /// The store's time limit per call, as the agent was told it.

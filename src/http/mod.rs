@@ -16,6 +16,7 @@ pub mod extract;
 pub mod health;
 pub mod messages;
 pub mod middleware;
+pub mod observe;
 pub mod ratelimit;
 pub mod sessions;
 pub mod sse;
@@ -70,6 +71,8 @@ impl std::ops::Deref for AppState {
 pub struct AppParts {
     /// The agent, which owns the running turns.
     pub agent: Arc<Agent>,
+    /// The Prometheus series, when metrics are on.
+    pub metrics: Option<crate::metrics::DynMetrics>,
     /// The conversation store.
     pub store: DynStore,
     /// Input limits and HTTP settings.
@@ -115,6 +118,10 @@ pub struct Limits {
     pub max_connections: usize,
     /// Whether `/` serves the chat page.
     pub ui: bool,
+    /// Whether the main listener serves `/metrics` (metrics on, no listener of their own).
+    pub metrics_on_main: bool,
+    /// Whether `/metrics` on the main listener needs no API key.
+    pub metrics_public: bool,
 }
 
 impl Default for Limits {
@@ -136,6 +143,8 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(60),
             max_connections: 10_000,
             ui: true,
+            metrics_on_main: false,
+            metrics_public: false,
         }
     }
 }
@@ -207,6 +216,7 @@ pub fn openapi() -> OpenApiDoc {
         limits: Arc::new(Limits::default()),
         auth: Arc::new(auth::Auth::off()),
         rate_limits: Arc::new(ratelimit::RateLimits::off()),
+        metrics: None,
     });
     let mut spec = api_router(&state).split_for_parts().1;
     auth::document(&mut spec);
@@ -273,17 +283,31 @@ pub fn router(state: AppState) -> Router {
     let (limited, keyed) = (state.rate_limits.is_on(), state.auth.is_on());
     let (auth, rate_limits) = (Arc::clone(&state.auth), Arc::clone(&state.rate_limits));
     let ui = if state.limits.ui { ui::router() } else { Router::new() };
+    let scrape = match &state.metrics {
+        Some(metrics) if state.limits.metrics_on_main => observe::metrics_router(
+            Arc::clone(metrics),
+            (!state.limits.metrics_public).then(|| Arc::clone(&state.auth)),
+        ),
+        _ => Router::new(),
+    };
+    let observed = state.metrics.clone();
     let mut app = api
+        .route_layer(axum::middleware::from_fn(observe::tag_route))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))
         .merge(ui)
         .fallback(middleware::not_found)
         .method_not_allowed_fallback(middleware::method_not_allowed)
-        .with_state(state);
+        .with_state(state)
+        .merge(scrape);
     if limited {
         app = app.layer(axum::middleware::from_fn_with_state(rate_limits, ratelimit::enforce));
     }
     if limited || keyed {
         app = app.layer(axum::middleware::from_fn_with_state(auth, auth::authenticate));
+    }
+    if let Some(metrics) = observed {
+        // Outside authentication and rate limits: their 401s and 429s are counted too.
+        app = app.layer(axum::middleware::from_fn_with_state(metrics, observe::observe));
     }
     // Before authentication and everything else that reads the head.
     app.layer(axum::middleware::from_fn(middleware::check_head)).layer(layers)

@@ -4,6 +4,7 @@
 //! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
 
 pub mod contract;
+pub mod instrumented;
 pub mod memory;
 pub mod pgpool;
 pub mod postgres;

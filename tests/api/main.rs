@@ -48,6 +48,7 @@ mod history;
 mod integrity;
 mod lifecycle;
 mod limits;
+mod metrics;
 mod openai;
 mod raw_http;
 mod safety;
