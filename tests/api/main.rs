@@ -57,6 +57,7 @@ mod startup;
 mod store_memory;
 mod store_postgres;
 mod store_redis;
+mod store_sqlite;
 mod streaming;
 mod tenancy;
 mod tools_http;
