@@ -29,6 +29,14 @@ macro_rules! for_each_backend {
                 }
             )+
         }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::helpers::Backend::Sqlite).await
+                }
+            )+
+        }
     };
 }
 
