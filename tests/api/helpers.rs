@@ -82,6 +82,18 @@ pub fn fresh_sqlite_path() -> std::path::PathBuf {
     dir.join("parley.db")
 }
 
+/// A SQLite store on this file.
+pub async fn sqlite_store_at(path: &std::path::Path) -> SqliteStore {
+    let options = SqliteOptions {
+        path: path.to_owned(),
+        readers: 2,
+        max_messages: None,
+        ttl: None,
+        op_timeout: std::time::Duration::from_secs(10),
+    };
+    SqliteStore::open(options).await.expect("open the SQLite store")
+}
+
 /// A SQLite store on a fresh file.
 pub async fn sqlite_store(max_messages: Option<usize>, ttl: Option<std::time::Duration>) -> Arc<SqliteStore> {
     let options = SqliteOptions {
