@@ -191,3 +191,28 @@ mod failures {
         assert_eq!(store.last_n("t", "s", 10).await.unwrap().len(), 2);
     }
 }
+
+/// Over HTTP, a full disk answers 503 `store_unavailable` and stores no part of the turn; once
+/// there is room again, the same request works and the history holds that one turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_store_unavailable_and_stores_no_part_of_the_turn() {
+    use crate::helpers::{Spawn, spawn_app_with};
+
+    let store = sqlite_store(None, None).await;
+    let app = spawn_app_with(Spawn { store: Some(store.clone()), ..Spawn::default() }).await;
+    app.create_session("s").await;
+    let pages: i64 = sqlx::query_scalar("pragma page_count").fetch_one(store.writer()).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("pragma max_page_count = {pages}")))
+        .execute(store.writer())
+        .await
+        .unwrap();
+    let big = "z".repeat(30 * 1024);
+    let response = app.post_message_raw("s", serde_json::json!({ "content": big })).await;
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "store_unavailable", "{body}");
+    assert!(app.history("s").await.is_empty(), "no part of the turn was stored");
+    sqlx::query("pragma max_page_count = 1073741823").execute(store.writer()).await.unwrap();
+    app.post_message("s", &big).await;
+    assert_eq!(app.history("s").await.len(), 2, "one question, one answer");
+}
