@@ -22,6 +22,7 @@ use crate::store::instrumented::Instrumented;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{DynStore, StoreError};
 use crate::tools::ToolRegistry;
 use crate::tools::http::load_tools_file;
@@ -100,6 +101,7 @@ pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
             store.spawn_purger(SWEEP_EVERY);
             Ok(store)
         }
+        StoreKind::Sqlite => Ok(sqlite_store(config).await?),
         StoreKind::Postgres => Ok(postgres_store(config).await?),
         StoreKind::Redis => {
             let store = RedisStore::new(RedisOptions::from_config(&config.store))?;
@@ -107,6 +109,24 @@ pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
             Ok(Arc::new(store))
         }
     }
+}
+
+/// The SQLite store, opened and migrated: a file parley cannot use (another parley holds it, it
+/// is read-only, not a database or corrupt) stops start-up with a message naming it.
+async fn sqlite_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
+    let store = &config.store;
+    let options = SqliteOptions {
+        path: store.sqlite_path.clone(),
+        readers: store.sqlite_readers,
+        max_messages: Some(store.max_messages).filter(|&m| m > 0),
+        ttl: store.session_ttl,
+        op_timeout: store.store_timeout,
+    };
+    let store = Arc::new(SqliteStore::open(options).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    tracing::info!(path = %config.store.sqlite_path.display(), "sqlite store ready");
+    // Always: idempotency keys expire whether or not sessions do.
+    store.spawn_ttl_sweeper(SWEEP_EVERY);
+    Ok(store)
 }
 
 fn pg_options(config: &Config) -> PgOptions {

@@ -84,6 +84,8 @@ pub enum LimiterKind {
 /// Which conversation store to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum StoreKind {
+    /// A SQLite file (`PARLEY_SQLITE_PATH`): one replica, durable. The default.
+    Sqlite,
     /// In-process memory: one replica, nothing survives a restart.
     Memory,
     /// Redis, shared by replicas.
@@ -340,7 +342,7 @@ pub struct HttpConfig {
 #[derive(Clone, Args)]
 pub struct StoreConfig {
     /// Which store keeps the history.
-    #[arg(long = "store", env = "PARLEY_STORE", value_enum, default_value = "memory")]
+    #[arg(long = "store", env = "PARLEY_STORE", value_enum, default_value = "sqlite")]
     pub kind: StoreKind,
     /// Declares that several replicas share state; refuses to start with a non-distributed store.
     #[arg(long, env = "PARLEY_DISTRIBUTED", default_value_t = false, action = clap::ArgAction::Set)]
@@ -348,10 +350,16 @@ pub struct StoreConfig {
     /// Memory store: most messages kept per session (the oldest go first).
     #[arg(long, env = "PARLEY_MEMORY_MAX_MESSAGES", default_value_t = 10_000)]
     pub memory_max_messages: usize,
-    /// Redis and PostgreSQL: most messages kept per session (the oldest go first); 0 keeps all.
+    /// SQLite: the database file (created if missing, with its `-wal`, `-shm` and `.lock` files).
+    #[arg(long, env = "PARLEY_SQLITE_PATH", default_value = "parley.db")]
+    pub sqlite_path: std::path::PathBuf,
+    /// SQLite: read-only connections beside the one writer.
+    #[arg(long, env = "PARLEY_SQLITE_READERS", default_value_t = 4)]
+    pub sqlite_readers: u32,
+    /// SQLite, Redis and PostgreSQL: most messages kept per session (the oldest go first); 0 keeps all.
     #[arg(long, env = "PARLEY_STORE_MAX_MESSAGES", default_value_t = 0)]
     pub max_messages: usize,
-    /// Redis and PostgreSQL: sessions idle this long expire (sliding on each write); off when unset.
+    /// SQLite, Redis and PostgreSQL: sessions idle this long expire (sliding on each write); off when unset.
     #[arg(long, env = "PARLEY_SESSION_TTL", value_parser = parse_duration)]
     pub session_ttl: Option<Duration>,
     /// Timeout of one store operation.
@@ -422,6 +430,8 @@ impl std::fmt::Debug for StoreConfig {
             kind,
             distributed,
             memory_max_messages,
+            sqlite_path,
+            sqlite_readers,
             max_messages,
             session_ttl,
             store_timeout,
@@ -436,6 +446,8 @@ impl std::fmt::Debug for StoreConfig {
             .field("kind", kind)
             .field("distributed", distributed)
             .field("memory_max_messages", memory_max_messages)
+            .field("sqlite_path", sqlite_path)
+            .field("sqlite_readers", sqlite_readers)
             .field("max_messages", max_messages)
             .field("session_ttl", session_ttl)
             .field("store_timeout", store_timeout)
@@ -489,13 +501,13 @@ impl Config {
 
     /// Checks settings that depend on each other; the message names the fix.
     pub fn validate(&self) -> Result<(), String> {
-        if self.store.distributed && self.store.kind == StoreKind::Memory {
-            return Err(
-                "PARLEY_DISTRIBUTED=true but PARLEY_STORE=memory: the memory store cannot be shared \
+        if self.store.distributed && matches!(self.store.kind, StoreKind::Memory | StoreKind::Sqlite) {
+            let kind = if self.store.kind == StoreKind::Memory { "memory" } else { "sqlite" };
+            return Err(format!(
+                "PARLEY_DISTRIBUTED=true but PARLEY_STORE={kind}: the {kind} store cannot be shared \
                  by several replicas. Set PARLEY_STORE=redis (with REDIS_URL) or PARLEY_STORE=postgres \
                  (with DATABASE_URL), or run a single replica with PARLEY_DISTRIBUTED=false."
-                    .to_owned(),
-            );
+            ));
         }
         if self.agent.history_size == 0 {
             return Err("PARLEY_HISTORY_SIZE must be at least 1".to_owned());
@@ -586,7 +598,8 @@ mod tests {
     fn defaults_are_the_embedded_ones() {
         let c = parse(&[]);
         assert_eq!(c.addr.to_string(), "127.0.0.1:8080");
-        assert_eq!(c.store.kind, StoreKind::Memory);
+        assert_eq!(c.store.kind, StoreKind::Sqlite);
+        assert_eq!(c.store.sqlite_path, std::path::PathBuf::from("parley.db"));
         assert_eq!(c.model.provider, ModelProvider::Echo);
         assert_eq!(c.agent.history_size, 20);
         assert_eq!(c.agent.max_content_bytes, 32 * 1024);
@@ -595,9 +608,14 @@ mod tests {
 
     #[test]
     fn a_distributed_memory_store_is_refused_with_the_fix() {
-        let c = parse(&["--distributed", "true"]);
-        let err = c.validate().unwrap_err();
-        assert!(err.contains("PARLEY_STORE=redis"), "{err}");
+        for (args, kind) in [
+            (&["--distributed", "true"][..], "sqlite"),
+            (&["--distributed", "true", "--store", "memory"][..], "memory"),
+        ] {
+            let err = parse(args).validate().unwrap_err();
+            assert!(err.contains("PARLEY_STORE=redis") && err.contains("PARLEY_STORE=postgres"), "{err}");
+            assert!(err.contains(&format!("PARLEY_STORE={kind}:")), "{err}");
+        }
         assert!(parse(&["--distributed", "true", "--store", "redis"]).validate().is_ok());
     }
 

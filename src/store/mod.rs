@@ -1,6 +1,7 @@
 //! The conversation store: the trait every backend implements, its query types and errors.
 //!
-//! Backends: [`memory`] (the default, one process), [`redis`] and [`postgres`] (shared by replicas).
+//! Backends: [`sqlite`] (the default: one process, durable), [`memory`] (one process, nothing
+//! survives a restart), [`redis`] and [`postgres`] (shared by replicas).
 //! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
 
 pub mod contract;
@@ -9,6 +10,7 @@ pub mod memory;
 pub mod pgpool;
 pub mod postgres;
 pub mod redis;
+pub mod sqlite;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -252,7 +254,7 @@ pub enum IdempotencyBegin {
 /// never reused, even after `clear` or trimming; reads of a page or of the last N cost O(page).
 #[async_trait]
 pub trait ConversationStore: Send + Sync + 'static {
-    /// Short backend name for logs and `/readyz` (`memory`, `redis`, `postgres`).
+    /// Short backend name for logs and `/readyz` (`sqlite`, `memory`, `redis`, `postgres`).
     fn backend(&self) -> &'static str;
 
     /// Whether several parley replicas can share this store.

@@ -12,6 +12,7 @@ use parley::store::DynStore;
 use parley::store::memory::MemoryStore;
 use parley::store::postgres::{PgOptions, PgStore};
 use parley::store::redis::{RedisOptions, RedisStore};
+use parley::store::sqlite::{SqliteOptions, SqliteStore};
 use parley::tools::ToolRegistry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -58,6 +59,51 @@ pub enum Backend {
     Redis,
     /// PostgreSQL, on a fresh schema (needs `DATABASE_URL`).
     Postgres,
+    /// SQLite, on a fresh database file ([`fresh_sqlite_path`]).
+    Sqlite,
+}
+
+/// A fresh database file path in its own folder under the test binary's temporary folder
+/// (`CARGO_TARGET_TMPDIR`). Folders older than ten minutes (earlier runs') are removed first, so
+/// no running test loses its file.
+pub fn fresh_sqlite_path() -> std::path::PathBuf {
+    static SWEPT: std::sync::Once = std::sync::Once::new();
+    let root = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("sqlite");
+    SWEPT.call_once(|| {
+        let old = std::time::SystemTime::now() - std::time::Duration::from_secs(600);
+        for entry in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+            if entry.metadata().and_then(|m| m.modified()).is_ok_and(|t| t < old) {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    });
+    let dir = root.join(unique_name("db"));
+    std::fs::create_dir_all(&dir).expect("create the test database folder");
+    dir.join("parley.db")
+}
+
+/// A SQLite store on this file.
+pub async fn sqlite_store_at(path: &std::path::Path) -> SqliteStore {
+    let options = SqliteOptions {
+        path: path.to_owned(),
+        readers: 2,
+        max_messages: None,
+        ttl: None,
+        op_timeout: std::time::Duration::from_secs(10),
+    };
+    SqliteStore::open(options).await.expect("open the SQLite store")
+}
+
+/// A SQLite store on a fresh file.
+pub async fn sqlite_store(max_messages: Option<usize>, ttl: Option<std::time::Duration>) -> Arc<SqliteStore> {
+    let options = SqliteOptions {
+        path: fresh_sqlite_path(),
+        readers: 4,
+        max_messages,
+        ttl,
+        op_timeout: std::time::Duration::from_secs(10),
+    };
+    Arc::new(SqliteStore::open(options).await.expect("open the SQLite store"))
 }
 
 impl Backend {
@@ -85,6 +131,7 @@ impl Backend {
                 store.migrate().await.expect("migrate");
                 Arc::new(store)
             }
+            Backend::Sqlite => sqlite_store(Some(config.store.max_messages).filter(|&m| m > 0), None).await,
         }
     }
 }
@@ -97,7 +144,7 @@ impl Backend {
             Backend::Redis => {
                 vec!["--store".into(), "redis".into(), "--redis-prefix".into(), unique_name("parley_test_rl")]
             }
-            Backend::Memory | Backend::Postgres => Vec::new(),
+            Backend::Memory | Backend::Postgres | Backend::Sqlite => Vec::new(),
         }
     }
 }

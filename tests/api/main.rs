@@ -29,6 +29,14 @@ macro_rules! for_each_backend {
                 }
             )+
         }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    super::$case(crate::helpers::Backend::Sqlite).await
+                }
+            )+
+        }
     };
 }
 
@@ -58,6 +66,7 @@ mod startup;
 mod store_memory;
 mod store_postgres;
 mod store_redis;
+mod store_sqlite;
 mod streaming;
 mod tenancy;
 mod tools_http;

@@ -281,7 +281,11 @@ impl ParleyProcess {
     async fn spawn(env: &[(&str, String)], log: Option<PathBuf>) -> Self {
         let port = free_port();
         let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
-        command.env("PARLEY_ADDR", format!("127.0.0.1:{port}")).env("PARLEY_LOG", "warn");
+        // The memory store unless `env` says otherwise: no run leaves a `parley.db` behind.
+        command
+            .env("PARLEY_ADDR", format!("127.0.0.1:{port}"))
+            .env("PARLEY_LOG", "warn")
+            .env("PARLEY_STORE", "memory");
         for (key, value) in env {
             command.env(key, value);
         }

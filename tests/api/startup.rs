@@ -11,10 +11,11 @@ use tokio::process::{Child, Command};
 use crate::auth::KeysFile;
 use crate::helpers::{install_crypto, unique_name};
 
-/// The `parley` binary with an empty environment plus these variables.
+/// The `parley` binary with an empty environment plus these variables (on the memory store unless
+/// they say otherwise, so that no run leaves a `parley.db` in the repository).
 fn parley(env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_parley"));
-    command.env_clear().envs(env.iter().copied()).kill_on_drop(true);
+    command.env_clear().env("PARLEY_STORE", "memory").envs(env.iter().copied()).kill_on_drop(true);
     command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
     command
 }
@@ -290,4 +291,58 @@ async fn an_unreachable_postgres_is_retried_at_start_up_and_each_failure_is_logg
         .map(|e| e["fields"]["attempt"].clone())
         .collect();
     assert_eq!(&attempts[..2], &[Value::from(2), Value::from(3)], "{logs}");
+}
+
+/// The SQLite store (the default) keeps a conversation across a restart of the binary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_keeps_history_across_a_restart_of_the_binary() {
+    use crate::servers::ParleyProcess;
+    let path = crate::helpers::fresh_sqlite_path();
+    // ParleyProcess runs the memory store unless told: name the default explicitly.
+    let env = [("PARLEY_STORE", "sqlite".to_owned()), ("PARLEY_SQLITE_PATH", path.display().to_string())];
+    let first = ParleyProcess::start(&env).await;
+    let client = reqwest::Client::new();
+    let created = client
+        .post(format!("{}/v1/sessions", first.base))
+        .json(&serde_json::json!({"id": "kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let turn = client
+        .post(format!("{}/v1/sessions/kept/messages", first.base))
+        .json(&serde_json::json!({"content": "remember me"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(turn.status().is_success(), "{}", turn.status());
+    assert!(first.terminate(), "a clean exit");
+    let second = ParleyProcess::start(&env).await;
+    let page: Value = client
+        .get(format!("{}/v1/sessions/kept/messages", second.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let texts: Vec<&str> =
+        page["data"].as_array().unwrap().iter().map(|m| m["content"].as_str().unwrap()).collect();
+    assert_eq!(texts.first(), Some(&"remember me"), "{page}");
+    assert_eq!(texts.len(), 2, "the question and its answer: {page}");
+}
+
+/// A SQLite file another parley holds, and a distributed deployment on SQLite, refuse to start
+/// with a message naming the fix.
+#[tokio::test]
+async fn sqlite_refuses_a_file_in_use_and_a_distributed_deployment() {
+    let path = crate::helpers::fresh_sqlite_path();
+    let held = crate::helpers::sqlite_store_at(&path).await;
+    let shown = path.display().to_string();
+    let env = [("PARLEY_STORE", "sqlite"), ("PARLEY_SQLITE_PATH", shown.as_str())];
+    refuses_to_start(&env, &["in use by another parley", &shown, "PARLEY_SQLITE_PATH"]).await;
+    drop(held);
+    let env =
+        [("PARLEY_STORE", "sqlite"), ("PARLEY_SQLITE_PATH", shown.as_str()), ("PARLEY_DISTRIBUTED", "true")];
+    refuses_to_start(&env, &["PARLEY_STORE=sqlite", "PARLEY_STORE=redis", "PARLEY_STORE=postgres"]).await;
 }

@@ -146,6 +146,7 @@ fn check_loopback(url: &str) -> anyhow::Result<()> {
 fn store_name(kind: StoreKind) -> &'static str {
     match kind {
         StoreKind::Memory => "memory",
+        StoreKind::Sqlite => "sqlite",
         StoreKind::Redis => "redis",
         StoreKind::Postgres => "postgres",
     }
@@ -268,6 +269,7 @@ async fn build_floor(
 ) -> anyhow::Result<Floor> {
     let a = &ctx.args;
     match kind {
+        StoreKind::Sqlite => bail!("the bench has no SQLite figures yet (no floor for it)"),
         StoreKind::Memory => {
             fig.floor_kind = "bare axum: parse the same JSON, answer as many bytes (2a)".into();
             let args = [
@@ -440,7 +442,7 @@ async fn child_json<T: DeserializeOwned>(
 /// Drops what the run stored: the Redis keys under the run's prefix, the run's schema.
 async fn cleanup(ctx: &Ctx, kind: StoreKind) {
     let result = match kind {
-        StoreKind::Memory => Ok(()),
+        StoreKind::Memory | StoreKind::Sqlite => Ok(()),
         StoreKind::Redis => drop_redis_keys(&ctx.args.redis_url, &ctx.tag).await,
         StoreKind::Postgres => drop_schema(&ctx.args.database_url, &ctx.tag).await,
     };
