@@ -207,11 +207,7 @@ pub async fn cancel_and_wait(state: &AppState, tenant: &str, id: &str, turn_id: 
     let local = state.agent.registry().cancel(tenant, id, turn_id);
     // A turn running on another replica sees the request at its next lease renewal (≤ 1 s).
     if !local
-        && !state
-            .store
-            .request_cancel(tenant, id, turn_id)
-            .await
-            .map_err(|e| AppError::from_store(e, id))?
+        && !state.store.request_cancel(tenant, id, turn_id).await.map_err(|e| AppError::from_store(e, id))?
     {
         let turn = read_turn(state, tenant, id, turn_id).await?;
         return Err(AppError::TurnFinished(turn.id));
