@@ -321,6 +321,10 @@ impl IntoResponse for AppError {
             AppError::RateLimited { retry_after_secs, .. } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs.max(1)));
             }
+            AppError::TurnInProgress(_) => {
+                // Generated SDKs retry 409s by default; this one only clears when the turn ends.
+                headers.insert("x-should-retry", HeaderValue::from_static("false"));
+            }
             _ => {}
         }
         response

@@ -4,12 +4,15 @@
 //! - [`window`]: the history window that never separates a tool call from its results.
 //! - [`events`]: the typed events streamed to clients, and the turn result.
 //! - [`registry`]: the turns running in this process (one per session, cancellable).
+//! - [`clients`]: what the chat-client dialects need: sessions made on first use, messages found
+//!   by a client's ids, the last turn, the running turn.
 //!
 //! A turn runs in its own task: a client that disconnects does not stop it. Messages are appended
 //! in one atomic batch when the turn completes (or, with save-on-iteration, one batch per tool
 //! round and one at the end); a turn that fails appends nothing more and records why.
 
 pub mod claim;
+pub mod clients;
 pub mod events;
 pub mod feed;
 pub mod history;

@@ -124,7 +124,8 @@ impl<S: Send + Sync> FromRequestParts<S> for TurnHeaders {
     }
 }
 
-fn validate_content(state: &AppState, content: &str) -> Result<()> {
+/// 422 for blank content or content with NUL characters, 413 over the content limit.
+pub fn validate_content(state: &AppState, content: &str) -> Result<()> {
     if content.trim().is_empty() {
         return Err(AppError::Validation("content must not be empty".to_owned()));
     }
@@ -209,6 +210,23 @@ pub async fn turn_response(state: &AppState, start: TurnStart, stream: bool) -> 
             Ok(response)
         }
     }
+}
+
+/// A streamed turn's events, however the request was answered (a client dialect renders them
+/// in its own wire format): a started turn's driven by the reader, an attached one's from its
+/// first event, a replayed one's rebuilt from its result.
+pub async fn streamed_events(start: TurnStart) -> Result<futures::stream::BoxStream<'static, TurnEvent>> {
+    use futures::StreamExt;
+    Ok(match start {
+        TurnStart::Started(StartedTurn { feed: Some(feed), outcome, .. }) => {
+            outcome.driving(Box::pin(feed.follow())).boxed()
+        }
+        TurnStart::Attached(feed) => feed.follow().boxed(),
+        TurnStart::Started(started) => {
+            futures::stream::iter(TurnEvent::replay(&started.outcome.await?)).boxed()
+        }
+        TurnStart::Replayed(result) => futures::stream::iter(TurnEvent::replay(&result)).boxed(),
+    })
 }
 
 /// The `Idempotency-Key` header: 1 to 255 visible ASCII characters.

@@ -9,7 +9,11 @@
 //! - [`auth`], [`ratelimit`], [`bounds`]: API keys and tenants, rate limits per key, bounds on
 //!   client input.
 //! - [`ui`]: the chat page at `/` (outside the OpenAPI document).
+//! - [`ai_sdk`], [`ag_ui`]: the chat-client dialects (the Vercel AI SDK's UI message stream, and
+//!   AG-UI), each a rendering of the same turn events for a published client.
 
+pub mod ag_ui;
+pub mod ai_sdk;
 pub mod auth;
 pub mod bounds;
 pub mod extract;
@@ -189,6 +193,7 @@ impl Limits {
         (name = "messages", description = "Post turns and read history"),
         (name = "turns", description = "Turn records and cancellation"),
         (name = "health", description = "Liveness and readiness"),
+        (name = "clients", description = "Chat-client dialects: the Vercel AI SDK's UI message stream (`useChat`) and AG-UI (`HttpAgent`)"),
     )
 )]
 struct ApiDoc;
@@ -199,8 +204,13 @@ fn api_router(state: &AppState) -> OpenApiRouter<AppState> {
         .merge(messages::router())
         .merge(turns::router())
         .merge(health::router())
+        .merge(ai_sdk::router())
         .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, state.limits.request_timeout));
-    OpenApiRouter::with_openapi(ApiDoc::openapi()).merge(timed).merge(messages::turn_router())
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(timed)
+        .merge(messages::turn_router())
+        .merge(ai_sdk::stream_router())
+        .merge(ag_ui::router())
 }
 
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
@@ -243,6 +253,7 @@ fn cors(origins: &[String], credentials: bool) -> CorsLayer {
             HeaderName::from_static("x-request-id"),
             header::RETRY_AFTER,
             header::WWW_AUTHENTICATE,
+            HeaderName::from_static("x-should-retry"),
             HeaderName::from_static("ratelimit-limit"),
             HeaderName::from_static("ratelimit-remaining"),
             HeaderName::from_static("ratelimit-reset"),

@@ -1,5 +1,6 @@
 //! Rate limits per key: requests per second on `/v1/*`, turns per window and concurrent streams
-//! on `POST /v1/sessions/{id}/messages`.
+//! on `POST /v1/sessions/{id}/messages` and the chat clients' turns (`POST /v1/ai-sdk/chat`,
+//! `POST /v1/ag-ui`; their resume stream holds a stream slot too).
 //!
 //! A request over a limit answers 429 `rate_limited` with `Retry-After` (seconds). Limited
 //! responses carry `RateLimit-Limit`, `RateLimit-Remaining` and `RateLimit-Reset` (seconds until
@@ -173,13 +174,38 @@ fn refuse(detail: String, retry_after_secs: u64, quota: Option<Quota>) -> Respon
     response
 }
 
-/// Whether a request posts a turn: `POST /v1/sessions/{id}/messages`.
+/// Whether a request posts a turn: `POST /v1/sessions/{id}/messages`, or a chat client's
+/// (`POST /v1/ai-sdk/chat`, `POST /v1/ag-ui`, which always stream).
 fn is_turn(request: &Request) -> bool {
     let mut parts = request.uri().path().split('/');
     request.method() == Method::POST
+        && (is_client_turn(request)
+            || matches!(
+                (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
+                (Some(""), Some("v1"), Some("sessions"), Some(_), Some("messages"), None)
+            ))
+}
+
+/// Whether a request posts a chat client's turn, always streamed.
+fn is_client_turn(request: &Request) -> bool {
+    request.method() == Method::POST && matches!(request.uri().path(), "/v1/ai-sdk/chat" | "/v1/ag-ui")
+}
+
+/// Whether a request resumes an AI SDK chat's stream: `GET /v1/ai-sdk/chat/{id}/stream`.
+fn is_resume(request: &Request) -> bool {
+    let mut parts = request.uri().path().split('/');
+    request.method() == Method::GET
         && matches!(
-            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next(), parts.next()),
-            (Some(""), Some("v1"), Some("sessions"), Some(_), Some("messages"), None)
+            (
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next(),
+                parts.next()
+            ),
+            (Some(""), Some("v1"), Some("ai-sdk"), Some("chat"), Some(_), Some("stream"), None)
         )
 }
 
@@ -348,7 +374,9 @@ pub async fn enforce(State(limits): State<Arc<RateLimits>>, request: Request, ne
     };
     // Read before awaiting: a request is not `Sync`, so no reference to it may cross an await.
     let turn = is_turn(&request);
-    let stream = (turn && wants_stream(&request)) || is_follow(&request);
+    let stream = (turn && (wants_stream(&request) || is_client_turn(&request)))
+        || is_follow(&request)
+        || is_resume(&request);
     let id = request.headers().get("x-request-id").cloned();
     let (quota, slot) = match limits.check(limiter, &principal, turn, stream).await {
         Check::Pass(pass) => pass,
@@ -387,6 +415,11 @@ mod tests {
         assert!(!is_turn(&request(Method::GET, "/v1/sessions/s1/messages", None)));
         assert!(!is_turn(&request(Method::POST, "/v1/sessions", None)));
         assert!(!is_turn(&request(Method::POST, "/v1/sessions/s1/messages/x", None)));
+        assert!(is_turn(&request(Method::POST, "/v1/ai-sdk/chat", None)));
+        assert!(is_turn(&request(Method::POST, "/v1/ag-ui", None)));
+        assert!(!is_turn(&request(Method::POST, "/v1/ai-sdk/chat/c/stop", None)));
+        assert!(is_resume(&request(Method::GET, "/v1/ai-sdk/chat/c/stream", None)));
+        assert!(!is_resume(&request(Method::POST, "/v1/ai-sdk/chat/c/stream", None)));
         assert!(is_follow(&request(Method::GET, "/v1/sessions/s1/turns/t/events", None)));
         assert!(!is_follow(&request(Method::GET, "/v1/sessions/s1/turns/t", None)));
         assert!(!is_follow(&request(Method::POST, "/v1/sessions/s1/turns/t/events", None)));

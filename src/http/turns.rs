@@ -39,7 +39,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_turn)).routes(routes!(follow_turn)).routes(routes!(cancel_turn))
 }
 
-async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
+pub async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
     if state.store.get_session(tenant, id).await?.is_none() {
         return Err(AppError::SessionNotFound(id.to_owned()));
     }
@@ -113,7 +113,12 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
 /// The stream ends without a terminal event, which tells the client to reconnect, if this replica
 /// shuts down meanwhile or a read fails (the store is down, the session was deleted): the
 /// reconnection then gets the answer a request gets, from a replica that can give it.
-fn outcome_events(state: AppState, tenant: String, id: String, turn: Turn) -> impl Stream<Item = TurnEvent> {
+pub fn outcome_events(
+    state: AppState,
+    tenant: String,
+    id: String,
+    turn: Turn,
+) -> impl Stream<Item = TurnEvent> {
     futures::stream::once(async move {
         let turn_id = turn.id;
         let ended = async {
@@ -193,24 +198,26 @@ pub async fn cancel_turn(
 ) -> Result<Json<Turn>> {
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
-    let local = state.agent.registry().cancel(&tenant, &id, turn_id);
+    cancel_and_wait(&state, &tenant, &id, turn_id).await.map(Json)
+}
+
+/// Cancels a running turn, here or on another replica, and waits (at most 10 s) until it has
+/// recorded itself as ended; 409 `turn_finished` if it had already ended.
+pub async fn cancel_and_wait(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
+    let local = state.agent.registry().cancel(tenant, id, turn_id);
     // A turn running on another replica sees the request at its next lease renewal (≤ 1 s).
     if !local
-        && !state
-            .store
-            .request_cancel(&tenant, &id, turn_id)
-            .await
-            .map_err(|e| AppError::from_store(e, &id))?
+        && !state.store.request_cancel(tenant, id, turn_id).await.map_err(|e| AppError::from_store(e, id))?
     {
-        let turn = read_turn(&state, &tenant, &id, turn_id).await?;
+        let turn = read_turn(state, tenant, id, turn_id).await?;
         return Err(AppError::TurnFinished(turn.id));
     }
     // The turn saves its partial text and records itself as cancelled; wait for that, boundedly.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let turn = read_turn(&state, &tenant, &id, turn_id).await?;
+        let turn = read_turn(state, tenant, id, turn_id).await?;
         if turn.status != TurnStatus::Running || tokio::time::Instant::now() >= deadline {
-            return Ok(Json(turn));
+            return Ok(turn);
         }
         tokio::time::sleep(Duration::from_millis(if local { 5 } else { 50 })).await;
     }

@@ -42,6 +42,7 @@ macro_rules! for_each_backend {
 
 mod agent_loop;
 mod auth;
+mod clients;
 mod connections;
 mod docs;
 mod durability;
