@@ -67,7 +67,10 @@ async fn dialect_errors_before_the_stream_are_problem_json(backend: Backend) {
     assert_problem(post("/v1/ag-ui", run("bad id!", "m1", json!("hi"))).await, 400, "invalid_request").await;
     let image = json!([{"type": "image", "source": {"type": "url", "value": "https://example.com/a.png"}}]);
     assert_problem(post("/v1/ag-ui", run("t", "m1", image)).await, 422, "validation_failed").await;
-    assert_eq!(post("/v1/ag-ui", run("t", "m1", json!("hi"))).await.status(), 200);
+    let ran = post("/v1/ag-ui", run("t", "m1", json!("hi"))).await;
+    assert_eq!(ran.status(), 200);
+    // Read to its end: the turn is stored (and the session free) once the stream ends.
+    assert!(ran.text().await.unwrap().contains("RUN_FINISHED"));
     assert_problem(post("/v1/ag-ui", run("t", "m1", json!("hi"))).await, 422, "validation_failed").await;
     assert_eq!(app.history("t").await.len(), 2, "the resent message was not stored again");
 }
