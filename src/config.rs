@@ -321,9 +321,11 @@ pub struct HttpConfig {
     /// Serve the chat page at `/` (built into the binary).
     #[arg(long, env = "PARLEY_UI", default_value_t = true, action = clap::ArgAction::Set)]
     pub ui: bool,
-    /// Count requests, turns, model and tool calls and store operations, and export them in the
-    /// Prometheus text format at `/metrics` (or on `PARLEY_METRICS_ADDR`).
-    #[arg(long, env = "PARLEY_METRICS", default_value_t = true, action = clap::ArgAction::Set)]
+    /// Count requests, turns, model and tool calls and store operations, export them in the
+    /// Prometheus text format at `/metrics` (or on `PARLEY_METRICS_ADDR`), and log one line per
+    /// request at `info`. Off by default: on, it costs a measurable share of a memory-store turn
+    /// (bench/README.md).
+    #[arg(long, env = "PARLEY_METRICS", default_value_t = false, action = clap::ArgAction::Set)]
     pub metrics: bool,
     /// Serve `/metrics` on a listener of its own at this address (say, a private interface)
     /// instead of the main one.

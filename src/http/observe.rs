@@ -43,6 +43,8 @@ pub async fn tag_route(request: Request, next: Next) -> Response {
 pub async fn observe(State(metrics): State<DynMetrics>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let method = request.method().as_str().to_owned();
+    // Set on the request by the request-id layer; copied to the response only further out.
+    let request_id = super::middleware::request_id(request.headers()).to_owned();
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let route = match response.extensions().get::<RouteTemplate>() {
@@ -51,7 +53,11 @@ pub async fn observe(State(metrics): State<DynMetrics>, request: Request, next: 
         None => "other",
     }
     .to_owned();
-    let tenant = response.extensions().get::<Tenant>().map_or("", |t| t.0.as_str()).to_owned();
+    let tenant = response
+        .extensions()
+        .get::<Tenant>()
+        .map_or(crate::domain::DEFAULT_TENANT, |t| t.0.as_str())
+        .to_owned();
     let status = response.status().as_u16();
     let streaming = response
         .headers()
@@ -59,7 +65,7 @@ pub async fn observe(State(metrics): State<DynMetrics>, request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
     metrics.http_request(&route, &method, status, &tenant, (!streaming).then_some(elapsed));
-    let request_id = super::middleware::request_id(response.headers());
+    let request_id = request_id.as_str();
     let duration_ms = elapsed.as_secs_f64() * 1000.0;
     tracing::info!(
         target: "parley::http::access",

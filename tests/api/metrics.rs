@@ -28,7 +28,8 @@ async fn scrape(app: &TestApp) -> String {
 /// A scripted workload (JSON and streamed turns, a tool call, a 404, a 409, a failed turn) gives
 /// exactly the expected counts, with route templates and never an id in a label.
 async fn a_workload_gives_exact_counts(backend: Backend) {
-    let app = spawn_app_on(backend, &["--echo-delay-ms", "30", "--turn-timeout", "2s"]).await;
+    let app =
+        spawn_app_on(backend, &["--metrics", "true", "--echo-delay-ms", "30", "--turn-timeout", "2s"]).await;
     app.create_session("m").await;
     app.post_message("m", "hello").await;
     app.stream_turn("m", "streamed").await;
@@ -82,7 +83,7 @@ for_each_backend!(a_workload_gives_exact_counts);
 /// `promtool check metrics` (Debian's `prometheus` package) accepts the scrape.
 #[tokio::test]
 async fn promtool_accepts_the_scrape() {
-    let app = spawn_app(&[]).await;
+    let app = spawn_app(&["--metrics", "true"]).await;
     app.create_session("p").await;
     app.post_message("p", "hello").await;
     app.stream_turn("p", "again").await;
@@ -110,7 +111,8 @@ async fn promtool_accepts_the_scrape() {
 async fn a_real_prometheus_scrapes_parley() {
     crate::helpers::install_crypto();
     let metrics_port = free_port();
-    let env = [("PARLEY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))];
+    let env =
+        [("PARLEY_METRICS", "true".to_owned()), ("PARLEY_METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))];
     let parley = ParleyProcess::start(&env).await;
     let client = reqwest::Client::new();
     let post = |path: &str, body: Value| client.post(format!("{}{path}", parley.base)).json(&body).send();
@@ -154,20 +156,27 @@ async fn a_real_prometheus_scrapes_parley() {
     assert_eq!(answer["data"]["result"][0]["value"][1], "3", "Prometheus saw the three turns: {answer}");
 }
 
-/// With API keys on, `/metrics` needs one unless `PARLEY_METRICS_PUBLIC`; `PARLEY_METRICS=false`
-/// serves none.
+/// With API keys on, `/metrics` needs one unless `PARLEY_METRICS_PUBLIC`; with metrics off (the
+/// default) there is none.
 #[tokio::test]
 async fn who_may_read_the_scrape() {
-    let keyed = spawn_app(&two_tenants().iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let mut args = two_tenants();
+    args.extend(["--metrics".to_owned(), "true".to_owned()]);
+    let keyed = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_eq!(keyed.client.get(keyed.url("/metrics")).send().await.unwrap().status(), 401);
     let with_key = keyed.client.get(keyed.url("/metrics")).bearer_auth(KEY_A).send().await.unwrap();
     assert_eq!(with_key.status(), 200);
-    let mut args = two_tenants();
     args.extend(["--metrics-public".to_owned(), "true".to_owned()]);
     let public = spawn_app(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     assert_eq!(public.client.get(public.url("/metrics")).send().await.unwrap().status(), 200);
     let off = spawn_app(&["--metrics", "false"]).await;
     assert_eq!(off.client.get(off.url("/metrics")).send().await.unwrap().status(), 404);
+    let default = spawn_app(&[]).await;
+    assert_eq!(
+        default.client.get(default.url("/metrics")).send().await.unwrap().status(),
+        404,
+        "off by default"
+    );
 }
 
 /// The Grafana dashboard in `deploy/` is valid JSON and charts only series parley exports.
