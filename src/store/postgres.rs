@@ -293,8 +293,7 @@ impl PgStore {
     }
 
     /// Creates a session in one transaction on `conn` unless the tenant holds `max` live sessions
-    /// or the id is taken. Creations of one tenant take turns on an advisory lock, and each counts
-    /// in a statement after taking it, so it sees every creation before it: none overshoots.
+    /// or the id is taken: [`PgStore::create_holding_on`] with no messages.
     async fn create_within_on(
         &self,
         conn: &mut PgConnection,
@@ -302,33 +301,13 @@ impl PgStore {
         new: &NewSession,
         max: u64,
     ) -> Result<Creation, sqlx::Error> {
-        let mut tx = conn.begin().await?;
-        sqlx::query(LOCK_TENANT_CREATIONS).bind(tenant).execute(&mut *tx).await?;
-        let held: i64 = sqlx::query_scalar(COUNT_SESSIONS).bind(tenant).fetch_one(&mut *tx).await?;
-        if to_u64(held) >= max {
-            tx.rollback().await?;
-            return Ok(Creation::LimitReached);
-        }
-        // An expired session the sweeper has not reached yet gives its id up.
-        sqlx::query(DROP_EXPIRED).bind(tenant).bind(&new.id).execute(&mut *tx).await?;
-        let row = sqlx::query(CREATE_SESSION_IF_ABSENT)
-            .bind(tenant)
-            .bind(&new.id)
-            .bind(new.system_prompt.as_deref())
-            .bind(json_text(&new.metadata))
-            .bind(self.ttl_micros)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(Creation::Exists);
-        };
-        tx.commit().await?;
-        Ok(Creation::Created(row))
+        self.create_holding_on(conn, tenant, new, &[], max).await
     }
 
-    /// Creates a session holding `messages` (seqs from 1) in one transaction on `conn`, under the
-    /// tenant's creation lock as [`PgStore::create_within_on`].
+    /// Creates a session holding `messages` (seqs from 1) in one transaction on `conn`, unless the
+    /// tenant holds `max` live sessions or the id is taken. Creations of one tenant take turns on
+    /// an advisory lock, and each counts in a statement after taking it, so it sees every creation
+    /// before it: none overshoots.
     async fn create_holding_on(
         &self,
         conn: &mut PgConnection,
@@ -361,22 +340,24 @@ impl PgStore {
             tx.rollback().await?;
             return Ok(Creation::Exists);
         };
-        let cols = Columns::of(messages);
-        sqlx::query(INSERT_MESSAGES)
-            .bind(tenant)
-            .bind(&new.id)
-            .bind(n - kept)
-            .bind(&cols.ids)
-            .bind(&cols.turn_ids)
-            .bind(&cols.roles)
-            .bind(&cols.contents)
-            .bind(&cols.metadata)
-            .bind(&cols.tool_calls)
-            .bind(&cols.tool_call_ids)
-            .bind(&cols.names)
-            .bind(&cols.created_at)
-            .execute(&mut *tx)
-            .await?;
+        if !messages.is_empty() {
+            let cols = Columns::of(messages);
+            sqlx::query(INSERT_MESSAGES)
+                .bind(tenant)
+                .bind(&new.id)
+                .bind(n - kept)
+                .bind(&cols.ids)
+                .bind(&cols.turn_ids)
+                .bind(&cols.roles)
+                .bind(&cols.contents)
+                .bind(&cols.metadata)
+                .bind(&cols.tool_calls)
+                .bind(&cols.tool_call_ids)
+                .bind(&cols.names)
+                .bind(&cols.created_at)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(Creation::Created(row))
     }
@@ -885,13 +866,6 @@ pub mod sql {
     pub const CREATE_SESSION: &str = "insert into sessions \
          (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, expires_at) \
          values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
-         returning id, created_at, updated_at, system_prompt, metadata, message_count";
-
-    /// [`CREATE_SESSION`] that creates nothing (and returns no row) when the id is taken.
-    pub const CREATE_SESSION_IF_ABSENT: &str = "insert into sessions \
-         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, expires_at) \
-         values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
-         on conflict (tenant, id) do nothing \
          returning id, created_at, updated_at, system_prompt, metadata, message_count";
 
     /// Serialises a tenant's capped session creations until the transaction ends. Binds: tenant.
