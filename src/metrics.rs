@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder, prometheus_text};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -15,8 +15,80 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
 
-/// Labels, as `(name, value)` pairs.
-type Labels = Vec<(&'static str, String)>;
+/// The labels of each family, typed: a key is built without formatting, and fixed values are
+/// `&'static str`, so counting costs a hash and a read lock, not a string per label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    route: String,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    route: String,
+    method: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    model: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToolLabels {
+    tool: String,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ToolNameLabels {
+    tool: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StoreLabels {
+    backend: &'static str,
+    op: &'static str,
+}
+
+/// The `tenant` label, present only with `PARLEY_METRICS_TENANT_LABEL`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct TenantLabel(Option<String>);
+
+impl EncodeLabelSet for TenantLabel {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        match &self.0 {
+            Some(tenant) => [("tenant", tenant.as_str())].encode(encoder),
+            None => Ok(()),
+        }
+    }
+}
+
+/// An HTTP method as a fixed label value (`OTHER` for extension methods: bounded).
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "HEAD" => "HEAD",
+        "OPTIONS" => "OPTIONS",
+        _ => "OTHER",
+    }
+}
 
 /// Sub-millisecond to seconds: HTTP requests and store operations.
 const FAST: [f64; 14] =
@@ -25,7 +97,7 @@ const FAST: [f64; 14] =
 /// Tens of milliseconds to minutes: turns and model calls.
 const SLOW: [f64; 14] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0];
 
-type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+type Histograms<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn fast() -> Histogram {
     Histogram::new(FAST.iter().copied())
@@ -40,17 +112,17 @@ pub struct Metrics {
     registry: Registry,
     /// Whether `tenant` labels are added (`PARLEY_METRICS_TENANT_LABEL`).
     tenant_label: bool,
-    http_requests: Family<Labels, Counter>,
-    http_duration: Histograms,
-    turns: Family<Labels, Counter>,
-    turn_duration: Histograms,
-    model_first_token: Histograms,
-    model_duration: Histograms,
-    model_tokens: Family<Labels, Counter>,
-    tool_calls: Family<Labels, Counter>,
-    tool_duration: Histograms,
-    store_duration: Histograms,
-    store_errors: Family<Labels, Counter>,
+    http_requests: Family<(HttpLabels, TenantLabel), Counter>,
+    http_duration: Histograms<RouteLabels>,
+    turns: Family<(OutcomeLabels, TenantLabel), Counter>,
+    turn_duration: Histogram,
+    model_first_token: Histograms<ModelLabels>,
+    model_duration: Histograms<ModelLabels>,
+    model_tokens: Family<TokenLabels, Counter>,
+    tool_calls: Family<ToolLabels, Counter>,
+    tool_duration: Histograms<ToolNameLabels>,
+    store_duration: Histograms<StoreLabels>,
+    store_errors: Family<StoreLabels, Counter>,
     open_streams: Gauge,
     running_turns: Gauge,
     turn_conflicts: Counter,
@@ -77,7 +149,7 @@ impl Metrics {
             http_requests: Family::default(),
             http_duration: Family::new_with_constructor(fast as fn() -> Histogram),
             turns: Family::default(),
-            turn_duration: Family::new_with_constructor(slow as fn() -> Histogram),
+            turn_duration: slow(),
             model_first_token: Family::new_with_constructor(slow as fn() -> Histogram),
             model_duration: Family::new_with_constructor(slow as fn() -> Histogram),
             model_tokens: Family::default(),
@@ -186,11 +258,8 @@ impl Metrics {
     /// The content type of [`Metrics::render`].
     pub const CONTENT_TYPE: &'static str = prometheus_text::CONTENT_TYPE;
 
-    fn with_tenant(&self, mut labels: Labels, tenant: &str) -> Labels {
-        if self.tenant_label {
-            labels.push(("tenant", tenant.to_owned()));
-        }
-        labels
+    fn tenant(&self, tenant: &str) -> TenantLabel {
+        TenantLabel(self.tenant_label.then(|| tenant.to_owned()))
     }
 
     /// One HTTP request ended: `duration` is `None` for a streamed answer.
@@ -202,12 +271,12 @@ impl Metrics {
         tenant: &str,
         duration: Option<Duration>,
     ) {
-        let labels = vec![("route", route.to_owned()), ("method", method.to_owned())];
-        let mut counted = labels.clone();
-        counted.push(("status", status.to_string()));
-        self.http_requests.get_or_create(&self.with_tenant(counted, tenant)).inc();
+        let method = method_label(method);
+        let counted = HttpLabels { route: route.to_owned(), method, status };
+        self.http_requests.get_or_create(&(counted, self.tenant(tenant))).inc();
         if let Some(d) = duration {
-            self.http_duration.get_or_create(&labels).observe(d.as_secs_f64());
+            let timed = RouteLabels { route: route.to_owned(), method };
+            self.http_duration.get_or_create(&timed).observe(d.as_secs_f64());
         }
         if status == 429 {
             self.rate_limited.inc();
@@ -216,13 +285,13 @@ impl Metrics {
 
     /// A turn ended with this outcome after `duration`.
     pub fn turn_ended(&self, outcome: &'static str, tenant: &str, duration: Duration) {
-        self.turns.get_or_create(&self.with_tenant(vec![("outcome", outcome.to_owned())], tenant)).inc();
-        self.turn_duration.get_or_create(&Vec::new()).observe(duration.as_secs_f64());
+        self.turns.get_or_create(&(OutcomeLabels { outcome }, self.tenant(tenant))).inc();
+        self.turn_duration.observe(duration.as_secs_f64());
     }
 
     /// A model request ended (its first text came after `first_token`, if any came).
     pub fn model_request(&self, model: &str, first_token: Option<Duration>, duration: Duration) {
-        let labels = vec![("model", model.to_owned())];
+        let labels = ModelLabels { model: model.to_owned() };
         if let Some(first) = first_token {
             self.model_first_token.get_or_create(&labels).observe(first.as_secs_f64());
         }
@@ -232,24 +301,22 @@ impl Metrics {
     /// Tokens the model reported for one request.
     pub fn model_tokens(&self, model: &str, prompt: u64, completion: u64) {
         for (kind, n) in [("prompt", prompt), ("completion", completion)] {
-            self.model_tokens
-                .get_or_create(&vec![("model", model.to_owned()), ("kind", kind.to_owned())])
-                .inc_by(n);
+            self.model_tokens.get_or_create(&TokenLabels { model: model.to_owned(), kind }).inc_by(n);
         }
     }
 
     /// One tool call ended.
     pub fn tool_call(&self, tool: &str, ok: bool, duration: Duration) {
         let outcome = if ok { "ok" } else { "error" };
-        self.tool_calls
-            .get_or_create(&vec![("tool", tool.to_owned()), ("outcome", outcome.to_owned())])
-            .inc();
-        self.tool_duration.get_or_create(&vec![("tool", tool.to_owned())]).observe(duration.as_secs_f64());
+        self.tool_calls.get_or_create(&ToolLabels { tool: tool.to_owned(), outcome }).inc();
+        self.tool_duration
+            .get_or_create(&ToolNameLabels { tool: tool.to_owned() })
+            .observe(duration.as_secs_f64());
     }
 
     /// One store operation ended.
     pub fn store_operation(&self, backend: &'static str, op: &'static str, ok: bool, duration: Duration) {
-        let labels = vec![("backend", backend.to_owned()), ("op", op.to_owned())];
+        let labels = StoreLabels { backend, op };
         self.store_duration.get_or_create(&labels).observe(duration.as_secs_f64());
         if !ok {
             self.store_errors.get_or_create(&labels).inc();

@@ -122,6 +122,17 @@ pub enum TurnStart {
     Attached(Arc<TurnFeed>),
 }
 
+impl TurnStart {
+    /// The turn's id, when it is known without waiting (not for an attached stream's).
+    pub fn turn_id(&self) -> Option<Uuid> {
+        match self {
+            TurnStart::Started(started) => Some(started.turn_id),
+            TurnStart::Replayed(result) => Some(result.turn_id),
+            TurnStart::Attached(_) => None,
+        }
+    }
+}
+
 /// A turn that has started: its events as they happen, and its outcome.
 #[derive(Debug)]
 pub struct StartedTurn {

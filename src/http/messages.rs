@@ -184,19 +184,20 @@ pub async fn post_message(
 
 /// Renders how a turn request was answered: the turn's events (SSE) or its result (JSON).
 pub async fn turn_response(state: &AppState, start: TurnStart, stream: bool) -> Result<Response> {
-    match start {
+    let turn_id = start.turn_id();
+    let mut response = match start {
         TurnStart::Started(StartedTurn { feed: Some(feed), outcome, .. }) if stream => {
             let events = outcome.driving(Box::pin(feed.follow()));
-            Ok(sse::turn_stream(events, state.limits.sse_keepalive).into_response())
+            sse::turn_stream(events, state.limits.sse_keepalive).into_response()
         }
         TurnStart::Attached(feed) => {
             let mut response = sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response();
             response
                 .headers_mut()
                 .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
-            Ok(response)
+            response
         }
-        TurnStart::Started(started) => Ok(Json(started.outcome.await?).into_response()),
+        TurnStart::Started(started) => Json(started.outcome.await?).into_response(),
         TurnStart::Replayed(result) => {
             let mut response = if stream {
                 let events = futures::stream::iter(TurnEvent::replay(&result));
@@ -207,9 +208,13 @@ pub async fn turn_response(state: &AppState, start: TurnStart, stream: bool) -> 
             response
                 .headers_mut()
                 .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
-            Ok(response)
+            response
         }
+    };
+    if let Some(turn_id) = turn_id {
+        response.extensions_mut().insert(super::observe::TurnRef(turn_id));
     }
+    Ok(response)
 }
 
 /// A streamed turn's events, however the request was answered (a client dialect renders them

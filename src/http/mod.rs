@@ -301,7 +301,7 @@ pub fn router(state: AppState) -> Router {
         ),
         _ => Router::new(),
     };
-    let observed = state.metrics.clone();
+    let observed = (state.metrics.is_some() || observe::access_log_enabled()).then(|| state.metrics.clone());
     let mut app = api
         .route_layer(axum::middleware::from_fn(observe::tag_route))
         .merge(SwaggerUi::new("/docs").url("/openapi.json", spec))

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{MatchedPath, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -22,11 +22,29 @@ use crate::metrics::DynMetrics;
 #[derive(Debug, Clone)]
 struct RouteTemplate(String);
 
-/// Tags a routed request's response with its route template and tenant, for [`observe`].
+/// The turn a request started or named, for the access log line.
+#[derive(Debug, Clone, Copy)]
+pub struct TurnRef(pub uuid::Uuid);
+
+/// Tags a routed request's response with its route template and tenant, for [`observe`], and,
+/// when the access log is on, with the turn id its path names.
 pub async fn tag_route(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let tenant = request.extensions().get::<Tenant>().cloned();
-    let mut response = next.run(request).await;
+    let (mut parts, body) = request.into_parts();
+    let named = if route.as_deref().is_some_and(|r| r.contains("{turn_id}")) && access_log_enabled() {
+        RawPathParams::from_request_parts(&mut parts, &()).await.ok().and_then(|params| {
+            params.iter().find(|(name, _)| *name == "turn_id").and_then(|(_, v)| v.parse().ok())
+        })
+    } else {
+        None
+    };
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if let Some(turn) = named
+        && response.extensions().get::<TurnRef>().is_none()
+    {
+        response.extensions_mut().insert(TurnRef(turn));
+    }
     if let Some(route) = route {
         response.extensions_mut().insert(RouteTemplate(route));
     }
@@ -36,45 +54,52 @@ pub async fn tag_route(request: Request, next: Next) -> Response {
     response
 }
 
-/// Counts and logs each request as its answer leaves: `parley_http_requests_total` by route
-/// template, method and status; `parley_http_request_duration_seconds` for answers that are not
-/// streams; a streamed answer counts in `parley_open_streams` until its body is dropped. One
-/// line per request at `info`: request id, route, status, duration, tenant (never a body).
-pub async fn observe(State(metrics): State<DynMetrics>, request: Request, next: Next) -> Response {
+/// Whether the one line per request is logged (`parley::http::access` at `info`).
+pub fn access_log_enabled() -> bool {
+    tracing::enabled!(target: "parley::http::access", tracing::Level::INFO)
+}
+
+/// Counts and logs each request as its answer leaves. With metrics: `parley_http_requests_total`
+/// by route template, method and status; `parley_http_request_duration_seconds` for answers that
+/// are not streams; a streamed answer counts in `parley_open_streams` until its body is dropped.
+/// With the access log on, one line per request at `info`: request id, route, status, duration,
+/// tenant and turn id (never a body). The router installs this layer only when one of the two is on.
+pub async fn observe(State(metrics): State<Option<DynMetrics>>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().as_str().to_owned();
+    let method = request.method().clone();
+    let log = access_log_enabled();
     // Set on the request by the request-id layer; copied to the response only further out.
-    let request_id = super::middleware::request_id(request.headers()).to_owned();
+    let request_id = log.then(|| super::middleware::request_id(request.headers()).to_owned());
     let response = next.run(request).await;
     let elapsed = started.elapsed();
     let route = match response.extensions().get::<RouteTemplate>() {
         Some(RouteTemplate(route)) => route.as_str(),
         None if response.status() == axum::http::StatusCode::NOT_FOUND => "unmatched",
         None => "other",
-    }
-    .to_owned();
-    let tenant = response
-        .extensions()
-        .get::<Tenant>()
-        .map_or(crate::domain::DEFAULT_TENANT, |t| t.0.as_str())
-        .to_owned();
+    };
+    let tenant =
+        response.extensions().get::<Tenant>().map_or(crate::domain::DEFAULT_TENANT, |t| t.0.as_str());
     let status = response.status().as_u16();
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("text/event-stream"));
-    metrics.http_request(&route, &method, status, &tenant, (!streaming).then_some(elapsed));
-    let request_id = request_id.as_str();
-    let duration_ms = elapsed.as_secs_f64() * 1000.0;
-    tracing::info!(
-        target: "parley::http::access",
-        { request.id = request_id, http.method = %method, http.route = %route, http.status = status, duration_ms, tenant = %tenant, streaming },
-        "request"
-    );
-    if !streaming {
-        return response;
+    if let Some(metrics) = &metrics {
+        metrics.http_request(route, method.as_str(), status, tenant, (!streaming).then_some(elapsed));
     }
+    if let Some(request_id) = request_id {
+        let turn_id = response.extensions().get::<TurnRef>().map(|t| tracing::field::display(t.0));
+        let duration_ms = elapsed.as_secs_f64() * 1000.0;
+        tracing::info!(
+            target: "parley::http::access",
+            { request.id = %request_id, http.method = %method, http.route = %route, http.status = status, duration_ms, tenant = %tenant, turn_id, streaming },
+            "request"
+        );
+    }
+    let Some(metrics) = metrics.filter(|_| streaming) else {
+        return response;
+    };
     let (parts, body) = response.into_parts();
     let open = metrics.open_stream();
     let body = body.into_data_stream().map(move |chunk| {

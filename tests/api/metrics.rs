@@ -211,3 +211,71 @@ async fn the_dashboard_charts_only_exported_series() {
     }
     assert!(charted >= 15, "{charted}");
 }
+
+/// `PARLEY_LOG_FORMAT=json` at `info`: one access line per request with its request id, route
+/// template, status, duration, tenant and turn id (when the request started or named a turn),
+/// and never a message's text, metadata or a key. Metrics stay off: the log needs none.
+#[tokio::test]
+async fn the_access_log_has_one_line_per_request_and_no_text() {
+    crate::helpers::install_crypto();
+    let app = ParleyProcess::start_logged(&[
+        ("PARLEY_LOG", "info".to_owned()),
+        ("PARLEY_LOG_FORMAT", "json".to_owned()),
+    ])
+    .await;
+    let client = reqwest::Client::new();
+    let url = |path: &str| format!("{}{path}", app.base);
+    let created = client.post(url("/v1/sessions")).json(&json!({"id": "logged"})).send().await.unwrap();
+    assert_eq!(created.status(), 201);
+    let turn: Value = client
+        .post(url("/v1/sessions/logged/messages"))
+        .header("x-request-id", "req-turn-1")
+        .json(&json!({"content": "very-private-words", "metadata": {"note": "private-metadata"}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let turn_id = turn["turn_id"].as_str().expect("a turn id").to_owned();
+    let read = client.get(url(&format!("/v1/sessions/logged/turns/{turn_id}"))).send().await.unwrap();
+    assert_eq!(read.status(), 200);
+    assert_eq!(client.get(url("/v1/sessions/missing")).send().await.unwrap().status(), 404);
+    // The log thread writes what has queued by the time the process has ended.
+    let log = app.terminate_and_read_log();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|line| line["target"] == "parley::http::access")
+        // The start-up probe's.
+        .filter(|line| line["fields"]["http.route"] != "/healthz")
+        .collect();
+    let field = |line: &Value, name: &str| line["fields"][name].clone();
+    let routes: Vec<(String, u64)> = lines
+        .iter()
+        .map(|l| {
+            (field(l, "http.route").as_str().unwrap().to_owned(), field(l, "http.status").as_u64().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("/v1/sessions".to_owned(), 201),
+            ("/v1/sessions/{id}/messages".to_owned(), 200),
+            ("/v1/sessions/{id}/turns/{turn_id}".to_owned(), 200),
+            ("/v1/sessions/{id}".to_owned(), 404),
+        ],
+        "{log}"
+    );
+    for line in &lines {
+        assert_eq!(line["level"], "INFO", "{line}");
+        assert_eq!(field(line, "tenant"), "default", "{line}");
+        assert!(field(line, "duration_ms").as_f64().is_some_and(|ms| ms >= 0.0), "{line}");
+        assert!(field(line, "request.id").as_str().is_some_and(|id| !id.is_empty()), "{line}");
+    }
+    assert_eq!(field(&lines[1], "request.id"), "req-turn-1");
+    assert_eq!(field(&lines[1], "turn_id"), turn_id.as_str(), "the posted turn's id");
+    assert_eq!(field(&lines[2], "turn_id"), turn_id.as_str(), "the turn the path names");
+    assert!(field(&lines[0], "turn_id").is_null() && field(&lines[3], "turn_id").is_null());
+    assert!(!log.contains("very-private-words") && !log.contains("private-metadata"), "{log}");
+}

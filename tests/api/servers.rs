@@ -305,6 +305,12 @@ impl ParleyProcess {
         panic!("parley did not start on port {port}");
     }
 
+    /// What the process has logged so far ([`ParleyProcess::start_logged`]).
+    pub fn log_text(&self) -> String {
+        let path = self.log.as_ref().expect("started with start_logged");
+        std::fs::read_to_string(path).expect("read the log file")
+    }
+
     /// Pauses the process (SIGSTOP), as a long stall would: its sockets stay open, nothing runs.
     pub fn pause(&self) {
         signal(&[self.child.id()], "STOP");
@@ -319,6 +325,16 @@ impl ParleyProcess {
     pub fn terminate(mut self) -> bool {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
         self.child.wait().map(|s| s.success()).unwrap_or(false)
+    }
+
+    /// Sends SIGTERM, waits for the process to exit cleanly, and returns its whole log
+    /// ([`ParleyProcess::start_logged`]).
+    pub fn terminate_and_read_log(mut self) -> String {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let exited = self.child.wait().map(|s| s.success()).unwrap_or(false);
+        let log = self.log_text();
+        assert!(exited, "parley exits cleanly on SIGTERM; its log:\n{log}");
+        log
     }
 
     /// Kills the process at once.
