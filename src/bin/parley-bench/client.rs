@@ -132,7 +132,7 @@ pub struct SseReader {
 
 /// One event (only its name matters to the bench).
 pub struct SseEvent {
-    /// The `event:` field.
+    /// The `event:` field; for a data-only event (the AI SDK's chunks), its JSON's `type`.
     pub name: String,
 }
 
@@ -170,8 +170,15 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn parse_event(raw: &[u8]) -> Option<SseEvent> {
     let text = std::str::from_utf8(raw).ok()?;
-    let name = text.lines().find_map(|line| line.strip_prefix("event:"))?;
-    Some(SseEvent { name: name.trim().to_owned() })
+    if let Some(name) = text.lines().find_map(|line| line.strip_prefix("event:")) {
+        return Some(SseEvent { name: name.trim().to_owned() });
+    }
+    let data = text.lines().find_map(|line| line.strip_prefix("data:"))?.trim();
+    let name = match serde_json::from_str::<serde_json::Value>(data) {
+        Ok(chunk) => chunk.get("type")?.as_str()?.to_owned(),
+        Err(_) => data.to_owned(), // `[DONE]`
+    };
+    Some(SseEvent { name })
 }
 
 #[cfg(test)]
@@ -183,5 +190,9 @@ mod tests {
         let e = parse_event(b"event: message.delta\nid: 2\ndata: {\"a\":1}\n\n").unwrap();
         assert_eq!(e.name, "message.delta");
         assert!(parse_event(b": keep-alive\n\n").is_none());
+        let chunk =
+            parse_event(b"id: 3\ndata: {\"type\":\"text-delta\",\"id\":\"m\",\"delta\":\"hi\"}\n\n").unwrap();
+        assert_eq!(chunk.name, "text-delta");
+        assert_eq!(parse_event(b"data: [DONE]\n\n").unwrap().name, "[DONE]");
     }
 }

@@ -22,7 +22,7 @@ use crate::procs::{self, Server};
 use crate::report::{self, Machine, Results, StoreFigures, TurnFigures};
 use crate::setup;
 use crate::stats::{Summary, median, median_summary};
-use crate::streams::{self, ProbeResult};
+use crate::streams::{self, Dialect, ProbeResult};
 
 /// The user text of every benchmark turn.
 const CONTENT: &str = "What is the weather like on the coast this weekend?";
@@ -219,9 +219,11 @@ async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyh
     parley.stop(Duration::from_secs(5)).await;
     if a.wants(5) {
         eprintln!("[bench] figure 5a: stream overhead");
-        out.stream_overhead = Some(stream_probe(ctx, kind, false).await?);
+        out.stream_overhead = Some(stream_probe(ctx, kind, false, Dialect::Native).await?);
+        eprintln!("[bench] figure 5a: stream overhead through the AI SDK dialect");
+        out.stream_overhead_ai_sdk = Some(stream_probe(ctx, kind, false, Dialect::AiSdk).await?);
         eprintln!("[bench] figure 5a: stream overhead through the openai provider");
-        out.stream_overhead_upstream = Some(stream_probe(ctx, kind, true).await?);
+        out.stream_overhead_upstream = Some(stream_probe(ctx, kind, true, Dialect::Native).await?);
         eprintln!("[bench] figure 5b: {} open streams", a.streams);
         let parley = start_parley(ctx, kind, 1000, "streams").await?;
         let result = streams::open_streams(&parley, a.streams).await;
@@ -399,8 +401,13 @@ fn store_config(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<parley::config::Co
 const PROBE_DELAY_MS: u64 = 20;
 
 /// Figure 5a: with the echo model, or (`upstream`) with the openai provider against the probe's
-/// OpenAI-compatible upstream.
-async fn stream_probe(ctx: &Ctx, kind: StoreKind, upstream: bool) -> anyhow::Result<ProbeResult> {
+/// OpenAI-compatible upstream; in parley's own events or in a client dialect's.
+async fn stream_probe(
+    ctx: &Ctx,
+    kind: StoreKind,
+    upstream: bool,
+    dialect: Dialect,
+) -> anyhow::Result<ProbeResult> {
     let a = &ctx.args;
     let mut args = vec![
         "stream-probe".to_owned(),
@@ -411,6 +418,9 @@ async fn stream_probe(ctx: &Ctx, kind: StoreKind, upstream: bool) -> anyhow::Res
     ];
     if upstream {
         args.push("--upstream".to_owned());
+    }
+    if dialect == Dialect::AiSdk {
+        args.push("--dialect=ai-sdk".to_owned());
     }
     child_json(ctx, &args, &parley_env(ctx, kind, 0)).await
 }

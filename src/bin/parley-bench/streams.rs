@@ -99,6 +99,19 @@ pub struct ProbeArgs {
     /// instead of the echo model, and measure from the upstream's first content chunk.
     #[arg(long)]
     pub upstream: bool,
+    /// The stream's wire format: parley's own events, or the AI SDK's UI message stream
+    /// (`POST /v1/ai-sdk/chat`).
+    #[arg(long, value_enum, default_value_t = Dialect::Native)]
+    pub dialect: Dialect,
+}
+
+/// A client dialect the probe can stream a turn in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Dialect {
+    /// `POST /v1/sessions/{id}/messages?stream=true`; the delta is `event: message.delta`.
+    Native,
+    /// `POST /v1/ai-sdk/chat`; the delta is a `text-delta` chunk.
+    AiSdk,
 }
 
 /// What the probe measured.
@@ -173,7 +186,11 @@ async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyh
     // Receive timestamps on, and kept on, before the first byte measured.
     let _stamping = crate::rxstamp::keep_stamping(Duration::from_secs(5)).await?;
     // Each form of the probe has sessions of its own: both run against the same store.
-    let form = if args.upstream { "up" } else { "echo" };
+    let form = match (args.upstream, args.dialect) {
+        (true, _) => "up",
+        (false, Dialect::Native) => "echo",
+        (false, Dialect::AiSdk) => "aisdk",
+    };
     let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{i:03}")).collect();
     setup::create_sessions(addr, &sessions, 16).await?;
     // Warm-up: connections, the store's pools, the allocator.
@@ -181,11 +198,13 @@ async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyh
     // at once would start and end in lockstep for the whole run, 64 store writes at the same
     // instant, which no real traffic does.
     let spread = Duration::from_millis(args.delay_ms * REPLY_DELTAS);
-    probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0, spread).await?;
+    let dialect = args.dialect;
+    probe_run(addr, &sessions, Duration::from_secs(1), &stamps, 0, spread, dialect).await?;
     let (mut runs, mut read_runs) = (Vec::new(), Vec::new());
     let duration = Duration::from_secs_f64(args.duration);
     for run in 1..=args.runs {
-        let (to_socket, to_read) = probe_run(addr, &sessions, duration, &stamps, run, spread).await?;
+        let (to_socket, to_read) =
+            probe_run(addr, &sessions, duration, &stamps, run, spread, dialect).await?;
         runs.push(Summary::of(to_socket, 0, duration));
         read_runs.push(Summary::of(to_read, 0, duration));
     }
@@ -208,6 +227,7 @@ async fn probe_run(
     stamps: &Stamps,
     run: usize,
     spread: Duration,
+    dialect: Dialect,
 ) -> anyhow::Result<(Vec<u32>, Vec<u32>)> {
     let deadline = Instant::now() + duration;
     let count = sessions.len().max(1) as u32;
@@ -223,7 +243,7 @@ async fn probe_run(
                 let mut i = 0u64;
                 while Instant::now() < deadline && i < 100_000 {
                     let tag = format!("{session}-{run}-{i}");
-                    out.push(one_probe(&mut client, &session, &tag, &stamps).await?);
+                    out.push(one_probe(&mut client, &session, &tag, &stamps, dialect).await?);
                     i += 1;
                 }
                 Ok::<_, anyhow::Error>(out)
@@ -246,9 +266,23 @@ async fn one_probe(
     session: &str,
     tag: &str,
     stamps: &Stamps,
+    dialect: Dialect,
 ) -> anyhow::Result<(u32, u32)> {
-    let body = setup::turn_body(&format!("{tag} how are you today"));
-    let path = format!("/v1/sessions/{session}/messages?stream=true");
+    let text = format!("{tag} how are you today");
+    let (path, body, delta) = match dialect {
+        Dialect::Native => {
+            (format!("/v1/sessions/{session}/messages?stream=true"), setup::turn_body(&text), "message.delta")
+        }
+        Dialect::AiSdk => {
+            // What the AI SDK's `DefaultChatTransport` sends for a new user message.
+            let body = serde_json::json!({
+                "id": session,
+                "trigger": "submit-message",
+                "messages": [{"id": tag, "role": "user", "parts": [{"type": "text", "text": text}]}],
+            });
+            ("/v1/ai-sdk/chat".to_owned(), Bytes::from(serde_json::to_vec(&body)?), "text-delta")
+        }
+    };
     let response = client.send(Method::POST, &path, Some(body)).await?;
     if !response.status().is_success() {
         bail!("stream answered {}", response.status());
@@ -256,7 +290,7 @@ async fn one_probe(
     let mut reader = SseReader::new(response.into_body());
     let mut overhead = None;
     while let Some(event) = reader.next().await? {
-        if event.name == "message.delta" && overhead.is_none() {
+        if event.name == delta && overhead.is_none() {
             let read = Instant::now();
             // The delta's bytes came in the client's last read: its receive timestamp is theirs.
             let arrived = client.last_rx_ns().context("no receive timestamp on the probe's socket")?;
