@@ -62,11 +62,11 @@ pub fn state_from_parts(
         fork_max_messages: config.agent.fork_max_messages,
         metrics: metrics.clone(),
     };
-    let agent = Arc::new(Agent::new(Arc::clone(&store), model, tools, settings));
+    let agent = Arc::new(Agent::new(store, model, tools, settings));
     let auth = Arc::new(Auth::from_config(config)?);
     let rate_limits = Arc::new(RateLimits::from_config(config)?);
     let limits = Arc::new(limits(config));
-    Ok(AppState::new(AppParts { agent, store, limits, auth, rate_limits, metrics }))
+    Ok(AppState::new(AppParts { agent, limits, auth, rate_limits, metrics }))
 }
 
 fn limits(config: &Config) -> Limits {

@@ -50,7 +50,7 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.addr).await?;
     tracing::info!(
         addr = %listener.local_addr()?,
-        store = state.store.backend(),
+        store = state.agent.store_backend(),
         pinned_workers = config.pin_workers,
         transparent_huge_pages = !parley::runtime::transparent_huge_pages_disabled(),
         model = ?config.model.provider,

@@ -15,8 +15,10 @@ pub mod claim;
 pub mod clients;
 pub mod events;
 pub mod feed;
+mod follow;
 pub mod history;
 pub mod registry;
+mod sessions;
 pub mod window;
 
 use std::collections::HashMap;
@@ -32,6 +34,8 @@ use tokio_util::task::TaskTracker;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use uuid::Uuid;
 
+/// The store's query types, as the HTTP layer passes them through the agent.
+pub use crate::store::{MessagePage, Order, PageQuery, SessionCursor, SessionPage};
 pub use events::{TurnEvent, TurnResult};
 use feed::TurnFeed;
 use registry::{TurnRegistry, TurnTokens};
@@ -385,6 +389,17 @@ impl Agent {
             keeper: std::sync::OnceLock::new(),
             no_tools: Arc::from([]),
         }
+    }
+
+    /// An agent that needs nothing outside the process: the memory store, the echo model and no
+    /// tools (what the OpenAPI document is built with).
+    pub fn offline() -> Self {
+        Agent::new(
+            Arc::new(crate::store::memory::MemoryStore::default()),
+            Arc::new(crate::llm::echo::EchoModel::default()),
+            ToolRegistry::new(),
+            AgentSettings::default(),
+        )
     }
 
     /// The store.

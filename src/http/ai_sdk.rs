@@ -235,12 +235,8 @@ pub async fn resume_chat_stream(
     let Some(turn_id) = state.agent.running_turn(&tenant, &id).await? else {
         return Ok(StatusCode::NO_CONTENT.into_response());
     };
-    let keepalive = state.limits.sse_keepalive;
-    if let Some(feed) = state.agent.registry().feed(&tenant, &id, turn_id) {
-        return Ok(ui_message_stream(feed.follow(), keepalive));
-    }
-    let turn = super::turns::read_turn(&state, &tenant, &id, turn_id).await?;
-    Ok(ui_message_stream(super::turns::outcome_events(state, tenant, id, turn), keepalive))
+    let events = state.agent.follow(&tenant, &id, turn_id, 0).await?;
+    Ok(ui_message_stream(events, state.limits.sse_keepalive))
 }
 
 /// Stop the chat's running reply: the turn is cancelled (its partial text is saved, marked
@@ -261,7 +257,7 @@ pub async fn stop_chat(
     let id = session_id(id)?;
     state.agent.require_session(&tenant, &id).await?;
     if let Some(turn_id) = state.agent.running_turn(&tenant, &id).await? {
-        match super::turns::cancel_and_wait(&state, &tenant, &id, turn_id).await {
+        match state.agent.cancel_and_wait(&tenant, &id, turn_id).await {
             Ok(_) | Err(AppError::TurnFinished(_)) => {}
             Err(e) => return Err(e),
         }

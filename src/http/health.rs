@@ -27,7 +27,7 @@ pub struct Health {
 /// Liveness: the process serves HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200, description = "Alive", body = Health)))]
 pub async fn healthz(State(state): State<AppState>) -> Json<Health> {
-    Json(Health { status: "ok", store: state.store.backend() })
+    Json(Health { status: "ok", store: state.agent.store_backend() })
 }
 
 /// Readiness: the store is reachable and the service is not shutting down.
@@ -39,9 +39,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<Health>> {
     if state.agent.registry().is_closed() {
         return Err(AppError::ShuttingDown);
     }
-    let ping = tokio::time::timeout(state.limits.store_timeout, state.store.ping()).await;
+    let ping = tokio::time::timeout(state.limits.store_timeout, state.agent.ping_store()).await;
     match ping {
-        Ok(Ok(())) => Ok(Json(Health { status: "ready", store: state.store.backend() })),
+        Ok(Ok(())) => Ok(Json(Health { status: "ready", store: state.agent.store_backend() })),
         Ok(Err(e)) => Err(AppError::StoreUnavailable(e.to_string())),
         Err(_) => Err(AppError::StoreUnavailable("ping timed out".to_owned())),
     }

@@ -13,11 +13,11 @@ use utoipa_axum::routes;
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, SessionIdParam, Tenant, page_limit, session_id};
 use super::sse;
+use crate::agent::{Order, PageQuery};
 use crate::agent::{StartedTurn, TurnEvent, TurnInput, TurnResult, TurnStart};
 use crate::config::IfBusy;
 use crate::domain::{Message, Metadata};
 use crate::error::{AppError, Problem, Result};
-use crate::store::{Order, PageQuery};
 
 /// The turn routes (no request timeout: turns have their own): post, and regenerate.
 pub fn turn_router() -> OpenApiRouter<AppState> {
@@ -275,21 +275,9 @@ pub async fn list_messages(
         (Order::Desc, Some(c)) => (q_after, Some(q_before.map_or(c, |b| b.min(c)))),
         (_, None) => (q_after, q_before),
     };
-    let page = state
-        .store
-        .read_page(
-            &tenant,
-            &id,
-            PageQuery {
-                limit,
-                order,
-                after,
-                before,
-                include_superseded: query.include_superseded.unwrap_or(false),
-            },
-        )
-        .await
-        .map_err(|e| AppError::from_store(e, &id))?;
+    let include_superseded = query.include_superseded.unwrap_or(false);
+    let query = PageQuery { limit, order, after, before, include_superseded };
+    let page = state.agent.history_page(&tenant, &id, query).await?;
     let next_cursor = page.next_seq().map(|s| s.to_string());
     Ok(Json(MessageList { data: page.messages, has_more: page.has_more, next_cursor }))
 }
@@ -308,6 +296,6 @@ pub async fn clear_messages(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let id = session_id(id)?;
-    state.store.clear(&tenant, &id).await.map_err(|e| AppError::from_store(e, &id))?;
+    state.agent.clear_history(&tenant, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -49,7 +49,6 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::agent::Agent;
 use crate::domain::Metadata;
 use crate::error::{AppError, Result};
-use crate::store::DynStore;
 
 /// Shared state of every handler: one `Arc`, so that handing it to a request (axum clones it
 /// for every one) is one reference count, not five.
@@ -77,8 +76,6 @@ pub struct AppParts {
     pub agent: Arc<Agent>,
     /// The Prometheus series, when metrics are on.
     pub metrics: Option<crate::metrics::DynMetrics>,
-    /// The conversation store.
-    pub store: DynStore,
     /// Input limits and HTTP settings.
     pub limits: Arc<Limits>,
     /// How requests are authenticated.
@@ -216,13 +213,7 @@ fn api_router(state: &AppState) -> OpenApiRouter<AppState> {
 /// The OpenAPI document, as served at `/openapi.json` and committed in `openapi/openapi.json`.
 pub fn openapi() -> OpenApiDoc {
     let state = AppState::new(AppParts {
-        agent: Arc::new(Agent::new(
-            Arc::new(crate::store::memory::MemoryStore::default()),
-            Arc::new(crate::llm::echo::EchoModel::default()),
-            crate::tools::ToolRegistry::new(),
-            Default::default(),
-        )),
-        store: Arc::new(crate::store::memory::MemoryStore::default()),
+        agent: Arc::new(Agent::offline()),
         limits: Arc::new(Limits::default()),
         auth: Arc::new(auth::Auth::off()),
         rate_limits: Arc::new(ratelimit::RateLimits::off()),

@@ -11,9 +11,9 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::extract::{ApiJson, ApiQuery, OptionalJson, SessionIdParam, Tenant, page_limit, session_id};
+use crate::agent::SessionCursor;
 use crate::domain::{Metadata, NewSession, Session, new_id};
-use crate::error::{AppError, Problem, Result};
-use crate::store::SessionCursor;
+use crate::error::{Problem, Result};
 
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
@@ -93,11 +93,11 @@ pub async fn create_session(
     let metadata = body.metadata.unwrap_or_default();
     state.limits.check_metadata(&metadata)?;
     let new = NewSession { id: id.clone(), system_prompt: body.system_prompt, metadata };
-    let created = match state.limits.max_sessions_per_tenant {
-        0 => state.store.create_session(&tenant, new).await,
-        max => state.store.create_session_within(&tenant, new, max).await,
+    let max = match state.limits.max_sessions_per_tenant {
+        0 => None,
+        max => Some(max),
     };
-    let session = created.map_err(|e| AppError::from_store(e, &id))?;
+    let session = state.agent.create_session(&tenant, new, max).await?;
     let location = format!("/v1/sessions/{}", session.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(session)).into_response())
 }
@@ -116,7 +116,7 @@ pub async fn list_sessions(
 ) -> Result<Json<SessionList>> {
     let limit = page_limit(query.limit)?;
     let cursor = query.cursor.as_deref().map(SessionCursor::decode).transpose()?;
-    let page = state.store.list_sessions(&tenant, limit, cursor.as_ref()).await?;
+    let page = state.agent.list_sessions(&tenant, limit, cursor.as_ref()).await?;
     let next_cursor =
         if page.has_more { page.sessions.last().map(|s| SessionCursor::after(s).encode()) } else { None };
     Ok(Json(SessionList { data: page.sessions, has_more: page.has_more, next_cursor }))
@@ -136,8 +136,7 @@ pub async fn get_session(
     Path(id): Path<String>,
 ) -> Result<Json<Session>> {
     let id = session_id(id)?;
-    let session = state.store.get_session(&tenant, &id).await?;
-    session.map(Json).ok_or(AppError::SessionNotFound(id))
+    state.agent.session(&tenant, &id).await.map(Json)
 }
 
 /// Update a session: replace its metadata (a chat's title, say). Its `updated_at`, and so its
@@ -160,8 +159,7 @@ pub async fn update_session(
 ) -> Result<Json<Session>> {
     let id = session_id(id)?;
     state.limits.check_metadata(&body.metadata)?;
-    let session = state.store.set_session_metadata(&tenant, &id, body.metadata).await?;
-    session.map(Json).ok_or(AppError::SessionNotFound(id))
+    state.agent.set_session_metadata(&tenant, &id, body.metadata).await.map(Json)
 }
 
 /// Delete a session and all its history.
@@ -178,11 +176,8 @@ pub async fn delete_session(
     Path(id): Path<String>,
 ) -> Result<StatusCode> {
     let id = session_id(id)?;
-    if state.store.delete_session(&tenant, &id).await? {
-        Ok(StatusCode::NO_CONTENT)
-    } else {
-        Err(AppError::SessionNotFound(id))
-    }
+    state.agent.delete_session(&tenant, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Body of `POST /v1/sessions/{id}/fork`; every field is optional.

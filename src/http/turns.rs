@@ -1,28 +1,18 @@
 //! `/v1/sessions/{id}/turns/{turn_id}`: read a turn's record, follow its events, cancel it.
 
-use std::time::Duration;
-
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use futures::{Stream, StreamExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
 use super::extract::{ApiQuery, Tenant, TurnIdParams, session_id};
 use super::{AppState, sse};
-use crate::agent::{TurnEvent, TurnResult};
-use crate::domain::{Message, Turn, TurnStatus};
+use crate::agent::TurnResult;
+use crate::domain::Turn;
 use crate::error::{AppError, Problem, Result};
-use crate::store::{Order, PageQuery};
-
-/// How often a follower reads the record of a turn that runs without a feed on this replica.
-const FOLLOW_POLL: Duration = Duration::from_millis(200);
-
-/// Most history pages of 100 read backwards to find a finished turn's messages.
-const SCAN_PAGES: usize = 10;
 
 /// Query of `GET /v1/sessions/{id}/turns/{turn_id}/events`.
 #[derive(Debug, serde::Deserialize, utoipa::IntoParams)]
@@ -37,13 +27,6 @@ pub struct FollowQuery {
 /// The routes of this resource.
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(get_turn)).routes(routes!(follow_turn)).routes(routes!(cancel_turn))
-}
-
-pub async fn read_turn(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
-    if state.store.get_session(tenant, id).await?.is_none() {
-        return Err(AppError::SessionNotFound(id.to_owned()));
-    }
-    state.agent.repaired_turn(tenant, id, turn_id).await?.ok_or(AppError::TurnNotFound(turn_id))
 }
 
 /// Read a turn: its status, error, message ids and usage.
@@ -61,7 +44,7 @@ pub async fn get_turn(
 ) -> Result<Json<Turn>> {
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
-    read_turn(&state, &tenant, &id, turn_id).await.map(Json)
+    state.agent.turn(&tenant, &id, turn_id).await.map(Json)
 }
 
 /// Follow a turn's events (SSE): resume a stream after a lost connection or a page reload.
@@ -90,13 +73,8 @@ pub async fn follow_turn(
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
     let after = last_event_id(&headers)?.or(query.after).unwrap_or(0);
-    let keepalive = state.limits.sse_keepalive;
-    if let Some(feed) = state.agent.registry().feed(&tenant, &id, turn_id) {
-        let events = feed.follow().skip(after as usize);
-        return Ok(sse::turn_stream_after(events, after, keepalive).into_response());
-    }
-    let turn = read_turn(&state, &tenant, &id, turn_id).await?;
-    Ok(sse::turn_stream_after(outcome_events(state, tenant, id, turn), after, keepalive).into_response())
+    let events = state.agent.follow(&tenant, &id, turn_id, after).await?;
+    Ok(sse::turn_stream_after(events, after, state.limits.sse_keepalive).into_response())
 }
 
 /// The `Last-Event-ID` header as an event number: 1 to 19 digits, as parley writes event ids.
@@ -107,78 +85,6 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<u64>> {
     let id = valid.then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok()).flatten();
     let message = "Last-Event-ID must be the id of an event of this turn's stream (digits)";
     id.map(Some).ok_or_else(|| AppError::BadRequest(message.to_owned()))
-}
-
-/// The events that tell how `turn` ended, once it has: its record is read again while it runs.
-/// The stream ends without a terminal event, which tells the client to reconnect, if this replica
-/// shuts down meanwhile or a read fails (the store is down, the session was deleted): the
-/// reconnection then gets the answer a request gets, from a replica that can give it.
-pub fn outcome_events(
-    state: AppState,
-    tenant: String,
-    id: String,
-    turn: Turn,
-) -> impl Stream<Item = TurnEvent> {
-    futures::stream::once(async move {
-        let turn_id = turn.id;
-        let ended = async {
-            let mut turn = turn;
-            while turn.status == TurnStatus::Running {
-                if state.agent.registry().is_closed() {
-                    return Ok(Vec::new());
-                }
-                tokio::time::sleep(FOLLOW_POLL).await;
-                let read = state.agent.repaired_turn(&tenant, &id, turn_id).await?;
-                turn = read.ok_or(AppError::TurnNotFound(turn_id))?;
-            }
-            ended_events(&state, &tenant, &id, turn).await
-        };
-        ended.await.unwrap_or_else(|e: AppError| {
-            tracing::debug!(session.id = %id, turn.id = %turn_id, error = %e, "a turn's follower stops");
-            Vec::new()
-        })
-    })
-    .flat_map(futures::stream::iter)
-}
-
-/// The events that tell a finished turn: as an idempotent replay tells a completed one.
-async fn ended_events(state: &AppState, tenant: &str, id: &str, turn: Turn) -> Result<Vec<TurnEvent>> {
-    let turn_id = turn.id;
-    Ok(match turn.status {
-        TurnStatus::Completed => {
-            let messages = stored_messages(state, tenant, id, &turn).await?;
-            TurnEvent::replay(&TurnResult { turn_id, messages, usage: turn.usage })
-        }
-        TurnStatus::Cancelled => {
-            vec![TurnEvent::Cancelled { turn_id, messages: stored_messages(state, tenant, id, &turn).await? }]
-        }
-        TurnStatus::Failed | TurnStatus::Running => {
-            let error = turn.error.and_then(|e| serde_json::from_value(e).ok());
-            let error = error.unwrap_or_else(|| AppError::Internal("the turn failed".to_owned()).problem());
-            vec![TurnEvent::Failed { turn_id, error }]
-        }
-    })
-}
-
-/// The stored messages of a finished turn, in order. They are contiguous and usually the newest,
-/// so the history is read backwards a page at a time (at most [`SCAN_PAGES`]); messages trimmed or
-/// cleared since are not found.
-async fn stored_messages(state: &AppState, tenant: &str, id: &str, turn: &Turn) -> Result<Vec<Message>> {
-    let mut found: Vec<Message> = Vec::with_capacity(turn.message_ids.len());
-    let mut before = None;
-    for _ in 0..SCAN_PAGES {
-        let query = PageQuery { limit: 100, order: Order::Desc, after: None, before, ..PageQuery::default() };
-        let page = state.store.read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))?;
-        before = page.next_seq();
-        let oldest_is_the_turns = page.messages.last().is_some_and(|m| m.turn_id == turn.id);
-        found.extend(page.messages.into_iter().filter(|m| m.turn_id == turn.id));
-        let passed = !found.is_empty() && !oldest_is_the_turns;
-        if found.len() >= turn.message_ids.len() || passed || before.is_none() {
-            break;
-        }
-    }
-    found.reverse();
-    Ok(found)
 }
 
 /// Cancel a running turn: the model call and tools stop, the text produced so far is saved with
@@ -198,29 +104,7 @@ pub async fn cancel_turn(
 ) -> Result<Json<Turn>> {
     let id = session_id(id)?;
     let turn_id = parse_turn_id(&turn_id)?;
-    cancel_and_wait(&state, &tenant, &id, turn_id).await.map(Json)
-}
-
-/// Cancels a running turn, here or on another replica, and waits (at most 10 s) until it has
-/// recorded itself as ended; 409 `turn_finished` if it had already ended.
-pub async fn cancel_and_wait(state: &AppState, tenant: &str, id: &str, turn_id: Uuid) -> Result<Turn> {
-    let local = state.agent.registry().cancel(tenant, id, turn_id);
-    // A turn running on another replica sees the request at its next lease renewal (≤ 1 s).
-    if !local
-        && !state.store.request_cancel(tenant, id, turn_id).await.map_err(|e| AppError::from_store(e, id))?
-    {
-        let turn = read_turn(state, tenant, id, turn_id).await?;
-        return Err(AppError::TurnFinished(turn.id));
-    }
-    // The turn saves its partial text and records itself as cancelled; wait for that, boundedly.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let turn = read_turn(state, tenant, id, turn_id).await?;
-        if turn.status != TurnStatus::Running || tokio::time::Instant::now() >= deadline {
-            return Ok(turn);
-        }
-        tokio::time::sleep(Duration::from_millis(if local { 5 } else { 50 })).await;
-    }
+    state.agent.cancel_and_wait(&tenant, &id, turn_id).await.map(Json)
 }
 
 fn parse_turn_id(text: &str) -> Result<Uuid> {

@@ -188,12 +188,14 @@ async fn an_error_is_logged_once_with_the_request_id_of_its_response() {
     assert_eq!(response.status(), 503);
     let request_id = response.headers()["x-request-id"].to_str().unwrap().to_owned();
     let logs = running.stop().await;
-    let lines: Vec<Value> = logs
+    let (access, lines): (Vec<Value>, Vec<Value>) = logs
         .lines()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
         .filter(|entry| entry["fields"]["request.id"] == request_id.as_str())
-        .collect();
-    assert_eq!(lines.len(), 1, "one line for the failed request: {logs}");
+        .partition(|entry| entry["target"] == "parley::http::access");
+    assert_eq!(lines.len(), 1, "one error line for the failed request: {logs}");
+    assert_eq!(access.len(), 1, "and its access line: {logs}");
+    assert_eq!(access[0]["fields"]["http.status"], 503);
     assert_eq!(lines[0]["level"], "WARN");
     assert_eq!(lines[0]["fields"]["message"], "store unavailable");
     assert_eq!(lines[0]["fields"]["error.code"], "store_unavailable");

@@ -1,0 +1,85 @@
+//! Sessions and their history as the HTTP layer sees them: the store's answers, with its errors
+//! told as the API tells them (404 for a missing session, 503 for an unreachable store). The
+//! handlers never hold the store; this is the only way to it besides running turns.
+
+use super::Agent;
+use crate::domain::{Metadata, NewSession, Session};
+use crate::error::AppError;
+use crate::store::{MessagePage, PageQuery, SessionCursor, SessionPage, StoreError};
+
+impl Agent {
+    /// The store's name (`memory`, `sqlite`, `redis`, `postgres`).
+    pub fn store_backend(&self) -> &'static str {
+        self.store.backend()
+    }
+
+    /// Whether the store answers.
+    pub async fn ping_store(&self) -> Result<(), StoreError> {
+        self.store.ping().await
+    }
+
+    /// Creates a session; with `max_sessions`, only while the tenant has fewer.
+    pub async fn create_session(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        max_sessions: Option<u64>,
+    ) -> Result<Session, AppError> {
+        let id = new.id.clone();
+        let created = match max_sessions {
+            None => self.store.create_session(tenant, new).await,
+            Some(max) => self.store.create_session_within(tenant, new, max).await,
+        };
+        created.map_err(|e| AppError::from_store(e, &id))
+    }
+
+    /// A page of the tenant's sessions, most recently updated first.
+    pub async fn list_sessions(
+        &self,
+        tenant: &str,
+        limit: usize,
+        cursor: Option<&SessionCursor>,
+    ) -> Result<SessionPage, AppError> {
+        Ok(self.store.list_sessions(tenant, limit, cursor).await?)
+    }
+
+    /// A session of the tenant; 404 when it has none of that id.
+    pub async fn session(&self, tenant: &str, id: &str) -> Result<Session, AppError> {
+        self.store.get_session(tenant, id).await?.ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
+    }
+
+    /// Replaces a session's metadata; 404 when the tenant has no such session.
+    pub async fn set_session_metadata(
+        &self,
+        tenant: &str,
+        id: &str,
+        metadata: Metadata,
+    ) -> Result<Session, AppError> {
+        let session = self.store.set_session_metadata(tenant, id, metadata).await?;
+        session.ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
+    }
+
+    /// Deletes a session and its history; 404 when the tenant has no such session.
+    pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<(), AppError> {
+        if self.store.delete_session(tenant, id).await? {
+            Ok(())
+        } else {
+            Err(AppError::SessionNotFound(id.to_owned()))
+        }
+    }
+
+    /// A page of a session's history.
+    pub async fn history_page(
+        &self,
+        tenant: &str,
+        id: &str,
+        query: PageQuery,
+    ) -> Result<MessagePage, AppError> {
+        self.store.read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))
+    }
+
+    /// Clears a session's history; the session stays, and seqs are never reused.
+    pub async fn clear_history(&self, tenant: &str, id: &str) -> Result<(), AppError> {
+        self.store.clear(tenant, id).await.map_err(|e| AppError::from_store(e, id))
+    }
+}
