@@ -7,9 +7,9 @@
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
-pub mod pgpool;
 pub mod postgres;
 pub mod redis;
+mod sql_common;
 pub mod sqlite;
 
 use std::sync::Arc;
