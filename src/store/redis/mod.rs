@@ -2,11 +2,11 @@
 //!
 //! # Files
 //! - `mod.rs` (this file): the options, the store and its [`ConversationStore`] implementation.
-//! - [`keys`]: the key layout (which keys a session owns, and their names).
-//! - [`scripts`]: the Lua scripts (`scripts/*.lua`), one per write and per lock or key method.
-//! - [`pool`]: the connection pool and the one-request lease that drops broken connections.
-//! - [`codec`]: what is stored, as text: messages, turns and sessions to and from JSON and hashes.
-//! - [`redact`]: keeps the URL's password out of every error and `Debug` output.
+//! - `keys.rs`: the key layout (which keys a session owns, and their names).
+//! - `scripts.rs`: the Lua scripts (`scripts/*.lua`), one per write and per lock or key method.
+//! - `pool.rs`: the connection pool and the one-request lease that drops broken connections.
+//! - `codec.rs`: what is stored, as text: messages, turns and sessions to and from JSON and hashes.
+//! - `redact.rs`: keeps the URL's password out of every error and `Debug` output.
 //!
 //! # Atomicity and the index
 //! Every write is one Lua script (`EVALSHA`, loaded on first use): it checks that the session
