@@ -104,7 +104,7 @@ pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
         StoreKind::Sqlite => Ok(sqlite_store(config).await?),
         StoreKind::Postgres => Ok(postgres_store(config).await?),
         StoreKind::Redis => {
-            let store = RedisStore::new(RedisOptions::from_config(&config.store))?;
+            let store = RedisStore::new(redis_options(config))?;
             tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis store configured");
             Ok(Arc::new(store))
         }
@@ -114,22 +114,41 @@ pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
 /// The SQLite store, opened and migrated: a file parley cannot use (another parley holds it, it
 /// is read-only, not a database or corrupt) stops start-up with a message naming it.
 async fn sqlite_store(config: &Config) -> anyhow::Result<Arc<SqliteStore>> {
-    let store = &config.store;
-    let options = SqliteOptions {
-        path: store.sqlite_path.clone(),
-        readers: store.sqlite_readers,
-        max_messages: Some(store.max_messages).filter(|&m| m > 0),
-        ttl: store.session_ttl,
-        op_timeout: store.store_timeout,
-    };
-    let store = Arc::new(SqliteStore::open(options).await.map_err(|e| anyhow::anyhow!("{e}"))?);
+    let store =
+        Arc::new(SqliteStore::open(sqlite_options(config)).await.map_err(|e| anyhow::anyhow!("{e}"))?);
     tracing::info!(path = %config.store.sqlite_path.display(), "sqlite store ready");
     // Always: idempotency keys expire whether or not sessions do.
     store.spawn_ttl_sweeper(SWEEP_EVERY);
     Ok(store)
 }
 
-fn pg_options(config: &Config) -> PgOptions {
+/// The SQLite store's options, from the configuration.
+pub fn sqlite_options(config: &Config) -> SqliteOptions {
+    let store = &config.store;
+    SqliteOptions {
+        path: store.sqlite_path.clone(),
+        readers: store.sqlite_readers,
+        max_messages: Some(store.max_messages).filter(|&m| m > 0),
+        ttl: store.session_ttl,
+        op_timeout: store.store_timeout,
+    }
+}
+
+/// The Redis store's options, from the configuration.
+pub fn redis_options(config: &Config) -> RedisOptions {
+    let store = &config.store;
+    RedisOptions {
+        url: store.redis_url.clone(),
+        prefix: store.redis_prefix.clone(),
+        pool_size: store.redis_pool_size,
+        max_messages: Some(store.max_messages).filter(|&m| m > 0),
+        ttl: store.session_ttl,
+        op_timeout: store.store_timeout,
+    }
+}
+
+/// The PostgreSQL store's options, from the configuration.
+pub fn pg_options(config: &Config) -> PgOptions {
     let store = &config.store;
     PgOptions {
         url: store.database_url.clone(),

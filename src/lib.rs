@@ -5,7 +5,10 @@
 //! - [`config`]: the typed configuration (flags and environment variables).
 //! - [`error`]: the API error type, rendered as RFC 9457 problem+json.
 //! - [`domain`]: sessions, messages, tool calls, turns.
-//! - [`store`]: the conversation store trait, its backends and its contract suite.
+//! - [`store`]: the conversation store trait, its backends and its contract suite. Each durable
+//!   backend is a folder of one-job files: `store/sqlite/` and `store/postgres/` (the store,
+//!   `sql/*.sql` statements, rows, errors; PostgreSQL's own connection pool), `store/redis/` (the
+//!   store, key layout, `scripts/*.lua`, pool); `store/memory.rs` is one file.
 //! - [`llm`]: the chat model trait and its providers (echo, OpenAI-compatible).
 //! - [`tools`]: the tool trait, the registry and the built-in and HTTP tools.
 //! - [`agent`]: the turn: load the window, call the model, run tools, append.

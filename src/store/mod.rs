@@ -3,13 +3,21 @@
 //! Backends: [`sqlite`] (the default: one process, durable), [`memory`] (one process, nothing
 //! survives a restart), [`redis`] and [`postgres`] (shared by replicas).
 //! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
+//!
+//! Each durable backend is a folder whose files have one job each (the store and its trait
+//! implementation in `mod.rs`; statements in `sql/*.sql` or scripts in `scripts/*.lua`, loaded
+//! with `include_str!`; key naming, connection pools, row conversions, error mapping). A backend
+//! takes its own options struct ([`sqlite::SqliteOptions`], [`postgres::PgOptions`],
+//! [`redis::RedisOptions`]), which `app.rs` builds from the configuration: no store reads
+//! `config`. `sql_common.rs` holds what the two SQL backends share; [`instrumented`] times any
+//! store for the metrics.
 
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
-pub mod pgpool;
 pub mod postgres;
 pub mod redis;
+mod sql_common;
 pub mod sqlite;
 
 use std::sync::Arc;

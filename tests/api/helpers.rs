@@ -11,7 +11,7 @@ use parley::llm::DynModel;
 use parley::store::DynStore;
 use parley::store::memory::MemoryStore;
 use parley::store::postgres::{PgOptions, PgStore};
-use parley::store::redis::{RedisOptions, RedisStore};
+use parley::store::redis::RedisStore;
 use parley::store::sqlite::{SqliteOptions, SqliteStore};
 use parley::tools::ToolRegistry;
 use serde_json::{Value, json};
@@ -112,7 +112,7 @@ impl Backend {
         match self {
             Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
             Backend::Redis => {
-                let mut options = RedisOptions::from_config(&config.store);
+                let mut options = parley::app::redis_options(config);
                 options.url = redis_url();
                 options.prefix = unique_name("parley_test");
                 options.pool_size = 4;

@@ -20,7 +20,7 @@ use chrono::Utc;
 use deadpool_redis::redis::{self, aio::MultiplexedConnection};
 use hyper::Method;
 use parley::domain::{DEFAULT_TENANT, Usage};
-use parley::store::pgpool::ConnPool;
+use parley::store::postgres::ConnPool;
 use parley::store::postgres::sql;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json as SqlJson;

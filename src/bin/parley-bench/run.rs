@@ -301,9 +301,9 @@ async fn build_floor(
             fig.floor_kind = "raw sqlx client sending the turn's 2 statements (2c)".into();
             let options = <sqlx::postgres::PgConnectOptions as std::str::FromStr>::from_str(&a.database_url)?
                 .options([("search_path", ctx.tag.as_str())]);
-            // Pooled like parley's: its own pool, 16 connections (`parley::store::pgpool`).
+            // Pooled like parley's: its own pool, 16 connections (`parley::store::postgres::pool`).
             let wait = Duration::from_secs(10);
-            let pool = parley::store::pgpool::ConnPool::new(options, 16, wait, wait);
+            let pool = parley::store::postgres::ConnPool::new(options, 16, wait, wait);
             Ok(Floor::Postgres(PgReplay::workers(&pool, a.clients, sessions, CONTENT)))
         }
     }

@@ -28,6 +28,18 @@
 //! Every operation is bounded by `op_timeout` (pool acquire included) and fails with
 //! [`StoreError::Unavailable`] when PostgreSQL cannot be reached, or [`StoreError::Unanswered`]
 //! when a statement was sent but no answer came in time.
+//!
+//! # Files
+//! - `mod.rs` (this file): the options, the store and its [`ConversationStore`] implementation.
+//! - [`sql`]: every statement, one file each in `sql/*.sql`.
+//! - [`pool`]: parley's own pool of connections ([`ConnPool`]), one round trip per statement.
+//! - `rows.rs`: rows to sessions, messages and turns, and batches to column arrays.
+//! - `errors.rs`: driver errors to store errors.
+
+mod errors;
+pub mod pool;
+mod rows;
+pub mod sql;
 
 use std::future::Future;
 use std::str::FromStr;
@@ -36,41 +48,35 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
-use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::types::Json;
 use sqlx::{AssertSqlSafe, Connection, Row};
-
-use super::pgpool::ConnPool;
 use uuid::Uuid;
 
+pub use super::sql_common::SWEEP_BATCH;
+use super::sql_common::{json_text, micros, page_of, spawn_sweeper, status_str, to_i64, to_u64};
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
-    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
-    TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, LeaseKey, LockOutcome, LockStatus,
+    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult, TurnBegin,
 };
-use crate::config::redact_url;
-use crate::domain::{
-    Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, WindowMessage,
-};
+use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage};
+use crate::redact::redact_url;
+use errors::{db, is_foreign_key_violation, is_unique_violation, migrate_err};
+pub use pool::ConnPool;
+use rows::{Columns, decode, idempotency_record, message_from_row, session_from_row, turn_from_row};
 use sql::*;
 
 /// The embedded migrations (`migrations/`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
-/// Most expired sessions the sweeper deletes in one statement.
-pub const SWEEP_BATCH: i64 = 500;
-
 /// Most lease renewals sent in one statement.
 const RENEW_BATCH: usize = 1000;
 
 /// A pooled connection idle this long is pinged before it is used again (see
-/// [`super::pgpool`]); one used a moment ago is not: that would be a round trip per statement.
+/// [`pool`]); one used a moment ago is not: that would be a round trip per statement.
 const PING_IF_IDLE_FOR: Duration = Duration::from_secs(10);
-
-/// Longest TTL applied (about 1000 years), so that `now() + ttl` stays a valid timestamp.
-const MAX_TTL_MICROS: i64 = 1000 * 366 * 24 * 3600 * 1_000_000;
 
 /// How to reach PostgreSQL and how the store behaves.
 #[derive(Clone)]
@@ -149,10 +155,7 @@ impl PgStore {
             pool,
             schema: opts.schema,
             max_messages: opts.max_messages.filter(|&m| m > 0).map(|m| i64::try_from(m).unwrap_or(i64::MAX)),
-            ttl_micros: opts
-                .ttl
-                .filter(|t| !t.is_zero())
-                .map(|t| i64::try_from(t.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)),
+            ttl_micros: opts.ttl.filter(|t| !t.is_zero()).map(micros),
             op_timeout: opts.op_timeout,
         })
     }
@@ -209,20 +212,7 @@ impl PgStore {
     /// Runs [`PgStore::sweep_expired`] every `every` (at least 10 ms) until the store is dropped
     /// or the handle aborted. Errors are logged and retried at the next tick.
     pub fn spawn_ttl_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let store = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(store) = store.upgrade() else { return };
-                match store.sweep_expired().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(sessions = n, "swept expired sessions"),
-                    Err(error) => tracing::warn!(%error, "sweeping expired sessions failed"),
-                }
-            }
-        })
+        spawn_sweeper(self, every, |store| async move { store.sweep_expired().await })
     }
 
     /// Bounds `fut` by the operation timeout, leaving the driver's error to the caller.
@@ -500,11 +490,6 @@ fn lock_kept_changing_hands() -> StoreError {
     StoreError::Backend("the turn lock kept changing hands; try again".into())
 }
 
-/// A lease or ttl in microseconds, as bound to queries: at most [`MAX_TTL_MICROS`].
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)
-}
-
 /// Accepts only plain lowercase identifiers, so the name needs no quoting anywhere.
 fn check_schema_name(schema: &str) -> StoreResult<()> {
     let mut chars = schema.chars();
@@ -517,634 +502,6 @@ fn check_schema_name(schema: &str) -> StoreResult<()> {
             "invalid PostgreSQL schema name {schema:?}: use [a-z_][a-z0-9_]*, at most 63 characters"
         )))
     }
-}
-
-/// Maps a driver error: unreachable server or exhausted pool is `Unavailable`, the rest `Backend`.
-/// No message carries the connection URL.
-fn db(error: sqlx::Error) -> StoreError {
-    use sqlx::Error as E;
-    match error {
-        E::PoolTimedOut => StoreError::Unavailable("no PostgreSQL connection available in time".to_owned()),
-        E::PoolClosed => StoreError::Unavailable("the PostgreSQL pool is closed".to_owned()),
-        // Refused or unroutable: nothing was sent.
-        E::Io(e) if is_unreached(&e) => StoreError::Unavailable(format!("cannot reach PostgreSQL: {e}")),
-        // Lost mid-statement: whether it committed is unknown.
-        E::Io(e) => StoreError::Unanswered(format!("lost PostgreSQL: {e}")),
-        E::Tls(e) => StoreError::Unavailable(format!("TLS with PostgreSQL failed: {e}")),
-        E::WorkerCrashed => StoreError::Unanswered("the PostgreSQL connection worker crashed".to_owned()),
-        E::Database(e) if e.code().is_some_and(|c| is_unavailable_code(&c)) => {
-            StoreError::Unavailable(format!("PostgreSQL: {}", e.message()))
-        }
-        other => StoreError::Backend(other.to_string()),
-    }
-}
-
-/// Whether an I/O error means the server was never reached (so no statement was sent).
-fn is_unreached(error: &std::io::Error) -> bool {
-    use std::io::ErrorKind as K;
-    matches!(
-        error.kind(),
-        K::ConnectionRefused | K::NotFound | K::AddrNotAvailable | K::HostUnreachable | K::NetworkUnreachable
-    )
-}
-
-/// SQLSTATEs that mean "the server cannot serve now": connection exceptions, shutdown, too many
-/// connections, statement timeout.
-fn is_unavailable_code(code: &str) -> bool {
-    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03" | "53300" | "57014")
-}
-
-fn migrate_err(error: MigrateError) -> StoreError {
-    match error {
-        MigrateError::Execute(e) => db(e),
-        other => StoreError::Backend(format!("migration failed: {other}")),
-    }
-}
-
-fn is_unique_violation(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|e| e.is_unique_violation())
-}
-
-fn is_foreign_key_violation(error: &sqlx::Error) -> bool {
-    error.as_database_error().is_some_and(|e| e.is_foreign_key_violation())
-}
-
-/// JSON text exactly as serde writes it (key order kept); bound as text and cast to `json`.
-fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
-    // Serialising maps with string keys and serde_json values cannot fail.
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-fn decode(error: sqlx::Error) -> StoreError {
-    StoreError::Backend(format!("unexpected row from PostgreSQL: {error}"))
-}
-
-fn session_from_row(row: &PgRow) -> StoreResult<Session> {
-    let metadata: Json<Metadata> = row.try_get("metadata").map_err(decode)?;
-    let count: i64 = row.try_get("message_count").map_err(decode)?;
-    Ok(Session {
-        id: row.try_get("id").map_err(decode)?,
-        created_at: row.try_get("created_at").map_err(decode)?,
-        updated_at: row.try_get("updated_at").map_err(decode)?,
-        system_prompt: row.try_get("system_prompt").map_err(decode)?,
-        metadata: metadata.0,
-        message_count: to_u64(count),
-    })
-}
-
-/// The message of a `left join lateral` row, or `None` when the session has none.
-fn message_from_row(row: &PgRow, session_id: &str) -> StoreResult<Option<Message>> {
-    let Some(seq) = row.try_get::<Option<i64>, _>("seq").map_err(decode)? else {
-        return Ok(None);
-    };
-    let role: String = row.try_get("role").map_err(decode)?;
-    let metadata: Json<Metadata> = row.try_get("metadata").map_err(decode)?;
-    let tool_calls: Option<Json<Vec<ToolCall>>> = row.try_get("tool_calls").map_err(decode)?;
-    Ok(Some(Message {
-        id: row.try_get("id").map_err(decode)?,
-        session_id: session_id.to_owned(),
-        seq: to_u64(seq),
-        turn_id: row.try_get("turn_id").map_err(decode)?,
-        role: parse_role(&role)?,
-        content: row.try_get("content").map_err(decode)?,
-        metadata: metadata.0,
-        tool_calls: tool_calls.map(|c| c.0),
-        tool_call_id: row.try_get("tool_call_id").map_err(decode)?,
-        name: row.try_get("name").map_err(decode)?,
-        created_at: row.try_get("created_at").map_err(decode)?,
-        // Only the superseded view selects the column.
-        superseded_by: row.try_get::<Option<Uuid>, _>("superseded_by").unwrap_or(None),
-    }))
-}
-
-fn turn_from_row(row: &PgRow, session_id: &str) -> StoreResult<Turn> {
-    let status: String = row.try_get("status").map_err(decode)?;
-    let error: Option<Json<serde_json::Value>> = row.try_get("error").map_err(decode)?;
-    let usage: Option<Json<Usage>> = row.try_get("usage").map_err(decode)?;
-    Ok(Turn {
-        id: row.try_get("id").map_err(decode)?,
-        session_id: session_id.to_owned(),
-        status: parse_status(&status)?,
-        error: error.map(|e| e.0),
-        message_ids: row.try_get("message_ids").map_err(decode)?,
-        usage: usage.map(|u| u.0),
-        created_at: row.try_get("created_at").map_err(decode)?,
-        completed_at: row.try_get("completed_at").map_err(decode)?,
-    })
-}
-
-/// An existing idempotency record from its columns (the response as stored JSON text).
-fn idempotency_record(
-    fingerprint: String,
-    turn_id: Uuid,
-    response: Option<String>,
-) -> StoreResult<IdempotencyBegin> {
-    let response = response
-        .map(|text| serde_json::from_str(&text))
-        .transpose()
-        .map_err(|e| StoreError::Backend(format!("stored idempotent response is not JSON: {e}")))?;
-    Ok(IdempotencyBegin::Existing(IdempotencyRecord { fingerprint, turn_id, response }))
-}
-
-fn parse_role(text: &str) -> StoreResult<Role> {
-    match text {
-        "system" => Ok(Role::System),
-        "user" => Ok(Role::User),
-        "assistant" => Ok(Role::Assistant),
-        "tool" => Ok(Role::Tool),
-        other => Err(StoreError::Backend(format!("unknown message role {other:?} in PostgreSQL"))),
-    }
-}
-
-fn status_str(status: TurnStatus) -> &'static str {
-    match status {
-        TurnStatus::Running => "running",
-        TurnStatus::Completed => "completed",
-        TurnStatus::Failed => "failed",
-        TurnStatus::Cancelled => "cancelled",
-    }
-}
-
-fn parse_status(text: &str) -> StoreResult<TurnStatus> {
-    match text {
-        "running" => Ok(TurnStatus::Running),
-        "completed" => Ok(TurnStatus::Completed),
-        "failed" => Ok(TurnStatus::Failed),
-        "cancelled" => Ok(TurnStatus::Cancelled),
-        other => Err(StoreError::Backend(format!("unknown turn status {other:?} in PostgreSQL"))),
-    }
-}
-
-/// A batch split into one array per column, for `unnest`.
-struct Columns<'a> {
-    ids: Vec<Uuid>,
-    turn_ids: Vec<Uuid>,
-    roles: Vec<&'static str>,
-    contents: Vec<&'a str>,
-    metadata: Vec<String>,
-    tool_calls: Vec<Option<String>>,
-    tool_call_ids: Vec<Option<&'a str>>,
-    names: Vec<Option<&'a str>>,
-    created_at: Vec<DateTime<Utc>>,
-}
-
-impl<'a> Columns<'a> {
-    fn of(messages: &'a [Message]) -> Self {
-        Columns {
-            ids: messages.iter().map(|m| m.id).collect(),
-            turn_ids: messages.iter().map(|m| m.turn_id).collect(),
-            roles: messages.iter().map(|m| m.role.as_str()).collect(),
-            contents: messages.iter().map(|m| m.content.as_str()).collect(),
-            metadata: messages.iter().map(|m| json_text(&m.metadata)).collect(),
-            tool_calls: messages.iter().map(|m| m.tool_calls.as_ref().map(json_text)).collect(),
-            tool_call_ids: messages.iter().map(|m| m.tool_call_id.as_deref()).collect(),
-            names: messages.iter().map(|m| m.name.as_deref()).collect(),
-            created_at: messages.iter().map(|m| m.created_at).collect(),
-        }
-    }
-}
-
-/// The `on conflict` clause that makes a turn insert replace the record, unless the record is
-/// terminal already: a turn's outcome, once written, never changes.
-macro_rules! turn_upsert {
-    () => {
-        " on conflict (tenant, session_id, id) do update set status = excluded.status, \
-         error = excluded.error, message_ids = excluded.message_ids, usage = excluded.usage, \
-         created_at = excluded.created_at, completed_at = excluded.completed_at \
-         where turns.status = 'running'"
-    };
-}
-
-/// The filter every read applies to a session row aliased `s`.
-macro_rules! live {
-    () => {
-        "(s.expires_at is null or s.expires_at > now())"
-    };
-}
-
-/// One page of messages in direction `$dir`: a range scan of the messages primary key, joined
-/// to the live session so that a missing session yields no row and an empty one yields one row
-/// of nulls. Binds: tenant, session, after, before, limit.
-macro_rules! page_sql {
-    ($dir:literal) => {
-        concat!(
-            "select m.* from sessions s left join lateral (",
-            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at",
-            " from messages",
-            " where tenant = s.tenant and session_id = s.id",
-            " and seq > s.floor_seq and seq > $3 and seq < $4",
-            " order by seq ",
-            $dir,
-            " limit $5",
-            ") m on true where s.tenant = $1 and s.id = $2 and ",
-            live!(),
-            " order by m.seq ",
-            $dir
-        )
-    };
-}
-
-/// The one-statement append (see [`sql::APPEND`]), with `$release` spliced in as a last CTE
-/// (empty, or the lock release of [`sql::FINISH_TURN`]).
-macro_rules! append_sql {
-    ($release:literal) => {
-        concat!(
-            "with fence as (",
-            " select 1 from turn_locks where $22::uuid is not null and tenant = $1 and session_id = $2",
-            " and turn_id = $22::uuid and expires_at > now() for update",
-            "), pre as (",
-            " select last_seq, floor_seq from sessions",
-            " where tenant = $1 and id = $2 and (expires_at is null or expires_at > now())",
-            " and ($22::uuid is null or exists (select 1 from fence)) for update",
-            "), bounds as (",
-            " select pre.last_seq + $3 as last_seq, pre.floor_seq as old_floor,",
-            " case when $4::bigint is null then pre.floor_seq",
-            " else greatest(pre.floor_seq, pre.last_seq + $3 - $4::bigint) end as floor_seq from pre",
-            "), moved as (",
-            " delete from messages d using bounds where $23::bigint is not null and d.tenant = $1",
-            " and d.session_id = $2 and d.seq >= $23::bigint and d.seq > bounds.old_floor",
-            " returning d.*",
-            "), kept_moved as (",
-            " insert into superseded_messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
-            " tool_calls, tool_call_id, name, created_at, superseded_by)",
-            " select tenant, session_id, seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id,",
-            " name, created_at, $15::uuid from moved, bounds where moved.seq > bounds.floor_seq",
-            "), trimmed as (",
-            " delete from messages d using bounds where $4::bigint is not null and d.tenant = $1",
-            " and d.session_id = $2 and d.seq <= bounds.floor_seq",
-            " and ($23::bigint is null or d.seq < $23::bigint) returning (d.seq > bounds.old_floor) as counted",
-            "), trimmed_superseded as (",
-            " delete from superseded_messages d using bounds where $4::bigint is not null and d.tenant = $1",
-            " and d.session_id = $2 and d.seq <= bounds.floor_seq",
-            "), s as (",
-            " update sessions set last_seq = bounds.last_seq, floor_seq = bounds.floor_seq,",
-            " message_count = least(bounds.last_seq - bounds.floor_seq, greatest(0, sessions.message_count",
-            " + least($3, bounds.last_seq - bounds.floor_seq)",
-            " - (select count(*) from moved) - (select count(*) from trimmed where counted))),",
-            " updated_at = case when $3 > 0 or $23::bigint is not null then greatest(now(), updated_at)",
-            " else updated_at end,",
-            " expires_at = now() + $5::bigint * interval '1 microsecond'",
-            " from bounds where tenant = $1 and id = $2",
-            " returning sessions.last_seq",
-            "), ins as (",
-            " insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
-            " tool_calls, tool_call_id, name, created_at)",
-            " select $1, $2, s.last_seq - $3 + m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
-            " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
-            " from s, unnest($6::uuid[], $7::uuid[], $8::text[], $9::text[], $10::text[], $11::text[],",
-            " $12::text[], $13::text[], $14::timestamptz[]) with ordinality",
-            " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
-            " where $4::bigint is null or m.ord > $3 - $4::bigint",
-            "), saved_turn as (",
-            " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
-            " select $1, $2, $15::uuid, $16, $17::text::json, $18, $19, $20, $21 from s where $15::uuid is not null",
-            turn_upsert!(),
-            "), trimmed_turns as (",
-            " delete from turns t using s",
-            " where $4::bigint is not null and $15::uuid is not null and t.tenant = $1 and t.session_id = $2",
-            " and t.id <> $15::uuid and t.id <= (select o.id from turns o where o.tenant = $1",
-            " and o.session_id = $2 and o.id <> $15::uuid order by o.id desc offset $4::bigint - 1 limit 1)",
-            ")",
-            $release,
-            " select (select last_seq from s) as last_seq, exists (select 1 from sessions x",
-            " where x.tenant = $1 and x.id = $2 and (x.expires_at is null or x.expires_at > now())) as found"
-        )
-    };
-}
-
-/// One page over active and superseded messages together, in direction `$dir`: a range scan of
-/// each table's key, merged. Binds as [`page_sql!`].
-macro_rules! page_all_sql {
-    ($dir:literal) => {
-        concat!(
-            "select m.* from sessions s left join lateral (",
-            " select * from ((",
-            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at,",
-            " null::uuid as superseded_by from messages",
-            " where tenant = s.tenant and session_id = s.id and seq > s.floor_seq and seq > $3 and seq < $4",
-            " order by seq ",
-            $dir,
-            " limit $5",
-            ") union all (",
-            " select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at,",
-            " superseded_by from superseded_messages",
-            " where tenant = s.tenant and session_id = s.id and seq > s.floor_seq and seq > $3 and seq < $4",
-            " order by seq ",
-            $dir,
-            " limit $5",
-            ")) both_sets order by seq ",
-            $dir,
-            " limit $5",
-            ") m on true where s.tenant = $1 and s.id = $2 and ",
-            live!(),
-            " order by m.seq ",
-            $dir
-        )
-    };
-}
-
-/// The statements this store sends; public so that tests can `EXPLAIN` them.
-pub mod sql {
-    /// One page, oldest first. Binds: tenant, session, after, before, limit.
-    pub const PAGE_ASC: &str = page_sql!("asc");
-    /// One page (or the last N), newest first. Binds: tenant, session, after, before, limit.
-    pub const PAGE_DESC: &str = page_sql!("desc");
-    /// [`PAGE_ASC`] over active and superseded messages together.
-    pub const PAGE_ALL_ASC: &str = page_all_sql!("asc");
-    /// [`PAGE_DESC`] over active and superseded messages together.
-    pub const PAGE_ALL_DESC: &str = page_all_sql!("desc");
-
-    /// Creates a session. Binds: tenant, id, system prompt, metadata text, ttl in µs.
-    pub const CREATE_SESSION: &str = "insert into sessions \
-         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, expires_at) \
-         values ($1, $2, now(), now(), $3, $4::text::json, 0, 0, now() + $5::bigint * interval '1 microsecond') \
-         returning id, created_at, updated_at, system_prompt, metadata, message_count";
-
-    /// Serialises a tenant's capped session creations until the transaction ends. Binds: tenant.
-    pub const LOCK_TENANT_CREATIONS: &str =
-        "select pg_advisory_xact_lock(hashtextextended('parley.create_session:' || $1, 0))";
-
-    /// Deletes one session if it has expired. Binds: tenant, id.
-    pub const DROP_EXPIRED: &str =
-        "delete from sessions where tenant = $1 and id = $2 and expires_at <= now()";
-
-    /// Reads a live session. Binds: tenant, id.
-    pub const GET_SESSION: &str = concat!(
-        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
-        " where s.tenant = $1 and s.id = $2 and ",
-        live!()
-    );
-
-    /// The first page of the session list. Binds: tenant, limit.
-    pub const LIST_FIRST: &str = concat!(
-        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
-        " where s.tenant = $1 and ",
-        live!(),
-        " order by updated_at desc, id desc limit $2"
-    );
-
-    /// A later page of the session list. Binds: tenant, limit, cursor's updated_at, cursor's id.
-    pub const LIST_AFTER: &str = concat!(
-        "select id, created_at, updated_at, system_prompt, metadata, message_count from sessions s",
-        " where s.tenant = $1 and (updated_at, id) < ($3, $4) and ",
-        live!(),
-        " order by updated_at desc, id desc limit $2"
-    );
-
-    /// Replaces a live session's metadata (not its `updated_at`) and slides its TTL. Binds: tenant,
-    /// id, metadata text, ttl in µs.
-    pub const SET_SESSION_METADATA: &str = concat!(
-        "update sessions s set metadata = $3::text::json,",
-        " expires_at = now() + $4::bigint * interval '1 microsecond'",
-        " where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        " returning id, created_at, updated_at, system_prompt, metadata, message_count"
-    );
-
-    /// Deletes a session (cascading to its messages and turns); returns whether it was live.
-    /// Binds: tenant, id.
-    pub const DELETE_SESSION: &str = "delete from sessions where tenant = $1 and id = $2 \
-         returning (expires_at is null or expires_at > now()) as live";
-
-    /// The whole append in one statement. Binds: $1 tenant, $2 session, $3 batch size, $4 cap
-    /// (null: none), $5 ttl in µs (null: none), $6..$14 the message columns, $15..$21 the turn
-    /// (null id: no turn), $22 the fencing turn (null: none). Returns one row: the session's new
-    /// `last_seq` (null when nothing was written) and whether the session is live (`found`); a
-    /// live session with a null `last_seq` means the fence refused the write.
-    ///
-    /// `fence` row-locks the fencing turn's lock if it still holds it with a live lease, so no
-    /// other turn can take the session before this statement commits; `s` (only if the fence
-    /// held) row-locks the session and takes the next seqs; `ins` writes the batch (skipping what the
-    /// cap would drop at once); `trimmed` deletes what fell out of the window; `saved_turn` upserts the
-    /// turn. Rows that a concurrent appender committed after this statement's snapshot are
-    /// invisible to `trimmed`; they are outside the window already and the next trim deletes them.
-    /// Without a cap, `trimmed` stops at a one-time filter on `$4`: a generic plan cached while
-    /// the table was small would otherwise scan every message of every session on each append
-    /// (the benchmark's growth figure caught appends at 80 ms on a 100,000-message table).
-    pub const APPEND: &str = append_sql!("");
-
-    /// Ends a turn: [`APPEND`] fenced by the turn, plus the release of its session lock, in the
-    /// same statement. Binds: those of [`APPEND`], with $22 the turn.
-    pub const FINISH_TURN: &str = append_sql!(
-        ", released as (delete from turn_locks l using s where l.tenant = $1 and l.session_id = $2 and l.turn_id = $22::uuid)"
-    );
-
-    /// Starts a turn in one statement: claims the live session's lock for the turn (as
-    /// [`ACQUIRE_LOCK`]), records the turn when it got it (as [`PUT_TURN`]), and reads the
-    /// system prompt and the last messages. Binds: $1 tenant, $2 session, $3 turn id, $4 lease
-    /// in µs, $5 window size, $6..$11 the turn's status, error, message ids, usage, created_at,
-    /// completed_at. Returns one row per message of the window, oldest first (or one row of
-    /// null message columns), each with `found`, `acquired`, `holder` and `system_prompt`.
-    pub const BEGIN_TURN: &str = concat!(
-        "with s as (select s.tenant, s.id, s.system_prompt, s.floor_seq from sessions s",
-        " where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), took as (",
-        " insert into turn_locks as l (tenant, session_id, turn_id, expires_at, cancel_requested)",
-        " select s.tenant, s.id, $3, now() + $4::bigint * interval '1 microsecond', false from s",
-        " on conflict (tenant, session_id) do update set turn_id = excluded.turn_id,",
-        " expires_at = excluded.expires_at,",
-        " cancel_requested = l.cancel_requested and l.turn_id = excluded.turn_id and l.expires_at > now()",
-        " where l.expires_at <= now() or l.turn_id = excluded.turn_id",
-        " returning 1",
-        "), saved_turn as (",
-        " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
-        " select $1, $2, $3, $6, $7::text::json, $8, $9, $10, $11 from took",
-        turn_upsert!(),
-        "), head as (select exists (select 1 from s) as found, exists (select 1 from took) as acquired,",
-        " (select turn_id from turn_locks where tenant = $1 and session_id = $2 and expires_at > now()) as holder,",
-        " (select system_prompt from s) as system_prompt",
-        ") select h.found, h.acquired, h.holder, h.system_prompt, m.* from head h left join lateral (",
-        " select w.seq, w.id, w.turn_id, w.role, w.content, w.metadata, w.tool_calls, w.tool_call_id, w.name,",
-        " w.created_at from messages w where h.acquired and w.tenant = $1 and w.session_id = $2",
-        " and w.seq > (select s.floor_seq from s) order by w.seq desc limit $5",
-        ") m on true order by m.seq asc"
-    );
-
-    /// Empties a live session's window and returns its `last_seq`. Binds: tenant, id, ttl in µs.
-    pub const CLEAR_SESSION: &str = concat!(
-        "update sessions s set message_count = 0, floor_seq = last_seq, updated_at = greatest(now(), updated_at),",
-        " expires_at = now() + $3::bigint * interval '1 microsecond'",
-        " where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        " returning last_seq"
-    );
-
-    /// Deletes the messages a clear gave up. Binds: tenant, session, last seq.
-    pub const CLEAR_MESSAGES: &str = "with sup as (delete from superseded_messages \
-         where tenant = $1 and session_id = $2 and seq <= $3) \
-         delete from messages where tenant = $1 and session_id = $2 and seq <= $3";
-
-    /// Creates a session holding a fork's messages, in the transaction that counted the tenant's
-    /// sessions. Binds: tenant, id, system prompt, metadata text, ttl in µs, message count, the
-    /// number kept (the cap). Returns the session row, or no row when the id is taken.
-    pub const CREATE_SESSION_HOLDING: &str = "insert into sessions \
-         (tenant, id, created_at, updated_at, system_prompt, metadata, message_count, last_seq, floor_seq, expires_at) \
-         values ($1, $2, now(), now(), $3, $4::text::json, $7, $6, $6 - $7, now() + $5::bigint * interval '1 microsecond') \
-         on conflict (tenant, id) do nothing \
-         returning id, created_at, updated_at, system_prompt, metadata, message_count";
-
-    /// Writes a fork's messages with seqs from 1, skipping those under the floor. Binds: tenant,
-    /// session, floor seq, then the message columns as [`APPEND`]'s $6..$14.
-    pub const INSERT_MESSAGES: &str = concat!(
-        "insert into messages (tenant, session_id, seq, id, turn_id, role, content, metadata,",
-        " tool_calls, tool_call_id, name, created_at)",
-        " select $1, $2, m.ord, m.id, m.turn_id, m.role, m.content, m.metadata::json,",
-        " m.tool_calls::json, m.tool_call_id, m.name, m.created_at",
-        " from unnest($4::uuid[], $5::uuid[], $6::text[], $7::text[], $8::text[], $9::text[],",
-        " $10::text[], $11::text[], $12::timestamptz[]) with ordinality",
-        " as m(id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ord)",
-        " where m.ord > $3"
-    );
-
-    /// Creates or replaces a turn of a live session (a terminal record stays as it is). Binds:
-    /// tenant, session, then the turn's fields. Returns whether the session is live.
-    pub const PUT_TURN: &str = concat!(
-        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), put as (",
-        " insert into turns (tenant, session_id, id, status, error, message_ids, usage, created_at, completed_at)",
-        " select $1, $2, $3, $4, $5::text::json, $6, $7, $8, $9 from s",
-        turn_upsert!(),
-        ") select exists (select 1 from s)"
-    );
-
-    /// Reads a turn of a live session. Binds: tenant, session, turn id.
-    pub const GET_TURN: &str = concat!(
-        "select t.id, t.status, t.error, t.message_ids, t.usage, t.created_at, t.completed_at",
-        " from turns t join sessions s on s.tenant = t.tenant and s.id = t.session_id",
-        " where t.tenant = $1 and t.session_id = $2 and t.id = $3 and ",
-        live!()
-    );
-
-    /// Claims a live session for a turn: inserts the lock, or takes over a row whose lease ran out
-    /// (or that the same turn holds, keeping its cancel flag). Binds: tenant, session, turn id,
-    /// lease in µs. Returns one row: whether the session is live, whether the turn got the lock,
-    /// and the holder this statement's snapshot saw (the other turn, when it did not).
-    pub const ACQUIRE_LOCK: &str = concat!(
-        "with s as (select s.tenant, s.id from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), took as (",
-        " insert into turn_locks as l (tenant, session_id, turn_id, expires_at, cancel_requested)",
-        " select s.tenant, s.id, $3, now() + $4::bigint * interval '1 microsecond', false from s",
-        " on conflict (tenant, session_id) do update set turn_id = excluded.turn_id,",
-        " expires_at = excluded.expires_at,",
-        " cancel_requested = l.cancel_requested and l.turn_id = excluded.turn_id and l.expires_at > now()",
-        " where l.expires_at <= now() or l.turn_id = excluded.turn_id",
-        " returning 1",
-        ") select exists (select 1 from s) as found, exists (select 1 from took) as acquired,",
-        " (select turn_id from turn_locks where tenant = $1 and session_id = $2 and expires_at > now())",
-        " as holder"
-    );
-
-    /// Extends the lease of the turn holding a live session. Binds: tenant, session, turn id, lease
-    /// in µs. Returns `cancel_requested`, or no row when the turn does not hold the session.
-    pub const RENEW_LOCK: &str = concat!(
-        "update turn_locks set expires_at = now() + $4::bigint * interval '1 microsecond'",
-        " where tenant = $1 and session_id = $2 and turn_id = $3 and expires_at > now()",
-        " and exists (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        ") returning cancel_requested"
-    );
-
-    /// Extends the leases of many turns at once. Binds: tenants, sessions, turn ids (arrays of one
-    /// length), lease in µs. Returns `(ord, cancel_requested)` for each turn that still holds its
-    /// live session, `ord` being its 1-based position in the arrays.
-    pub const RENEW_LOCKS: &str = concat!(
-        "update turn_locks l set expires_at = now() + $4::bigint * interval '1 microsecond'",
-        " from unnest($1::text[], $2::text[], $3::uuid[]) with ordinality as r(tenant, session_id, turn_id, ord)",
-        " where l.tenant = r.tenant and l.session_id = r.session_id and l.turn_id = r.turn_id",
-        " and l.expires_at > now()",
-        " and exists (select 1 from sessions s where s.tenant = r.tenant and s.id = r.session_id and ",
-        live!(),
-        ") returning r.ord, l.cancel_requested"
-    );
-
-    /// Deletes the lock if the turn holds it. Binds: tenant, session, turn id.
-    pub const RELEASE_LOCK: &str =
-        "delete from turn_locks where tenant = $1 and session_id = $2 and turn_id = $3";
-
-    /// The turn holding a live session. Binds: tenant, session. No row when the session is missing;
-    /// a null `turn_id` when no turn holds it.
-    pub const LOCK_HOLDER: &str = concat!(
-        "select l.turn_id from sessions s left join turn_locks l",
-        " on l.tenant = s.tenant and l.session_id = s.id and l.expires_at > now()",
-        " where s.tenant = $1 and s.id = $2 and ",
-        live!()
-    );
-
-    /// Flags a cancel request if the turn holds the live session. Binds: tenant, session, turn id.
-    /// Returns whether the session is live and whether the flag was set.
-    pub const CANCEL_LOCK: &str = concat!(
-        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), flagged as (",
-        " update turn_locks l set cancel_requested = true from s",
-        " where l.tenant = $1 and l.session_id = $2 and l.turn_id = $3 and l.expires_at > now()",
-        " returning 1",
-        ") select exists (select 1 from s) as found, exists (select 1 from flagged) as flagged"
-    );
-
-    /// Remembers an idempotency key of a live session unless a live record has it, and deletes the
-    /// session's other expired keys. Binds: tenant, session, key, fingerprint, turn id, ttl in µs.
-    /// Returns one row: whether the session is live, whether the key was stored, and the live
-    /// record this statement's snapshot saw (null when none).
-    pub const BEGIN_IDEMPOTENT: &str = concat!(
-        "with s as (select s.tenant, s.id from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), purged as (",
-        " delete from idempotency_keys",
-        " where tenant = $1 and session_id = $2 and key <> $3 and expires_at <= now()",
-        "), took as (",
-        " insert into idempotency_keys as k (tenant, session_id, key, fingerprint, turn_id, expires_at)",
-        " select s.tenant, s.id, $3, $4, $5, now() + $6::bigint * interval '1 microsecond' from s",
-        " on conflict (tenant, session_id, key) do update set fingerprint = excluded.fingerprint,",
-        " turn_id = excluded.turn_id, response = null, expires_at = excluded.expires_at",
-        " where k.expires_at <= now()",
-        " returning 1",
-        ") select exists (select 1 from s) as found, exists (select 1 from took) as started,",
-        " k.fingerprint, k.turn_id, k.response::text as response",
-        " from (select 1) as one left join idempotency_keys k",
-        " on k.tenant = $1 and k.session_id = $2 and k.key = $3 and k.expires_at > now()"
-    );
-
-    /// Saves the response of a live idempotency key and restarts its ttl. Binds: tenant, session,
-    /// key, response JSON text, ttl in µs. Returns whether the session is live.
-    pub const COMPLETE_IDEMPOTENT: &str = concat!(
-        "with s as (select 1 from sessions s where s.tenant = $1 and s.id = $2 and ",
-        live!(),
-        "), saved as (",
-        " update idempotency_keys k set response = $4::text::json,",
-        " expires_at = now() + $5::bigint * interval '1 microsecond' from s",
-        " where k.tenant = $1 and k.session_id = $2 and k.key = $3 and k.expires_at > now()",
-        ") select exists (select 1 from s)"
-    );
-
-    /// Forgets an idempotency key. Binds: tenant, session, key.
-    pub const ABORT_IDEMPOTENT: &str =
-        "delete from idempotency_keys where tenant = $1 and session_id = $2 and key = $3";
-
-    /// Deletes up to `$1` expired idempotency keys, skipping rows others hold.
-    pub const SWEEP_IDEMPOTENCY: &str = "delete from idempotency_keys where (tenant, session_id, key) in (\
-         select tenant, session_id, key from idempotency_keys where expires_at <= now() \
-         order by expires_at limit $1 for update skip locked)";
-    /// Counts a tenant's live sessions (an index-only range of `sessions_list_idx`, mostly).
-    /// Binds: tenant.
-    pub const COUNT_SESSIONS: &str =
-        concat!("select count(*) from sessions s where s.tenant = $1 and ", live!());
-
-    /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
-    pub const SWEEP: &str = "delete from sessions where (tenant, id) in (\
-         select tenant, id from sessions where expires_at <= now() \
-         order by expires_at limit $1 for update skip locked)";
 }
 
 #[async_trait]
@@ -1239,9 +596,8 @@ impl ConversationStore for PgStore {
                 sqlx::query(LIST_AFTER).bind(tenant).bind(fetch).bind(at).bind(c.id.as_str())
             }
         };
-        let rows = self.timed(query.fetch_all(&self.conns)).await?;
-        let has_more = rows.len() > limit;
-        let sessions = rows.iter().take(limit).map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let (rows, has_more) = page_of(self.timed(query.fetch_all(&self.conns)).await?, limit);
+        let sessions = rows.iter().map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
         Ok(SessionPage { sessions, has_more })
     }
 
@@ -1334,12 +690,11 @@ impl ConversationStore for PgStore {
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
         let bounds = (query.after.unwrap_or(0), query.before.unwrap_or(u64::MAX));
         let fetch = query.limit.saturating_add(1);
-        let mut messages = self
+        let fetched = self
             .window(tenant, session_id, (query.order, query.include_superseded), bounds, fetch)
             .await?
             .ok_or(StoreError::SessionNotFound)?;
-        let has_more = messages.len() > query.limit;
-        messages.truncate(query.limit);
+        let (messages, has_more) = page_of(fetched, query.limit);
         Ok(MessagePage { messages, has_more })
     }
 

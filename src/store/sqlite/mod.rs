@@ -18,154 +18,49 @@
 //! the path; one that fails later (a full disk, a lock held by another program) answers
 //! [`StoreError::Unavailable`], so the API answers 503 `store_unavailable` and nothing is half
 //! written.
+//!
+//! # Files
+//! - `mod.rs` (this file): the options, the store and its [`ConversationStore`] implementation.
+//! - [`sql`]: every statement, one file each in `sql/*.sql`.
+//! - `tx.rs`: the write and read transactions (`write_tx!`, `read_tx!`).
+//! - `owner.rs`: the `<path>.lock` that keeps a second parley off the file.
+//! - `rows.rs`: rows to sessions, messages and turns.
+//! - `errors.rs`: driver errors to store errors.
+
+#[macro_use]
+mod tx;
+mod errors;
+mod owner;
+mod rows;
+pub mod sql;
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use sqlx::migrate::{MigrateError, Migrator};
+use sqlx::migrate::Migrator;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Row, Sqlite, SqliteConnection, Transaction};
+use sqlx::{Row, Sqlite, SqliteConnection};
 use uuid::Uuid;
 
+pub use super::sql_common::SWEEP_BATCH;
+use super::sql_common::{json_text, micros, page_of, spawn_sweeper, status_str, to_i64, to_u64};
 use super::{
     AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
     LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
     TurnBegin,
 };
-use crate::domain::{
-    Message, Metadata, NewSession, Role, Session, ToolCall, Turn, TurnStatus, Usage, WindowMessage, now,
-};
-
-/// Runs `$body` (a block that may use `?`) with `$conn`, the writer connection, in a
-/// `BEGIN IMMEDIATE` transaction: committed if it returns `Ok`, rolled back otherwise. The whole
-/// is bounded by the operation timeout; a timeout before the transaction began is `Unavailable`
-/// (nothing was sent), after it `Unanswered`.
-macro_rules! write_tx {
-    ($store:expr, |$conn:ident| $body:block) => {{
-        let store: &SqliteStore = $store;
-        let began = std::sync::atomic::AtomicBool::new(false);
-        let work = async {
-            let mut guard = WriteGuard::begin(&store.writer).await?;
-            began.store(true, std::sync::atomic::Ordering::Relaxed);
-            let outcome = {
-                let $conn: &mut SqliteConnection = guard.conn();
-                async move { $body }.await
-            };
-            guard.settle(outcome).await
-        };
-        match tokio::time::timeout(store.op_timeout, work).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(store.timed_out(began.load(std::sync::atomic::Ordering::Relaxed))),
-        }
-    }};
-}
-
-/// The writer connection inside a `BEGIN IMMEDIATE` transaction that parley opened itself (not
-/// sqlx's `Transaction`, whose depth count goes wrong when SQLite rolls back on its own, as on a
-/// full disk). If the transaction may still be open when the guard goes (a timeout dropped the
-/// operation, or a rollback failed), the connection is closed instead of pooled, which makes
-/// SQLite roll back, and the next write opens a fresh one.
-struct WriteGuard {
-    conn: sqlx::pool::PoolConnection<Sqlite>,
-    open: bool,
-}
-
-impl WriteGuard {
-    async fn begin(pool: &SqlitePool) -> StoreResult<Self> {
-        let conn = pool.acquire().await.map_err(db)?;
-        let mut guard = WriteGuard { conn, open: true };
-        match sqlx::query("begin immediate").execute(&mut *guard.conn).await {
-            Ok(_) => Ok(guard),
-            Err(e) => {
-                // No transaction began (busy past the timeout, an unusable file).
-                guard.open = false;
-                Err(db(e))
-            }
-        }
-    }
-
-    fn conn(&mut self) -> &mut SqliteConnection {
-        &mut self.conn
-    }
-
-    /// Commits if `outcome` is `Ok`, else rolls back.
-    async fn settle<T>(mut self, outcome: StoreResult<T>) -> StoreResult<T> {
-        let result = match outcome {
-            Ok(value) => match sqlx::query("commit").execute(&mut *self.conn).await {
-                Ok(_) => {
-                    self.open = false;
-                    return Ok(value);
-                }
-                Err(e) => Err(db(e)),
-            },
-            Err(e) => Err(e),
-        };
-        // SQLite may have rolled back already (a full disk does): then this fails, and the
-        // connection is closed on drop to be sure.
-        if sqlx::query("rollback").execute(&mut *self.conn).await.is_ok() {
-            self.open = false;
-        }
-        result
-    }
-}
-
-impl Drop for WriteGuard {
-    fn drop(&mut self) {
-        if self.open {
-            self.conn.close_on_drop();
-        }
-    }
-}
-
-/// Runs `$body` with `$conn`, a reader connection, in one read transaction (one committed
-/// state), within the operation timeout.
-macro_rules! read_tx {
-    ($store:expr, |$conn:ident| $body:block) => {{
-        let store: &SqliteStore = $store;
-        let work = async {
-            let mut tx = store.readers.begin().await.map_err(db)?;
-            let outcome = {
-                let $conn: &mut SqliteConnection = &mut tx;
-                async move { $body }.await
-            };
-            settle_read(tx, outcome).await
-        };
-        match tokio::time::timeout(store.op_timeout, work).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(store.timed_out(false)),
-        }
-    }};
-}
-
-/// Ends a read transaction.
-async fn settle_read<T>(tx: Transaction<'static, Sqlite>, outcome: StoreResult<T>) -> StoreResult<T> {
-    match outcome {
-        Ok(value) => {
-            tx.commit().await.map_err(db)?;
-            Ok(value)
-        }
-        Err(e) => {
-            // A failed rollback leaves nothing applied either: SQLite rolls back on its own.
-            let _ = tx.rollback().await;
-            Err(e)
-        }
-    }
-}
+use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage, now};
+use errors::{db, migrate_err};
+use owner::take_ownership;
+use rows::{decode, from_json, message_from_row, session_from_row, turn_from_row};
 
 /// The embedded migrations (`migrations/sqlite/`).
 pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations/sqlite");
-
-/// Most expired sessions (or keys) the sweeper deletes in one transaction.
-pub const SWEEP_BATCH: i64 = 500;
-
-/// Longest TTL or lease applied (about 1000 years), so that `now + ttl` stays a valid time.
-const MAX_TTL_MICROS: i64 = 1000 * 366 * 24 * 3600 * 1_000_000;
 
 /// Where the database lives and how the store behaves.
 #[derive(Debug, Clone)]
@@ -294,20 +189,7 @@ impl SqliteStore {
     /// Runs [`SqliteStore::sweep_expired`] every `every` (at least 10 ms) until the store is
     /// dropped or the handle aborted. Errors are logged and retried at the next tick.
     pub fn spawn_ttl_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
-        let store = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every.max(Duration::from_millis(10)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let Some(store) = store.upgrade() else { return };
-                match store.sweep_expired().await {
-                    Ok(0) => {}
-                    Ok(n) => tracing::debug!(sessions = n, "swept expired sessions"),
-                    Err(error) => tracing::warn!(%error, "sweeping expired sessions failed"),
-                }
-            }
-        })
+        spawn_sweeper(self, every, |store| async move { store.sweep_expired().await })
     }
 
     /// The error of an operation that ran out of time; `sent` if a write transaction had begun.
@@ -325,47 +207,6 @@ impl SqliteStore {
     }
 }
 
-/// Takes the exclusive lock on `<path>.lock`, trying for a second: a parley that is stopping (or
-/// a child process between its fork and its exec, which holds a copy of the lock for that
-/// moment) lets go of it soon.
-async fn take_ownership(path: &Path) -> StoreResult<File> {
-    let mut attempt = 0;
-    loop {
-        attempt += 1;
-        if let Some(file) = try_ownership(path, attempt >= 20)? {
-            return Ok(file);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// One attempt of [`take_ownership`]: `None` if the lock is held, unless this is the `last`
-/// attempt, which says which file another parley holds.
-fn try_ownership(path: &Path, last: bool) -> StoreResult<Option<File>> {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".lock");
-    let lock_path = PathBuf::from(name);
-    let file = File::options()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(|e| StoreError::Unavailable(format!("cannot open {}: {e}", lock_path.display())))?;
-    match file.try_lock() {
-        Ok(()) => Ok(Some(file)),
-        Err(std::fs::TryLockError::WouldBlock) if !last => Ok(None),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Unavailable(format!(
-            "the SQLite database {} is in use by another parley (it holds {}); stop it, or set \
-             PARLEY_SQLITE_PATH to another file (several replicas need PARLEY_STORE=postgres or redis)",
-            path.display(),
-            lock_path.display()
-        ))),
-        Err(std::fs::TryLockError::Error(e)) => {
-            Err(StoreError::Unavailable(format!("cannot lock {}: {e}", lock_path.display())))
-        }
-    }
-}
-
 /// An open failure, with the file named.
 fn opening(path: &str, error: StoreError) -> StoreError {
     StoreError::Unavailable(format!("cannot use the SQLite database {path}: {error}"))
@@ -380,358 +221,6 @@ async fn exec(
 
 fn now_micros() -> i64 {
     now().timestamp_micros()
-}
-
-fn micros(duration: Duration) -> i64 {
-    i64::try_from(duration.as_micros()).unwrap_or(i64::MAX).min(MAX_TTL_MICROS)
-}
-
-fn time(micros: i64) -> StoreResult<DateTime<Utc>> {
-    DateTime::from_timestamp_micros(micros)
-        .ok_or_else(|| StoreError::Backend(format!("invalid time {micros} in SQLite")))
-}
-
-fn to_i64(n: u64) -> i64 {
-    i64::try_from(n).unwrap_or(i64::MAX)
-}
-
-fn to_u64(n: i64) -> u64 {
-    u64::try_from(n).unwrap_or(0)
-}
-
-/// Maps a driver error. Every failure of the file itself (busy past the timeout, locked,
-/// read-only, I/O, corrupt, full, cannot open, not a database) is `Unavailable`: SQLite rolls a
-/// failed transaction back, so nothing was applied.
-fn db(error: sqlx::Error) -> StoreError {
-    use sqlx::Error as E;
-    match error {
-        E::PoolTimedOut => StoreError::Unavailable("the SQLite writer was busy for too long".to_owned()),
-        E::PoolClosed => StoreError::Unavailable("the SQLite store is closed".to_owned()),
-        E::Io(e) => StoreError::Unavailable(format!("SQLite I/O: {e}")),
-        E::Database(e) => {
-            let primary = e.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff);
-            // BUSY, LOCKED, READONLY, IOERR, CORRUPT, FULL, CANTOPEN, PROTOCOL, NOTADB.
-            if primary.is_some_and(|c| matches!(c, 5 | 6 | 8 | 10 | 11 | 13 | 14 | 15 | 26)) {
-                StoreError::Unavailable(format!("SQLite: {}", e.message()))
-            } else {
-                StoreError::Backend(format!("SQLite: {}", e.message()))
-            }
-        }
-        other => StoreError::Backend(other.to_string()),
-    }
-}
-
-fn migrate_err(error: MigrateError) -> StoreError {
-    match error {
-        MigrateError::Execute(e) => db(e),
-        other => StoreError::Backend(format!("migration failed: {other}")),
-    }
-}
-
-fn decode(error: sqlx::Error) -> StoreError {
-    StoreError::Backend(format!("unexpected row from SQLite: {error}"))
-}
-
-/// JSON text exactly as serde writes it (key order kept).
-fn json_text<T: serde::Serialize + ?Sized>(value: &T) -> String {
-    serde_json::to_string(value).unwrap_or_else(|_| "null".to_owned())
-}
-
-fn from_json<T: serde::de::DeserializeOwned>(text: &str) -> StoreResult<T> {
-    serde_json::from_str(text).map_err(|e| StoreError::Backend(format!("invalid JSON in SQLite: {e}")))
-}
-
-fn session_from_row(row: &SqliteRow) -> StoreResult<Session> {
-    let metadata: String = row.try_get("metadata").map_err(decode)?;
-    Ok(Session {
-        id: row.try_get("id").map_err(decode)?,
-        created_at: time(row.try_get("created_at").map_err(decode)?)?,
-        updated_at: time(row.try_get("updated_at").map_err(decode)?)?,
-        system_prompt: row.try_get("system_prompt").map_err(decode)?,
-        metadata: from_json(&metadata)?,
-        message_count: to_u64(row.try_get("message_count").map_err(decode)?),
-    })
-}
-
-fn message_from_row(row: &SqliteRow, session_id: &str) -> StoreResult<Message> {
-    let role: String = row.try_get("role").map_err(decode)?;
-    let metadata: String = row.try_get("metadata").map_err(decode)?;
-    let tool_calls: Option<String> = row.try_get("tool_calls").map_err(decode)?;
-    Ok(Message {
-        id: row.try_get("id").map_err(decode)?,
-        session_id: session_id.to_owned(),
-        seq: to_u64(row.try_get("seq").map_err(decode)?),
-        turn_id: row.try_get("turn_id").map_err(decode)?,
-        role: parse_role(&role)?,
-        content: row.try_get("content").map_err(decode)?,
-        metadata: from_json(&metadata)?,
-        tool_calls: tool_calls.map(|t| from_json::<Vec<ToolCall>>(&t)).transpose()?,
-        tool_call_id: row.try_get("tool_call_id").map_err(decode)?,
-        name: row.try_get("name").map_err(decode)?,
-        created_at: time(row.try_get("created_at").map_err(decode)?)?,
-        superseded_by: row.try_get::<Option<Uuid>, _>("superseded_by").map_err(decode)?,
-    })
-}
-
-fn turn_from_row(row: &SqliteRow, session_id: &str) -> StoreResult<Turn> {
-    let status: String = row.try_get("status").map_err(decode)?;
-    let error: Option<String> = row.try_get("error").map_err(decode)?;
-    let ids: String = row.try_get("message_ids").map_err(decode)?;
-    let usage: Option<String> = row.try_get("usage").map_err(decode)?;
-    let completed_at: Option<i64> = row.try_get("completed_at").map_err(decode)?;
-    Ok(Turn {
-        id: row.try_get("id").map_err(decode)?,
-        session_id: session_id.to_owned(),
-        status: parse_status(&status)?,
-        error: error.map(|e| from_json(&e)).transpose()?,
-        message_ids: from_json(&ids)?,
-        usage: usage.map(|u| from_json::<Usage>(&u)).transpose()?,
-        created_at: time(row.try_get("created_at").map_err(decode)?)?,
-        completed_at: completed_at.map(time).transpose()?,
-    })
-}
-
-fn parse_role(text: &str) -> StoreResult<Role> {
-    match text {
-        "system" => Ok(Role::System),
-        "user" => Ok(Role::User),
-        "assistant" => Ok(Role::Assistant),
-        "tool" => Ok(Role::Tool),
-        other => Err(StoreError::Backend(format!("unknown message role {other:?} in SQLite"))),
-    }
-}
-
-fn status_str(status: TurnStatus) -> &'static str {
-    match status {
-        TurnStatus::Running => "running",
-        TurnStatus::Completed => "completed",
-        TurnStatus::Failed => "failed",
-        TurnStatus::Cancelled => "cancelled",
-    }
-}
-
-fn parse_status(text: &str) -> StoreResult<TurnStatus> {
-    match text {
-        "running" => Ok(TurnStatus::Running),
-        "completed" => Ok(TurnStatus::Completed),
-        "failed" => Ok(TurnStatus::Failed),
-        "cancelled" => Ok(TurnStatus::Cancelled),
-        other => Err(StoreError::Backend(format!("unknown turn status {other:?} in SQLite"))),
-    }
-}
-
-/// The statements this store sends. `?N` placeholders; times in µs since the epoch.
-pub mod sql {
-    /// The columns of a session row.
-    macro_rules! session_cols {
-        () => {
-            "id, created_at, updated_at, system_prompt, metadata, message_count"
-        };
-    }
-
-    /// The columns of a message row (without `superseded_by`).
-    macro_rules! message_cols {
-        () => {
-            "seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at"
-        };
-    }
-
-    /// A live session. Binds: tenant, id, now.
-    pub const GET_SESSION: &str = concat!(
-        "select ",
-        session_cols!(),
-        " from sessions where tenant = ?1 and id = ?2 and (expires_at is null or expires_at > ?3)"
-    );
-
-    /// The first page of the list. Binds: tenant, now, limit.
-    pub const LIST_FIRST: &str = concat!(
-        "select ",
-        session_cols!(),
-        " from sessions where tenant = ?1 and (expires_at is null or expires_at > ?2)",
-        " order by updated_at desc, id desc limit ?3"
-    );
-
-    /// A later page of the list. Binds: tenant, now, limit, cursor's updated_at, cursor's id.
-    pub const LIST_AFTER: &str = concat!(
-        "select ",
-        session_cols!(),
-        " from sessions where tenant = ?1 and (expires_at is null or expires_at > ?2)",
-        " and (updated_at, id) < (?4, ?5) order by updated_at desc, id desc limit ?3"
-    );
-
-    /// Counts a tenant's live sessions. Binds: tenant, now.
-    pub const COUNT_SESSIONS: &str =
-        "select count(*) from sessions where tenant = ?1 and (expires_at is null or expires_at > ?2)";
-
-    /// Deletes one session if it has expired. Binds: tenant, id, now.
-    pub const DROP_EXPIRED: &str = "delete from sessions where tenant = ?1 and id = ?2 and expires_at <= ?3";
-
-    /// Creates a session unless the id is taken (then no row). Binds: tenant, id, system prompt,
-    /// metadata, now, expires_at, message count, last seq, floor seq.
-    pub const CREATE_SESSION: &str = concat!(
-        "insert into sessions (tenant, id, created_at, updated_at, system_prompt, metadata,",
-        " message_count, last_seq, floor_seq, expires_at)",
-        " values (?1, ?2, ?5, ?5, ?3, ?4, ?7, ?8, ?9, ?6) on conflict (tenant, id) do nothing returning ",
-        session_cols!()
-    );
-
-    /// Writes one message. Binds: tenant, session, seq, then the message's columns.
-    pub const INSERT_MESSAGE: &str = concat!(
-        "insert into messages (tenant, session_id, ",
-        message_cols!(),
-        ") values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
-    );
-
-    /// A live session's counters. Binds: tenant, id, now.
-    pub const SESSION_STATE: &str = "select last_seq, floor_seq, message_count, updated_at, system_prompt \
-         from sessions where tenant = ?1 and id = ?2 and (expires_at is null or expires_at > ?3)";
-
-    /// Saves a session's counters after a write. Binds: tenant, id, last seq, floor seq, message
-    /// count, updated_at, expires_at.
-    pub const SAVE_STATE: &str = "update sessions set last_seq = ?3, floor_seq = ?4, message_count = ?5, \
-         updated_at = ?6, expires_at = ?7 where tenant = ?1 and id = ?2";
-
-    /// Whether a turn holds a session with a live lease. Binds: tenant, session, turn, now.
-    pub const FENCE: &str = "select 1 from turn_locks where tenant = ?1 and session_id = ?2 and turn_id = ?3 \
-         and expires_at > ?4";
-
-    /// Moves active messages from a seq on to the superseded ones. Binds: tenant, session, from
-    /// seq, the superseding turn.
-    pub const SUPERSEDE: &str = concat!(
-        "insert into superseded_messages (tenant, session_id, ",
-        message_cols!(),
-        ", superseded_by) select tenant, session_id, ",
-        message_cols!(),
-        ", ?4 from messages where tenant = ?1 and session_id = ?2 and seq >= ?3"
-    );
-
-    /// Deletes active messages from a seq on. Binds: tenant, session, from seq.
-    pub const DELETE_FROM: &str = "delete from messages where tenant = ?1 and session_id = ?2 and seq >= ?3";
-
-    /// Deletes active messages up to a seq. Binds: tenant, session, seq.
-    pub const TRIM: &str = "delete from messages where tenant = ?1 and session_id = ?2 and seq <= ?3";
-
-    /// Deletes superseded messages up to a seq. Binds: tenant, session, seq.
-    pub const TRIM_SUPERSEDED: &str =
-        "delete from superseded_messages where tenant = ?1 and session_id = ?2 and seq <= ?3";
-
-    /// Creates or replaces a turn record, unless it is terminal already. Binds: tenant, session,
-    /// id, status, error, message ids, usage, created_at, completed_at.
-    pub const PUT_TURN: &str = "insert into turns (tenant, session_id, id, status, error, message_ids, usage, \
-         created_at, completed_at) values (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9) \
-         on conflict (tenant, session_id, id) do update set status = excluded.status, error = excluded.error, \
-         message_ids = excluded.message_ids, usage = excluded.usage, created_at = excluded.created_at, \
-         completed_at = excluded.completed_at where turns.status = 'running'";
-
-    /// Keeps the newest `cap` turn records (the given turn among them). Binds: tenant, session,
-    /// turn, cap.
-    pub const TRIM_TURNS: &str = "delete from turns where tenant = ?1 and session_id = ?2 and id <> ?3 \
-         and id <= (select id from turns where tenant = ?1 and session_id = ?2 and id <> ?3 \
-         order by id desc limit 1 offset ?4 - 1)";
-
-    /// A turn record of a live session. Binds: tenant, session, turn, now.
-    pub const GET_TURN: &str = "select t.id, t.status, t.error, t.message_ids, t.usage, t.created_at, \
-         t.completed_at from turns t join sessions s on s.tenant = t.tenant and s.id = t.session_id \
-         where t.tenant = ?1 and t.session_id = ?2 and t.id = ?3 \
-         and (s.expires_at is null or s.expires_at > ?4)";
-
-    /// A page of active messages, oldest first. Binds: tenant, session, above seq, below seq, limit.
-    pub const PAGE_ASC: &str = concat!(
-        "select ",
-        message_cols!(),
-        ", null as superseded_by from messages where tenant = ?1 and session_id = ?2",
-        " and seq > ?3 and seq < ?4 order by seq asc limit ?5"
-    );
-
-    /// [`PAGE_ASC`], newest first.
-    pub const PAGE_DESC: &str = concat!(
-        "select ",
-        message_cols!(),
-        ", null as superseded_by from messages where tenant = ?1 and session_id = ?2",
-        " and seq > ?3 and seq < ?4 order by seq desc limit ?5"
-    );
-
-    /// A page over active and superseded messages, merged. Binds as [`PAGE_ASC`].
-    macro_rules! page_all {
-        ($dir:literal) => {
-            concat!(
-                "select * from (select ",
-                message_cols!(),
-                ", null as superseded_by from messages where tenant = ?1 and session_id = ?2",
-                " and seq > ?3 and seq < ?4 order by seq ",
-                $dir,
-                " limit ?5) union all select * from (select ",
-                message_cols!(),
-                ", superseded_by from superseded_messages where tenant = ?1 and session_id = ?2",
-                " and seq > ?3 and seq < ?4 order by seq ",
-                $dir,
-                " limit ?5) order by seq ",
-                $dir,
-                " limit ?5"
-            )
-        };
-    }
-
-    /// [`PAGE_ASC`] over active and superseded messages.
-    pub const PAGE_ALL_ASC: &str = page_all!("asc");
-    /// [`PAGE_DESC`] over active and superseded messages.
-    pub const PAGE_ALL_DESC: &str = page_all!("desc");
-
-    /// The lock row of a session. Binds: tenant, session.
-    pub const LOCK_ROW: &str =
-        "select turn_id, expires_at, cancel_requested from turn_locks where tenant = ?1 and session_id = ?2";
-
-    /// Claims a session for a turn. Binds: tenant, session, turn, expires_at, cancel flag kept.
-    pub const TAKE_LOCK: &str = "insert into turn_locks (tenant, session_id, turn_id, expires_at, cancel_requested) \
-         values (?1, ?2, ?3, ?4, ?5) on conflict (tenant, session_id) do update set turn_id = excluded.turn_id, \
-         expires_at = excluded.expires_at, cancel_requested = excluded.cancel_requested";
-
-    /// Extends a held lease. Binds: tenant, session, turn, now, new expires_at. Returns the cancel flag.
-    pub const RENEW_LOCK: &str = "update turn_locks set expires_at = ?5 where tenant = ?1 and session_id = ?2 \
-         and turn_id = ?3 and expires_at > ?4 and exists (select 1 from sessions s where s.tenant = ?1 \
-         and s.id = ?2 and (s.expires_at is null or s.expires_at > ?4)) returning cancel_requested";
-
-    /// Releases the lock if the turn holds it. Binds: tenant, session, turn.
-    pub const RELEASE_LOCK: &str =
-        "delete from turn_locks where tenant = ?1 and session_id = ?2 and turn_id = ?3";
-
-    /// The turn holding a live session (null: none; no row: no session). Binds: tenant, session, now.
-    pub const LOCK_HOLDER: &str = "select l.turn_id from sessions s left join turn_locks l \
-         on l.tenant = s.tenant and l.session_id = s.id and l.expires_at > ?3 \
-         where s.tenant = ?1 and s.id = ?2 and (s.expires_at is null or s.expires_at > ?3)";
-
-    /// Flags a cancel request. Binds: tenant, session, turn, now.
-    pub const CANCEL: &str = "update turn_locks set cancel_requested = 1 where tenant = ?1 and session_id = ?2 \
-         and turn_id = ?3 and expires_at > ?4";
-
-    /// Forgets a session's expired keys. Binds: tenant, session, now.
-    pub const PURGE_KEYS: &str =
-        "delete from idempotency_keys where tenant = ?1 and session_id = ?2 and expires_at <= ?3";
-
-    /// A live key. Binds: tenant, session, key, now.
-    pub const GET_KEY: &str = "select fingerprint, turn_id, response from idempotency_keys \
-         where tenant = ?1 and session_id = ?2 and key = ?3 and expires_at > ?4";
-
-    /// Remembers a key. Binds: tenant, session, key, fingerprint, turn, expires_at.
-    pub const PUT_KEY: &str = "insert into idempotency_keys (tenant, session_id, key, fingerprint, turn_id, \
-         response, expires_at) values (?1, ?2, ?3, ?4, ?5, null, ?6)";
-
-    /// Saves a live key's answer and restarts its ttl. Binds: tenant, session, key, response,
-    /// now, expires_at.
-    pub const COMPLETE_KEY: &str = "update idempotency_keys set response = ?4, expires_at = ?6 \
-         where tenant = ?1 and session_id = ?2 and key = ?3 and expires_at > ?5";
-
-    /// Forgets a key. Binds: tenant, session, key.
-    pub const ABORT_KEY: &str =
-        "delete from idempotency_keys where tenant = ?1 and session_id = ?2 and key = ?3";
-
-    /// Deletes up to `?2` expired sessions. Binds: now, batch.
-    pub const SWEEP: &str = "delete from sessions where rowid in (select rowid from sessions \
-         where expires_at <= ?1 order by expires_at limit ?2)";
-
-    /// Deletes up to `?2` expired idempotency keys. Binds: now, batch.
-    pub const SWEEP_IDEMPOTENCY: &str = "delete from idempotency_keys where rowid in (select rowid from \
-         idempotency_keys where expires_at <= ?1 order by expires_at limit ?2)";
 }
 
 /// A session's counters, as a write reads them.
@@ -1110,24 +599,21 @@ impl ConversationStore for SqliteStore {
             };
             q.fetch_all(&mut *conn).await.map_err(db)
         })?;
-        let has_more = rows.len() > limit;
-        let sessions = rows.iter().take(limit).map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
+        let (rows, has_more) = page_of(rows, limit);
+        let sessions = rows.iter().map(session_from_row).collect::<StoreResult<Vec<_>>>()?;
         Ok(SessionPage { sessions, has_more })
     }
 
     async fn delete_session(&self, tenant: &str, id: &str) -> StoreResult<bool> {
         write_tx!(self, |conn| {
             let at = now_micros();
-            let live = sqlx::query_scalar::<_, bool>(
-                "delete from sessions where tenant = ?1 and id = ?2 \
-                     returning (expires_at is null or expires_at > ?3)",
-            )
-            .bind(tenant)
-            .bind(id)
-            .bind(at)
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
+            let live = sqlx::query_scalar::<_, bool>(sql::DELETE_SESSION)
+                .bind(tenant)
+                .bind(id)
+                .bind(at)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
             Ok(live.unwrap_or(false))
         })
     }
@@ -1141,19 +627,15 @@ impl ConversationStore for SqliteStore {
         let text = json_text(&metadata);
         write_tx!(self, |conn| {
             let at = now_micros();
-            let row = sqlx::query(concat!(
-                "update sessions set metadata = ?3, expires_at = ?5 where tenant = ?1 and id = ?2",
-                " and (expires_at is null or expires_at > ?4)",
-                " returning id, created_at, updated_at, system_prompt, metadata, message_count"
-            ))
-            .bind(tenant)
-            .bind(id)
-            .bind(&text)
-            .bind(at)
-            .bind(self.expiry(at))
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(db)?;
+            let row = sqlx::query(sql::SET_SESSION_METADATA)
+                .bind(tenant)
+                .bind(id)
+                .bind(&text)
+                .bind(at)
+                .bind(self.expiry(at))
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
             row.as_ref().map(session_from_row).transpose()
         })
     }
@@ -1211,12 +693,11 @@ impl ConversationStore for SqliteStore {
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
         let bounds = (query.after.unwrap_or(0), query.before.unwrap_or(u64::MAX));
         let fetch = query.limit.saturating_add(1);
-        let mut messages = self
+        let fetched = self
             .window(tenant, session_id, (query.order, query.include_superseded), bounds, fetch)
             .await?
             .ok_or(StoreError::SessionNotFound)?;
-        let has_more = messages.len() > query.limit;
-        messages.truncate(query.limit);
+        let (messages, has_more) = page_of(fetched, query.limit);
         Ok(MessagePage { messages, has_more })
     }
 

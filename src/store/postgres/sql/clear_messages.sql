@@ -1,0 +1,3 @@
+with sup as (delete from superseded_messages
+  where tenant = $1 and session_id = $2 and seq <= $3)
+delete from messages where tenant = $1 and session_id = $2 and seq <= $3

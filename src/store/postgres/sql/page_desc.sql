@@ -1,0 +1,9 @@
+select m.* from sessions s left join lateral (
+  select seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at
+  from messages
+  where tenant = s.tenant and session_id = s.id
+  and seq > s.floor_seq and seq > $3 and seq < $4
+  order by seq desc
+  limit $5
+) m on true where s.tenant = $1 and s.id = $2 and (s.expires_at is null or s.expires_at > now())
+order by m.seq desc

@@ -1,0 +1,116 @@
+//! The Redis store's key layout: every key a session owns, and how they are named.
+//!
+//! With prefix `P`, tenant `T` and session `S` (both percent-encoded outside `[A-Za-z0-9._:-]`):
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `P:{T/S}:meta` | hash | `id`, `created_at`/`updated_at` (µs), `system_prompt` (absent when none), `metadata` (JSON), `message_count`, `last_seq`, `turn_seq` |
+//! | `P:{T/S}:messages` | zset | score = seq, member = the message's JSON |
+//! | `P:{T/S}:turns` | hash | turn id → the turn's JSON |
+//! | `P:{T/S}:turn_order` | zset | turn id scored by first-save order, to drop the oldest turns under the cap |
+//! | `P:{T/S}:lock` | hash | the turn lock: `turn` (holder's id), `cancel` (`0`/`1`); expires with its lease |
+//! | `P:{T/S}:idem` | hash | idempotency keys: `f:<key>` → `{"fingerprint","turn_id"}`, `r:<key>` → the response JSON |
+//! | `P:{T/S}:idem_exp` | zset | idempotency key scored by when it is forgotten (Redis server time, ms) |
+//! | `P:{T/S}:superseded` | zset | messages an edit replaced: score = seq, member = the message's JSON with `superseded_by` |
+//! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
+//!
+//! The `{T/S}` hash tag puts every key of one session in one Redis Cluster slot. The seq counter
+//! (`last_seq`) lives in the meta hash, so `clear` (which only drops `messages`) keeps it.
+//!
+//! Key names are formed here only, never in handlers.
+
+/// Every key of one session; they share the `{tenant/session}` hash tag (the index excepted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct SessionKeys {
+    pub(super) meta: String,
+    pub(super) messages: String,
+    pub(super) turns: String,
+    pub(super) turn_order: String,
+    /// The tenant's sessions index (another slot).
+    pub(super) index: String,
+    /// The turn lock: hash `turn`, `cancel`, expiring with its lease.
+    pub(super) lock: String,
+    /// Idempotency records: hash `f:<key>` → fingerprint and turn, `r:<key>` → response.
+    pub(super) idem: String,
+    /// When each idempotency key is forgotten: zset key → server time in ms.
+    pub(super) idem_exp: String,
+    /// Messages an edit replaced: zset seq → message JSON with `superseded_by`, apart from the
+    /// active `messages`, so that active reads never skip them.
+    pub(super) superseded: String,
+}
+
+impl SessionKeys {
+    pub(super) fn new(prefix: &str, tenant: &str, id: &str) -> Self {
+        let base = format!("{prefix}:{{{}/{}}}", encode_key_part(tenant), encode_key_part(id));
+        SessionKeys {
+            meta: format!("{base}:meta"),
+            messages: format!("{base}:messages"),
+            turns: format!("{base}:turns"),
+            turn_order: format!("{base}:turn_order"),
+            index: index_key(prefix, tenant),
+            lock: format!("{base}:lock"),
+            idem: format!("{base}:idem"),
+            idem_exp: format!("{base}:idem_exp"),
+            superseded: format!("{base}:superseded"),
+        }
+    }
+
+    /// In the order the write scripts expect them as `KEYS`.
+    pub(super) fn all(&self) -> [&str; 9] {
+        [
+            &self.meta,
+            &self.messages,
+            &self.turns,
+            &self.turn_order,
+            &self.index,
+            &self.lock,
+            &self.idem,
+            &self.idem_exp,
+            &self.superseded,
+        ]
+    }
+}
+
+/// The tenant's sessions index, scored by `updated_at`.
+pub(super) fn index_key(prefix: &str, tenant: &str) -> String {
+    format!("{prefix}:{{{}}}:sessions", encode_key_part(tenant))
+}
+
+/// Percent-encodes every byte outside `[A-Za-z0-9._:-]`, so that tenants and ids can neither end
+/// the hash tag early (`}`), forge the tenant/session separator (`/`) nor act as SCAN glob syntax.
+fn encode_key_part(part: &str) -> String {
+    let mut out = String::with_capacity(part.len());
+    for b in part.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_of_a_session_shares_one_hash_tag() {
+        let keys = SessionKeys::new("p", "acme", "chat:1");
+        assert_eq!(keys.meta, "p:{acme/chat:1}:meta");
+        assert_eq!(keys.messages, "p:{acme/chat:1}:messages");
+        assert_eq!(keys.turns, "p:{acme/chat:1}:turns");
+        assert_eq!(keys.turn_order, "p:{acme/chat:1}:turn_order");
+        assert_eq!(keys.index, "p:{acme}:sessions");
+        assert_eq!(keys.lock, "p:{acme/chat:1}:lock");
+        assert_eq!(keys.idem, "p:{acme/chat:1}:idem");
+        assert_eq!(keys.idem_exp, "p:{acme/chat:1}:idem_exp");
+    }
+
+    #[test]
+    fn tenants_cannot_break_out_of_the_hash_tag() {
+        let keys = SessionKeys::new("p", "a}b/c*", "s");
+        assert_eq!(keys.meta, "p:{a%7Db%2Fc%2A/s}:meta");
+        assert_ne!(SessionKeys::new("p", "a/b", "c").meta, SessionKeys::new("p", "a", "b/c").meta);
+    }
+}

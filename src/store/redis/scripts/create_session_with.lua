@@ -1,0 +1,32 @@
+if redis.call('EXISTS', meta) == 1 then return 0 end
+local max = tonumber(ARGV[5])
+if max > 0 then
+  local held
+  if ttl > 0 then
+    held = redis.call('ZCOUNT', index, '(' .. string.format('%d', tonumber(now) - ttl * 1000), '+inf')
+  else
+    held = redis.call('ZCARD', index)
+  end
+  if held >= max then return -1 end
+end
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
+local n = (#ARGV - 8) / 2
+redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
+  'message_count', 0, 'last_seq', n, 'turn_seq', 0)
+if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
+local members = {}
+for i = 0, n - 1 do
+  local seq = string.format('%d', 1 + i)
+  members[#members + 1] = seq
+  members[#members + 1] = ARGV[9 + 2 * i] .. seq .. ARGV[10 + 2 * i]
+end
+if n > 0 then call_chunked('ZADD', messages, members) end
+local count = redis.call('ZCARD', messages)
+if cap > 0 and count > cap then
+  redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
+  count = cap
+end
+redis.call('HSET', meta, 'message_count', count)
+redis.call('ZADD', index, now, id)
+refresh()
+return 1

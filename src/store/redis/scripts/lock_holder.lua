@@ -1,0 +1,2 @@
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HGET', KEYS[2], 'turn') or ''

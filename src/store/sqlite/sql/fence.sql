@@ -1,0 +1,2 @@
+select 1 from turn_locks where tenant = ?1 and session_id = ?2 and turn_id = ?3
+and expires_at > ?4

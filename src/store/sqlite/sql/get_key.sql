@@ -1,0 +1,2 @@
+select fingerprint, turn_id, response from idempotency_keys
+where tenant = ?1 and session_id = ?2 and key = ?3 and expires_at > ?4

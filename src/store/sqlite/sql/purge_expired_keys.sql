@@ -1,0 +1,1 @@
+delete from idempotency_keys where tenant = ?1 and session_id = ?2 and expires_at <= ?3

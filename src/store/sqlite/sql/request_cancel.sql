@@ -1,0 +1,2 @@
+update turn_locks set cancel_requested = 1 where tenant = ?1 and session_id = ?2
+and turn_id = ?3 and expires_at > ?4

@@ -1,0 +1,1 @@
+insert into superseded_messages (tenant, session_id, seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, superseded_by) select tenant, session_id, seq, id, turn_id, role, content, metadata, tool_calls, tool_call_id, name, created_at, ?4 from messages where tenant = ?1 and session_id = ?2 and seq >= ?3

@@ -1,0 +1,1 @@
+delete from superseded_messages where tenant = ?1 and session_id = ?2 and seq <= ?3
