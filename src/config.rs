@@ -154,6 +154,13 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP (protobuf) to this URL, used as is (end it with
+    /// `/v1/traces`, e.g. `http://localhost:4318/v1/traces`). Off when unset.
+    #[arg(long, env = "PARLEY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans.
+    #[arg(long, env = "PARLEY_OTLP_SERVICE_NAME", default_value = "parley")]
+    pub otlp_service_name: String,
     /// Pin one runtime worker thread to each CPU parley may use (Linux). For a machine or an
     /// exclusive cpuset of parley's own; leave off where the CPUs are shared under a quota.
     #[arg(long, env = "PARLEY_PIN_WORKERS", default_value_t = false, action = clap::ArgAction::Set)]
