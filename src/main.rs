@@ -63,6 +63,9 @@ fn init_tracing(config: &Config) -> (WorkerGuard, Option<Pipeline>) {
         .with_filter(Targets::new().with_target(parley::telemetry::TARGET, Level::TRACE));
     tracing_subscriber::registry().with(fmt.with_filter(logs)).with(traces).init();
     tracing::info!(endpoint = %settings.endpoint, service = %settings.service_name, "exporting traces over OTLP/HTTP");
+    if !settings.endpoint.trim_end_matches('/').ends_with("/v1/traces") {
+        tracing::warn!(endpoint = %settings.endpoint, "PARLEY_OTLP_ENDPOINT is used as is and does not end with /v1/traces: collectors usually expect it");
+    }
     (guard, Some(pipeline))
 }
 

@@ -206,17 +206,20 @@ pub mod export {
             Reported { inner, endpoint, state: Mutex::new(ReportState::default()) }
         }
 
-        /// Logs the outcome of one export of `spans` spans, if it is time to.
-        fn report(&self, result: &OTelSdkResult, spans: usize) {
+        /// Logs the outcome of one export of `spans` spans, if it is time to; returns whether it
+        /// logged a line.
+        pub(super) fn report(&self, result: &OTelSdkResult, spans: usize) -> bool {
             let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
             let endpoint = self.endpoint.as_str();
             match result {
                 Ok(()) => {
-                    if state.logged.take().is_some() {
-                        tracing::info!(endpoint, "trace export works again");
-                    }
                     state.failed_batches = 0;
                     state.failed_spans = 0;
+                    let recovered = state.logged.take().is_some();
+                    if recovered {
+                        tracing::info!(endpoint, "trace export works again");
+                    }
+                    recovered
                 }
                 Err(e) => {
                     state.failed_batches += 1;
@@ -230,6 +233,7 @@ pub mod export {
                         state.failed_batches = 0;
                         state.failed_spans = 0;
                     }
+                    due
                 }
             }
         }
@@ -239,7 +243,7 @@ pub mod export {
         async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
             let spans = batch.len();
             let result = self.inner.export(batch).await;
-            self.report(&result, spans);
+            let _logged = self.report(&result, spans);
             result
         }
 
@@ -260,6 +264,18 @@ pub mod export {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn failed_exports_are_logged_once_then_at_most_once_a_minute() {
+        use opentelemetry_sdk::error::OTelSdkError;
+        let reported = export::Reported::new((), "http://collector/v1/traces".to_owned());
+        let failed = || Err(OTelSdkError::InternalFailure("connection refused".to_owned()));
+        let logged: Vec<bool> = (0..5).map(|_| reported.report(&failed(), 3)).collect();
+        assert_eq!(logged, [true, false, false, false, false], "the first failure only");
+        assert!(reported.report(&Ok(()), 3), "the recovery is logged");
+        assert!(!reported.report(&Ok(()), 3), "once");
+        assert!(reported.report(&failed(), 3), "a new outage is logged at once");
+    }
 
     #[test]
     fn off_nothing_is_made_and_no_traceparent_is_sent() {
