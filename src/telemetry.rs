@@ -1,7 +1,7 @@
 //! Traces (OpenTelemetry): whether they are on, the spans parley's parts open, and the W3C
 //! `traceparent` of the current span for outgoing requests. A layer below every part (the HTTP
 //! layer, the agent, the model, the tools and the store all use it, none of them owns it); the
-//! exporter itself is set up by the wiring (`crate::app::tracing_pipeline`).
+//! exporter ([`export`]) is installed by the wiring (`main.rs`, from `crate::app::trace_settings`).
 //!
 //! Off (no `PARLEY_OTLP_ENDPOINT`, the default), nothing here creates a span: every helper checks
 //! one process-wide flag first and hands back [`Span::none()`] or the bare future, so the hot path
@@ -35,12 +35,6 @@ pub fn enable() {
 #[inline]
 pub fn enabled() -> bool {
     ON.load(Ordering::Relaxed)
-}
-
-/// The span `make` builds when traces are on, else [`Span::none()`] (and `make` is not called).
-#[inline]
-pub fn span(make: impl FnOnce() -> Span) -> Span {
-    if enabled() { make() } else { Span::none() }
 }
 
 /// Runs `work` inside the span `make` builds when traces are on; off, `work` runs bare.
@@ -281,11 +275,13 @@ mod tests {
     fn off_nothing_is_made_and_no_traceparent_is_sent() {
         // The flag is process-wide and no unit test turns it on.
         let made = std::cell::Cell::new(false);
-        let span = span(|| {
+        let make = || {
             made.set(true);
             tracing::info_span!("never")
-        });
-        assert!(span.is_none() && !made.get());
+        };
+        let current = futures::executor::block_on(traced(make, async { Span::current().is_none() }));
+        assert!(current && !made.get(), "the work ran bare");
         assert_eq!(traceparent(), None);
+        assert_eq!(failed_if(Err::<(), ()>(()), Result::is_err), Err(()));
     }
 }
