@@ -24,6 +24,7 @@ use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::store::{DynStore, StoreError};
+use crate::telemetry::export::TraceSettings;
 use crate::tools::ToolRegistry;
 use crate::tools::http::load_tools_file;
 
@@ -36,6 +37,12 @@ pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
     state_from_parts(config, store, model, tools)
 }
 
+/// Where traces go, when `PARLEY_OTLP_ENDPOINT` is set (and not blank).
+pub fn trace_settings(config: &Config) -> Option<TraceSettings> {
+    let endpoint = config.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty())?;
+    Some(TraceSettings { endpoint: endpoint.to_owned(), service_name: config.otlp_service_name.clone() })
+}
+
 /// Assembles the state from already-built parts (tests use this to inject a store or model);
 /// loads the API keys and builds the rate limiter.
 pub fn state_from_parts(
@@ -45,9 +52,10 @@ pub fn state_from_parts(
     tools: ToolRegistry,
 ) -> anyhow::Result<AppState> {
     let metrics = config.http.metrics.then(|| Arc::new(Metrics::new(config.http.metrics_tenant_label)));
-    let store: DynStore = match &metrics {
-        Some(metrics) => Arc::new(Instrumented::new(store, Arc::clone(metrics))),
-        None => store,
+    let store: DynStore = if metrics.is_some() || crate::telemetry::enabled() {
+        Arc::new(Instrumented::new(store, metrics.clone()))
+    } else {
+        store
     };
     let settings = AgentSettings {
         history_size: config.agent.history_size,

@@ -154,6 +154,13 @@ pub struct Config {
     /// Log format.
     #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    /// Export traces over OTLP/HTTP (protobuf) to this URL, used as is (end it with
+    /// `/v1/traces`, e.g. `http://localhost:4318/v1/traces`). Off when unset.
+    #[arg(long, env = "PARLEY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// The `service.name` of exported spans.
+    #[arg(long, env = "PARLEY_OTLP_SERVICE_NAME", default_value = "parley")]
+    pub otlp_service_name: String,
     /// Pin one runtime worker thread to each CPU parley may use (Linux). For a machine or an
     /// exclusive cpuset of parley's own; leave off where the CPUs are shared under a quota.
     #[arg(long, env = "PARLEY_PIN_WORKERS", default_value_t = false, action = clap::ArgAction::Set)]
@@ -511,6 +518,15 @@ impl Config {
                  (with DATABASE_URL), or run a single replica with PARLEY_DISTRIBUTED=false."
             ));
         }
+        if let Some(endpoint) = self.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
+            let valid = url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
+            if !valid {
+                return Err(format!(
+                    "PARLEY_OTLP_ENDPOINT={endpoint:?} is not an http(s) URL; give the whole OTLP/HTTP \
+                     traces URL, e.g. http://localhost:4318/v1/traces"
+                ));
+            }
+        }
         if self.agent.history_size == 0 {
             return Err("PARLEY_HISTORY_SIZE must be at least 1".to_owned());
         }
@@ -619,6 +635,16 @@ mod tests {
             assert!(err.contains(&format!("PARLEY_STORE={kind}:")), "{err}");
         }
         assert!(parse(&["--distributed", "true", "--store", "redis"]).validate().is_ok());
+    }
+
+    #[test]
+    fn traces_are_off_by_default_and_need_an_http_endpoint() {
+        let c = parse(&[]);
+        assert_eq!((c.otlp_endpoint, c.otlp_service_name.as_str()), (None, "parley"));
+        let err = parse(&["--otlp-endpoint", "localhost:4318"]).validate().unwrap_err();
+        assert!(err.contains("PARLEY_OTLP_ENDPOINT") && err.contains("/v1/traces"), "{err}");
+        assert!(parse(&["--otlp-endpoint", "http://localhost:4318/v1/traces"]).validate().is_ok());
+        assert!(parse(&["--otlp-endpoint", ""]).validate().is_ok(), "blank is off");
     }
 
     #[test]

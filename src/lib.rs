@@ -18,6 +18,8 @@
 //! - [`ratelimit`]: fixed-window counters and concurrency slots, in memory or in Redis.
 //! - [`metrics`]: the Prometheus series parley exports at `/metrics`.
 //! - [`redact`]: secrets kept out of logs and `Debug` output (URL passwords, keys, tokens).
+//! - [`telemetry`]: traces (OpenTelemetry): the process-wide switch, the spans parts open, the
+//!   `traceparent` of outgoing requests, and the OTLP/HTTP exporter the wiring installs.
 //! - [`runtime`]: the Tokio runtime, with worker threads optionally pinned one per CPU.
 //! - [`server`]: the accept loop: HTTP/1.1 and h2c connections, head and idle timeouts, the
 //!   connection cap, graceful shutdown.
@@ -37,4 +39,5 @@ pub mod redact;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod telemetry;
 pub mod tools;

@@ -5,26 +5,68 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use parley::config::{Cli, Command, Config, KeysCommand, LogFormat, redact_url};
+use parley::telemetry::export::Pipeline;
 use tokio::net::TcpListener;
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::prelude::*;
+use tracing_subscriber::{EnvFilter, Layer};
 
 // The profile (bench/README.md) showed glibc malloc/free as the largest single cost of a turn.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Installs the log subscriber, and with `PARLEY_OTLP_ENDPOINT` the trace exporter beside it
+/// (returned, to be flushed at the end). Traces off, the subscriber is the plain fmt one.
+///
 /// Logs go to stderr from a thread of their own: a request formats its line and queues it, and
 /// that thread writes whatever has queued in one write, so the access log costs a request no
 /// system call. The guard writes what is queued when `main` returns. Should the queue ever fill
 /// (128k lines behind), lines are dropped rather than stalling requests.
-fn init_tracing(config: &Config) -> tracing_appender::non_blocking::WorkerGuard {
+fn init_tracing(config: &Config) -> (WorkerGuard, Option<Pipeline>) {
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    match config.log_format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+    let plain = |filter, writer| {
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+        match config.log_format {
+            LogFormat::Json => builder.json().init(),
+            LogFormat::Text => builder.init(),
+        }
+    };
+    let Some(settings) = parley::app::trace_settings(config) else {
+        plain(filter, writer);
+        return (guard, None);
+    };
+    let pipeline = match parley::telemetry::export::install(&settings) {
+        Ok(pipeline) => pipeline,
+        Err(e) => {
+            plain(filter, writer);
+            tracing::error!("{e:#}; traces are not exported");
+            return (guard, None);
+        }
+    };
+    // Each layer filters for itself: the log lines follow PARLEY_LOG and never show the trace
+    // spans; the trace layer takes parley's trace spans whatever PARLEY_LOG says.
+    let logs = filter
+        .add_directive(format!("{}=off", parley::telemetry::TARGET).parse().expect("a valid directive"));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = match config.log_format {
+        LogFormat::Json => fmt.json().boxed(),
+        LogFormat::Text => fmt.boxed(),
+    };
+    let traces = tracing_opentelemetry::layer()
+        .with_tracer(pipeline.tracer.clone())
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
+        .with_filter(Targets::new().with_target(parley::telemetry::TARGET, Level::TRACE));
+    tracing_subscriber::registry().with(fmt.with_filter(logs)).with(traces).init();
+    tracing::info!(endpoint = %settings.endpoint, service = %settings.service_name, "exporting traces over OTLP/HTTP");
+    if !settings.endpoint.trim_end_matches('/').ends_with("/v1/traces") {
+        tracing::warn!(endpoint = %settings.endpoint, "PARLEY_OTLP_ENDPOINT is used as is and does not end with /v1/traces: collectors usually expect it");
     }
-    guard
+    (guard, Some(pipeline))
 }
 
 async fn shutdown_signal() {
@@ -96,7 +138,7 @@ fn new_key(tenant: &str, id: Option<&str>, json: bool) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _log_writer = init_tracing(&cli.config);
+    let (_log_writer, traces) = init_tracing(&cli.config);
     let command = cli.command.unwrap_or(Command::Serve);
     let serving = matches!(command, Command::Serve);
     if serving
@@ -110,6 +152,10 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime.block_on(run(command, cli.config)),
         Err(e) => Err(anyhow::Error::new(e).context("could not start the runtime")),
     };
+    if let Some(traces) = traces {
+        // Outside the runtime: the exporter's shutdown blocks until the last spans are sent.
+        traces.shutdown();
+    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -45,7 +45,9 @@ use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, 
 use crate::error::AppError;
 use crate::llm::{ChatRequest, DynModel, ModelError, ModelEvent, ModelOutput, PromptMessage};
 use crate::store::{AppendBatch, DynStore, StoreError};
+use crate::telemetry;
 use crate::tools::ToolRegistry;
+use tracing::Instrument;
 
 /// How the agent loop behaves.
 #[derive(Debug, Clone)]
@@ -423,11 +425,19 @@ impl Agent {
     /// (a disconnect is not a cancel). Nothing of a request is left half-done.
     pub async fn start_turn(self: &Arc<Self>, input: TurnInput) -> Result<TurnStart, AppError> {
         let agent = Arc::clone(self);
-        RunToEnd::new(async move { agent.begin(input).await }, self.registry.tracker()).await
+        let tracker = self.registry.tracker();
+        if telemetry::enabled() {
+            let span = turn_span(&input.session_id);
+            return RunToEnd::new(async move { agent.begin(input).instrument(span).await }, tracker).await;
+        }
+        RunToEnd::new(async move { agent.begin(input).await }, tracker).await
     }
 
     async fn begin(self: Arc<Self>, mut input: TurnInput) -> Result<TurnStart, AppError> {
         let turn = Turn::start(&input.session_id);
+        if telemetry::enabled() {
+            tracing::Span::current().record("turn.id", tracing::field::display(turn.id));
+        }
         if input.idempotency_key.is_some() {
             // The key is remembered with the session: a missing session is a 404 before anything.
             self.store
@@ -487,7 +497,13 @@ impl Agent {
         });
         let agent = Arc::clone(self);
         let tokens = claimed.tokens;
-        let outcome = TurnRun::new(async move { agent.drive(state, tokens).await }, self.registry.tracker());
+        let run = async move { agent.drive(state, tokens).await };
+        let outcome = if telemetry::enabled() {
+            // The turn's span (see `start_turn`) lasts until the turn ends, streamed or not.
+            TurnRun::new(run.instrument(tracing::Span::current()), self.registry.tracker())
+        } else {
+            TurnRun::new(run, self.registry.tracker())
+        };
         Ok(StartedTurn { turn_id, feed, outcome })
     }
 
@@ -532,6 +548,19 @@ impl Agent {
             }
         };
         self.settle_idempotency(&state, &result).await;
+        if telemetry::enabled() {
+            let span = tracing::Span::current();
+            let status = match state.turn.status {
+                TurnStatus::Running => "running",
+                TurnStatus::Completed => "completed",
+                TurnStatus::Failed => "failed",
+                TurnStatus::Cancelled => "cancelled",
+            };
+            span.record("turn.status", status);
+            if result.is_err() {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
         if let Some(metrics) = &self.settings.metrics {
             let outcome = match &result {
                 Ok(_) if state.turn.status == TurnStatus::Cancelled => "cancelled",
@@ -579,7 +608,10 @@ impl Agent {
         let max = self.settings.max_iterations;
         for iteration in 0..=max {
             let offer_tools = iteration < max && !self.tools.is_empty();
-            let output = interrupt.guard(self.call_model(state, offer_tools)).await??;
+            let call = telemetry::traced(|| model_span(self.model.name()), async {
+                telemetry::failed_if(self.call_model(state, offer_tools).await, Result::is_err)
+            });
+            let output = interrupt.guard(call).await??;
             let mut assistant =
                 Message::new(state.session_id(), state.turn.id, Role::Assistant, output.content);
             assistant.id = state.partial_id;
@@ -646,7 +678,10 @@ impl Agent {
     async fn run_tools(&self, state: &mut TurnState, calls: &[ToolCall]) {
         let runs = calls.iter().map(|call| async {
             let started = std::time::Instant::now();
-            let outcome = self.tools.run(&call.name, &call.arguments).await;
+            let run = async {
+                telemetry::failed_if(self.tools.run(&call.name, &call.arguments).await, |o| o.is_error)
+            };
+            let outcome = telemetry::traced(|| tool_span(&call.name), run).await;
             if let Some(metrics) = &self.settings.metrics {
                 metrics.tool_call(&call.name, !outcome.is_error, started.elapsed());
             }
@@ -912,6 +947,28 @@ impl Agent {
         state.turn = turn;
         Ok(self.answer(state, TurnStatus::Cancelled))
     }
+}
+
+/// The span of a turn, for traces: its session and turn ids (recorded once made) and status.
+fn turn_span(session_id: &str) -> tracing::Span {
+    use tracing::field::Empty;
+    tracing::info_span!(target: telemetry::TARGET, "turn",
+        session.id = %session_id, turn.id = Empty, turn.status = Empty, otel.status_code = Empty)
+}
+
+/// The span of one model call, for traces: `chat {model}`.
+fn model_span(model: &str) -> tracing::Span {
+    tracing::info_span!(target: telemetry::TARGET, "model",
+        otel.name = %format_args!("chat {model}"), otel.kind = "client", otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "chat", gen_ai.request.model = %model)
+}
+
+/// The span of one tool call, for traces: `execute_tool {tool}`.
+fn tool_span(tool: &str) -> tracing::Span {
+    tracing::info_span!(target: telemetry::TARGET, "tool",
+        otel.name = %format_args!("execute_tool {tool}"), otel.status_code = tracing::field::Empty,
+        gen_ai.operation.name = "execute_tool",
+        gen_ai.tool.name = %tool)
 }
 
 /// The text of a caught panic.

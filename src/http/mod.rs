@@ -311,6 +311,10 @@ pub fn router(state: AppState) -> Router {
         // Outside authentication and rate limits: their 401s and 429s are counted too.
         app = app.layer(axum::middleware::from_fn_with_state(metrics, observe::observe));
     }
+    if crate::telemetry::enabled() {
+        // Outermost of the API's own layers: the request span covers authentication too.
+        app = app.layer(axum::middleware::from_fn(observe::trace_request));
+    }
     // Before authentication and everything else that reads the head.
     app.layer(axum::middleware::from_fn(middleware::check_head)).layer(layers)
 }

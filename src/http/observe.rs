@@ -109,6 +109,33 @@ pub async fn observe(State(metrics): State<Option<DynMetrics>>, request: Request
     Response::from_parts(parts, Body::from_stream(body))
 }
 
+/// The span of one request, for traces (installed only when they are on): `{method} {route}`,
+/// with the route template, the method and the status; it continues the trace of an incoming
+/// W3C `traceparent`. A 5xx marks it as an error.
+pub async fn trace_request(request: Request, next: Next) -> Response {
+    use tracing::field::Empty;
+    let method = request.method().clone();
+    let span = tracing::info_span!(target: crate::telemetry::TARGET, "request",
+        otel.kind = "server", otel.status_code = Empty,
+        http.request.method = %method, http.route = Empty, http.response.status_code = Empty,
+    );
+    crate::telemetry::continue_trace(&span, request.headers());
+    let response = tracing::Instrument::instrument(next.run(request), span.clone()).await;
+    let route = match response.extensions().get::<RouteTemplate>() {
+        Some(RouteTemplate(route)) => route.as_str(),
+        None if response.status() == axum::http::StatusCode::NOT_FOUND => "unmatched",
+        None => "other",
+    };
+    let status = response.status();
+    crate::telemetry::rename(&span, format!("{method} {route}"));
+    span.record("http.route", route);
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
+}
+
 /// `GET /metrics`: the scrape, in the Prometheus text format; with `auth`, a request needs an
 /// API key like any `/v1` route.
 pub fn metrics_router(metrics: DynMetrics, auth: Option<Arc<Auth>>) -> Router {

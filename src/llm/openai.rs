@@ -205,6 +205,9 @@ impl OpenAiModel {
         if let Some(auth) = &self.authorization {
             request = request.header(AUTHORIZATION, auth.clone());
         }
+        if let Some(traceparent) = crate::telemetry::traceparent() {
+            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
+        }
         let timeout = self.settings.request_timeout;
         match tokio::time::timeout(timeout, request.send()).await {
             Err(_) => Err(Failure::transient(ModelError::Timeout(format!(

@@ -1,5 +1,6 @@
 //! A store that times every operation of another (`parley_store_operation_duration_seconds`,
-//! `parley_store_errors_total`): what `app.rs` wraps the configured store in when metrics are on.
+//! `parley_store_errors_total`) and, with traces on, opens a span for each (`db.system.name`,
+//! `db.operation.name`): what `app.rs` wraps the configured store in when metrics or traces are on.
 //! Every method, the fused ones included, goes to the inner store's own implementation, so a
 //! backend's one-round-trip paths stay one round trip.
 
@@ -19,20 +20,33 @@ use crate::metrics::DynMetrics;
 /// The inner store, timed.
 pub struct Instrumented {
     inner: DynStore,
-    metrics: DynMetrics,
+    /// Where operations are timed (`None`: metrics off, traces only).
+    metrics: Option<DynMetrics>,
 }
 
 impl Instrumented {
-    /// Times every operation of `inner` into `metrics`.
-    pub fn new(inner: DynStore, metrics: DynMetrics) -> Self {
+    /// Times every operation of `inner` into `metrics` (if any), and traces it when traces are on.
+    pub fn new(inner: DynStore, metrics: Option<DynMetrics>) -> Self {
         Instrumented { inner, metrics }
     }
 
     async fn timed<T>(&self, op: &'static str, work: impl Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let work = crate::telemetry::traced(|| self.span(op), async {
+            crate::telemetry::failed_if(work.await, Result::is_err)
+        });
+        let Some(metrics) = &self.metrics else { return work.await };
         let started = Instant::now();
         let result = work.await;
-        self.metrics.store_operation(self.inner.backend(), op, result.is_ok(), started.elapsed());
+        metrics.store_operation(self.inner.backend(), op, result.is_ok(), started.elapsed());
         result
+    }
+
+    /// The span of one store operation, for traces: `{op} {backend}`.
+    fn span(&self, op: &'static str) -> tracing::Span {
+        let backend = self.inner.backend();
+        tracing::info_span!(target: crate::telemetry::TARGET, "store",
+            otel.name = %format_args!("{op} {backend}"), otel.kind = "client",
+            otel.status_code = tracing::field::Empty, db.system.name = backend, db.operation.name = op)
     }
 }
 

@@ -276,7 +276,10 @@ impl Tool for HttpTool {
     }
 
     async fn call(&self, arguments: Value) -> Result<String, ToolError> {
-        let request = self.client.post(self.url.clone()).headers(self.headers.clone()).json(&arguments);
+        let mut request = self.client.post(self.url.clone()).headers(self.headers.clone()).json(&arguments);
+        if let Some(traceparent) = crate::telemetry::traceparent() {
+            request = request.header(crate::telemetry::TRACEPARENT, traceparent);
+        }
         let response = request.timeout(self.timeout).send().await.map_err(|e| self.request_error(e))?;
         let status = response.status();
         let (body, cut) =

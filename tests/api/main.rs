@@ -71,5 +71,6 @@ mod store_sqlite;
 mod streaming;
 mod tenancy;
 mod tools_http;
+mod traces;
 mod turns;
 mod ui;

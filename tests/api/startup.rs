@@ -113,8 +113,15 @@ impl Running {
     }
 
     /// Stops the process and returns everything it logged.
+    /// Stops parley as an operator does (SIGTERM, so its log thread writes what has queued; a
+    /// SIGKILL after 10 s) and returns everything it logged.
     async fn stop(mut self) -> String {
-        self.child.kill().await.unwrap();
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            self.child.kill().await.unwrap();
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
         self.logs.lock().unwrap().join("\n")
     }
