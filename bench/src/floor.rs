@@ -4,7 +4,10 @@
 //! - 2b: the exact Redis commands of one turn, captured with `redis-cli monitor` and replayed
 //!   by a raw client ([`capture_redis_turn`], [`RedisReplay`]);
 //! - 2c: the exact PostgreSQL statements of one turn (parley's own SQL text, same binds),
-//!   replayed by a raw sqlx client ([`PgReplay`]).
+//!   replayed by a raw sqlx client ([`PgReplay`]);
+//! - 2d: the exact SQLite statements of one turn (parley's own SQL text, same binds, the same two
+//!   write transactions on one writer connection with the same pragmas), replayed by a raw sqlx
+//!   client on a database file of its own ([`SqliteReplay`]).
 
 use std::net::SocketAddr;
 use std::process::Stdio;
@@ -317,6 +320,203 @@ impl PgReplay {
 
 #[async_trait]
 impl Worker for PgReplay {
+    async fn once(&mut self, i: u64) -> bool {
+        let session = self.sessions[i as usize % self.sessions.len()].clone();
+        self.turn(&session).await.is_ok()
+    }
+}
+
+/// A raw sqlx client sending one turn's SQLite statements (parley's SQL text, parley's binds) as
+/// parley's SQLite store does: two `begin immediate` transactions on the one writer connection —
+/// begin (session state, the lock row, take the lock, the running record, the last 20 messages),
+/// then finish (session state, the fence, the two messages, the completed record, release the
+/// lock, save the session's counters).
+pub struct SqliteReplay {
+    writer: sqlx::SqlitePool,
+    sessions: Vec<String>,
+    content: String,
+}
+
+/// Now, in µs since the epoch (how parley's SQLite store stamps rows).
+fn now_micros() -> i64 {
+    Utc::now().timestamp_micros()
+}
+
+impl SqliteReplay {
+    /// Creates the database at `path` with parley's own schema (by opening a `SqliteStore` there
+    /// once) and `sessions` in it, then opens the one writer connection as parley does.
+    pub async fn open(path: &std::path::Path, sessions: &[String]) -> anyhow::Result<sqlx::SqlitePool> {
+        use parley::store::ConversationStore;
+        use parley::store::sqlite::{SqliteOptions, SqliteStore};
+        for suffix in ["", "-wal", "-shm", ".lock"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+        let options = SqliteOptions {
+            path: path.to_owned(),
+            readers: 1,
+            max_messages: None,
+            ttl: None,
+            op_timeout: Duration::from_secs(10),
+        };
+        {
+            let store = SqliteStore::open(options).await.context("create the floor's SQLite database")?;
+            for id in sessions {
+                let new = parley::domain::NewSession {
+                    id: id.clone(),
+                    system_prompt: None,
+                    metadata: Default::default(),
+                };
+                store.create_session(DEFAULT_TENANT, new).await?;
+            }
+        }
+        let connect = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(path)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(5))
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+        Ok(sqlx::sqlite::SqlitePoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(None)
+            .max_lifetime(None)
+            .connect_with(connect)
+            .await?)
+    }
+
+    /// Workers sharing the writer; worker w owns sessions w, w + clients…
+    pub fn workers(
+        writer: &sqlx::SqlitePool,
+        clients: usize,
+        sessions: &[String],
+        content: &str,
+    ) -> Vec<Self> {
+        (0..clients)
+            .map(|w| SqliteReplay {
+                writer: writer.clone(),
+                sessions: sessions.iter().skip(w).step_by(clients).cloned().collect(),
+                content: content.to_owned(),
+            })
+            .collect()
+    }
+
+    async fn turn(&self, session: &str) -> Result<(), sqlx::Error> {
+        use parley::store::sqlite::sql;
+        use sqlx::Row;
+        let turn_id = Uuid::now_v7();
+        let started = Utc::now();
+        let lease = 15_000_000i64;
+        let t = DEFAULT_TENANT;
+        // Begin: claim, record the running turn, read the window.
+        let mut conn = self.writer.acquire().await?;
+        sqlx::query("begin immediate").execute(&mut *conn).await?;
+        let at = now_micros();
+        let state =
+            sqlx::query(sql::SESSION_STATE).bind(t).bind(session).bind(at).fetch_one(&mut *conn).await?;
+        let floor: i64 = state.try_get(1)?;
+        let lock = sqlx::query(sql::LOCK_ROW).bind(t).bind(session).fetch_optional(&mut *conn).await?;
+        let _ = lock.map(|row| row.try_get::<i64, _>(1));
+        sqlx::query(sql::TAKE_LOCK)
+            .bind(t)
+            .bind(session)
+            .bind(turn_id)
+            .bind(at + lease)
+            .bind(false)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(sql::PUT_TURN)
+            .bind(t)
+            .bind(session)
+            .bind(turn_id)
+            .bind("running")
+            .bind(None::<String>)
+            .bind("[]")
+            .bind(None::<String>)
+            .bind(started.timestamp_micros())
+            .bind(None::<i64>)
+            .execute(&mut *conn)
+            .await?;
+        let window = sqlx::query(sql::PAGE_DESC)
+            .bind(t)
+            .bind(session)
+            .bind(floor)
+            .bind(i64::MAX)
+            .bind(20i64)
+            .fetch_all(&mut *conn)
+            .await?;
+        std::hint::black_box(window.len());
+        sqlx::query("commit").execute(&mut *conn).await?;
+        drop(conn);
+        // Finish: fenced append of the two messages with the completed record, release.
+        let ids = [Uuid::now_v7(), Uuid::now_v7()];
+        let reply = format!("echo: {} (context: 20 messages)", self.content);
+        let mut conn = self.writer.acquire().await?;
+        sqlx::query("begin immediate").execute(&mut *conn).await?;
+        let at = now_micros();
+        let state =
+            sqlx::query(sql::SESSION_STATE).bind(t).bind(session).bind(at).fetch_one(&mut *conn).await?;
+        let (last, floor, count): (i64, i64, i64) = (state.try_get(0)?, state.try_get(1)?, state.try_get(2)?);
+        let held = sqlx::query(sql::FENCE)
+            .bind(t)
+            .bind(session)
+            .bind(turn_id)
+            .bind(at)
+            .fetch_optional(&mut *conn)
+            .await?;
+        if held.is_none() {
+            sqlx::query("rollback").execute(&mut *conn).await?;
+            return Err(sqlx::Error::RowNotFound);
+        }
+        for (k, (id, (role, text))) in
+            ids.iter().zip([("user", self.content.as_str()), ("assistant", reply.as_str())]).enumerate()
+        {
+            sqlx::query(sql::INSERT_MESSAGE)
+                .bind(t)
+                .bind(session)
+                .bind(last + 1 + k as i64)
+                .bind(id)
+                .bind(turn_id)
+                .bind(role)
+                .bind(text)
+                .bind("{}")
+                .bind(None::<String>)
+                .bind(None::<&str>)
+                .bind(None::<&str>)
+                .bind(at)
+                .execute(&mut *conn)
+                .await?;
+        }
+        let usage = Usage { prompt_tokens: 40, completion_tokens: 10, total_tokens: 50 };
+        sqlx::query(sql::PUT_TURN)
+            .bind(t)
+            .bind(session)
+            .bind(turn_id)
+            .bind("completed")
+            .bind(None::<String>)
+            .bind(serde_json::to_string(&ids).unwrap_or_default())
+            .bind(serde_json::to_string(&usage).ok())
+            .bind(started.timestamp_micros())
+            .bind(Some(now_micros()))
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query(sql::RELEASE_LOCK).bind(t).bind(session).bind(turn_id).execute(&mut *conn).await?;
+        sqlx::query(sql::SAVE_STATE)
+            .bind(t)
+            .bind(session)
+            .bind(last + 2)
+            .bind(floor)
+            .bind(count + 2)
+            .bind(at)
+            .bind(None::<i64>)
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query("commit").execute(&mut *conn).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Worker for SqliteReplay {
     async fn once(&mut self, i: u64) -> bool {
         let session = self.sessions[i as usize % self.sessions.len()].clone();
         self.turn(&session).await.is_ok()

@@ -120,7 +120,7 @@ pub fn targets(stores: &[StoreFigures], footprint: Option<&Footprint>) -> Vec<Ta
     for s in stores {
         let name = &s.store;
         let turns = s.turns.as_ref();
-        let floor = if name == "memory" { "bare-axum floor (2a)" } else { "store floor (2b/2c)" };
+        let floor = if name == "memory" { "bare-axum floor (2a)" } else { "store floor (2b/2c/2d)" };
         target(
             &mut out,
             format!("{name}: turns/s ≥ 50% of the {floor}"),

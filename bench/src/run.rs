@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 use tokio::process::Command;
 
 use crate::client::Client;
-use crate::floor::{self, PgReplay, RedisReplay};
+use crate::floor::{self, PgReplay, RedisReplay, SqliteReplay};
 use crate::footprint::Footprint;
 use crate::growth;
 use crate::load::{self, Plan, Worker, closed_loop};
@@ -31,7 +31,7 @@ const CONTENT: &str = "What is the weather like on the coast this weekend?";
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunArgs {
     /// Stores to measure.
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,redis,postgres")]
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,sqlite,redis,postgres")]
     pub stores: Vec<StoreKind>,
     /// Figures to measure (1 includes 2).
     #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6")]
@@ -178,6 +178,7 @@ fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, St
         ("PARLEY_MEMORY_MAX_MESSAGES", (a.growth_messages + 100_000).to_string()),
         ("PARLEY_REDIS_PREFIX", ctx.tag.clone()),
         ("PARLEY_PG_SCHEMA", ctx.tag.clone()),
+        ("PARLEY_SQLITE_PATH", sqlite_path(ctx).display().to_string()),
         ("REDIS_URL", a.redis_url.clone()),
         ("DATABASE_URL", a.database_url.clone()),
     ]
@@ -249,6 +250,7 @@ enum Floor {
     Axum(Box<Server>, Vec<load::HttpWorker>),
     Redis(Vec<RedisReplay>),
     Postgres(Vec<PgReplay>),
+    Sqlite(Vec<SqliteReplay>),
 }
 
 impl Floor {
@@ -257,6 +259,7 @@ impl Floor {
             Floor::Axum(_, w) => timed(w, plan).await,
             Floor::Redis(w) => timed(w, plan).await,
             Floor::Postgres(w) => timed(w, plan).await,
+            Floor::Sqlite(w) => timed(w, plan).await,
         }
     }
 }
@@ -271,7 +274,20 @@ async fn build_floor(
 ) -> anyhow::Result<Floor> {
     let a = &ctx.args;
     match kind {
-        StoreKind::Sqlite => bail!("the bench has no SQLite figures yet (no floor for it)"),
+        StoreKind::Sqlite => {
+            fig.commands = [
+                "begin immediate; session state, lock row, take lock, running record, last 20; commit",
+                "begin immediate; session state, fence, 2 messages, completed record, release, counters; commit",
+            ]
+            .map(String::from)
+            .to_vec();
+            fig.commands_per_turn = Some(16);
+            fig.floor_kind =
+                "raw sqlx client sending the turn's statements in its 2 write transactions (2d)".into();
+            let path = ctx.logs.join(format!("{}-floor.db", ctx.tag));
+            let writer = SqliteReplay::open(&path, sessions).await?;
+            Ok(Floor::Sqlite(SqliteReplay::workers(&writer, a.clients, sessions, CONTENT)))
+        }
         StoreKind::Memory => {
             fig.floor_kind = "bare axum: parse the same JSON, answer as many bytes (2a)".into();
             let args = [
@@ -366,7 +382,10 @@ async fn growth_figure(
     setup::create_sessions(parley.addr, &ids, 64).await?;
     setup::post_turns(parley.addr, small.into_iter().map(|s| (s, 5)).collect(), body, 64).await?;
     match kind {
-        StoreKind::Memory => growth::seed_big_over_http(parley.addr, a.growth_messages, body).await?,
+        // parley holds the SQLite file (its `.lock`): fill it through parley too.
+        StoreKind::Memory | StoreKind::Sqlite => {
+            growth::seed_big_over_http(parley.addr, a.growth_messages, body).await?
+        }
         _ => {
             let store = parley::app::build_store(&store_config(ctx, kind)?).await?;
             growth::seed_big_in_store(&store, a.growth_messages, CONTENT).await?;
@@ -449,10 +468,24 @@ async fn child_json<T: DeserializeOwned>(
     serde_json::from_slice(&output.stdout).with_context(|| format!("output of {}", args[0]))
 }
 
-/// Drops what the run stored: the Redis keys under the run's prefix, the run's schema.
+/// parley's SQLite database for this run.
+fn sqlite_path(ctx: &Ctx) -> PathBuf {
+    ctx.logs.join(format!("{}-parley.db", ctx.tag))
+}
+
+/// Drops what the run stored: the Redis keys under the run's prefix, the run's schema, the run's
+/// SQLite files (parley's and the floor's).
 async fn cleanup(ctx: &Ctx, kind: StoreKind) {
     let result = match kind {
-        StoreKind::Memory | StoreKind::Sqlite => Ok(()),
+        StoreKind::Memory => Ok(()),
+        StoreKind::Sqlite => {
+            for db in [sqlite_path(ctx), ctx.logs.join(format!("{}-floor.db", ctx.tag))] {
+                for suffix in ["", "-wal", "-shm", ".lock"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+                }
+            }
+            Ok(())
+        }
         StoreKind::Redis => drop_redis_keys(&ctx.args.redis_url, &ctx.tag).await,
         StoreKind::Postgres => drop_schema(&ctx.args.database_url, &ctx.tag).await,
     };
