@@ -51,6 +51,22 @@ pub struct TurnFigures {
     pub ratio: f64,
 }
 
+/// Figure 7: the same turn load on two parley processes, one with `PARLEY_METRICS=true`, one
+/// without, alternating in the same run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsCost {
+    /// With metrics, per run.
+    pub on_runs: Vec<Summary>,
+    /// Without, per run.
+    pub off_runs: Vec<Summary>,
+    /// Medians with metrics.
+    pub on: Summary,
+    /// Medians without.
+    pub off: Summary,
+    /// Median over runs of on ÷ off in the same run.
+    pub ratio: f64,
+}
+
 /// Everything measured on one store.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct StoreFigures {
@@ -72,6 +88,8 @@ pub struct StoreFigures {
     pub stream_overhead_upstream: Option<ProbeResult>,
     /// Figure 5b.
     pub open_streams: Option<OpenStreams>,
+    /// Figure 7: turns with metrics on against the same with metrics off (memory store).
+    pub metrics_cost: Option<MetricsCost>,
     /// Errors that stopped a figure.
     pub errors: Vec<String>,
 }
@@ -165,6 +183,13 @@ pub fn targets(stores: &[StoreFigures], footprint: Option<&Footprint>) -> Vec<Ta
             |v| format!("{:.1} KiB", v / 1024.0),
             |v| v <= 65536.0,
         );
+        target(
+            &mut out,
+            format!("{name}: turns/s with metrics on ≥ 97% of metrics off"),
+            s.metrics_cost.as_ref().map(|m| m.ratio),
+            |v| format!("{:.1}%", v * 100.0),
+            |v| v >= 0.97,
+        );
     }
     if let Some(f) = footprint {
         let limit = 2.0 * f.payload_bytes as f64 + 256.0;
@@ -237,6 +262,11 @@ pub fn markdown(results: &Results) -> String {
     });
     row(&mut t, "5. resident per open stream (KiB)", stores, |s| {
         s.open_streams.as_ref().map(|o| format!("{:.1} ({} open)", o.per_stream_bytes / 1024.0, o.open))
+    });
+    row(&mut t, "7. metrics on / off: turns/s (÷)", stores, |s| {
+        s.metrics_cost
+            .as_ref()
+            .map(|m| format!("{:.0} / {:.0} ({:.1}%)", m.on.per_sec, m.off.per_sec, m.ratio * 100.0))
     });
     if let Some(f) = &results.footprint {
         let _ = writeln!(

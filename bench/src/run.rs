@@ -34,7 +34,7 @@ pub struct RunArgs {
     #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,sqlite,redis,postgres")]
     pub stores: Vec<StoreKind>,
     /// Figures to measure (1 includes 2).
-    #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6")]
+    #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6,7")]
     pub figures: Vec<u8>,
     /// Timed runs per figure; each figure is the median of the runs.
     #[arg(long, default_value_t = 5)]
@@ -218,6 +218,10 @@ async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyh
         out.growth = Some(growth_figure(ctx, kind, &parley, &body).await?);
     }
     parley.stop(Duration::from_secs(5)).await;
+    if a.wants(7) && kind == StoreKind::Memory {
+        eprintln!("[bench] figure 7: turns with metrics on and off");
+        out.metrics_cost = Some(metrics_cost(ctx, kind, &sessions, &body).await?);
+    }
     if a.wants(5) {
         eprintln!("[bench] figure 5a: stream overhead");
         out.stream_overhead = Some(stream_probe(ctx, kind, false, Dialect::Native).await?);
@@ -366,6 +370,51 @@ async fn turns_vs_floor(
     if let Floor::Axum(server, _) = floor {
         server.stop(Duration::from_secs(2)).await;
     }
+    Ok(fig)
+}
+
+/// Figure 7: two parley processes, metrics on and off, the same load alternating between them
+/// (off first in even runs); the ratio is the median of per-run ratios.
+async fn metrics_cost(
+    ctx: &Ctx,
+    kind: StoreKind,
+    sessions: &[String],
+    body: &Bytes,
+) -> anyhow::Result<crate::report::MetricsCost> {
+    let a = &ctx.args;
+    let start = |metrics: bool| {
+        let mut env = parley_env(ctx, kind, 0);
+        env.push(("PARLEY_METRICS".to_owned(), metrics.to_string()));
+        let what = if metrics { "metrics-on" } else { "metrics-off" };
+        let log = ctx.logs.join(format!("parley-{}-{what}.log", store_name(kind)));
+        async move { Server::start("parley", &ctx.args.parley_bin, &[], &env, &log, "/readyz").await }
+    };
+    let on = start(true).await?;
+    let off = start(false).await?;
+    setup::create_sessions(on.addr, sessions, 64).await?;
+    setup::create_sessions(off.addr, sessions, 64).await?;
+    let mut on_workers = load::turn_workers(on.addr, a.clients, sessions, body);
+    let mut off_workers = load::turn_workers(off.addr, a.clients, sessions, body);
+    timed(&mut on_workers, warm_up()).await;
+    timed(&mut off_workers, warm_up()).await;
+    let mut fig = crate::report::MetricsCost::default();
+    for run in 0..a.runs {
+        let (with, without) = if run % 2 == 0 {
+            let without = timed(&mut off_workers, a.plan()).await;
+            (timed(&mut on_workers, a.plan()).await, without)
+        } else {
+            let with = timed(&mut on_workers, a.plan()).await;
+            (with, timed(&mut off_workers, a.plan()).await)
+        };
+        eprintln!("[bench]   run {run}: metrics on {:.0}/s, off {:.0}/s", with.per_sec, without.per_sec);
+        fig.on_runs.push(with);
+        fig.off_runs.push(without);
+    }
+    fig.on = median_summary(&fig.on_runs);
+    fig.off = median_summary(&fig.off_runs);
+    fig.ratio = median(fig.on_runs.iter().zip(&fig.off_runs).map(|(w, wo)| w.per_sec / wo.per_sec.max(1e-9)));
+    on.stop(Duration::from_secs(3)).await;
+    off.stop(Duration::from_secs(3)).await;
     Ok(fig)
 }
 
