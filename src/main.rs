@@ -27,8 +27,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn init_tracing(config: &Config) -> (WorkerGuard, Option<Pipeline>) {
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
+    // Colours only on a terminal: a log file or a collector gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let plain = |filter, writer| {
-        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
+        let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
         match config.log_format {
             LogFormat::Json => builder.json().init(),
             LogFormat::Text => builder.init(),
@@ -50,7 +52,7 @@ fn init_tracing(config: &Config) -> (WorkerGuard, Option<Pipeline>) {
     // spans; the trace layer takes parley's trace spans whatever PARLEY_LOG says.
     let logs = filter
         .add_directive(format!("{}=off", parley::telemetry::TARGET).parse().expect("a valid directive"));
-    let fmt = tracing_subscriber::fmt::layer().with_writer(writer);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(writer).with_ansi(ansi);
     let fmt = match config.log_format {
         LogFormat::Json => fmt.json().boxed(),
         LogFormat::Text => fmt.boxed(),

@@ -279,3 +279,14 @@ async fn the_access_log_has_one_line_per_request_and_no_text() {
     assert!(field(&lines[0], "turn_id").is_null() && field(&lines[3], "turn_id").is_null());
     assert!(!log.contains("very-private-words") && !log.contains("private-metadata"), "{log}");
 }
+
+/// The text log (the default format) written to a file has no colour codes: they are for a
+/// terminal only.
+#[tokio::test]
+async fn a_text_log_that_is_not_a_terminal_has_no_colour_codes() {
+    crate::helpers::install_crypto();
+    let app = ParleyProcess::start_logged(&[("PARLEY_LOG", "info".to_owned())]).await;
+    let log = app.terminate_and_read_log();
+    assert!(log.contains("parley listening"), "{log}");
+    assert!(!log.contains('\u{1b}'), "{log:?}");
+}
