@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::agent::{Agent, AgentSettings};
+use crate::agent::{Agent, AgentSettings, TurnStore};
 use crate::config::{Config, ModelProvider, StoreKind, redact_url};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimits;
@@ -18,12 +18,11 @@ use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
 use crate::metrics::Metrics;
 use crate::server::ServerSettings;
-use crate::store::instrumented::Instrumented;
+use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
 use crate::store::postgres::{PgOptions, PgStore};
 use crate::store::redis::{RedisOptions, RedisStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{DynStore, StoreError};
 use crate::tools::ToolRegistry;
 use crate::tools::http::load_tools_file;
 
@@ -40,13 +39,13 @@ pub async fn build_state(config: &Config) -> anyhow::Result<AppState> {
 /// loads the API keys and builds the rate limiter.
 pub fn state_from_parts(
     config: &Config,
-    store: DynStore,
+    store: TurnStore,
     model: DynModel,
     tools: ToolRegistry,
 ) -> anyhow::Result<AppState> {
     let metrics = config.http.metrics.then(|| Arc::new(Metrics::new(config.http.metrics_tenant_label)));
-    let store: DynStore = match &metrics {
-        Some(metrics) => Arc::new(Instrumented::new(store, Arc::clone(metrics))),
+    let store = match &metrics {
+        Some(metrics) => store.instrumented(metrics),
         None => store,
     };
     let settings = AgentSettings {
@@ -92,21 +91,22 @@ fn limits(config: &Config) -> Limits {
     }
 }
 
-/// Builds the configured store. Durable stores connect lazily: parley starts while they are down
+/// Builds the configured store: each built-in backend keeps the history and coordinates its own
+/// turns, with its fused paths. Durable stores connect lazily: parley starts while they are down
 /// and reports 503 until they answer.
-pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
+pub async fn build_store(config: &Config) -> anyhow::Result<TurnStore> {
     match config.store.kind {
         StoreKind::Memory => {
             let store = Arc::new(MemoryStore::new(config.store.memory_max_messages));
             store.spawn_purger(SWEEP_EVERY);
-            Ok(store)
+            Ok(TurnStore::fused(store))
         }
-        StoreKind::Sqlite => Ok(sqlite_store(config).await?),
-        StoreKind::Postgres => Ok(postgres_store(config).await?),
+        StoreKind::Sqlite => Ok(TurnStore::fused(sqlite_store(config).await?)),
+        StoreKind::Postgres => Ok(TurnStore::fused(postgres_store(config).await?)),
         StoreKind::Redis => {
             let store = RedisStore::new(redis_options(config))?;
             tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis store configured");
-            Ok(Arc::new(store))
+            Ok(TurnStore::fused(Arc::new(store)))
         }
     }
 }

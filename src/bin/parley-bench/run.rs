@@ -369,7 +369,7 @@ async fn growth_figure(
         StoreKind::Memory => growth::seed_big_over_http(parley.addr, a.growth_messages, body).await?,
         _ => {
             let store = parley::app::build_store(&store_config(ctx, kind)?).await?;
-            growth::seed_big_in_store(&store, a.growth_messages, CONTENT).await?;
+            growth::seed_big_in_store(store.history(), a.growth_messages, CONTENT).await?;
         }
     }
     let runs = growth::measure(parley.addr, a.runs, a.growth_pairs, body).await?;

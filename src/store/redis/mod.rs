@@ -69,9 +69,9 @@ use deadpool_redis::redis::{
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
-    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
-    TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, IdempotencyRecord, LeaseKey,
+    LockOutcome, LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreBackend,
+    StoreError, StoreResult, TurnBegin, TurnCoordinator,
 };
 use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage, now};
 use codec::{IdemHead, from_json, parse_messages, parse_session, parse_uuid, split_at_seq, to_json};
@@ -274,12 +274,13 @@ impl RedisStore {
         tenant: &str,
         session_id: &str,
         batch: AppendBatch,
+        fence: Option<Uuid>,
         release: Option<Uuid>,
     ) -> StoreResult<Vec<Message>> {
         let keys = self.session_keys(tenant, session_id);
         let mut messages = batch.messages;
         let mut call = self.write_call(&self.scripts.append, &keys, session_id, now().timestamp_micros());
-        let fence = release.or(batch.fence);
+        let fence = release.or(fence);
         call.arg(fence.map(|id| id.to_string()).unwrap_or_default());
         call.arg(if release.is_some() { "1" } else { "0" });
         match &batch.turn {
@@ -444,7 +445,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl ConversationStore for RedisStore {
+impl StoreBackend for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
@@ -456,7 +457,10 @@ impl ConversationStore for RedisStore {
     async fn ping(&self) -> StoreResult<()> {
         self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
+}
 
+#[async_trait]
+impl ConversationStore for RedisStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.create(tenant, new, 0).await
     }
@@ -571,40 +575,7 @@ impl ConversationStore for RedisStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        self.append_releasing(tenant, session_id, batch, None).await
-    }
-
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        let id = turn.session_id.as_str();
-        let keys = self.session_keys(tenant, id);
-        let n = window.min(MAX_FETCH);
-        let mut call = self.write_call(&self.scripts.begin_turn, &keys, id, now().timestamp_micros());
-        call.arg(turn.id.to_string()).arg(to_json(turn)?).arg(lease_millis(lease)).arg(n);
-        let (acquired, holder, members, has_prompt, prompt): Begun =
-            self.write::<Option<Begun>>(&call).await?.ok_or(StoreError::SessionNotFound)?;
-        if acquired == 0 {
-            return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
-        }
-        let system_prompt = (has_prompt == 1).then_some(prompt);
-        let window = parse_messages(&members)?.into_iter().map(WindowMessage::from).collect();
-        Ok(TurnBegin::Started { system_prompt, window })
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
-        Ok(FinishedTurn { messages, lock_released: true })
+        self.append_releasing(tenant, session_id, batch, None, None).await
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -659,6 +630,27 @@ impl ConversationStore for RedisStore {
         let found: Option<String> = self.query(&cmd).await?;
         found.map(|json| from_json(&json)).transpose()
     }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        // The index scores a session by its last write, and every write slides its TTL: with a
+        // TTL, members scored before `now - ttl` have expired and are not counted.
+        let index = self.index_key(tenant);
+        let cmd = if self.ttl_ms == 0 {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(index);
+            cmd
+        } else {
+            let oldest = now().timestamp_micros().saturating_sub(self.ttl_ms as i64 * 1000);
+            let mut cmd = redis::cmd("ZCOUNT");
+            cmd.arg(index).arg(format!("({oldest}")).arg("+inf");
+            cmd
+        };
+        self.query(&cmd).await
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for RedisStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -792,22 +784,51 @@ impl ConversationStore for RedisStore {
         // Never retried: by then another request may have begun the key afresh.
         self.write::<i64>(&call).await.map(|_| ())
     }
+}
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        // The index scores a session by its last write, and every write slides its TTL: with a
-        // TTL, members scored before `now - ttl` have expired and are not counted.
-        let index = self.index_key(tenant);
-        let cmd = if self.ttl_ms == 0 {
-            let mut cmd = redis::cmd("ZCARD");
-            cmd.arg(index);
-            cmd
-        } else {
-            let oldest = now().timestamp_micros().saturating_sub(self.ttl_ms as i64 * 1000);
-            let mut cmd = redis::cmd("ZCOUNT");
-            cmd.arg(index).arg(format!("({oldest}")).arg("+inf");
-            cmd
-        };
-        self.query(&cmd).await
+#[async_trait]
+impl FusedTurns for RedisStore {
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let id = turn.session_id.as_str();
+        let keys = self.session_keys(tenant, id);
+        let n = window.min(MAX_FETCH);
+        let mut call = self.write_call(&self.scripts.begin_turn, &keys, id, now().timestamp_micros());
+        call.arg(turn.id.to_string()).arg(to_json(turn)?).arg(lease_millis(lease)).arg(n);
+        let (acquired, holder, members, has_prompt, prompt): Begun =
+            self.write::<Option<Begun>>(&call).await?.ok_or(StoreError::SessionNotFound)?;
+        if acquired == 0 {
+            return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
+        }
+        let system_prompt = (has_prompt == 1).then_some(prompt);
+        let window = parse_messages(&members)?.into_iter().map(WindowMessage::from).collect();
+        Ok(TurnBegin::Started { system_prompt, window })
+    }
+
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.append_releasing(tenant, session_id, batch, Some(turn_id), None).await
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, None, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 }
 
