@@ -9,7 +9,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 
 use crate::agent::{Agent, AgentSettings, TurnStore};
-use crate::config::{Config, ModelProvider, StoreKind, redact_url};
+use crate::config::{Config, CoordinatorKind, ModelProvider, StoreKind, redact_url};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimits;
 use crate::http::{AppParts, AppState, Limits};
@@ -20,8 +20,9 @@ use crate::metrics::Metrics;
 use crate::server::ServerSettings;
 use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
+use crate::store::memory_coordinator::MemoryCoordinator;
 use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::redis::{RedisCoordinator, RedisOptions, RedisStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
 use crate::tools::ToolRegistry;
 use crate::tools::http::load_tools_file;
@@ -43,6 +44,7 @@ pub fn state_from_parts(
     model: DynModel,
     tools: ToolRegistry,
 ) -> anyhow::Result<AppState> {
+    check_distributed(config, &store)?;
     let metrics = config.http.metrics.then(|| Arc::new(Metrics::new(config.http.metrics_tenant_label)));
     let store = match &metrics {
         Some(metrics) => store.instrumented(metrics),
@@ -91,10 +93,59 @@ fn limits(config: &Config) -> Limits {
     }
 }
 
-/// Builds the configured store: each built-in backend keeps the history and coordinates its own
-/// turns, with its fused paths. Durable stores connect lazily: parley starts while they are down
-/// and reports 503 until they answer.
+/// With `PARLEY_DISTRIBUTED=true`, refuses a history store or a coordinator that replicas cannot
+/// share (a store built in code included), naming the fix.
+fn check_distributed(config: &Config, store: &TurnStore) -> anyhow::Result<()> {
+    if !config.store.distributed {
+        return Ok(());
+    }
+    let (history, coordinator) = (store.history(), store.coordinator());
+    if !history.is_distributed() {
+        anyhow::bail!(
+            "PARLEY_DISTRIBUTED=true but the {} history store cannot be shared by several replicas. \
+             Use PARLEY_STORE=redis or PARLEY_STORE=postgres, or run a single replica with \
+             PARLEY_DISTRIBUTED=false.",
+            history.backend()
+        );
+    }
+    if !coordinator.is_distributed() {
+        anyhow::bail!(
+            "PARLEY_DISTRIBUTED=true but the {} coordinator keeps turn locks in one process. Set \
+             PARLEY_COORDINATOR=redis (with REDIS_URL), or PARLEY_COORDINATOR=store with a \
+             distributed PARLEY_STORE, or run a single replica with PARLEY_DISTRIBUTED=false.",
+            coordinator.backend()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the configured store: the history store and the coordinator of its turns
+/// (`PARLEY_COORDINATOR`). By default, or when the coordinator named is the store's own backend,
+/// the store coordinates itself with its fused paths; otherwise the agent composes the two.
+/// Durable stores connect lazily: parley starts while they are down and reports 503 until they
+/// answer.
 pub async fn build_store(config: &Config) -> anyhow::Result<TurnStore> {
+    let own = build_own_store(config).await?;
+    let coordinator: crate::store::DynCoordinator = match (config.store.coordinator, config.store.kind) {
+        (CoordinatorKind::Store, _)
+        | (CoordinatorKind::Memory, StoreKind::Memory)
+        | (CoordinatorKind::Redis, StoreKind::Redis) => return Ok(own),
+        (CoordinatorKind::Memory, _) => {
+            let coordinator = Arc::new(MemoryCoordinator::new());
+            coordinator.spawn_purger(SWEEP_EVERY);
+            coordinator
+        }
+        (CoordinatorKind::Redis, _) => {
+            let coordinator = RedisCoordinator::new(redis_options(config))?;
+            tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis coordinator configured");
+            Arc::new(coordinator)
+        }
+    };
+    Ok(TurnStore::composed(Arc::clone(own.history()), coordinator))
+}
+
+/// The configured store, coordinating its own turns.
+async fn build_own_store(config: &Config) -> anyhow::Result<TurnStore> {
     match config.store.kind {
         StoreKind::Memory => {
             let store = Arc::new(MemoryStore::new(config.store.memory_max_messages));

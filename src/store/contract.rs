@@ -1,4 +1,6 @@
-//! The store contract: one suite of cases that every [`ConversationStore`] must pass.
+//! The store contract: one suite of cases that every backend owning both parts must pass
+//! ([`ConversationStore`](super::ConversationStore), [`TurnCoordinator`](super::TurnCoordinator)
+//! and [`FusedTurns`](super::FusedTurns)).
 //!
 //! Each case takes a factory that builds a fresh, isolated store (its own key prefix, schema or
 //! process-local instance) from a [`Setup`], so cases run in parallel. The

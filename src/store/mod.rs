@@ -1,8 +1,21 @@
-//! The conversation store: the trait every backend implements, its query types and errors.
+//! The store: its traits, their query types and errors, and the backends.
+//!
+//! Two parts, two traits. [`ConversationStore`] is what a conversation *is*: sessions, their
+//! history, their turn records; a history backend implements it and nothing else.
+//! [`TurnCoordinator`] is what keeps turns safe: one turn per session (a lock with a lease that
+//! carries cancel requests), and idempotency keys. Both share [`StoreBackend`] (name,
+//! `is_distributed`, `ping`). A backend that owns both parts also implements [`FusedTurns`]: the
+//! start and the end of a turn in one round trip, fenced atomically. `app.rs` pairs a history
+//! store with a coordinator (`PARLEY_COORDINATOR`; by default each store coordinates itself, with
+//! its fused paths) and hands both to the agent (`agent::TurnStore`), which composes the turn
+//! steps from the single calls when the two are different backends: then a write is fenced by a
+//! check before it, not in the same atomic step (see [`FusedTurns`]).
 //!
 //! Backends: [`sqlite`] (the default: one process, durable), [`memory`] (one process, nothing
-//! survives a restart), [`redis`] and [`postgres`] (shared by replicas).
-//! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
+//! survives a restart), [`redis`] and [`postgres`] (shared by replicas); each implements all three
+//! traits. Coordinators for a history kept elsewhere: [`memory_coordinator`] (one process) and
+//! [`redis::RedisCoordinator`] (shared by replicas).
+//! [`contract`] is the test suite that pins the traits' behaviour; a backend that passes it is a backend.
 //!
 //! Each durable backend is a folder whose files have one job each (the store and its trait
 //! implementation in `mod.rs`; statements in `sql/*.sql` or scripts in `scripts/*.lua`, loaded
@@ -15,6 +28,7 @@
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
+pub mod memory_coordinator;
 pub mod postgres;
 pub mod redis;
 mod sql_common;
@@ -277,7 +291,7 @@ pub trait StoreBackend: Send + Sync + 'static {
 /// A history store knows nothing of locks, leases or idempotency keys: a [`TurnCoordinator`]
 /// keeps turns safe, and `app.rs` pairs the two (`PARLEY_COORDINATOR`).
 ///
-/// Contract (pinned by the `contract::conversation` suite, behind the `contract` feature):
+/// Contract (pinned by [`contract`]):
 /// `append` is atomic (all messages or none, with the turn record and the supersession, and
 /// readers never see part of a batch); seqs are 1, 2, 3… per session, strictly increasing in
 /// append order and never reused, even after `clear` or trimming; reads of a page, of the last N
@@ -382,7 +396,7 @@ pub trait ConversationStore: StoreBackend {
 /// hold, and drops a session's lock and keys with it. A standalone coordinator (`PARLEY_COORDINATOR`)
 /// lets them go by themselves: a lock when its lease runs out, a key after its ttl.
 ///
-/// Contract: the `contract::coordination` suite, behind the `contract` feature.
+/// Contract: the lock, lease, cancel and idempotency cases of [`contract`].
 #[async_trait]
 pub trait TurnCoordinator: StoreBackend {
     /// Claims the session for a turn for `lease`, unless another turn holds it (across every
@@ -463,7 +477,7 @@ pub trait TurnCoordinator: StoreBackend {
 /// out writes nothing. Composed, the check comes before the write: a turn that loses its lease
 /// between the two (a replica paused longer than the lease) may still write once.
 ///
-/// Contract: the `contract::fused` suite, behind the `contract` feature.
+/// Contract: the begin, finish and fencing cases of [`contract`].
 #[async_trait]
 pub trait FusedTurns: ConversationStore + TurnCoordinator {
     /// Starts a turn: claims the session for `turn` (unless another turn holds it), reads its

@@ -127,7 +127,7 @@ pub struct PgStore {
 
 impl PgStore {
     /// Builds the store without connecting: connections open on first use, so parley starts while
-    /// PostgreSQL is down and reports it through [`ConversationStore::ping`]. Must be called
+    /// PostgreSQL is down and reports it through [`StoreBackend::ping`]. Must be called
     /// within a Tokio runtime (the pool spawns its maintenance task).
     pub fn new(opts: PgOptions) -> StoreResult<Self> {
         Self::pinging_idle_after(opts, PING_IF_IDLE_FOR)

@@ -7,6 +7,8 @@
 //! - `pool.rs`: the connection pool and the one-request lease that drops broken connections.
 //! - `codec.rs`: what is stored, as text: messages, turns and sessions to and from JSON and hashes.
 //! - `redact.rs`: keeps the URL's password out of every error and `Debug` output.
+//! - `coordinator.rs`: [`RedisCoordinator`], the locks and keys alone, for a history store kept
+//!   elsewhere (`PARLEY_COORDINATOR=redis`).
 //!
 //! # Atomicity and the index
 //! Every write is one Lua script (`EVALSHA`, loaded on first use): it checks that the session
@@ -51,6 +53,7 @@
 //! (ZCOUNT with a TTL).
 
 mod codec;
+mod coordinator;
 mod keys;
 mod pool;
 mod redact;
@@ -79,6 +82,8 @@ use keys::{SessionKeys, index_key};
 use pool::{LeanManager, Lease, Pool, Request, is_connection_failure};
 use redact::Redactor;
 use scripts::{RENEW_LOCK, Scripts};
+
+pub use coordinator::RedisCoordinator;
 
 /// What the begin-turn script answers: acquired (0/1), the holder when busy, the window, whether
 /// the session has a system prompt (0/1), the prompt.
@@ -148,6 +153,9 @@ pub struct RedisStore {
     op_timeout: Duration,
     redactor: Redactor,
     scripts: Scripts,
+    /// Coordinating turns for another history store ([`RedisCoordinator`]): the lock and key
+    /// scripts do not look for the session, which lives elsewhere.
+    standalone: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -191,7 +199,14 @@ impl RedisStore {
             op_timeout: opts.op_timeout,
             redactor,
             scripts: Scripts::new(),
+            standalone: false,
         })
+    }
+
+    /// The key the lock and idempotency scripts check the session's existence by: its meta, or
+    /// none (the empty name) when coordinating for another history store.
+    fn meta_for_locks(&self, keys: SessionKeys) -> String {
+        if self.standalone { String::new() } else { keys.meta }
     }
 
     fn session_keys(&self, tenant: &str, id: &str) -> SessionKeys {
@@ -362,16 +377,18 @@ impl RedisStore {
     /// A lock script call with the session's meta and lock keys.
     fn lock_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
         let keys = self.session_keys(tenant, id);
+        let lock = keys.lock.clone();
         let mut call = script.prepare_invoke();
-        call.key(keys.meta).key(keys.lock);
+        call.key(self.meta_for_locks(keys)).key(lock);
         call
     }
 
     /// An idempotency script call with the session's meta, idem and idem_exp keys.
     fn idem_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
         let keys = self.session_keys(tenant, id);
+        let (idem, idem_exp) = (keys.idem.clone(), keys.idem_exp.clone());
         let mut call = script.prepare_invoke();
-        call.key(keys.meta).key(keys.idem).key(keys.idem_exp);
+        call.key(self.meta_for_locks(keys)).key(idem).key(idem_exp);
         call
     }
 
@@ -690,11 +707,12 @@ impl TurnCoordinator for RedisStore {
             pipe.cmd("SCRIPT").arg("LOAD").arg(RENEW_LOCK).ignore();
             for t in chunk {
                 let keys = self.session_keys(&t.tenant, &t.session_id);
+                let lock = keys.lock.clone();
                 pipe.cmd("EVALSHA")
                     .arg(self.scripts.renew_lock.get_hash())
                     .arg(2)
-                    .arg(keys.meta)
-                    .arg(keys.lock)
+                    .arg(self.meta_for_locks(keys))
+                    .arg(lock)
                     .arg(t.turn_id.to_string())
                     .arg(lease_millis(lease));
             }
