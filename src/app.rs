@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::net::TcpListener;
 
-use crate::agent::{Agent, AgentSettings};
-use crate::config::{Config, ModelProvider, StoreKind, redact_url};
+use crate::agent::{Agent, AgentSettings, TurnStore};
+use crate::config::{Config, CoordinatorKind, ModelProvider, StoreKind, redact_url};
 use crate::http::auth::Auth;
 use crate::http::ratelimit::RateLimits;
 use crate::http::{AppParts, AppState, Limits};
@@ -18,12 +18,12 @@ use crate::llm::openai::{OpenAiModel, OpenAiSettings};
 use crate::llm::{DynModel, EchoSettings};
 use crate::metrics::Metrics;
 use crate::server::ServerSettings;
-use crate::store::instrumented::Instrumented;
+use crate::store::StoreError;
 use crate::store::memory::MemoryStore;
+use crate::store::memory_coordinator::MemoryCoordinator;
 use crate::store::postgres::{PgOptions, PgStore};
-use crate::store::redis::{RedisOptions, RedisStore};
+use crate::store::redis::{RedisCoordinator, RedisOptions, RedisStore};
 use crate::store::sqlite::{SqliteOptions, SqliteStore};
-use crate::store::{DynStore, StoreError};
 use crate::telemetry::export::TraceSettings;
 use crate::tools::ToolRegistry;
 use crate::tools::http::load_tools_file;
@@ -47,13 +47,14 @@ pub fn trace_settings(config: &Config) -> Option<TraceSettings> {
 /// loads the API keys and builds the rate limiter.
 pub fn state_from_parts(
     config: &Config,
-    store: DynStore,
+    store: TurnStore,
     model: DynModel,
     tools: ToolRegistry,
 ) -> anyhow::Result<AppState> {
+    check_distributed(config, &store)?;
     let metrics = config.http.metrics.then(|| Arc::new(Metrics::new(config.http.metrics_tenant_label)));
-    let store: DynStore = if metrics.is_some() || crate::telemetry::enabled() {
-        Arc::new(Instrumented::new(store, metrics.clone()))
+    let store = if metrics.is_some() || crate::telemetry::enabled() {
+        store.instrumented(metrics.as_ref())
     } else {
         store
     };
@@ -100,21 +101,71 @@ fn limits(config: &Config) -> Limits {
     }
 }
 
-/// Builds the configured store. Durable stores connect lazily: parley starts while they are down
-/// and reports 503 until they answer.
-pub async fn build_store(config: &Config) -> anyhow::Result<DynStore> {
+/// With `PARLEY_DISTRIBUTED=true`, refuses a history store or a coordinator that replicas cannot
+/// share (a store built in code included), naming the fix.
+fn check_distributed(config: &Config, store: &TurnStore) -> anyhow::Result<()> {
+    if !config.store.distributed {
+        return Ok(());
+    }
+    let (history, coordinator) = (store.history(), store.coordinator());
+    if !history.is_distributed() {
+        anyhow::bail!(
+            "PARLEY_DISTRIBUTED=true but the {} history store cannot be shared by several replicas. \
+             Use PARLEY_STORE=redis or PARLEY_STORE=postgres, or run a single replica with \
+             PARLEY_DISTRIBUTED=false.",
+            history.backend()
+        );
+    }
+    if !coordinator.is_distributed() {
+        anyhow::bail!(
+            "PARLEY_DISTRIBUTED=true but the {} coordinator keeps turn locks in one process. Set \
+             PARLEY_COORDINATOR=redis (with REDIS_URL), or PARLEY_COORDINATOR=store with a \
+             distributed PARLEY_STORE, or run a single replica with PARLEY_DISTRIBUTED=false.",
+            coordinator.backend()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the configured store: the history store and the coordinator of its turns
+/// (`PARLEY_COORDINATOR`). By default, or when the coordinator named is the store's own backend,
+/// the store coordinates itself with its fused paths; otherwise the agent composes the two.
+/// Durable stores connect lazily: parley starts while they are down and reports 503 until they
+/// answer.
+pub async fn build_store(config: &Config) -> anyhow::Result<TurnStore> {
+    let own = build_own_store(config).await?;
+    let coordinator: crate::store::DynCoordinator = match (config.store.coordinator, config.store.kind) {
+        (CoordinatorKind::Store, _)
+        | (CoordinatorKind::Memory, StoreKind::Memory)
+        | (CoordinatorKind::Redis, StoreKind::Redis) => return Ok(own),
+        (CoordinatorKind::Memory, _) => {
+            let coordinator = Arc::new(MemoryCoordinator::new());
+            coordinator.spawn_purger(SWEEP_EVERY);
+            coordinator
+        }
+        (CoordinatorKind::Redis, _) => {
+            let coordinator = RedisCoordinator::new(redis_options(config))?;
+            tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis coordinator configured");
+            Arc::new(coordinator)
+        }
+    };
+    Ok(TurnStore::composed(Arc::clone(own.history()), coordinator))
+}
+
+/// The configured store, coordinating its own turns.
+async fn build_own_store(config: &Config) -> anyhow::Result<TurnStore> {
     match config.store.kind {
         StoreKind::Memory => {
             let store = Arc::new(MemoryStore::new(config.store.memory_max_messages));
             store.spawn_purger(SWEEP_EVERY);
-            Ok(store)
+            Ok(TurnStore::fused(store))
         }
-        StoreKind::Sqlite => Ok(sqlite_store(config).await?),
-        StoreKind::Postgres => Ok(postgres_store(config).await?),
+        StoreKind::Sqlite => Ok(TurnStore::fused(sqlite_store(config).await?)),
+        StoreKind::Postgres => Ok(TurnStore::fused(postgres_store(config).await?)),
         StoreKind::Redis => {
             let store = RedisStore::new(redis_options(config))?;
             tracing::info!(redis = %redact_url(&config.store.redis_url), prefix = %config.store.redis_prefix, "redis store configured");
-            Ok(Arc::new(store))
+            Ok(TurnStore::fused(Arc::new(store)))
         }
     }
 }

@@ -94,6 +94,19 @@ pub enum StoreKind {
     Postgres,
 }
 
+/// Which backend coordinates turns: their session locks and leases, cancel requests and
+/// idempotency keys.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CoordinatorKind {
+    /// The history store coordinates its own turns, with its fused one-round-trip paths. The
+    /// default.
+    Store,
+    /// In-process memory: one replica.
+    Memory,
+    /// Redis (`REDIS_URL`, `PARLEY_REDIS_PREFIX`), shared by replicas.
+    Redis,
+}
+
 /// Which model provider to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ModelProvider {
@@ -353,7 +366,11 @@ pub struct StoreConfig {
     /// Which store keeps the history.
     #[arg(long = "store", env = "PARLEY_STORE", value_enum, default_value = "sqlite")]
     pub kind: StoreKind,
-    /// Declares that several replicas share state; refuses to start with a non-distributed store.
+    /// Which backend coordinates turns; `store`: the history store itself.
+    #[arg(long, env = "PARLEY_COORDINATOR", value_enum, default_value = "store")]
+    pub coordinator: CoordinatorKind,
+    /// Declares that several replicas share state; refuses to start with a non-distributed store
+    /// or coordinator.
     #[arg(long, env = "PARLEY_DISTRIBUTED", default_value_t = false, action = clap::ArgAction::Set)]
     pub distributed: bool,
     /// Memory store: most messages kept per session (the oldest go first).
@@ -437,6 +454,7 @@ impl std::fmt::Debug for StoreConfig {
         // Destructured so that a new field cannot be forgotten here.
         let StoreConfig {
             kind,
+            coordinator,
             distributed,
             memory_max_messages,
             sqlite_path,
@@ -453,6 +471,7 @@ impl std::fmt::Debug for StoreConfig {
         } = self;
         f.debug_struct("StoreConfig")
             .field("kind", kind)
+            .field("coordinator", coordinator)
             .field("distributed", distributed)
             .field("memory_max_messages", memory_max_messages)
             .field("sqlite_path", sqlite_path)
@@ -517,6 +536,13 @@ impl Config {
                  by several replicas. Set PARLEY_STORE=redis (with REDIS_URL) or PARLEY_STORE=postgres \
                  (with DATABASE_URL), or run a single replica with PARLEY_DISTRIBUTED=false."
             ));
+        }
+        if self.store.distributed && self.store.coordinator == CoordinatorKind::Memory {
+            return Err("PARLEY_DISTRIBUTED=true but PARLEY_COORDINATOR=memory: turns coordinated in one \
+                 process are not safe across replicas. Set PARLEY_COORDINATOR=redis (with REDIS_URL) or \
+                 PARLEY_COORDINATOR=store (with a distributed PARLEY_STORE), or run a single replica \
+                 with PARLEY_DISTRIBUTED=false."
+                .to_owned());
         }
         if let Some(endpoint) = self.otlp_endpoint.as_deref().map(str::trim).filter(|e| !e.is_empty()) {
             let valid = url::Url::parse(endpoint).is_ok_and(|u| matches!(u.scheme(), "http" | "https"));
@@ -645,6 +671,20 @@ mod tests {
         assert!(err.contains("PARLEY_OTLP_ENDPOINT") && err.contains("/v1/traces"), "{err}");
         assert!(parse(&["--otlp-endpoint", "http://localhost:4318/v1/traces"]).validate().is_ok());
         assert!(parse(&["--otlp-endpoint", ""]).validate().is_ok(), "blank is off");
+    }
+
+    #[test]
+    fn a_distributed_deployment_needs_a_distributed_coordinator_too() {
+        let err = parse(&["--distributed", "true", "--store", "postgres", "--coordinator", "memory"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.contains("PARLEY_COORDINATOR=memory:") && err.contains("PARLEY_COORDINATOR=redis"),
+            "{err}"
+        );
+        let ok = ["--distributed", "true", "--store", "postgres", "--coordinator", "redis"];
+        assert!(parse(&ok).validate().is_ok());
+        assert_eq!(parse(&[]).store.coordinator, CoordinatorKind::Store, "each store coordinates itself");
     }
 
     #[test]

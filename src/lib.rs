@@ -5,10 +5,13 @@
 //! - [`config`]: the typed configuration (flags and environment variables).
 //! - [`error`]: the API error type, rendered as RFC 9457 problem+json.
 //! - [`domain`]: sessions, messages, tool calls, turns.
-//! - [`store`]: the conversation store trait, its backends and its contract suite. Each durable
-//!   backend is a folder of one-job files: `store/sqlite/` and `store/postgres/` (the store,
-//!   `sql/*.sql` statements, rows, errors; PostgreSQL's own connection pool), `store/redis/` (the
-//!   store, key layout, `scripts/*.lua`, pool); `store/memory.rs` is one file.
+//! - [`store`]: the store's traits (`ConversationStore` for the history, `TurnCoordinator` for
+//!   locks, leases and idempotency keys, `FusedTurns` for the one-round-trip paths of a backend
+//!   owning both), its backends and its contract suite. Each durable backend is a folder of
+//!   one-job files: `store/sqlite/` and `store/postgres/` (the store, `sql/*.sql` statements,
+//!   rows, errors; PostgreSQL's own connection pool), `store/redis/` (the store, key layout,
+//!   `scripts/*.lua`, pool, the standalone coordinator); `store/memory.rs` is one file, and
+//!   `store/memory_coordinator.rs` coordinates in one process for a history kept elsewhere.
 //! - [`llm`]: the chat model trait and its providers (echo, OpenAI-compatible).
 //! - [`tools`]: the tool trait, the registry and the built-in and HTTP tools.
 //! - [`agent`]: the turn: load the window, call the model, run tools, append.

@@ -45,7 +45,7 @@ fn turn_batch(session: &str, i: usize, bytes: usize) -> AppendBatch {
     turn.message_ids = vec![user.id, assistant.id];
     turn.usage = Some(Usage { prompt_tokens: 50, completion_tokens: 40, total_tokens: 90 });
     turn.completed_at = Some(now());
-    AppendBatch { messages: vec![user, assistant], turn: Some(turn), fence: None, supersede_from: None }
+    AppendBatch { messages: vec![user, assistant], turn: Some(turn), supersede_from: None }
 }
 
 /// Stores `messages` messages of `bytes` bytes over `sessions` sessions and measures.

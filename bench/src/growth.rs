@@ -66,11 +66,7 @@ pub async fn seed_big_in_store(store: &DynStore, messages: u64, content: &str) -
             batch.push(Message::new(BIG, turn, role, content));
         }
         store
-            .append(
-                DEFAULT_TENANT,
-                BIG,
-                AppendBatch { messages: batch, turn: None, fence: None, supersede_from: None },
-            )
+            .append(DEFAULT_TENANT, BIG, AppendBatch { messages: batch, turn: None, supersede_from: None })
             .await?;
         left -= n;
     }

@@ -437,7 +437,7 @@ async fn growth_figure(
         }
         _ => {
             let store = parley::app::build_store(&store_config(ctx, kind)?).await?;
-            growth::seed_big_in_store(&store, a.growth_messages, CONTENT).await?;
+            growth::seed_big_in_store(store.history(), a.growth_messages, CONTENT).await?;
         }
     }
     let runs = growth::measure(parley.addr, a.runs, a.growth_pairs, body).await?;

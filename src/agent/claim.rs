@@ -20,7 +20,7 @@ use crate::config::IfBusy;
 use crate::domain::{Role, Turn, TurnStatus, WindowMessage, now};
 use crate::error::{AppError, Problem};
 use crate::store::{
-    AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, Order, PageQuery, StoreError, TurnBegin,
+    AppendBatch, IdempotencyBegin, IdempotencyRecord, Order, PageQuery, StoreError, TurnBegin,
 };
 
 /// How often a running turn renews its lease and checks for cancel requests.
@@ -75,7 +75,12 @@ impl Agent {
         let fp = fingerprint(input);
         let ttl = self.settings.idempotency_ttl;
         for _ in 0..2 {
-            let record = match self.store.begin_idempotent(tenant, session, key, &fp, turn_id, ttl).await? {
+            let record = match self
+                .store
+                .coordinator()
+                .begin_idempotent(tenant, session, key, &fp, turn_id, ttl)
+                .await?
+            {
                 IdempotencyBegin::Started => return Ok(Replay::Run),
                 IdempotencyBegin::Existing(record) => record,
             };
@@ -85,7 +90,7 @@ impl Agent {
             match self.replay(input, &record).await? {
                 Some(replay) => return Ok(replay),
                 // The first request failed without storing anything: forget the key, run again.
-                None => self.store.abort_idempotent(tenant, session, key).await?,
+                None => self.store.coordinator().abort_idempotent(tenant, session, key).await?,
             }
         }
         Err(AppError::TurnInProgress(turn_id))
@@ -112,8 +117,8 @@ impl Agent {
             },
             Some(TurnStatus::Completed | TurnStatus::Cancelled) => {
                 // Completed, but the process stopped before saving the answer: rebuild it.
-                let messages = self.store.last_n(tenant, session, 1000).await?;
-                let turn = self.store.get_turn(tenant, session, record.turn_id).await?;
+                let messages = self.store.history().last_n(tenant, session, 1000).await?;
+                let turn = self.store.history().get_turn(tenant, session, record.turn_id).await?;
                 let messages = messages.into_iter().filter(|m| m.turn_id == record.turn_id).collect();
                 let usage = turn.and_then(|t| t.usage);
                 Ok(Some(Replay::Done(TurnResult { turn_id: record.turn_id, messages, usage })))
@@ -190,6 +195,7 @@ impl Agent {
             PageQuery { limit, order: Order::Desc, before: seq.checked_add(1), ..PageQuery::default() };
         let page = self
             .store
+            .history()
             .read_page(tenant, session, query)
             .await
             .map_err(|e| AppError::from_store(e, session))?;
@@ -258,7 +264,7 @@ impl Agent {
         match result {
             Ok(outcome) => outcome,
             Err(()) => {
-                let running = self.store.turn_lock_holder(tenant, session).await.ok().flatten();
+                let running = self.store.coordinator().turn_lock_holder(tenant, session).await.ok().flatten();
                 Err(AppError::TurnInProgress(
                     running.or(self.registry.running_in(tenant, session)).unwrap_or(turn.id),
                 ))
@@ -274,22 +280,26 @@ impl Agent {
         session: &str,
         turn_id: Uuid,
     ) -> Result<Option<Turn>, AppError> {
-        let Some(turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
+        let Some(turn) = self.store.history().get_turn(tenant, session, turn_id).await? else {
+            return Ok(None);
+        };
         if turn.status != TurnStatus::Running
-            || self.store.turn_lock_holder(tenant, session).await? == Some(turn_id)
+            || self.store.coordinator().turn_lock_holder(tenant, session).await? == Some(turn_id)
         {
             return Ok(Some(turn));
         }
         // A turn writes its last record before it frees the session: read the record again, or a
         // turn that ended between the two reads above would be overwritten as abandoned.
-        let Some(mut turn) = self.store.get_turn(tenant, session, turn_id).await? else { return Ok(None) };
+        let Some(mut turn) = self.store.history().get_turn(tenant, session, turn_id).await? else {
+            return Ok(None);
+        };
         if turn.status != TurnStatus::Running {
             return Ok(Some(turn));
         }
         turn.status = TurnStatus::Failed;
         turn.error = serde_json::to_value(abandoned_problem()).ok();
         turn.completed_at = Some(now());
-        self.store.put_turn(tenant, &turn).await?;
+        self.store.history().put_turn(tenant, &turn).await?;
         Ok(Some(turn))
     }
 }
@@ -329,7 +339,7 @@ impl Agent {
         }
         let lease = self.settings.turn_lease;
         let sent = Instant::now();
-        let statuses = match self.store.renew_turn_locks(&turns.keys, lease).await {
+        let statuses = match self.store.coordinator().renew_turn_locks(&turns.keys, lease).await {
             Ok(statuses) => statuses,
             Err(e) => {
                 tracing::warn!(turns = turns.keys.len(), error = %e, "could not renew the turn leases");
@@ -408,7 +418,7 @@ impl ClaimGuard {
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
             runtime.spawn(settle_when_possible(
-                Arc::clone(self.agent.store()),
+                self.agent.store().clone(),
                 self.tenant.clone(),
                 self.session.clone(),
                 self.turn_id,
@@ -431,7 +441,7 @@ impl Drop for ClaimGuard {
 /// terminal record fenced with the lock's release (`settle`), or releases the lock. Gives up
 /// when the lease has run out (the lock is gone by itself then).
 pub(super) async fn settle_when_possible(
-    store: DynStore,
+    store: super::TurnStore,
     tenant: String,
     session: String,
     turn_id: Uuid,
@@ -448,7 +458,7 @@ pub(super) async fn settle_when_possible(
                     Err(_) => false,
                 }
             }
-            None => store.release_turn_lock(&tenant, &session, turn_id).await.is_ok(),
+            None => store.coordinator().release_turn_lock(&tenant, &session, turn_id).await.is_ok(),
         };
         if done {
             tracing::info!(turn.id = %turn_id, "session lock given back after the store answered again");

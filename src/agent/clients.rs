@@ -28,13 +28,20 @@ impl Agent {
     /// Makes sure the tenant has session `id`: creates it (without a system prompt) when missing,
     /// within the tenant's cap (`u64::MAX`: none).
     pub async fn ensure_session(&self, tenant: &str, id: &str, max_sessions: u64) -> Result<(), AppError> {
-        if self.store.get_session(tenant, id).await.map_err(|e| AppError::from_store(e, id))?.is_some() {
+        if self
+            .store
+            .history()
+            .get_session(tenant, id)
+            .await
+            .map_err(|e| AppError::from_store(e, id))?
+            .is_some()
+        {
             return Ok(());
         }
         let new = NewSession { id: id.to_owned(), system_prompt: None, metadata: Default::default() };
         let created = match max_sessions {
-            u64::MAX => self.store.create_session(tenant, new).await,
-            max => self.store.create_session_within(tenant, new, max).await,
+            u64::MAX => self.store.history().create_session(tenant, new).await,
+            max => self.store.history().create_session_within(tenant, new, max).await,
         };
         match created {
             // Another request made it first: the session exists, which is all that was asked.
@@ -45,7 +52,7 @@ impl Agent {
 
     /// 404 unless the tenant has session `id`.
     pub async fn require_session(&self, tenant: &str, id: &str) -> Result<(), AppError> {
-        match self.store.get_session(tenant, id).await.map_err(|e| AppError::from_store(e, id))? {
+        match self.store.history().get_session(tenant, id).await.map_err(|e| AppError::from_store(e, id))? {
             Some(_) => Ok(()),
             None => Err(AppError::SessionNotFound(id.to_owned())),
         }
@@ -71,6 +78,7 @@ impl Agent {
             };
             let page = self
                 .store
+                .history()
                 .read_page(tenant, session, query)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?;
@@ -93,6 +101,7 @@ impl Agent {
             let query = PageQuery { limit: 100, order: Order::Desc, before, ..PageQuery::default() };
             let page = self
                 .store
+                .history()
                 .read_page(tenant, session, query)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?;
@@ -118,6 +127,10 @@ impl Agent {
         if let Some(turn_id) = self.registry.running_in(tenant, session) {
             return Ok(Some(turn_id));
         }
-        self.store.turn_lock_holder(tenant, session).await.map_err(|e| AppError::from_store(e, session))
+        self.store
+            .coordinator()
+            .turn_lock_holder(tenant, session)
+            .await
+            .map_err(|e| AppError::from_store(e, session))
     }
 }

@@ -124,6 +124,7 @@ impl Agent {
                 PageQuery { limit: 100, order: Order::Desc, after: None, before, ..PageQuery::default() };
             let page = self
                 .store
+                .history()
                 .read_page(tenant, session, query)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?;
@@ -152,6 +153,7 @@ impl Agent {
         if !local
             && !self
                 .store
+                .coordinator()
                 .request_cancel(tenant, session, turn_id)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?

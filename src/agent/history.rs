@@ -57,6 +57,7 @@ impl Agent {
         let (tenant, session) = (r.tenant.as_str(), r.session_id.as_str());
         let turn = self
             .store
+            .history()
             .get_turn(tenant, session, r.turn_id)
             .await
             .map_err(|e| AppError::from_store(e, session))?
@@ -93,6 +94,7 @@ impl Agent {
             let query = PageQuery { limit: PAGE, order: Order::Desc, before, ..PageQuery::default() };
             let page = self
                 .store
+                .history()
                 .read_page(tenant, session, query)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?;
@@ -120,6 +122,7 @@ impl Agent {
         let (tenant, source_id) = (f.tenant.as_str(), f.source.as_str());
         let source = self
             .store
+            .history()
             .get_session(tenant, source_id)
             .await
             .map_err(|e| AppError::from_store(e, source_id))?
@@ -147,6 +150,7 @@ impl Agent {
         };
         let (session, _) = self
             .store
+            .history()
             .create_session_with(tenant, new, messages, f.max_sessions)
             .await
             .map_err(|e| AppError::from_store(e, &f.id))?;
@@ -168,6 +172,7 @@ impl Agent {
             let query = PageQuery { limit: PAGE, order: Order::Asc, after, before, ..PageQuery::default() };
             let page = self
                 .store
+                .history()
                 .read_page(tenant, session, query)
                 .await
                 .map_err(|e| AppError::from_store(e, session))?;
@@ -208,6 +213,7 @@ impl Agent {
         let query = PageQuery { limit: 1, order: Order::Asc, after: Some(seq), ..PageQuery::default() };
         let next = self
             .store
+            .history()
             .read_page(tenant, session, query)
             .await
             .map_err(|e| AppError::from_store(e, session))?;

@@ -4,6 +4,7 @@
 //! - [`window`]: the history window that never separates a tool call from its results.
 //! - [`events`]: the typed events streamed to clients, and the turn result.
 //! - [`registry`]: the turns running in this process (one per session, cancellable).
+//! - [`turn_store`]: the port to the store: history, coordinator, fused or composed turn steps.
 //! - [`clients`]: what the chat-client dialects need: sessions made on first use, messages found
 //!   by a client's ids, the last turn, the running turn.
 //!
@@ -19,6 +20,7 @@ mod follow;
 pub mod history;
 pub mod registry;
 mod sessions;
+pub mod turn_store;
 pub mod window;
 
 use std::collections::HashMap;
@@ -44,10 +46,11 @@ use crate::config::IfBusy;
 use crate::domain::{Message, Metadata, Role, ToolCall, Turn, TurnStatus, Usage, WindowMessage, new_id, now};
 use crate::error::AppError;
 use crate::llm::{ChatRequest, DynModel, ModelError, ModelEvent, ModelOutput, PromptMessage};
-use crate::store::{AppendBatch, DynStore, StoreError};
+use crate::store::{AppendBatch, StoreError};
 use crate::telemetry;
 use crate::tools::ToolRegistry;
 use tracing::Instrument;
+pub use turn_store::TurnStore;
 
 /// How the agent loop behaves.
 #[derive(Debug, Clone)]
@@ -241,7 +244,7 @@ impl<T: Send + 'static> Drop for RunToEnd<T> {
 
 /// The agent: the store, the model, the tools, and the turns running here.
 pub struct Agent {
-    store: DynStore,
+    store: TurnStore,
     model: DynModel,
     tools: Arc<ToolRegistry>,
     settings: AgentSettings,
@@ -381,7 +384,7 @@ impl Interrupt {
 
 impl Agent {
     /// An agent over this store, model and tools.
-    pub fn new(store: DynStore, model: DynModel, tools: ToolRegistry, settings: AgentSettings) -> Self {
+    pub fn new(store: TurnStore, model: DynModel, tools: ToolRegistry, settings: AgentSettings) -> Self {
         Agent {
             store,
             model,
@@ -397,15 +400,15 @@ impl Agent {
     /// tools (what the OpenAPI document is built with).
     pub fn offline() -> Self {
         Agent::new(
-            Arc::new(crate::store::memory::MemoryStore::default()),
+            TurnStore::fused(Arc::new(crate::store::memory::MemoryStore::default())),
             Arc::new(crate::llm::echo::EchoModel::default()),
             ToolRegistry::new(),
             AgentSettings::default(),
         )
     }
 
-    /// The store.
-    pub fn store(&self) -> &DynStore {
+    /// The store: the history, its coordinator, the fused paths.
+    pub fn store(&self) -> &TurnStore {
         &self.store
     }
 
@@ -441,6 +444,7 @@ impl Agent {
         if input.idempotency_key.is_some() {
             // The key is remembered with the session: a missing session is a 404 before anything.
             self.store
+                .history()
                 .get_session(&input.tenant, &input.session_id)
                 .await?
                 .ok_or_else(|| AppError::SessionNotFound(input.session_id.clone()))?;
@@ -461,7 +465,8 @@ impl Agent {
             Err(e) => {
                 if let Some(key) = input.idempotency_key.take() {
                     // In the background: the answer does not wait for a store that may be down.
-                    let (store, tenant, session) = (Arc::clone(&self.store), input.tenant, input.session_id);
+                    let (store, tenant, session) =
+                        (Arc::clone(self.store.coordinator()), input.tenant, input.session_id);
                     tokio::spawn(async move {
                         let _ = store.abort_idempotent(&tenant, &session, &key).await;
                     });
@@ -585,14 +590,16 @@ impl Agent {
             Ok(answer) => {
                 let Ok(value) = serde_json::to_value(answer) else { return };
                 let ttl = self.settings.idempotency_ttl;
-                if let Err(e) = self.store.complete_idempotent(tenant, session, key, &value, ttl).await {
+                if let Err(e) =
+                    self.store.coordinator().complete_idempotent(tenant, session, key, &value, ttl).await
+                {
                     tracing::warn!(turn.id = %state.turn.id, error = %e, "could not save the idempotency record");
                 }
             }
             Err(AppError::TurnOutcomeUnknown(_)) => {}
             Err(_) if state.stored.is_empty() => {
                 let (store, tenant, session, key) =
-                    (Arc::clone(&self.store), tenant.clone(), session.to_owned(), key.clone());
+                    (Arc::clone(self.store.coordinator()), tenant.clone(), session.to_owned(), key.clone());
                 tokio::spawn(async move {
                     if let Err(e) = store.abort_idempotent(&tenant, &session, &key).await {
                         tracing::warn!(error = %e, "could not forget the idempotency key of a failed turn");
@@ -709,10 +716,9 @@ impl Agent {
         let batch = AppendBatch {
             messages: std::mem::take(&mut state.pending),
             turn: Some(turn.clone()),
-            fence: Some(turn.id),
             supersede_from: None,
         };
-        let stored = self.store.append(&state.tenant, state.session_id(), batch).await?;
+        let stored = self.store.append_fenced(&state.tenant, state.session_id(), batch, turn.id).await?;
         state.stored.extend(stored);
         state.turn = turn;
         Ok(())
@@ -735,7 +741,6 @@ impl Agent {
         let batch = AppendBatch {
             messages: std::mem::take(&mut state.pending),
             turn: Some(record),
-            fence: None,
             supersede_from: state.replace_from,
         };
         let finished = match self.store.finish_turn(&state.tenant, state.session_id(), batch, turn_id).await {
@@ -818,7 +823,7 @@ impl Agent {
             Err(StoreError::Fenced) => {
                 // The lock is not the turn's any more: nothing of it to release.
                 state.claim.lock_released = true;
-                self.store.put_turn(tenant, &state.turn).await
+                self.store.history().put_turn(tenant, &state.turn).await
             }
             Err(e) => Err(e),
         }
@@ -881,7 +886,7 @@ impl Agent {
             }
             Err(StoreError::Fenced) => {
                 state.claim.lock_released = true;
-                let turn = self.store.get_turn(&tenant, state.session_id(), turn_id).await?;
+                let turn = self.store.history().get_turn(&tenant, state.session_id(), turn_id).await?;
                 Ok(Some(turn.unwrap_or_else(|| state.turn.clone())))
             }
             Err(e) => Err(e),
@@ -890,7 +895,8 @@ impl Agent {
 
     /// The stored messages of a turn, with their seqs, read back from the end of the history.
     async fn turn_messages(&self, state: &TurnState, turn: &Turn) -> Vec<Message> {
-        let recent = self.store.last_n(&state.tenant, state.session_id(), 1000).await.unwrap_or_default();
+        let recent =
+            self.store.history().last_n(&state.tenant, state.session_id(), 1000).await.unwrap_or_default();
         recent.into_iter().filter(|m| m.turn_id == turn.id).collect()
     }
 
@@ -932,7 +938,6 @@ impl Agent {
         let batch = AppendBatch {
             messages: std::mem::take(&mut state.pending),
             turn: Some(turn.clone()),
-            fence: None,
             // A cancelled edit supersedes what it replaces in the same write: the user chose to.
             supersede_from: state.replace_from,
         };

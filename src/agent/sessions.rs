@@ -10,7 +10,7 @@ use crate::store::{MessagePage, PageQuery, SessionCursor, SessionPage, StoreErro
 impl Agent {
     /// The store's name (`memory`, `sqlite`, `redis`, `postgres`).
     pub fn store_backend(&self) -> &'static str {
-        self.store.backend()
+        self.store.history().backend()
     }
 
     /// Whether the store answers.
@@ -27,8 +27,8 @@ impl Agent {
     ) -> Result<Session, AppError> {
         let id = new.id.clone();
         let created = match max_sessions {
-            None => self.store.create_session(tenant, new).await,
-            Some(max) => self.store.create_session_within(tenant, new, max).await,
+            None => self.store.history().create_session(tenant, new).await,
+            Some(max) => self.store.history().create_session_within(tenant, new, max).await,
         };
         created.map_err(|e| AppError::from_store(e, &id))
     }
@@ -40,12 +40,16 @@ impl Agent {
         limit: usize,
         cursor: Option<&SessionCursor>,
     ) -> Result<SessionPage, AppError> {
-        Ok(self.store.list_sessions(tenant, limit, cursor).await?)
+        Ok(self.store.history().list_sessions(tenant, limit, cursor).await?)
     }
 
     /// A session of the tenant; 404 when it has none of that id.
     pub async fn session(&self, tenant: &str, id: &str) -> Result<Session, AppError> {
-        self.store.get_session(tenant, id).await?.ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
+        self.store
+            .history()
+            .get_session(tenant, id)
+            .await?
+            .ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
     }
 
     /// Replaces a session's metadata; 404 when the tenant has no such session.
@@ -55,13 +59,13 @@ impl Agent {
         id: &str,
         metadata: Metadata,
     ) -> Result<Session, AppError> {
-        let session = self.store.set_session_metadata(tenant, id, metadata).await?;
+        let session = self.store.history().set_session_metadata(tenant, id, metadata).await?;
         session.ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
     }
 
     /// Deletes a session and its history; 404 when the tenant has no such session.
     pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<(), AppError> {
-        if self.store.delete_session(tenant, id).await? {
+        if self.store.history().delete_session(tenant, id).await? {
             Ok(())
         } else {
             Err(AppError::SessionNotFound(id.to_owned()))
@@ -75,11 +79,11 @@ impl Agent {
         id: &str,
         query: PageQuery,
     ) -> Result<MessagePage, AppError> {
-        self.store.read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))
+        self.store.history().read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))
     }
 
     /// Clears a session's history; the session stays, and seqs are never reused.
     pub async fn clear_history(&self, tenant: &str, id: &str) -> Result<(), AppError> {
-        self.store.clear(tenant, id).await.map_err(|e| AppError::from_store(e, id))
+        self.store.history().clear(tenant, id).await.map_err(|e| AppError::from_store(e, id))
     }
 }

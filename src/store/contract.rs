@@ -1,4 +1,6 @@
-//! The store contract: one suite of cases that every [`ConversationStore`] must pass.
+//! The store contract: one suite of cases that every backend owning both parts must pass
+//! ([`ConversationStore`](super::ConversationStore), [`TurnCoordinator`](super::TurnCoordinator)
+//! and [`FusedTurns`](super::FusedTurns)).
 //!
 //! Each case takes a factory that builds a fresh, isolated store (its own key prefix, schema or
 //! process-local instance) from a [`Setup`], so cases run in parallel. The
@@ -7,7 +9,7 @@
 //!
 //! ```ignore
 //! mod my_backend {
-//!     async fn store(setup: parley::store::contract::Setup) -> parley::store::DynStore { todo!() }
+//!     async fn store(setup: parley::store::contract::Setup) -> parley::store::DynFused { todo!() }
 //!     parley::store_contract_tests!(store, distributed = true, ttl = true);
 //! }
 //! ```
@@ -22,7 +24,7 @@ use serde_json::json;
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, DynStore, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
+    AppendBatch, DynFused, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
     SessionCursor, StoreError, TurnBegin,
 };
 use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, WindowMessage, new_id};
@@ -42,15 +44,15 @@ pub const TENANT: &str = "tenant-a";
 /// A second tenant, for isolation cases.
 pub const OTHER_TENANT: &str = "tenant-b";
 
-async fn build<F, Fut>(factory: &F, setup: Setup) -> DynStore
+async fn build<F, Fut>(factory: &F, setup: Setup) -> DynFused
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     factory(setup).await
 }
 
-async fn new_session(store: &DynStore, tenant: &str, id: &str) {
+async fn new_session(store: &DynFused, tenant: &str, id: &str) {
     store
         .create_session(tenant, NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() })
         .await
@@ -68,14 +70,14 @@ pub fn pair(session: &str, text: &str) -> Vec<Message> {
     vec![msg(session, turn, Role::User, text), msg(session, turn, Role::Assistant, &format!("re: {text}"))]
 }
 
-async fn append(store: &DynStore, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
+async fn append(store: &DynFused, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
     store
-        .append(tenant, session, AppendBatch { messages, turn: None, fence: None, supersede_from: None })
+        .append(tenant, session, AppendBatch { messages, turn: None, supersede_from: None })
         .await
         .expect("append")
 }
 
-async fn fill(store: &DynStore, session: &str, count: usize) {
+async fn fill(store: &DynFused, session: &str, count: usize) {
     let turn = new_id();
     let batch: Vec<Message> = (1..=count).map(|i| msg(session, turn, Role::User, &format!("m{i}"))).collect();
     append(store, TENANT, session, batch).await;
@@ -93,7 +95,7 @@ fn query(limit: usize, order: Order, after: Option<u64>, before: Option<u64>) ->
 pub async fn append_and_read_back_in_order<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -114,7 +116,7 @@ where
 pub async fn pages_by_cursor_in_both_orders<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -155,7 +157,7 @@ where
 pub async fn last_n_returns_the_newest_messages_oldest_first<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -170,7 +172,7 @@ where
 pub async fn clear_keeps_the_session_and_never_reuses_a_seq<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -188,7 +190,7 @@ where
 pub async fn delete_removes_everything<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -212,7 +214,7 @@ where
 pub async fn the_per_session_cap_drops_the_oldest<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup { max_messages: Some(5), ttl: None }).await;
     new_session(&store, TENANT, "s1").await;
@@ -229,7 +231,7 @@ where
 pub async fn concurrent_appenders_lose_nothing<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -258,7 +260,7 @@ where
 pub async fn a_one_mib_message_round_trips<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -273,7 +275,7 @@ where
 pub async fn non_ascii_text_and_emoji_round_trip<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     let id = "unicode".to_owned();
@@ -289,7 +291,7 @@ where
 pub async fn metadata_and_tool_calls_round_trip_exactly<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     let mut meta = Metadata::new();
@@ -336,7 +338,7 @@ where
 pub async fn turn_records_round_trip<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -349,11 +351,7 @@ where
     turn.usage = Some(crate::domain::Usage { prompt_tokens: 3, completion_tokens: 4, total_tokens: 7 });
     turn.completed_at = Some(crate::domain::now());
     store
-        .append(
-            TENANT,
-            "s1",
-            AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None },
-        )
+        .append(TENANT, "s1", AppendBatch { messages, turn: Some(turn.clone()), supersede_from: None })
         .await
         .unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
@@ -370,7 +368,7 @@ where
 pub async fn conflicts_and_unknown_sessions_are_reported<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -382,11 +380,7 @@ where
         .await;
     assert!(matches!(again, Err(StoreError::SessionExists)));
     let lost = store
-        .append(
-            TENANT,
-            "nope",
-            AppendBatch { messages: pair("nope", "x"), turn: None, fence: None, supersede_from: None },
-        )
+        .append(TENANT, "nope", AppendBatch { messages: pair("nope", "x"), turn: None, supersede_from: None })
         .await;
     assert!(matches!(lost, Err(StoreError::SessionNotFound)));
     assert!(store.get_session(TENANT, "nope").await.unwrap().is_none());
@@ -399,7 +393,7 @@ where
 pub async fn session_metadata_is_replaced_in_place<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -424,7 +418,7 @@ where
 pub async fn sessions_list_newest_first_by_cursor<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     for i in 0..7 {
@@ -453,7 +447,7 @@ where
 pub async fn tenants_are_isolated<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "shared-id").await;
@@ -475,7 +469,7 @@ where
 pub async fn another_tenant_reaches_nothing_of_a_session<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "private").await;
@@ -492,7 +486,7 @@ where
         .append(
             b,
             "private",
-            AppendBatch { messages: pair("private", "x"), turn: None, fence: None, supersede_from: None },
+            AppendBatch { messages: pair("private", "x"), turn: None, supersede_from: None },
         )
         .await;
     assert!(matches!(written, Err(StoreError::SessionNotFound)));
@@ -512,7 +506,7 @@ where
 pub async fn the_same_id_in_two_tenants_is_two_sessions<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     let mut meta = Metadata::new();
@@ -536,7 +530,7 @@ where
 pub async fn sessions_are_counted_per_tenant<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     assert_eq!(store.count_sessions(TENANT).await.unwrap(), 0);
@@ -562,7 +556,7 @@ fn named(id: &str) -> NewSession {
 pub async fn concurrent_creations_never_overshoot_the_session_limit<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     const MAX: u64 = 5;
     let store = build(factory, Setup::default()).await;
@@ -609,7 +603,7 @@ where
 pub async fn expired_sessions_leave_room_under_the_limit<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
     store.create_session_within(TENANT, named("old"), 1).await.expect("room for one");
@@ -626,7 +620,7 @@ where
 pub async fn expired_sessions_are_not_counted<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
     new_session(&store, TENANT, "old").await;
@@ -639,7 +633,7 @@ where
 pub async fn sessions_expire_after_the_ttl_and_writes_slide_it<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let ttl = Duration::from_secs(2);
     let store = build(factory, Setup { max_messages: None, ttl: Some(ttl) }).await;
@@ -664,7 +658,7 @@ where
 pub async fn turn_locks_admit_one_turn_per_session<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -698,7 +692,7 @@ where
 pub async fn begin_turn_claims_records_and_reads_the_window<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     let prompted =
@@ -755,7 +749,7 @@ where
 pub async fn finish_turn_appends_and_frees_the_session<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -765,12 +759,7 @@ where
     let messages = pair("s1", "hello");
     turn.status = TurnStatus::Completed;
     turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch {
-        messages: messages.clone(),
-        turn: Some(turn.clone()),
-        fence: None,
-        supersede_from: None,
-    };
+    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()), supersede_from: None };
     let finished = store.finish_turn(TENANT, "s1", batch, turn.id).await.unwrap();
     assert!(finished.lock_released);
     assert_eq!(seqs(&finished.messages), vec![1, 2]);
@@ -780,11 +769,11 @@ where
 
     let holder = Turn::start("s1");
     assert!(matches!(store.begin_turn(TENANT, &holder, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
-    let late = AppendBatch { messages: pair("s1", "late"), turn: None, fence: None, supersede_from: None };
+    let late = AppendBatch { messages: pair("s1", "late"), turn: None, supersede_from: None };
     assert!(matches!(store.finish_turn(TENANT, "s1", late, turn.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(holder.id), "not its claim");
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "a fenced write writes nothing");
-    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, fence: None, supersede_from: None };
+    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, supersede_from: None };
     assert!(matches!(
         store.finish_turn(TENANT, "missing", gone, turn.id).await,
         Err(StoreError::SessionNotFound)
@@ -797,53 +786,48 @@ where
 pub async fn fenced_writes_are_refused_once_the_lease_is_lost<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
     let stale = Turn::start("s1");
     let short = Duration::from_millis(200);
     assert!(matches!(store.begin_turn(TENANT, &stale, 20, short).await.unwrap(), TurnBegin::Started { .. }));
-    let round = AppendBatch {
-        messages: pair("s1", "round"),
-        turn: Some(stale.clone()),
-        fence: Some(stale.id),
-        supersede_from: None,
-    };
-    assert_eq!(seqs(&store.append(TENANT, "s1", round).await.unwrap()), vec![1, 2], "held: written");
+    let round =
+        AppendBatch { messages: pair("s1", "round"), turn: Some(stale.clone()), supersede_from: None };
+    assert_eq!(
+        seqs(&store.append_fenced(TENANT, "s1", round, stale.id).await.unwrap()),
+        vec![1, 2],
+        "held: written"
+    );
     tokio::time::sleep(Duration::from_millis(400)).await;
     let fresh = Turn::start("s1");
     let long = Duration::from_secs(30);
     assert!(matches!(store.begin_turn(TENANT, &fresh, 20, long).await.unwrap(), TurnBegin::Started { .. }));
 
-    let round = AppendBatch {
-        messages: pair("s1", "stale"),
-        turn: None,
-        fence: Some(stale.id),
-        supersede_from: None,
-    };
-    assert!(matches!(store.append(TENANT, "s1", round).await, Err(StoreError::Fenced)));
+    let round = AppendBatch { messages: pair("s1", "stale"), turn: None, supersede_from: None };
+    assert!(matches!(store.append_fenced(TENANT, "s1", round, stale.id).await, Err(StoreError::Fenced)));
     let mut done = stale.clone();
     done.status = TurnStatus::Completed;
-    let last =
-        AppendBatch { messages: pair("s1", "stale"), turn: Some(done), fence: None, supersede_from: None };
+    let last = AppendBatch { messages: pair("s1", "stale"), turn: Some(done), supersede_from: None };
     assert!(matches!(store.finish_turn(TENANT, "s1", last, stale.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "nothing of the stale turn");
     assert_eq!(store.get_turn(TENANT, "s1", stale.id).await.unwrap().unwrap().status, TurnStatus::Running);
     assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(fresh.id), "still the new turn's");
     assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 2);
 
-    let mine = AppendBatch {
-        messages: pair("s1", "fresh"),
-        turn: None,
-        fence: Some(fresh.id),
-        supersede_from: None,
-    };
-    assert_eq!(seqs(&store.append(TENANT, "s1", mine).await.unwrap()), vec![3, 4], "seqs go on");
+    let mine = AppendBatch { messages: pair("s1", "fresh"), turn: None, supersede_from: None };
+    assert_eq!(
+        seqs(&store.append_fenced(TENANT, "s1", mine, fresh.id).await.unwrap()),
+        vec![3, 4],
+        "seqs go on"
+    );
     // A fenced write to a missing session is still a missing session.
-    let gone =
-        AppendBatch { messages: pair("nope", "x"), turn: None, fence: Some(fresh.id), supersede_from: None };
-    assert!(matches!(store.append(TENANT, "nope", gone).await, Err(StoreError::SessionNotFound)));
+    let gone = AppendBatch { messages: pair("nope", "x"), turn: None, supersede_from: None };
+    assert!(matches!(
+        store.append_fenced(TENANT, "nope", gone, fresh.id).await,
+        Err(StoreError::SessionNotFound)
+    ));
 }
 
 /// A turn's last write is idempotent: applied twice, it is stored once (the first frees the
@@ -851,7 +835,7 @@ where
 pub async fn a_finished_turn_is_stored_once<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -860,7 +844,7 @@ where
     let messages = pair("s1", "once");
     turn.status = TurnStatus::Completed;
     turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None };
+    let batch = AppendBatch { messages, turn: Some(turn.clone()), supersede_from: None };
     store.finish_turn(TENANT, "s1", batch.clone(), turn.id).await.unwrap();
     assert!(matches!(store.finish_turn(TENANT, "s1", batch, turn.id).await, Err(StoreError::Fenced)));
     assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2);
@@ -872,7 +856,7 @@ where
 pub async fn a_terminal_turn_record_never_changes<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -886,8 +870,7 @@ where
     turn.error = None;
     store.put_turn(TENANT, &turn).await.unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed.clone()), "put");
-    let batch =
-        AppendBatch { messages: Vec::new(), turn: Some(turn.clone()), fence: None, supersede_from: None };
+    let batch = AppendBatch { messages: Vec::new(), turn: Some(turn.clone()), supersede_from: None };
     store.append(TENANT, "s1", batch).await.unwrap();
     assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(failed), "append");
     assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 0);
@@ -897,7 +880,7 @@ where
 pub async fn turn_records_are_capped_like_messages<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup { max_messages: Some(3), ..Setup::default() }).await;
     new_session(&store, TENANT, "s1").await;
@@ -906,7 +889,7 @@ where
         let mut turn = Turn::start("s1");
         turn.status = TurnStatus::Completed;
         let messages = vec![msg("s1", turn.id, Role::User, &format!("q{i}"))];
-        let batch = AppendBatch { messages, turn: Some(turn.clone()), fence: None, supersede_from: None };
+        let batch = AppendBatch { messages, turn: Some(turn.clone()), supersede_from: None };
         store.append(TENANT, "s1", batch).await.unwrap();
         turns.push(turn);
     }
@@ -923,7 +906,7 @@ where
 pub async fn an_edit_supersedes_in_the_same_append<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -936,7 +919,7 @@ where
         msg("s1", edit.id, Role::User, "q1 edited"),
         msg("s1", edit.id, Role::Assistant, "re: q1 edited"),
     ];
-    let batch = AppendBatch { messages, turn: Some(edit.clone()), fence: None, supersede_from: Some(3) };
+    let batch = AppendBatch { messages, turn: Some(edit.clone()), supersede_from: Some(3) };
     let stored = store.append(TENANT, "s1", batch).await.unwrap();
     assert_eq!(seqs(&stored), vec![7, 8], "seqs are never reused");
 
@@ -997,7 +980,6 @@ where
     let batch = AppendBatch {
         messages: vec![msg("s1", again.id, Role::User, "q0 again")],
         turn: Some(again.clone()),
-        fence: None,
         supersede_from: Some(1),
     };
     assert_eq!(seqs(&store.append(TENANT, "s1", batch).await.unwrap()), vec![9]);
@@ -1016,7 +998,7 @@ where
 pub async fn a_session_is_created_holding_messages<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "taken").await;
@@ -1054,7 +1036,7 @@ where
 pub async fn turn_locks_expire_after_their_lease<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -1076,7 +1058,7 @@ where
 pub async fn renew_turn_locks_renews_each_and_reports_in_order<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -1111,7 +1093,7 @@ where
 pub async fn cancel_requests_reach_the_lock_holder<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -1136,7 +1118,7 @@ where
 pub async fn idempotency_keys_remember_the_first_request<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -1173,7 +1155,7 @@ where
 pub async fn reports_whether_it_is_distributed<F, Fut>(factory: &F, expected: bool)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynStore>,
+    Fut: Future<Output = DynFused>,
 {
     let store = build(factory, Setup::default()).await;
     assert_eq!(store.is_distributed(), expected);
@@ -1182,7 +1164,7 @@ where
 
 /// Expands to one `#[tokio::test]` per contract case for a backend.
 ///
-/// `$factory` is an `async fn(Setup) -> DynStore` building an isolated store; `distributed` is what
+/// `$factory` is an `async fn(Setup) -> DynFused` building an isolated store; `distributed` is what
 /// `is_distributed()` must answer; `ttl` says whether the backend supports session expiry.
 #[macro_export]
 macro_rules! store_contract_tests {

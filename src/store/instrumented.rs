@@ -1,32 +1,35 @@
-//! A store that times every operation of another (`parley_store_operation_duration_seconds`,
+//! A store part that times every operation of another (`parley_store_operation_duration_seconds`,
 //! `parley_store_errors_total`) and, with traces on, opens a span for each (`db.system.name`,
-//! `db.operation.name`): what `app.rs` wraps the configured store in when metrics or traces are on.
-//! Every method, the fused ones included, goes to the inner store's own implementation, so a
+//! `db.operation.name`): what the agent's store port wraps the history store, the coordinator and
+//! the fused paths in when metrics or traces are on. `Instrumented<S>` implements each trait `S`
+//! does; every method, the fused ones included, goes to the inner part's own implementation, so a
 //! backend's one-round-trip paths stay one round trip.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, DynStore, FinishedTurn, IdempotencyBegin, LeaseKey, LockOutcome,
-    LockStatus, MessagePage, PageQuery, SessionCursor, SessionPage, StoreResult, TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, LeaseKey, LockOutcome,
+    LockStatus, MessagePage, PageQuery, SessionCursor, SessionPage, StoreBackend, StoreResult, TurnBegin,
+    TurnCoordinator,
 };
 use crate::domain::{Message, Metadata, NewSession, Session, Turn};
 use crate::metrics::DynMetrics;
 
-/// The inner store, timed.
-pub struct Instrumented {
-    inner: DynStore,
+/// The inner store part (a history store, a coordinator, or a backend with fused paths), timed.
+pub struct Instrumented<S: ?Sized> {
+    inner: Arc<S>,
     /// Where operations are timed (`None`: metrics off, traces only).
     metrics: Option<DynMetrics>,
 }
 
-impl Instrumented {
+impl<S: StoreBackend + ?Sized> Instrumented<S> {
     /// Times every operation of `inner` into `metrics` (if any), and traces it when traces are on.
-    pub fn new(inner: DynStore, metrics: Option<DynMetrics>) -> Self {
+    pub fn new(inner: Arc<S>, metrics: Option<DynMetrics>) -> Self {
         Instrumented { inner, metrics }
     }
 
@@ -51,7 +54,7 @@ impl Instrumented {
 }
 
 #[async_trait]
-impl ConversationStore for Instrumented {
+impl<S: StoreBackend + ?Sized> StoreBackend for Instrumented<S> {
     fn backend(&self) -> &'static str {
         self.inner.backend()
     }
@@ -63,7 +66,10 @@ impl ConversationStore for Instrumented {
     async fn ping(&self) -> StoreResult<()> {
         self.timed("ping", self.inner.ping()).await
     }
+}
 
+#[async_trait]
+impl<S: ConversationStore + ?Sized> ConversationStore for Instrumented<S> {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.timed("create_session", self.inner.create_session(tenant, new)).await
     }
@@ -110,26 +116,6 @@ impl ConversationStore for Instrumented {
         self.timed("clear", self.inner.clear(tenant, session_id)).await
     }
 
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        self.timed("begin_turn", self.inner.begin_turn(tenant, turn, window, lease)).await
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        self.timed("finish_turn", self.inner.finish_turn(tenant, session_id, batch, turn_id)).await
-    }
-
     async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()> {
         self.timed("put_turn", self.inner.put_turn(tenant, turn)).await
     }
@@ -138,6 +124,27 @@ impl ConversationStore for Instrumented {
         self.timed("get_turn", self.inner.get_turn(tenant, session_id, turn_id)).await
     }
 
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        self.timed("create_session_with", self.inner.create_session_with(tenant, new, messages, max)).await
+    }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        self.timed("count_sessions", self.inner.count_sessions(tenant)).await
+    }
+
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        self.timed("create_session_within", self.inner.create_session_within(tenant, new, max)).await
+    }
+}
+
+#[async_trait]
+impl<S: TurnCoordinator + ?Sized> TurnCoordinator for Instrumented<S> {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -203,22 +210,37 @@ impl ConversationStore for Instrumented {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         self.timed("abort_idempotent", self.inner.abort_idempotent(tenant, session_id, key)).await
     }
+}
 
-    async fn create_session_with(
+#[async_trait]
+impl<S: FusedTurns + ?Sized> FusedTurns for Instrumented<S> {
+    async fn begin_turn(
         &self,
         tenant: &str,
-        new: NewSession,
-        messages: Vec<Message>,
-        max: u64,
-    ) -> StoreResult<(Session, Vec<Message>)> {
-        self.timed("create_session_with", self.inner.create_session_with(tenant, new, messages, max)).await
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        self.timed("begin_turn", self.inner.begin_turn(tenant, turn, window, lease)).await
     }
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        self.timed("count_sessions", self.inner.count_sessions(tenant)).await
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.timed("append_fenced", self.inner.append_fenced(tenant, session_id, batch, turn_id)).await
     }
 
-    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
-        self.timed("create_session_within", self.inner.create_session_within(tenant, new, max)).await
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        self.timed("finish_turn", self.inner.finish_turn(tenant, session_id, batch, turn_id)).await
     }
 }

@@ -24,9 +24,9 @@ use async_trait::async_trait;
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LockOutcome,
-    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
-    TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, IdempotencyRecord,
+    LockOutcome, LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreBackend,
+    StoreError, StoreResult, TurnBegin, TurnCoordinator,
 };
 use chrono::{DateTime, Utc};
 
@@ -413,18 +413,20 @@ impl MemoryStore {
         self.each_shard().map(|shard| shard.get(tenant).map_or(0, |t| t.sessions.len() as u64)).sum()
     }
 
-    /// Appends a batch to a session and, if `release` holds the session, releases it.
+    /// Appends a batch to a session, only while `fence` (or `release`) holds it if one is
+    /// given, and, if `release` holds the session, releases it.
     fn append_to(
         &self,
         tenant: &str,
         session_id: &str,
         batch: AppendBatch,
+        fence: Option<Uuid>,
         release: Option<Uuid>,
     ) -> StoreResult<(Vec<Message>, bool)> {
         let mut guard = self.write(tenant, session_id);
         let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
         let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
-        if let Some(fence) = batch.fence.or(release)
+        if let Some(fence) = fence.or(release)
             && d.live_lock().is_none_or(|l| l.turn_id != fence)
         {
             return Err(StoreError::Fenced);
@@ -608,7 +610,7 @@ impl SessionData {
 }
 
 #[async_trait]
-impl ConversationStore for MemoryStore {
+impl StoreBackend for MemoryStore {
     fn backend(&self) -> &'static str {
         "memory"
     }
@@ -620,7 +622,10 @@ impl ConversationStore for MemoryStore {
     async fn ping(&self) -> StoreResult<()> {
         Ok(())
     }
+}
 
+#[async_trait]
+impl ConversationStore for MemoryStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.create(tenant, new)
     }
@@ -718,7 +723,7 @@ impl ConversationStore for MemoryStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        Ok(self.append_to(tenant, session_id, batch, None)?.0)
+        Ok(self.append_to(tenant, session_id, batch, None, None)?.0)
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -727,36 +732,6 @@ impl ConversationStore for MemoryStore {
 
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>> {
         self.with_session(tenant, session_id, |d| d.last(n))
-    }
-
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        self.with_session_mut(tenant, &turn.session_id, |d| match d.claim(turn.id, lease) {
-            LockOutcome::Busy(holder) => TurnBegin::Busy(holder),
-            LockOutcome::Acquired => {
-                d.remember_turn(turn, self.max_messages);
-                TurnBegin::Started {
-                    system_prompt: d.session.system_prompt.clone(),
-                    window: d.window(window),
-                }
-            }
-        })
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        let (messages, lock_released) = self.append_to(tenant, session_id, batch, Some(turn_id))?;
-        Ok(FinishedTurn { messages, lock_released })
     }
 
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
@@ -787,6 +762,13 @@ impl ConversationStore for MemoryStore {
         }
     }
 
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        Ok(self.count(tenant))
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for MemoryStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -888,8 +870,47 @@ impl ConversationStore for MemoryStore {
             Err(e) => Err(e),
         }
     }
+}
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        Ok(self.count(tenant))
+#[async_trait]
+impl FusedTurns for MemoryStore {
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        self.with_session_mut(tenant, &turn.session_id, |d| match d.claim(turn.id, lease) {
+            LockOutcome::Busy(holder) => TurnBegin::Busy(holder),
+            LockOutcome::Acquired => {
+                d.remember_turn(turn, self.max_messages);
+                TurnBegin::Started {
+                    system_prompt: d.session.system_prompt.clone(),
+                    window: d.window(window),
+                }
+            }
+        })
+    }
+
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        Ok(self.append_to(tenant, session_id, batch, Some(turn_id), None)?.0)
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let (messages, lock_released) = self.append_to(tenant, session_id, batch, None, Some(turn_id))?;
+        Ok(FinishedTurn { messages, lock_released })
     }
 }

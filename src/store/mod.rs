@@ -1,8 +1,21 @@
-//! The conversation store: the trait every backend implements, its query types and errors.
+//! The store: its traits, their query types and errors, and the backends.
+//!
+//! Two parts, two traits. [`ConversationStore`] is what a conversation *is*: sessions, their
+//! history, their turn records; a history backend implements it and nothing else.
+//! [`TurnCoordinator`] is what keeps turns safe: one turn per session (a lock with a lease that
+//! carries cancel requests), and idempotency keys. Both share [`StoreBackend`] (name,
+//! `is_distributed`, `ping`). A backend that owns both parts also implements [`FusedTurns`]: the
+//! start and the end of a turn in one round trip, fenced atomically. `app.rs` pairs a history
+//! store with a coordinator (`PARLEY_COORDINATOR`; by default each store coordinates itself, with
+//! its fused paths) and hands both to the agent (`agent::TurnStore`), which composes the turn
+//! steps from the single calls when the two are different backends: then a write is fenced by a
+//! check before it, not in the same atomic step (see [`FusedTurns`]).
 //!
 //! Backends: [`sqlite`] (the default: one process, durable), [`memory`] (one process, nothing
-//! survives a restart), [`redis`] and [`postgres`] (shared by replicas).
-//! [`contract`] is the test suite that pins the trait's behaviour; a backend that passes it is a backend.
+//! survives a restart), [`redis`] and [`postgres`] (shared by replicas); each implements all three
+//! traits. Coordinators for a history kept elsewhere: [`memory_coordinator`] (one process) and
+//! [`redis::RedisCoordinator`] (shared by replicas).
+//! [`contract`] is the test suite that pins the traits' behaviour; a backend that passes it is a backend.
 //!
 //! Each durable backend is a folder whose files have one job each (the store and its trait
 //! implementation in `mod.rs`; statements in `sql/*.sql` or scripts in `scripts/*.lua`, loaded
@@ -15,6 +28,7 @@
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
+pub mod memory_coordinator;
 pub mod postgres;
 pub mod redis;
 mod sql_common;
@@ -29,7 +43,7 @@ use uuid::Uuid;
 
 use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage};
 
-/// A shared handle to whichever store the service runs on.
+/// A shared handle to a history store.
 pub type DynStore = Arc<dyn ConversationStore>;
 
 /// What can go wrong in a store.
@@ -170,10 +184,6 @@ pub struct AppendBatch {
     /// The turn record to save in the same atomic step (e.g. `completed` with its message ids).
     /// A record that is already terminal (completed, failed, cancelled) is never changed.
     pub turn: Option<Turn>,
-    /// Fencing: the turn that must hold the session's lock (with a live lease) for the batch to
-    /// be written, checked in the same atomic step; otherwise nothing is written and the store
-    /// answers [`StoreError::Fenced`]. `None` writes unconditionally.
-    pub fence: Option<Uuid>,
     /// An edit: before the batch's messages are appended, in the same atomic step, every active
     /// message with a seq at or above this one becomes superseded by the batch's turn (`turn`
     /// must be set). Superseded messages are kept apart from the active ones, so that active
@@ -199,7 +209,7 @@ pub struct LockStatus {
     pub cancel_requested: bool,
 }
 
-/// What starting a turn found (see [`ConversationStore::begin_turn`]).
+/// What starting a turn found (see [`FusedTurns::begin_turn`]).
 #[derive(Debug, Clone, PartialEq)]
 pub enum TurnBegin {
     /// The turn holds the session and is recorded as running.
@@ -213,7 +223,7 @@ pub enum TurnBegin {
     Busy(Uuid),
 }
 
-/// What finishing a turn stored (see [`ConversationStore::finish_turn`]).
+/// What finishing a turn stored (see [`FusedTurns::finish_turn`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct FinishedTurn {
     /// The messages appended, with their seqs.
@@ -223,7 +233,7 @@ pub struct FinishedTurn {
     pub lock_released: bool,
 }
 
-/// A running turn whose lease to renew (see [`ConversationStore::renew_turn_locks`]).
+/// A running turn whose lease to renew (see [`TurnCoordinator::renew_turn_locks`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseKey {
     /// The tenant.
@@ -254,23 +264,40 @@ pub enum IdempotencyBegin {
     Existing(IdempotencyRecord),
 }
 
-/// The conversation store. Every method is scoped by tenant: a session id is unique per tenant,
-/// and one tenant never sees another's sessions, messages or turns.
-///
-/// Contract (pinned by [`contract`]): `append` is atomic (all messages or none, and readers never
-/// see part of a batch); seqs are 1, 2, 3… per session, strictly increasing in append order and
-/// never reused, even after `clear` or trimming; reads of a page or of the last N cost O(page).
+/// A shared handle to a coordinator.
+pub type DynCoordinator = Arc<dyn TurnCoordinator>;
+
+/// A shared handle to a backend that owns both parts and their fused paths.
+pub type DynFused = Arc<dyn FusedTurns>;
+
+/// What every part of a store says about itself: its name, whether replicas can share it, and
+/// whether it answers.
 #[async_trait]
-pub trait ConversationStore: Send + Sync + 'static {
-    /// Short backend name for logs and `/readyz` (`sqlite`, `memory`, `redis`, `postgres`).
+pub trait StoreBackend: Send + Sync + 'static {
+    /// Short backend name for logs, metrics and `/readyz` (`sqlite`, `memory`, `redis`, `postgres`).
     fn backend(&self) -> &'static str;
 
-    /// Whether several parley replicas can share this store.
+    /// Whether several parley replicas can share it: what they write here, every replica sees.
     fn is_distributed(&self) -> bool;
 
     /// Checks that the backend is reachable.
     async fn ping(&self) -> StoreResult<()>;
+}
 
+/// The conversation store: what a conversation *is* (sessions, their history, their turn
+/// records). Every method is scoped by tenant: a session id is unique per tenant, and one tenant
+/// never sees another's sessions, messages or turns.
+///
+/// A history store knows nothing of locks, leases or idempotency keys: a [`TurnCoordinator`]
+/// keeps turns safe, and `app.rs` pairs the two (`PARLEY_COORDINATOR`).
+///
+/// Contract (pinned by [`contract`]):
+/// `append` is atomic (all messages or none, with the turn record and the supersession, and
+/// readers never see part of a batch); seqs are 1, 2, 3… per session, strictly increasing in
+/// append order and never reused, even after `clear` or trimming; reads of a page, of the last N
+/// or of one turn's messages cost O(what they return).
+#[async_trait]
+pub trait ConversationStore: StoreBackend {
     /// Creates a session; `SessionExists` if the id is taken for this tenant.
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session>;
 
@@ -298,82 +325,82 @@ pub trait ConversationStore: Send + Sync + 'static {
         metadata: Metadata,
     ) -> StoreResult<Option<Session>>;
 
-    /// Appends a batch atomically and returns the messages with their seqs.
-    /// `SessionNotFound` if the session does not exist; `Fenced` (and nothing written) if the
-    /// batch names a `fence` turn that does not hold the session.
+    /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
+    /// sessions may be counted until the backend notices they expired.
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;
+
+    /// Appends a batch atomically (its messages, its turn record, its supersession) and returns
+    /// the messages with their seqs. `SessionNotFound` if the session does not exist. The write
+    /// is unconditional: fencing it by a turn's lock is the fused path's
+    /// ([`FusedTurns::append_fenced`]) or the agent's (check, then write).
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>>;
 
     /// Reads one page of history.
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage>;
 
-    /// Reads the last `n` messages, oldest first.
+    /// Reads the last `n` active messages, oldest first.
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>>;
 
     /// Removes every message but keeps the session and its seq counter.
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
 
-    /// Starts a turn: claims the session for `turn` (unless another turn holds it), reads its
-    /// system prompt and last `window` messages, and records `turn` as running.
-    /// `SessionNotFound` if the session does not exist.
-    ///
-    /// A backend should do this in one round trip and atomically (the built-in ones do); the
-    /// default composes the single calls and releases the lock again if a later one fails.
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        let session_id = turn.session_id.as_str();
-        let session = self.get_session(tenant, session_id).await?.ok_or(StoreError::SessionNotFound)?;
-        if let LockOutcome::Busy(holder) = self.acquire_turn_lock(tenant, session_id, turn.id, lease).await? {
-            return Ok(TurnBegin::Busy(holder));
-        }
-        let rest = async {
-            let messages = self.last_n(tenant, session_id, window).await?;
-            self.put_turn(tenant, turn).await?;
-            Ok(messages.into_iter().map(WindowMessage::from).collect())
-        }
-        .await;
-        match rest {
-            Ok(window) => Ok(TurnBegin::Started { system_prompt: session.system_prompt, window }),
-            Err(e) => {
-                let _ = self.release_turn_lock(tenant, session_id, turn.id).await;
-                Err(e)
-            }
-        }
-    }
-
-    /// Ends a turn: appends its last batch (as [`ConversationStore::append`], fenced by
-    /// `turn_id`: [`StoreError::Fenced`] and nothing written unless `turn_id` holds the session)
-    /// and releases the session lock.
-    ///
-    /// A backend should do both in one atomic step (the built-in ones do). The default appends
-    /// with the fence, then releases; if the release fails it reports `lock_released: false`,
-    /// since the append stands.
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        mut batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        batch.fence = Some(turn_id);
-        let messages = self.append(tenant, session_id, batch).await?;
-        let lock_released = self.release_turn_lock(tenant, session_id, turn_id).await.is_ok();
-        Ok(FinishedTurn { messages, lock_released })
-    }
-
     /// Creates or replaces a turn record; a record that is already terminal (completed, failed,
     /// cancelled) is left as it is, so a turn's outcome never changes once written.
+    /// `SessionNotFound` if the session does not exist.
     async fn put_turn(&self, tenant: &str, turn: &Turn) -> StoreResult<()>;
 
-    /// Reads a turn record.
+    /// Reads a turn record; `None` if the turn or the session does not exist.
     async fn get_turn(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<Option<Turn>>;
 
+    /// Creates a session unless the tenant already holds `max` sessions
+    /// (`PARLEY_MAX_SESSIONS_PER_TENANT`), then `SessionLimitReached(max)`. The built-in stores
+    /// count and create in one atomic step, so concurrent creations never overshoot `max`. This
+    /// default counts, then creates: a store that keeps it may overshoot by a few under concurrent
+    /// creations.
+    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
+        if self.count_sessions(tenant).await? >= max {
+            return Err(StoreError::SessionLimitReached(max));
+        }
+        self.create_session(tenant, new).await
+    }
+
+    /// Creates a session holding `messages` (their seqs assigned from 1, in order), unless the
+    /// id is taken or the tenant already holds `max` sessions: what a fork writes. The built-in
+    /// stores do it in one atomic step; this default creates, then appends (a failure between
+    /// the two leaves an empty session).
+    async fn create_session_with(
+        &self,
+        tenant: &str,
+        new: NewSession,
+        messages: Vec<Message>,
+        max: u64,
+    ) -> StoreResult<(Session, Vec<Message>)> {
+        let id = new.id.clone();
+        let mut session = self.create_session_within(tenant, new, max).await?;
+        if messages.is_empty() {
+            return Ok((session, messages));
+        }
+        let stored = self.append(tenant, &id, AppendBatch { messages, ..AppendBatch::default() }).await?;
+        session.message_count = stored.len() as u64;
+        Ok((session, stored))
+    }
+}
+
+/// The turn coordinator: what keeps turns safe. One turn at a time holds a session (a lock with
+/// a lease, renewed while the turn runs, carrying cancel requests from any replica), and an
+/// `Idempotency-Key` maps a retried request to the turn it started.
+///
+/// Everything is keyed by (tenant, session id). A coordinator need not know whether the session
+/// exists (the agent asks the history store first); one that lives with its sessions (each
+/// built-in store coordinating itself) may answer `SessionNotFound` for a session it does not
+/// hold, and drops a session's lock and keys with it. A standalone coordinator (`PARLEY_COORDINATOR`)
+/// lets them go by themselves: a lock when its lease runs out, a key after its ttl.
+///
+/// Contract: the lock, lease, cancel and idempotency cases of [`contract`].
+#[async_trait]
+pub trait TurnCoordinator: StoreBackend {
     /// Claims the session for a turn for `lease`, unless another turn holds it (across every
-    /// replica sharing the store). The lock lives with the session: deleting the session drops it.
+    /// replica sharing the coordinator). Claiming again as the holder renews the lease.
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -382,7 +409,8 @@ pub trait ConversationStore: Send + Sync + 'static {
         lease: Duration,
     ) -> StoreResult<LockOutcome>;
 
-    /// Extends the lease of a turn that holds the session and reports any cancel request.
+    /// Extends the lease of a turn that holds the session and reports any cancel request; `held:
+    /// false` if the turn does not hold it (any more).
     async fn renew_turn_lock(
         &self,
         tenant: &str,
@@ -409,7 +437,8 @@ pub trait ConversationStore: Send + Sync + 'static {
     /// The turn holding the session, if any (an expired lease holds nothing).
     async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>>;
 
-    /// Asks the turn holding the session to stop; false if `turn_id` does not hold it.
+    /// Asks the turn holding the session to stop (its next renewal reports it); false if
+    /// `turn_id` does not hold it.
     async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool>;
 
     /// Remembers `key` for `ttl` as used by a request with this fingerprint that starts `turn_id`,
@@ -424,7 +453,7 @@ pub trait ConversationStore: Send + Sync + 'static {
         ttl: Duration,
     ) -> StoreResult<IdempotencyBegin>;
 
-    /// Saves the answer of the turn the key started.
+    /// Saves the answer of the turn the key started, and remembers it for `ttl` from now.
     async fn complete_idempotent(
         &self,
         tenant: &str,
@@ -436,40 +465,51 @@ pub trait ConversationStore: Send + Sync + 'static {
 
     /// Forgets a key (its turn failed before storing anything, so a retry may run again).
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
-    /// Creates a session holding `messages` (their seqs assigned from 1, in order), unless the
-    /// id is taken or the tenant already holds `max` sessions: what a fork writes. The built-in
-    /// stores do it in one atomic step; this default creates, then appends (a failure between
-    /// the two leaves an empty session).
-    async fn create_session_with(
+}
+
+/// The fused paths of a backend that owns both the history and its coordination: each is one
+/// round trip and one atomic step. The agent uses them when `app.rs` built its history store and
+/// its coordinator from this same backend; otherwise it composes the single calls of the two
+/// traits (`agent/turn_store.rs`).
+///
+/// What fusing buys besides round trips is the fence: here a turn's write is checked against its
+/// lock in the same atomic step (the same Lua script or SQL statement), so a turn whose lease ran
+/// out writes nothing. Composed, the check comes before the write: a turn that loses its lease
+/// between the two (a replica paused longer than the lease) may still write once.
+///
+/// Contract: the begin, finish and fencing cases of [`contract`].
+#[async_trait]
+pub trait FusedTurns: ConversationStore + TurnCoordinator {
+    /// Starts a turn: claims the session for `turn` (unless another turn holds it), reads its
+    /// system prompt and last `window` messages, and records `turn` as running, atomically.
+    /// `SessionNotFound` if the session does not exist; `Busy` and nothing written if another
+    /// turn holds it.
+    async fn begin_turn(
         &self,
         tenant: &str,
-        new: NewSession,
-        messages: Vec<Message>,
-        max: u64,
-    ) -> StoreResult<(Session, Vec<Message>)> {
-        let id = new.id.clone();
-        let mut session = self.create_session_within(tenant, new, max).await?;
-        if messages.is_empty() {
-            return Ok((session, messages));
-        }
-        let stored = self.append(tenant, &id, AppendBatch { messages, ..AppendBatch::default() }).await?;
-        session.message_count = stored.len() as u64;
-        Ok((session, stored))
-    }
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin>;
 
-    /// How many sessions the tenant holds, cheaply (for `PARLEY_MAX_SESSIONS_PER_TENANT`). Expired
-    /// sessions may be counted until the backend notices they expired.
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64>;
+    /// Appends a batch (as [`ConversationStore::append`]) only while `turn_id` holds the session
+    /// with a live lease, checked in the same atomic step: [`StoreError::Fenced`] and nothing
+    /// written otherwise. What a turn saves between its tool rounds.
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>>;
 
-    /// Creates a session unless the tenant already holds `max` sessions
-    /// (`PARLEY_MAX_SESSIONS_PER_TENANT`), then `SessionLimitReached(max)`. The built-in stores
-    /// count and create in one atomic step, so concurrent creations never overshoot `max`. This
-    /// default counts, then creates: a store that keeps it may overshoot by a few under concurrent
-    /// creations.
-    async fn create_session_within(&self, tenant: &str, new: NewSession, max: u64) -> StoreResult<Session> {
-        if self.count_sessions(tenant).await? >= max {
-            return Err(StoreError::SessionLimitReached(max));
-        }
-        self.create_session(tenant, new).await
-    }
+    /// Ends a turn: appends its last batch fenced by `turn_id` (as
+    /// [`FusedTurns::append_fenced`]) and releases the session lock, in one atomic step.
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn>;
 }

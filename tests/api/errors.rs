@@ -147,10 +147,11 @@ async fn unknown_routes_are_404_and_wrong_methods_405_as_problems() {
 }
 
 fn faulty(method: &'static str, fault: crate::faulty_store::Fault) -> crate::helpers::Spawn {
-    let store = crate::faulty_store::FaultyStore { inner: Default::default(), method, fault };
+    let store =
+        std::sync::Arc::new(crate::faulty_store::FaultyStore { inner: Default::default(), method, fault });
     crate::helpers::Spawn {
         args: vec!["--request-timeout".into(), "300ms".into()],
-        store: Some(std::sync::Arc::new(store)),
+        store: Some(parley::agent::TurnStore::composed(store.clone(), store)),
         ..Default::default()
     }
 }

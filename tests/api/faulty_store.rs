@@ -1,5 +1,6 @@
 //! A store that wraps the memory store and misbehaves on request: it can stall or panic in a
-//! chosen method, to test the layers that guard handlers (request timeout, panic catching).
+//! chosen method, to test the layers that guard handlers (request timeout, panic catching). It has
+//! no fused paths: the agent composes its turn steps from the single calls, each of which can fail.
 
 use std::time::Duration;
 
@@ -8,7 +9,7 @@ use parley::domain::{Message, Metadata, NewSession, Session, Turn};
 use parley::store::memory::MemoryStore;
 use parley::store::{
     AppendBatch, ConversationStore, IdempotencyBegin, LockOutcome, LockStatus, MessagePage, PageQuery,
-    SessionCursor, SessionPage, StoreResult,
+    SessionCursor, SessionPage, StoreBackend, StoreResult, TurnCoordinator,
 };
 use uuid::Uuid;
 
@@ -44,7 +45,7 @@ impl FaultyStore {
 }
 
 #[async_trait]
-impl ConversationStore for FaultyStore {
+impl StoreBackend for FaultyStore {
     fn backend(&self) -> &'static str {
         "faulty"
     }
@@ -57,7 +58,10 @@ impl ConversationStore for FaultyStore {
         self.before("ping").await;
         self.inner.ping().await
     }
+}
 
+#[async_trait]
+impl ConversationStore for FaultyStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.before("create_session").await;
         self.inner.create_session(tenant, new).await
@@ -123,6 +127,14 @@ impl ConversationStore for FaultyStore {
         self.inner.get_turn(tenant, session_id, turn_id).await
     }
 
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        self.before("count_sessions").await;
+        self.inner.count_sessions(tenant).await
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for FaultyStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -188,10 +200,5 @@ impl ConversationStore for FaultyStore {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         self.before("abort_idempotent").await;
         self.inner.abort_idempotent(tenant, session_id, key).await
-    }
-
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        self.before("count_sessions").await;
-        self.inner.count_sessions(tenant).await
     }
 }

@@ -6,13 +6,14 @@ use std::sync::Arc;
 
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
+use parley::agent::TurnStore;
 use parley::config::{Cli, Config};
 use parley::llm::DynModel;
-use parley::store::DynStore;
 use parley::store::memory::MemoryStore;
 use parley::store::postgres::{PgOptions, PgStore};
 use parley::store::redis::RedisStore;
 use parley::store::sqlite::{SqliteOptions, SqliteStore};
+use parley::store::{DynCoordinator, DynStore};
 use parley::tools::ToolRegistry;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
@@ -107,16 +108,16 @@ pub async fn sqlite_store(max_messages: Option<usize>, ttl: Option<std::time::Du
 }
 
 impl Backend {
-    /// A fresh, isolated store of this kind.
-    pub async fn store(self, config: &Config) -> DynStore {
+    /// A fresh, isolated store of this kind, coordinating its own turns (fused).
+    pub async fn store(self, config: &Config) -> TurnStore {
         match self {
-            Backend::Memory => Arc::new(MemoryStore::new(config.store.memory_max_messages)),
+            Backend::Memory => TurnStore::fused(Arc::new(MemoryStore::new(config.store.memory_max_messages))),
             Backend::Redis => {
                 let mut options = parley::app::redis_options(config);
                 options.url = redis_url();
                 options.prefix = unique_name("parley_test");
                 options.pool_size = 4;
-                Arc::new(RedisStore::new(options).expect("redis store"))
+                TurnStore::fused(Arc::new(RedisStore::new(options).expect("redis store")))
             }
             Backend::Postgres => {
                 let store = PgStore::new(PgOptions {
@@ -129,9 +130,11 @@ impl Backend {
                 })
                 .expect("postgres store");
                 store.migrate().await.expect("migrate");
-                Arc::new(store)
+                TurnStore::fused(Arc::new(store))
             }
-            Backend::Sqlite => sqlite_store(Some(config.store.max_messages).filter(|&m| m > 0), None).await,
+            Backend::Sqlite => {
+                TurnStore::fused(sqlite_store(Some(config.store.max_messages).filter(|&m| m > 0), None).await)
+            }
         }
     }
 }
@@ -174,8 +177,10 @@ pub struct TestApp {
     pub base: String,
     /// A client for it.
     pub client: reqwest::Client,
-    /// The store it runs on.
+    /// The history store it runs on.
     pub store: DynStore,
+    /// The coordinator of its turns.
+    pub coordinator: DynCoordinator,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
 }
@@ -188,7 +193,7 @@ pub struct Spawn {
     /// A model to use instead of the configured one.
     pub model: Option<DynModel>,
     /// A store to use instead of a fresh memory store.
-    pub store: Option<DynStore>,
+    pub store: Option<TurnStore>,
     /// Tools instead of the configured ones.
     pub tools: Option<ToolRegistry>,
 }
@@ -228,7 +233,8 @@ pub async fn spawn_app_with(spawn: Spawn) -> TestApp {
         Some(tools) => tools,
         None => parley::app::build_tools(&cfg).expect("tools"),
     };
-    let state = parley::app::state_from_parts(&cfg, Arc::clone(&store), model, tools).expect("app state");
+    let (history, coordinator) = (Arc::clone(store.history()), Arc::clone(store.coordinator()));
+    let state = parley::app::state_from_parts(&cfg, store, model, tools).expect("app state");
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let base = format!("http://{}", listener.local_addr().unwrap());
     let (tx, rx) = oneshot::channel::<()>();
@@ -239,7 +245,14 @@ pub async fn spawn_app_with(spawn: Spawn) -> TestApp {
         };
         parley::app::serve(listener, state, shutdown, grace).await.expect("serve");
     });
-    TestApp { base, client: reqwest::Client::new(), store, shutdown: Some(tx), server: Some(server) }
+    TestApp {
+        base,
+        client: reqwest::Client::new(),
+        store: history,
+        coordinator,
+        shutdown: Some(tx),
+        server: Some(server),
+    }
 }
 
 impl TestApp {
@@ -439,7 +452,7 @@ pub async fn spawn_replicas(backend: Backend, n: usize, args: &[&str]) -> Vec<Te
     for _ in 0..n {
         let spawn = Spawn {
             args: args.iter().map(|s| s.to_string()).collect(),
-            store: Some(Arc::clone(&store)),
+            store: Some(store.clone()),
             ..Spawn::default()
         };
         apps.push(spawn_app_with(spawn).await);

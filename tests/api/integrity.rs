@@ -240,7 +240,7 @@ async fn a_turn_abandoned_by_a_dead_replica_ends_failed_and_frees_the_session(ba
     // What a replica leaves when it dies mid-turn: a running record and a lock it no longer renews.
     let turn = Turn::start("dead");
     app.store.put_turn("default", &turn).await.unwrap();
-    app.store.acquire_turn_lock("default", "dead", turn.id, Duration::from_millis(300)).await.unwrap();
+    app.coordinator.acquire_turn_lock("default", "dead", turn.id, Duration::from_millis(300)).await.unwrap();
     let response = post(app, "dead", json!({"content": "hello?"}), None).await;
     assert_eq!(response.status(), 409, "the lease still holds");
     tokio::time::sleep(Duration::from_millis(500)).await;

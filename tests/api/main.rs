@@ -44,6 +44,7 @@ mod agent_loop;
 mod auth;
 mod clients;
 mod connections;
+mod coordinator;
 mod docs;
 mod durability;
 mod editing;

@@ -191,8 +191,8 @@ for_each_backend!(
 /// its own (`MemoryStore::purge_expired`, which a timer runs), not only when a key is reused.
 #[tokio::test]
 async fn the_memory_store_forgets_expired_idempotency_keys() {
-    use parley::store::ConversationStore;
     use parley::store::memory::MemoryStore;
+    use parley::store::{ConversationStore, TurnCoordinator};
     let store = MemoryStore::new(100);
     for s in 0..20 {
         let session = format!("s{s}");

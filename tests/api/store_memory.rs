@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use parley::store::DynStore;
+use parley::store::DynFused;
 use parley::store::contract::Setup;
 use parley::store::memory::{DEFAULT_MAX_MESSAGES, MemoryStore};
 
-async fn store(setup: Setup) -> DynStore {
+async fn store(setup: Setup) -> DynFused {
     Arc::new(MemoryStore::new(setup.max_messages.unwrap_or(DEFAULT_MAX_MESSAGES)))
 }
 
@@ -64,11 +64,7 @@ async fn listing_merges_every_shard_newest_first_and_counts_them_all() {
         let id = format!("s{i:03}");
         let message = Message::new(&id, uuid::Uuid::now_v7(), Role::User, "bump");
         store
-            .append(
-                "t",
-                &id,
-                AppendBatch { messages: vec![message], turn: None, fence: None, supersede_from: None },
-            )
+            .append("t", &id, AppendBatch { messages: vec![message], turn: None, supersede_from: None })
             .await
             .unwrap();
     }

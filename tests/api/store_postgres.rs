@@ -11,7 +11,8 @@ use parley::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, new_id
 use parley::store::contract::Setup;
 use parley::store::postgres::{PgOptions, PgStore, sql};
 use parley::store::{
-    AppendBatch, ConversationStore, DynStore, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreError,
+    AppendBatch, ConversationStore, DynFused, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreBackend,
+    StoreError, TurnCoordinator,
 };
 use sqlx::Connection;
 
@@ -60,7 +61,7 @@ async fn drop_old_schemas(store: &PgStore) {
     }
 }
 
-async fn store(setup: Setup) -> DynStore {
+async fn store(setup: Setup) -> DynFused {
     pg_store(setup).await
 }
 
@@ -83,7 +84,7 @@ async fn fill(store: &PgStore, session: &str, count: usize) -> Vec<Message> {
     let turn = new_id();
     let messages = (1..=count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
     store
-        .append(TENANT, session, AppendBatch { messages, turn: None, fence: None, supersede_from: None })
+        .append(TENANT, session, AppendBatch { messages, turn: None, supersede_from: None })
         .await
         .expect("append")
 }
@@ -112,11 +113,7 @@ async fn json_comes_back_byte_for_byte_with_its_key_order() {
         arguments: serde_json::from_str(r#"{"zeta":1,"alpha":2}"#).unwrap(),
     }]);
     let stored = store
-        .append(
-            TENANT,
-            "s1",
-            AppendBatch { messages: vec![call], turn: None, fence: None, supersede_from: None },
-        )
+        .append(TENANT, "s1", AppendBatch { messages: vec![call], turn: None, supersede_from: None })
         .await
         .unwrap();
     let back = store.last_n(TENANT, "s1", 1).await.unwrap();
@@ -273,7 +270,7 @@ async fn pages_stay_range_scans_with_superseded_messages() {
         let mut edit = Turn::start(session);
         edit.status = parley::domain::TurnStatus::Completed;
         let messages = vec![parley::store::contract::msg(session, edit.id, Role::User, "edited")];
-        let batch = AppendBatch { messages, turn: Some(edit), fence: None, supersede_from: Some(100) };
+        let batch = AppendBatch { messages, turn: Some(edit), supersede_from: Some(100) };
         store.append(TENANT, session, batch).await.unwrap();
     }
     assert_eq!(count(&store, "select count(*) from superseded_messages").await, 3 * 2901);

@@ -9,7 +9,8 @@ use parley::domain::{Message, Metadata, NewSession, Role, Turn, new_id};
 use parley::store::contract::Setup;
 use parley::store::redis::{RedisOptions, RedisStore};
 use parley::store::{
-    AppendBatch, ConversationStore, DynStore, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreError,
+    AppendBatch, ConversationStore, DynFused, IdempotencyBegin, LockOutcome, Order, PageQuery, StoreBackend,
+    StoreError, TurnCoordinator,
 };
 
 use crate::helpers::{redis_url, unique_name};
@@ -26,7 +27,7 @@ fn options(prefix: String, setup: &Setup) -> RedisOptions {
 }
 
 /// A store on its own key prefix, so tests run in parallel.
-async fn store(setup: Setup) -> DynStore {
+async fn store(setup: Setup) -> DynFused {
     let opts = options(unique_name("parley_test"), &setup);
     Arc::new(RedisStore::new(opts).expect("redis store"))
 }
@@ -57,7 +58,7 @@ async fn create(store: &RedisStore, tenant: &str, id: &str) {
 fn batch(session: &str, count: usize) -> AppendBatch {
     let turn = new_id();
     let messages = (0..count).map(|i| Message::new(session, turn, Role::User, format!("m{i}"))).collect();
-    AppendBatch { messages, turn: None, fence: None, supersede_from: None }
+    AppendBatch { messages, turn: None, supersede_from: None }
 }
 
 #[tokio::test]
@@ -363,7 +364,7 @@ async fn superseded_messages_live_in_their_own_sorted_set() {
     let mut edit = Turn::start("s");
     edit.status = parley::domain::TurnStatus::Completed;
     let messages = vec![Message::new("s", edit.id, Role::User, "edited")];
-    let replace = AppendBatch { messages, turn: Some(edit.clone()), fence: None, supersede_from: Some(101) };
+    let replace = AppendBatch { messages, turn: Some(edit.clone()), supersede_from: Some(101) };
     store.append("t", "s", replace).await.expect("edit");
 
     let mut conn = raw_connection().await;

@@ -1,12 +1,12 @@
 //! The store contract and SQLite-specific checks against the sqlite backend: each case on a fresh
 //! database file.
 
-use parley::store::DynStore;
+use parley::store::DynFused;
 use parley::store::contract::Setup;
 
 use crate::helpers::sqlite_store;
 
-async fn store(setup: Setup) -> DynStore {
+async fn store(setup: Setup) -> DynFused {
     sqlite_store(setup.max_messages, setup.ttl).await
 }
 
@@ -199,7 +199,11 @@ async fn a_full_disk_answers_503_store_unavailable_and_stores_no_part_of_the_tur
     use crate::helpers::{Spawn, spawn_app_with};
 
     let store = sqlite_store(None, None).await;
-    let app = spawn_app_with(Spawn { store: Some(store.clone()), ..Spawn::default() }).await;
+    let app = spawn_app_with(Spawn {
+        store: Some(parley::agent::TurnStore::fused(store.clone())),
+        ..Spawn::default()
+    })
+    .await;
     app.create_session("s").await;
     let pages: i64 = sqlx::query_scalar("pragma page_count").fetch_one(store.writer()).await.unwrap();
     sqlx::query(sqlx::AssertSqlSafe(format!("pragma max_page_count = {pages}")))

@@ -58,8 +58,9 @@ use uuid::Uuid;
 pub use super::sql_common::SWEEP_BATCH;
 use super::sql_common::{json_text, micros, page_of, spawn_sweeper, status_str, to_i64, to_u64};
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, LeaseKey, LockOutcome, LockStatus,
-    MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult, TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, LeaseKey, LockOutcome,
+    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreBackend, StoreError,
+    StoreResult, TurnBegin, TurnCoordinator,
 };
 use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage};
 use crate::redact::redact_url;
@@ -126,7 +127,7 @@ pub struct PgStore {
 
 impl PgStore {
     /// Builds the store without connecting: connections open on first use, so parley starts while
-    /// PostgreSQL is down and reports it through [`ConversationStore::ping`]. Must be called
+    /// PostgreSQL is down and reports it through [`StoreBackend::ping`]. Must be called
     /// within a Tokio runtime (the pool spawns its maintenance task).
     pub fn new(opts: PgOptions) -> StoreResult<Self> {
         Self::pinging_idle_after(opts, PING_IF_IDLE_FOR)
@@ -367,12 +368,13 @@ impl PgStore {
         tenant: &str,
         session_id: &str,
         batch: AppendBatch,
+        fence: Option<Uuid>,
         release: Option<Uuid>,
     ) -> StoreResult<Vec<Message>> {
         let n = batch.messages.len() as i64;
         let cols = Columns::of(&batch.messages);
         let turn = batch.turn.as_ref();
-        let fence = release.or(batch.fence);
+        let fence = release.or(fence);
         let query =
             sqlx::query_as::<_, (Option<i64>, bool)>(if release.is_some() { FINISH_TURN } else { APPEND })
                 .bind(tenant)
@@ -505,7 +507,7 @@ fn check_schema_name(schema: &str) -> StoreResult<()> {
 }
 
 #[async_trait]
-impl ConversationStore for PgStore {
+impl StoreBackend for PgStore {
     fn backend(&self) -> &'static str {
         "postgres"
     }
@@ -517,7 +519,10 @@ impl ConversationStore for PgStore {
     async fn ping(&self) -> StoreResult<()> {
         self.timed(sqlx::query("select 1").execute(&self.conns)).await.map(|_| ())
     }
+}
 
+#[async_trait]
+impl ConversationStore for PgStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         let row = match self.within(self.insert_session(tenant, &new)).await? {
             Ok(row) => row,
@@ -622,69 +627,7 @@ impl ConversationStore for PgStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        self.append_releasing(tenant, session_id, batch, None).await
-    }
-
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        let session_id = turn.session_id.as_str();
-        let work = async {
-            for _ in 0..ATTEMPTS {
-                let rows = sqlx::query(BEGIN_TURN)
-                    .bind(tenant)
-                    .bind(session_id)
-                    .bind(turn.id)
-                    .bind(micros(lease))
-                    .bind(to_i64(window as u64))
-                    .bind(status_str(turn.status))
-                    .bind(turn.error.as_ref().map(json_text))
-                    .bind(&turn.message_ids)
-                    .bind(turn.usage.map(Json))
-                    .bind(turn.created_at)
-                    .bind(turn.completed_at)
-                    .fetch_all(&self.conns)
-                    .await?;
-                let Some(head) = rows.first() else { return Ok(Err(StoreError::Backend("no row".into()))) };
-                let found: bool = head.try_get("found")?;
-                let acquired: bool = head.try_get("acquired")?;
-                let holder: Option<Uuid> = head.try_get("holder")?;
-                match claim(found, acquired, holder, turn.id) {
-                    Claim::Missing => return Ok(Err(StoreError::SessionNotFound)),
-                    Claim::Acquired => {
-                        let system_prompt: Option<String> = head.try_get("system_prompt")?;
-                        let mut messages = Vec::with_capacity(rows.len());
-                        for row in &rows {
-                            match message_from_row(row, session_id) {
-                                Ok(Some(message)) => messages.push(WindowMessage::from(message)),
-                                Ok(None) => {}
-                                Err(e) => return Ok(Err(e)),
-                            }
-                        }
-                        return Ok(Ok(TurnBegin::Started { system_prompt, window: messages }));
-                    }
-                    Claim::Busy(other) => return Ok(Ok(TurnBegin::Busy(other))),
-                    Claim::Retry => {}
-                }
-            }
-            Ok(Err(lock_kept_changing_hands()))
-        };
-        self.claiming(work).await
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
-        Ok(FinishedTurn { messages, lock_released: true })
+        self.append_releasing(tenant, session_id, batch, None, None).await
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -742,6 +685,15 @@ impl ConversationStore for PgStore {
         let row = self.timed(query.fetch_optional(&self.conns)).await?;
         row.map(|r| turn_from_row(&r, session_id)).transpose()
     }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        let query = sqlx::query_scalar::<_, i64>(COUNT_SESSIONS).bind(tenant);
+        Ok(to_u64(self.timed(query.fetch_one(&self.conns)).await?))
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for PgStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -895,9 +847,79 @@ impl ConversationStore for PgStore {
         let query = sqlx::query(ABORT_IDEMPOTENT).bind(tenant).bind(session_id).bind(key);
         self.timed(query.execute(&self.conns)).await.map(|_| ())
     }
+}
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        let query = sqlx::query_scalar::<_, i64>(COUNT_SESSIONS).bind(tenant);
-        Ok(to_u64(self.timed(query.fetch_one(&self.conns)).await?))
+#[async_trait]
+impl FusedTurns for PgStore {
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let session_id = turn.session_id.as_str();
+        let work = async {
+            for _ in 0..ATTEMPTS {
+                let rows = sqlx::query(BEGIN_TURN)
+                    .bind(tenant)
+                    .bind(session_id)
+                    .bind(turn.id)
+                    .bind(micros(lease))
+                    .bind(to_i64(window as u64))
+                    .bind(status_str(turn.status))
+                    .bind(turn.error.as_ref().map(json_text))
+                    .bind(&turn.message_ids)
+                    .bind(turn.usage.map(Json))
+                    .bind(turn.created_at)
+                    .bind(turn.completed_at)
+                    .fetch_all(&self.conns)
+                    .await?;
+                let Some(head) = rows.first() else { return Ok(Err(StoreError::Backend("no row".into()))) };
+                let found: bool = head.try_get("found")?;
+                let acquired: bool = head.try_get("acquired")?;
+                let holder: Option<Uuid> = head.try_get("holder")?;
+                match claim(found, acquired, holder, turn.id) {
+                    Claim::Missing => return Ok(Err(StoreError::SessionNotFound)),
+                    Claim::Acquired => {
+                        let system_prompt: Option<String> = head.try_get("system_prompt")?;
+                        let mut messages = Vec::with_capacity(rows.len());
+                        for row in &rows {
+                            match message_from_row(row, session_id) {
+                                Ok(Some(message)) => messages.push(WindowMessage::from(message)),
+                                Ok(None) => {}
+                                Err(e) => return Ok(Err(e)),
+                            }
+                        }
+                        return Ok(Ok(TurnBegin::Started { system_prompt, window: messages }));
+                    }
+                    Claim::Busy(other) => return Ok(Ok(TurnBegin::Busy(other))),
+                    Claim::Retry => {}
+                }
+            }
+            Ok(Err(lock_kept_changing_hands()))
+        };
+        self.claiming(work).await
+    }
+
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.append_releasing(tenant, session_id, batch, Some(turn_id), None).await
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, None, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 }

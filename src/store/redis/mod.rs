@@ -7,6 +7,8 @@
 //! - `pool.rs`: the connection pool and the one-request lease that drops broken connections.
 //! - `codec.rs`: what is stored, as text: messages, turns and sessions to and from JSON and hashes.
 //! - `redact.rs`: keeps the URL's password out of every error and `Debug` output.
+//! - `coordinator.rs`: [`RedisCoordinator`], the locks and keys alone, for a history store kept
+//!   elsewhere (`PARLEY_COORDINATOR=redis`).
 //!
 //! # Atomicity and the index
 //! Every write is one Lua script (`EVALSHA`, loaded on first use): it checks that the session
@@ -51,6 +53,7 @@
 //! (ZCOUNT with a TTL).
 
 mod codec;
+mod coordinator;
 mod keys;
 mod pool;
 mod redact;
@@ -69,9 +72,9 @@ use deadpool_redis::redis::{
 use uuid::Uuid;
 
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
-    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
-    TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, IdempotencyRecord, LeaseKey,
+    LockOutcome, LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreBackend,
+    StoreError, StoreResult, TurnBegin, TurnCoordinator,
 };
 use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage, now};
 use codec::{IdemHead, from_json, parse_messages, parse_session, parse_uuid, split_at_seq, to_json};
@@ -79,6 +82,8 @@ use keys::{SessionKeys, index_key};
 use pool::{LeanManager, Lease, Pool, Request, is_connection_failure};
 use redact::Redactor;
 use scripts::{RENEW_LOCK, Scripts};
+
+pub use coordinator::RedisCoordinator;
 
 /// What the begin-turn script answers: acquired (0/1), the holder when busy, the window, whether
 /// the session has a system prompt (0/1), the prompt.
@@ -148,6 +153,9 @@ pub struct RedisStore {
     op_timeout: Duration,
     redactor: Redactor,
     scripts: Scripts,
+    /// Coordinating turns for another history store ([`RedisCoordinator`]): the lock and key
+    /// scripts do not look for the session, which lives elsewhere.
+    standalone: bool,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -191,7 +199,14 @@ impl RedisStore {
             op_timeout: opts.op_timeout,
             redactor,
             scripts: Scripts::new(),
+            standalone: false,
         })
+    }
+
+    /// The key the lock and idempotency scripts check the session's existence by: its meta, or
+    /// none (the empty name) when coordinating for another history store.
+    fn meta_for_locks(&self, keys: SessionKeys) -> String {
+        if self.standalone { String::new() } else { keys.meta }
     }
 
     fn session_keys(&self, tenant: &str, id: &str) -> SessionKeys {
@@ -274,12 +289,13 @@ impl RedisStore {
         tenant: &str,
         session_id: &str,
         batch: AppendBatch,
+        fence: Option<Uuid>,
         release: Option<Uuid>,
     ) -> StoreResult<Vec<Message>> {
         let keys = self.session_keys(tenant, session_id);
         let mut messages = batch.messages;
         let mut call = self.write_call(&self.scripts.append, &keys, session_id, now().timestamp_micros());
-        let fence = release.or(batch.fence);
+        let fence = release.or(fence);
         call.arg(fence.map(|id| id.to_string()).unwrap_or_default());
         call.arg(if release.is_some() { "1" } else { "0" });
         match &batch.turn {
@@ -361,16 +377,18 @@ impl RedisStore {
     /// A lock script call with the session's meta and lock keys.
     fn lock_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
         let keys = self.session_keys(tenant, id);
+        let lock = keys.lock.clone();
         let mut call = script.prepare_invoke();
-        call.key(keys.meta).key(keys.lock);
+        call.key(self.meta_for_locks(keys)).key(lock);
         call
     }
 
     /// An idempotency script call with the session's meta, idem and idem_exp keys.
     fn idem_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
         let keys = self.session_keys(tenant, id);
+        let (idem, idem_exp) = (keys.idem.clone(), keys.idem_exp.clone());
         let mut call = script.prepare_invoke();
-        call.key(keys.meta).key(keys.idem).key(keys.idem_exp);
+        call.key(self.meta_for_locks(keys)).key(idem).key(idem_exp);
         call
     }
 
@@ -444,7 +462,7 @@ impl RedisStore {
 }
 
 #[async_trait]
-impl ConversationStore for RedisStore {
+impl StoreBackend for RedisStore {
     fn backend(&self) -> &'static str {
         "redis"
     }
@@ -456,7 +474,10 @@ impl ConversationStore for RedisStore {
     async fn ping(&self) -> StoreResult<()> {
         self.query::<String>(&redis::cmd("PING")).await.map(|_| ())
     }
+}
 
+#[async_trait]
+impl ConversationStore for RedisStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.create(tenant, new, 0).await
     }
@@ -571,40 +592,7 @@ impl ConversationStore for RedisStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        self.append_releasing(tenant, session_id, batch, None).await
-    }
-
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        let id = turn.session_id.as_str();
-        let keys = self.session_keys(tenant, id);
-        let n = window.min(MAX_FETCH);
-        let mut call = self.write_call(&self.scripts.begin_turn, &keys, id, now().timestamp_micros());
-        call.arg(turn.id.to_string()).arg(to_json(turn)?).arg(lease_millis(lease)).arg(n);
-        let (acquired, holder, members, has_prompt, prompt): Begun =
-            self.write::<Option<Begun>>(&call).await?.ok_or(StoreError::SessionNotFound)?;
-        if acquired == 0 {
-            return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
-        }
-        let system_prompt = (has_prompt == 1).then_some(prompt);
-        let window = parse_messages(&members)?.into_iter().map(WindowMessage::from).collect();
-        Ok(TurnBegin::Started { system_prompt, window })
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
-        Ok(FinishedTurn { messages, lock_released: true })
+        self.append_releasing(tenant, session_id, batch, None, None).await
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -659,6 +647,27 @@ impl ConversationStore for RedisStore {
         let found: Option<String> = self.query(&cmd).await?;
         found.map(|json| from_json(&json)).transpose()
     }
+
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        // The index scores a session by its last write, and every write slides its TTL: with a
+        // TTL, members scored before `now - ttl` have expired and are not counted.
+        let index = self.index_key(tenant);
+        let cmd = if self.ttl_ms == 0 {
+            let mut cmd = redis::cmd("ZCARD");
+            cmd.arg(index);
+            cmd
+        } else {
+            let oldest = now().timestamp_micros().saturating_sub(self.ttl_ms as i64 * 1000);
+            let mut cmd = redis::cmd("ZCOUNT");
+            cmd.arg(index).arg(format!("({oldest}")).arg("+inf");
+            cmd
+        };
+        self.query(&cmd).await
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for RedisStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -698,11 +707,12 @@ impl ConversationStore for RedisStore {
             pipe.cmd("SCRIPT").arg("LOAD").arg(RENEW_LOCK).ignore();
             for t in chunk {
                 let keys = self.session_keys(&t.tenant, &t.session_id);
+                let lock = keys.lock.clone();
                 pipe.cmd("EVALSHA")
                     .arg(self.scripts.renew_lock.get_hash())
                     .arg(2)
-                    .arg(keys.meta)
-                    .arg(keys.lock)
+                    .arg(self.meta_for_locks(keys))
+                    .arg(lock)
                     .arg(t.turn_id.to_string())
                     .arg(lease_millis(lease));
             }
@@ -792,22 +802,51 @@ impl ConversationStore for RedisStore {
         // Never retried: by then another request may have begun the key afresh.
         self.write::<i64>(&call).await.map(|_| ())
     }
+}
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        // The index scores a session by its last write, and every write slides its TTL: with a
-        // TTL, members scored before `now - ttl` have expired and are not counted.
-        let index = self.index_key(tenant);
-        let cmd = if self.ttl_ms == 0 {
-            let mut cmd = redis::cmd("ZCARD");
-            cmd.arg(index);
-            cmd
-        } else {
-            let oldest = now().timestamp_micros().saturating_sub(self.ttl_ms as i64 * 1000);
-            let mut cmd = redis::cmd("ZCOUNT");
-            cmd.arg(index).arg(format!("({oldest}")).arg("+inf");
-            cmd
-        };
-        self.query(&cmd).await
+#[async_trait]
+impl FusedTurns for RedisStore {
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let id = turn.session_id.as_str();
+        let keys = self.session_keys(tenant, id);
+        let n = window.min(MAX_FETCH);
+        let mut call = self.write_call(&self.scripts.begin_turn, &keys, id, now().timestamp_micros());
+        call.arg(turn.id.to_string()).arg(to_json(turn)?).arg(lease_millis(lease)).arg(n);
+        let (acquired, holder, members, has_prompt, prompt): Begun =
+            self.write::<Option<Begun>>(&call).await?.ok_or(StoreError::SessionNotFound)?;
+        if acquired == 0 {
+            return Ok(TurnBegin::Busy(parse_uuid(&holder)?));
+        }
+        let system_prompt = (has_prompt == 1).then_some(prompt);
+        let window = parse_messages(&members)?.into_iter().map(WindowMessage::from).collect();
+        Ok(TurnBegin::Started { system_prompt, window })
+    }
+
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.append_releasing(tenant, session_id, batch, Some(turn_id), None).await
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, None, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 }
 

@@ -50,9 +50,9 @@ use uuid::Uuid;
 pub use super::sql_common::SWEEP_BATCH;
 use super::sql_common::{json_text, micros, page_of, spawn_sweeper, status_str, to_i64, to_u64};
 use super::{
-    AppendBatch, ConversationStore, FinishedTurn, IdempotencyBegin, IdempotencyRecord, LeaseKey, LockOutcome,
-    LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreError, StoreResult,
-    TurnBegin,
+    AppendBatch, ConversationStore, FinishedTurn, FusedTurns, IdempotencyBegin, IdempotencyRecord, LeaseKey,
+    LockOutcome, LockStatus, MessagePage, Order, PageQuery, SessionCursor, SessionPage, StoreBackend,
+    StoreError, StoreResult, TurnBegin, TurnCoordinator,
 };
 use crate::domain::{Message, Metadata, NewSession, Session, Turn, WindowMessage, now};
 use errors::{db, migrate_err};
@@ -405,6 +405,7 @@ impl SqliteStore {
         tenant: &str,
         session_id: &str,
         batch: AppendBatch,
+        fence: Option<Uuid>,
         release: Option<Uuid>,
     ) -> StoreResult<Vec<Message>> {
         let supersede = match batch.supersede_from {
@@ -416,7 +417,7 @@ impl SqliteStore {
             )),
             None => None,
         };
-        let fence = release.or(batch.fence);
+        let fence = release.or(fence);
         let cap = self.max_messages;
         let messages = &batch.messages;
         let turn = batch.turn.as_ref();
@@ -531,7 +532,7 @@ impl SqliteStore {
 }
 
 #[async_trait]
-impl ConversationStore for SqliteStore {
+impl StoreBackend for SqliteStore {
     fn backend(&self) -> &'static str {
         "sqlite"
     }
@@ -546,7 +547,10 @@ impl ConversationStore for SqliteStore {
             Ok(())
         })
     }
+}
 
+#[async_trait]
+impl ConversationStore for SqliteStore {
     async fn create_session(&self, tenant: &str, new: NewSession) -> StoreResult<Session> {
         self.create(Creation { tenant, new: &new, messages: &[], max: None }).await
     }
@@ -641,53 +645,7 @@ impl ConversationStore for SqliteStore {
     }
 
     async fn append(&self, tenant: &str, session_id: &str, batch: AppendBatch) -> StoreResult<Vec<Message>> {
-        self.append_releasing(tenant, session_id, batch, None).await
-    }
-
-    async fn begin_turn(
-        &self,
-        tenant: &str,
-        turn: &Turn,
-        window: usize,
-        lease: Duration,
-    ) -> StoreResult<TurnBegin> {
-        let session_id = turn.session_id.as_str();
-        write_tx!(self, |conn| {
-            let at = now_micros();
-            let state =
-                session_state(conn, tenant, session_id, at).await?.ok_or(StoreError::SessionNotFound)?;
-            let expires = at.saturating_add(micros(lease));
-            if let Some(holder) = claim(conn, tenant, session_id, turn.id, (at, expires)).await? {
-                return Ok(TurnBegin::Busy(holder));
-            }
-            put_turn_on(conn, tenant, session_id, turn).await?;
-            let rows = sqlx::query(sql::PAGE_DESC)
-                .bind(tenant)
-                .bind(session_id)
-                .bind(state.floor_seq)
-                .bind(i64::MAX)
-                .bind(to_i64(window as u64))
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?;
-            let mut messages = rows
-                .iter()
-                .map(|r| message_from_row(r, session_id).map(WindowMessage::from))
-                .collect::<StoreResult<Vec<_>>>()?;
-            messages.reverse();
-            Ok(TurnBegin::Started { system_prompt: state.system_prompt, window: messages })
-        })
-    }
-
-    async fn finish_turn(
-        &self,
-        tenant: &str,
-        session_id: &str,
-        batch: AppendBatch,
-        turn_id: Uuid,
-    ) -> StoreResult<FinishedTurn> {
-        let messages = self.append_releasing(tenant, session_id, batch, Some(turn_id)).await?;
-        Ok(FinishedTurn { messages, lock_released: true })
+        self.append_releasing(tenant, session_id, batch, None, None).await
     }
 
     async fn read_page(&self, tenant: &str, session_id: &str, query: PageQuery) -> StoreResult<MessagePage> {
@@ -749,6 +707,16 @@ impl ConversationStore for SqliteStore {
         })
     }
 
+    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
+        read_tx!(self, |conn| {
+            let q = sqlx::query_scalar::<_, i64>(sql::COUNT_SESSIONS).bind(tenant).bind(now_micros());
+            Ok(to_u64(q.fetch_one(&mut *conn).await.map_err(db)?))
+        })
+    }
+}
+
+#[async_trait]
+impl TurnCoordinator for SqliteStore {
     async fn acquire_turn_lock(
         &self,
         tenant: &str,
@@ -899,11 +867,63 @@ impl ConversationStore for SqliteStore {
             Ok(())
         })
     }
+}
 
-    async fn count_sessions(&self, tenant: &str) -> StoreResult<u64> {
-        read_tx!(self, |conn| {
-            let q = sqlx::query_scalar::<_, i64>(sql::COUNT_SESSIONS).bind(tenant).bind(now_micros());
-            Ok(to_u64(q.fetch_one(&mut *conn).await.map_err(db)?))
+#[async_trait]
+impl FusedTurns for SqliteStore {
+    async fn begin_turn(
+        &self,
+        tenant: &str,
+        turn: &Turn,
+        window: usize,
+        lease: Duration,
+    ) -> StoreResult<TurnBegin> {
+        let session_id = turn.session_id.as_str();
+        write_tx!(self, |conn| {
+            let at = now_micros();
+            let state =
+                session_state(conn, tenant, session_id, at).await?.ok_or(StoreError::SessionNotFound)?;
+            let expires = at.saturating_add(micros(lease));
+            if let Some(holder) = claim(conn, tenant, session_id, turn.id, (at, expires)).await? {
+                return Ok(TurnBegin::Busy(holder));
+            }
+            put_turn_on(conn, tenant, session_id, turn).await?;
+            let rows = sqlx::query(sql::PAGE_DESC)
+                .bind(tenant)
+                .bind(session_id)
+                .bind(state.floor_seq)
+                .bind(i64::MAX)
+                .bind(to_i64(window as u64))
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+            let mut messages = rows
+                .iter()
+                .map(|r| message_from_row(r, session_id).map(WindowMessage::from))
+                .collect::<StoreResult<Vec<_>>>()?;
+            messages.reverse();
+            Ok(TurnBegin::Started { system_prompt: state.system_prompt, window: messages })
         })
+    }
+
+    async fn append_fenced(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.append_releasing(tenant, session_id, batch, Some(turn_id), None).await
+    }
+
+    async fn finish_turn(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        batch: AppendBatch,
+        turn_id: Uuid,
+    ) -> StoreResult<FinishedTurn> {
+        let messages = self.append_releasing(tenant, session_id, batch, None, Some(turn_id)).await?;
+        Ok(FinishedTurn { messages, lock_released: true })
     }
 }

@@ -1,4 +1,4 @@
-if redis.call('EXISTS', meta) == 0 then return false end
+if (meta ~= '' and redis.call('EXISTS', meta) == 0) then return false end
 forget_expired()
 local record = redis.call('HGET', idem, 'f:' .. ARGV[1])
 if record then return {record, redis.call('HGET', idem, 'r:' .. ARGV[1])} end

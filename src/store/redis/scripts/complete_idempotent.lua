@@ -1,4 +1,4 @@
-if redis.call('EXISTS', meta) == 0 then return -1 end
+if (meta ~= '' and redis.call('EXISTS', meta) == 0) then return -1 end
 local until_ms = redis.call('ZSCORE', idem_exp, ARGV[1])
 if not until_ms or tonumber(until_ms) <= now_ms or redis.call('HEXISTS', idem, 'f:' .. ARGV[1]) == 0 then
   return 0

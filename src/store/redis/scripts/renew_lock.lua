@@ -1,4 +1,4 @@
-if redis.call('EXISTS', KEYS[1]) == 0 or redis.call('HGET', KEYS[2], 'turn') ~= ARGV[1] then
+if (KEYS[1] ~= '' and redis.call('EXISTS', KEYS[1]) == 0) or redis.call('HGET', KEYS[2], 'turn') ~= ARGV[1] then
   return {0, 0}
 end
 redis.call('PEXPIRE', KEYS[2], ARGV[2])
