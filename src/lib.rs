@@ -36,6 +36,7 @@ pub mod domain;
 pub mod error;
 pub mod http;
 pub mod llm;
+pub mod logwriter;
 pub mod metrics;
 pub mod ratelimit;
 pub mod redact;

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use parley::config::{Cli, Command, Config, KeysCommand, LogFormat, redact_url};
+use parley::logwriter::LogGuard;
 use parley::telemetry::export::Pipeline;
 use tokio::net::TcpListener;
 use tracing::Level;
-use tracing_appender::non_blocking::WorkerGuard;
 use tracing_subscriber::filter::Targets;
 use tracing_subscriber::prelude::*;
 use tracing_subscriber::{EnvFilter, Layer};
@@ -20,13 +20,11 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// Installs the log subscriber, and with `PARLEY_OTLP_ENDPOINT` the trace exporter beside it
 /// (returned, to be flushed at the end). Traces off, the subscriber is the plain fmt one.
 ///
-/// Logs go to stderr from a thread of their own: a request formats its line and queues it, and
-/// that thread writes whatever has queued in one write, so the access log costs a request no
-/// system call. The guard writes what is queued when `main` returns. Should the queue ever fill
-/// (128k lines behind), lines are dropped rather than stalling requests.
-fn init_tracing(config: &Config) -> (WorkerGuard, Option<Pipeline>) {
+/// Logs go to stderr in batches, from a thread of their own (`parley::logwriter`): the access
+/// log costs a request no system call. The guard writes what is left when `main` returns.
+fn init_tracing(config: &Config) -> (LogGuard, Option<Pipeline>) {
     let filter = EnvFilter::try_new(&config.log).unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking(std::io::BufWriter::new(std::io::stderr()));
+    let (writer, guard) = parley::logwriter::stderr();
     // Colours only on a terminal: a log file or a collector gets plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let plain = |filter, writer| {
