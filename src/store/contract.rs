@@ -993,6 +993,136 @@ where
     assert!(every.messages.is_empty(), "{:?}", every.messages);
 }
 
+/// A turn's messages are found by turn, active and superseded, in seq order, however many
+/// messages came after them (1,500 here: more than any scan of recent pages would reach).
+pub async fn a_turns_messages_are_found_at_any_depth<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynFused>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    append(&store, TENANT, "s1", pair("s1", "before")).await;
+    // The turn saves a tool round, then its answer with its record: two appends.
+    let mut turn = Turn::start("s1");
+    let mut call = msg("s1", turn.id, Role::Assistant, "");
+    call.tool_calls =
+        Some(vec![ToolCall { id: "c1".into(), name: "calculator".into(), arguments: json!({"e": "1+1"}) }]);
+    let mut result = msg("s1", turn.id, Role::Tool, "2");
+    result.tool_call_id = Some("c1".into());
+    let round = vec![msg("s1", turn.id, Role::User, "what is 1+1?"), call, result];
+    let mut stored = append(&store, TENANT, "s1", round).await;
+    let answer = vec![msg("s1", turn.id, Role::Assistant, "2")];
+    turn.status = TurnStatus::Completed;
+    let batch = AppendBatch { messages: answer, turn: Some(turn.clone()), supersede_from: None };
+    stored.extend(store.append(TENANT, "s1", batch).await.unwrap());
+    assert_eq!(seqs(&stored), vec![3, 4, 5, 6]);
+    for _ in 0..30 {
+        fill(&store, "s1", 50).await;
+    }
+    assert_eq!(store.turn_messages(TENANT, "s1", turn.id).await.unwrap(), stored, "found whole, in order");
+    let first = store.read_page(TENANT, "s1", query(2, Order::Asc, None, None)).await.unwrap().messages;
+    let oldest = store.turn_messages(TENANT, "s1", first[0].turn_id).await.unwrap();
+    assert_eq!(oldest, first, "the very first turn too");
+    let newest = store.last_n(TENANT, "s1", 50).await.unwrap();
+    assert_eq!(store.turn_messages(TENANT, "s1", newest[0].turn_id).await.unwrap(), newest);
+}
+
+/// A turn's messages that an edit superseded are found with it (carrying `superseded_by`), merged
+/// in seq order with those still active, and the edit's own turn is found like any other.
+pub async fn a_turns_superseded_messages_are_included<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynFused>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let kept = append(&store, TENANT, "s1", pair("s1", "q0")).await;
+    let replaced = append(&store, TENANT, "s1", pair("s1", "q1")).await;
+    let after = append(&store, TENANT, "s1", pair("s1", "q2")).await;
+    // A regenerate of the last turn: its question stays, its answer is superseded.
+    let mut regen = Turn::start("s1");
+    regen.status = TurnStatus::Completed;
+    let batch = AppendBatch {
+        messages: vec![msg("s1", regen.id, Role::Assistant, "re: q2, again")],
+        turn: Some(regen.clone()),
+        supersede_from: Some(after[1].seq),
+    };
+    let regenerated = store.append(TENANT, "s1", batch).await.unwrap();
+    let found = store.turn_messages(TENANT, "s1", after[0].turn_id).await.unwrap();
+    assert_eq!(seqs(&found), vec![5, 6], "the active question and the superseded answer");
+    assert_eq!((found[0].superseded_by, found[1].superseded_by), (None, Some(regen.id)));
+    assert_eq!(found[1].content, "re: q2");
+    // An edit of q1: q1's turn, what followed, and the regenerate are superseded.
+    let mut edit = Turn::start("s1");
+    edit.status = TurnStatus::Completed;
+    let messages =
+        vec![msg("s1", edit.id, Role::User, "q1 edited"), msg("s1", edit.id, Role::Assistant, "ok")];
+    let batch = AppendBatch { messages, turn: Some(edit.clone()), supersede_from: Some(replaced[0].seq) };
+    let edited = store.append(TENANT, "s1", batch).await.unwrap();
+    let found = store.turn_messages(TENANT, "s1", replaced[0].turn_id).await.unwrap();
+    let expected: Vec<Message> =
+        replaced.iter().map(|m| Message { superseded_by: Some(edit.id), ..m.clone() }).collect();
+    assert_eq!(found, expected, "superseded, as they were");
+    let found = store.turn_messages(TENANT, "s1", regen.id).await.unwrap();
+    assert_eq!(found, vec![Message { superseded_by: Some(edit.id), ..regenerated[0].clone() }]);
+    let found = store.turn_messages(TENANT, "s1", after[0].turn_id).await.unwrap();
+    assert_eq!((found[0].superseded_by, found[1].superseded_by), (Some(edit.id), Some(regen.id)));
+    assert_eq!(store.turn_messages(TENANT, "s1", kept[0].turn_id).await.unwrap(), kept, "untouched");
+    assert_eq!(store.turn_messages(TENANT, "s1", edit.id).await.unwrap(), edited);
+}
+
+/// An unknown turn has no messages; a missing session, or another tenant's, is not found, and a
+/// session of the same id in another tenant holds none of the turn's messages.
+pub async fn turn_messages_of_an_unknown_turn_or_another_tenant_are_none<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynFused>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let stored = append(&store, TENANT, "s1", pair("s1", "mine")).await;
+    let turn_id = stored[0].turn_id;
+    assert!(store.turn_messages(TENANT, "s1", new_id()).await.unwrap().is_empty(), "an unknown turn");
+    assert!(matches!(
+        store.turn_messages(TENANT, "missing", turn_id).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    assert!(matches!(
+        store.turn_messages(OTHER_TENANT, "s1", turn_id).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    new_session(&store, OTHER_TENANT, "s1").await;
+    append(&store, OTHER_TENANT, "s1", pair("s1", "theirs")).await;
+    assert!(store.turn_messages(OTHER_TENANT, "s1", turn_id).await.unwrap().is_empty(), "not theirs");
+    assert_eq!(store.turn_messages(TENANT, "s1", turn_id).await.unwrap(), stored);
+}
+
+/// What the per-session cap drops, and what a clear drops, is no longer a turn's.
+pub async fn turn_messages_go_with_the_cap_and_a_clear<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynFused>,
+{
+    let store = build(factory, Setup { max_messages: Some(5), ttl: None }).await;
+    new_session(&store, TENANT, "s1").await;
+    let turn = |text: &str, n: usize| {
+        let id = new_id();
+        (1..=n).map(|i| msg("s1", id, Role::User, &format!("{text}{i}"))).collect::<Vec<_>>()
+    };
+    let a = append(&store, TENANT, "s1", turn("a", 3)).await;
+    let b = append(&store, TENANT, "s1", turn("b", 4)).await;
+    assert_eq!(store.turn_messages(TENANT, "s1", a[0].turn_id).await.unwrap(), a[2..], "seqs 1, 2 dropped");
+    assert_eq!(store.turn_messages(TENANT, "s1", b[0].turn_id).await.unwrap(), b);
+    let c = append(&store, TENANT, "s1", turn("c", 4)).await;
+    assert!(store.turn_messages(TENANT, "s1", a[0].turn_id).await.unwrap().is_empty(), "all dropped");
+    assert_eq!(store.turn_messages(TENANT, "s1", b[0].turn_id).await.unwrap(), b[3..]);
+    store.clear(TENANT, "s1").await.unwrap();
+    assert!(store.turn_messages(TENANT, "s1", c[0].turn_id).await.unwrap().is_empty(), "cleared");
+    let d = append(&store, TENANT, "s1", turn("d", 2)).await;
+    assert_eq!(store.turn_messages(TENANT, "s1", d[0].turn_id).await.unwrap(), d, "found after a clear");
+}
+
 /// A fork's write: a new session holding messages with seqs from 1, created whole or not at all,
 /// within the tenant's session cap, never over an existing id.
 pub async fn a_session_is_created_holding_messages<F, Fut>(factory: &F)
@@ -1196,6 +1326,10 @@ macro_rules! store_contract_tests {
             turn_records_are_capped_like_messages,
             an_edit_supersedes_in_the_same_append,
             a_session_is_created_holding_messages,
+            a_turns_messages_are_found_at_any_depth,
+            a_turns_superseded_messages_are_included,
+            turn_messages_of_an_unknown_turn_or_another_tenant_are_none,
+            turn_messages_go_with_the_cap_and_a_clear,
             cancel_requests_reach_the_lock_holder,
             idempotency_keys_remember_the_first_request,
             another_tenant_reaches_nothing_of_a_session,

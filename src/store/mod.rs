@@ -341,6 +341,17 @@ pub trait ConversationStore: StoreBackend {
     /// Reads the last `n` active messages, oldest first.
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>>;
 
+    /// Reads the messages of one turn (those whose `turn_id` is `turn_id`), active and
+    /// superseded alike (a superseded one carries `superseded_by`), in seq order, wherever they
+    /// are in the history: what following a finished turn or regenerating the last one needs.
+    /// The turn is found through an index of the store (a key, a structure the append keeps), not
+    /// by reading the history: the cost is O(the turn's messages), however many came after them.
+    /// Messages a clear or the per-session cap gave up are not returned. An unknown turn gives an
+    /// empty list; `SessionNotFound` if the session does not exist (for this tenant), so another
+    /// tenant's turn gives nothing.
+    async fn turn_messages(&self, tenant: &str, session_id: &str, turn_id: Uuid)
+    -> StoreResult<Vec<Message>>;
+
     /// Removes every message but keeps the session and its seq counter.
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
 
