@@ -20,7 +20,7 @@
 //!
 //! ```toml
 //! [dev-dependencies]
-//! parley = { version = "0.1", features = ["contract"] }
+//! parley = { git = "https://…/parley", features = ["contract"] }  # or a path
 //! tokio = { version = "1", features = ["macros", "rt-multi-thread", "time"] }
 //! ```
 //!
