@@ -7,7 +7,8 @@
 //! - [`domain`]: sessions, messages, tool calls, turns.
 //! - [`store`]: the store's traits (`ConversationStore` for the history, `TurnCoordinator` for
 //!   locks, leases and idempotency keys, `FusedTurns` for the one-round-trip paths of a backend
-//!   owning both), its backends and its contract suite. Each durable backend is a folder of
+//!   owning both), its backends and its contract suites (`store::contract`, one per trait, with
+//!   the `contract` feature only). Each durable backend is a folder of
 //!   one-job files: `store/sqlite/` and `store/postgres/` (the store, `sql/*.sql` statements,
 //!   rows, errors; PostgreSQL's own connection pool), `store/redis/` (the store, key layout,
 //!   `scripts/*.lua`, pool, the standalone coordinator); `store/memory.rs` is one file, and

@@ -117,9 +117,8 @@ impl Agent {
             },
             Some(TurnStatus::Completed | TurnStatus::Cancelled) => {
                 // Completed, but the process stopped before saving the answer: rebuild it.
-                let messages = self.store.history().last_n(tenant, session, 1000).await?;
+                let messages = self.store.history().turn_messages(tenant, session, record.turn_id).await?;
                 let turn = self.store.history().get_turn(tenant, session, record.turn_id).await?;
-                let messages = messages.into_iter().filter(|m| m.turn_id == record.turn_id).collect();
                 let usage = turn.and_then(|t| t.usage);
                 Ok(Some(Replay::Done(TurnResult { turn_id: record.turn_id, messages, usage })))
             }

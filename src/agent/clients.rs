@@ -92,28 +92,22 @@ impl Agent {
         Ok(found)
     }
 
-    /// The messages of the session's last turn (its active history's newest), oldest first; empty
-    /// for an empty history.
+    /// The messages of the session's last turn (the turn of its newest active message), active
+    /// ones only, oldest first; empty for an empty history. Two reads whatever the turn's length:
+    /// the newest message, then its turn's messages.
     pub async fn last_turn_messages(&self, tenant: &str, session: &str) -> Result<Vec<Message>, AppError> {
-        let mut messages: Vec<Message> = Vec::new();
-        let mut before = None;
-        for _ in 0..SCAN_PAGES {
-            let query = PageQuery { limit: 100, order: Order::Desc, before, ..PageQuery::default() };
-            let page = self
-                .store
-                .history()
-                .read_page(tenant, session, query)
-                .await
-                .map_err(|e| AppError::from_store(e, session))?;
-            before = page.next_seq();
-            let turn = messages.first().or(page.messages.first()).map(|m| m.turn_id);
-            let before_len = messages.len() + page.messages.len();
-            messages.extend(page.messages.into_iter().take_while(|m| Some(m.turn_id) == turn));
-            if messages.len() < before_len || before.is_none() {
-                break;
-            }
-        }
-        messages.reverse();
+        let history = self.store.history();
+        let newest = PageQuery { limit: 1, order: Order::Desc, ..PageQuery::default() };
+        let page =
+            history.read_page(tenant, session, newest).await.map_err(|e| AppError::from_store(e, session))?;
+        let Some(last) = page.messages.first() else {
+            return Ok(Vec::new());
+        };
+        let mut messages = history
+            .turn_messages(tenant, session, last.turn_id)
+            .await
+            .map_err(|e| AppError::from_store(e, session))?;
+        messages.retain(|m| m.superseded_by.is_none());
         Ok(messages)
     }
 

@@ -13,13 +13,9 @@ use uuid::Uuid;
 use super::{Agent, TurnEvent, TurnResult};
 use crate::domain::{Message, Turn, TurnStatus};
 use crate::error::AppError;
-use crate::store::{Order, PageQuery};
 
 /// How often a follower reads the record of a turn that runs without a feed on this replica.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
-
-/// Most history pages of 100 read backwards to find a finished turn's messages.
-const SCAN_PAGES: usize = 10;
 
 /// The longest [`Agent::cancel_and_wait`] waits for the cancelled turn to record its end.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
@@ -108,36 +104,20 @@ impl Agent {
         })
     }
 
-    /// The stored messages of a finished turn, in order. They are contiguous and usually the
-    /// newest, so the history is read backwards a page at a time (at most [`SCAN_PAGES`]);
-    /// messages trimmed or cleared since are not found.
+    /// The stored messages of a finished turn, in seq order, however old the turn: the store
+    /// finds them by turn (O(the turn's messages)), with those an edit has superseded since.
+    /// Messages a clear or the per-session cap gave up are not found.
     async fn stored_turn_messages(
         &self,
         tenant: &str,
         session: &str,
         turn: &Turn,
     ) -> Result<Vec<Message>, AppError> {
-        let mut found: Vec<Message> = Vec::with_capacity(turn.message_ids.len());
-        let mut before = None;
-        for _ in 0..SCAN_PAGES {
-            let query =
-                PageQuery { limit: 100, order: Order::Desc, after: None, before, ..PageQuery::default() };
-            let page = self
-                .store
-                .history()
-                .read_page(tenant, session, query)
-                .await
-                .map_err(|e| AppError::from_store(e, session))?;
-            before = page.next_seq();
-            let oldest_is_the_turns = page.messages.last().is_some_and(|m| m.turn_id == turn.id);
-            found.extend(page.messages.into_iter().filter(|m| m.turn_id == turn.id));
-            let passed = !found.is_empty() && !oldest_is_the_turns;
-            if found.len() >= turn.message_ids.len() || passed || before.is_none() {
-                break;
-            }
-        }
-        found.reverse();
-        Ok(found)
+        self.store
+            .history()
+            .turn_messages(tenant, session, turn.id)
+            .await
+            .map_err(|e| AppError::from_store(e, session))
     }
 
     /// Cancels a running turn, here or on another replica, and waits (at most [`CANCEL_WAIT`])

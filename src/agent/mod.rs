@@ -893,11 +893,10 @@ impl Agent {
         }
     }
 
-    /// The stored messages of a turn, with their seqs, read back from the end of the history.
+    /// The stored messages of a turn, with their seqs, read back by turn.
     async fn turn_messages(&self, state: &TurnState, turn: &Turn) -> Vec<Message> {
-        let recent =
-            self.store.history().last_n(&state.tenant, state.session_id(), 1000).await.unwrap_or_default();
-        recent.into_iter().filter(|m| m.turn_id == turn.id).collect()
+        let history = self.store.history();
+        history.turn_messages(&state.tenant, state.session_id(), turn.id).await.unwrap_or_default()
     }
 
     fn count_replay(&self) {

@@ -112,6 +112,15 @@ impl<S: ConversationStore + ?Sized> ConversationStore for Instrumented<S> {
         self.timed("last_n", self.inner.last_n(tenant, session_id, n)).await
     }
 
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.timed("turn_messages", self.inner.turn_messages(tenant, session_id, turn_id)).await
+    }
+
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
         self.timed("clear", self.inner.clear(tenant, session_id)).await
     }

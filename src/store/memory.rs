@@ -2,7 +2,9 @@
 //! share it (`is_distributed()` is false).
 //!
 //! Each session keeps its messages in a `VecDeque` ordered by seq, so the window and any page are
-//! found by binary search and cost O(log n + page). A session holds at most `max_messages`
+//! found by binary search and cost O(log n + page). So are a turn's messages, by turn id, as long
+//! as turn ids grow with seqs (turns taking the session one after another; else a scan of the
+//! session, which `SessionData::turns_ascend` notes). A session holds at most `max_messages`
 //! messages: appending past the cap drops the oldest. Locks are `std::sync` locks held only for
 //! in-memory work, never across an `.await`.
 //!
@@ -223,6 +225,11 @@ struct SessionData {
     superseded: VecDeque<StoredMessage>,
     /// The last seq handed out; survives clears and trimming.
     last_seq: u64,
+    /// Whether every message appended since the session was created (or last cleared) had a
+    /// turn id at or above the one before it, as when turns take the session one after another
+    /// (UUID v7 ids grow). Both lists are then ordered by turn id as well as by seq, so a turn's
+    /// messages are found by binary search; otherwise by a scan (see `turn_messages`).
+    turns_ascend: bool,
     /// Ended turns' records ordered by id, which is by start time (UUID v7): found by binary
     /// search, and a new record goes at the end. No map: no hashing, no table to grow.
     turns: VecDeque<(Uuid, StoredTurn)>,
@@ -392,6 +399,7 @@ impl MemoryStore {
         }
         let skip = messages.len().saturating_sub(self.max_messages);
         let kept: VecDeque<StoredMessage> = messages[skip..].iter().map(StoredMessage::of).collect();
+        let turns_ascend = messages.windows(2).all(|w| w[0].turn_id <= w[1].turn_id);
         let session = Session { message_count: kept.len() as u64, ..session };
         let data = SessionData {
             session: session.clone(),
@@ -399,6 +407,7 @@ impl MemoryStore {
             messages: kept,
             superseded: VecDeque::new(),
             last_seq: messages.len() as u64,
+            turns_ascend,
             turns: VecDeque::new(),
             running: None,
             lock: None,
@@ -446,7 +455,12 @@ impl MemoryStore {
             }
         }
         let mut stored = batch.messages;
+        let mut previous = d.newest_turn();
         for m in &mut stored {
+            if previous.is_some_and(|p| p > m.turn_id) {
+                d.turns_ascend = false;
+            }
+            previous = Some(m.turn_id);
             d.last_seq += 1;
             m.seq = d.last_seq;
             if m.session_id != session_id {
@@ -535,6 +549,34 @@ impl SessionData {
                 LockOutcome::Acquired
             }
         }
+    }
+
+    /// The turn of the last message appended (the highest seq held, active or superseded).
+    fn newest_turn(&self) -> Option<Uuid> {
+        match (self.messages.back(), self.superseded.back()) {
+            (Some(a), Some(s)) => Some(if a.seq > s.seq { a.turn_id } else { s.turn_id }),
+            (a, s) => a.or(s).map(|m| m.turn_id),
+        }
+    }
+
+    /// The messages of one turn, active and superseded, in seq order: by binary search on the
+    /// turn id when both lists are ordered by it (`turns_ascend`, the usual case: O(log n +
+    /// the turn's messages)), else by a scan of the session's messages (at most the cap).
+    fn turn(&self, turn_id: Uuid) -> Vec<Message> {
+        fn of(msgs: &VecDeque<StoredMessage>, turn_id: Uuid, ordered: bool) -> Vec<&StoredMessage> {
+            if ordered {
+                let start = msgs.partition_point(|m| m.turn_id < turn_id);
+                msgs.range(start..).take_while(|m| m.turn_id == turn_id).collect()
+            } else {
+                msgs.iter().filter(|m| m.turn_id == turn_id).collect()
+            }
+        }
+        let mut found = of(&self.messages, turn_id, self.turns_ascend);
+        if !self.superseded.is_empty() {
+            found.extend(of(&self.superseded, turn_id, self.turns_ascend));
+            found.sort_by_key(|m| m.seq);
+        }
+        found.into_iter().map(|m| m.to_message(&self.session.id)).collect()
     }
 
     /// The last `n` messages, oldest first.
@@ -734,12 +776,22 @@ impl ConversationStore for MemoryStore {
         self.with_session(tenant, session_id, |d| d.last(n))
     }
 
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.with_session(tenant, session_id, |d| d.turn(turn_id))
+    }
+
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
         let mut guard = self.write(tenant, session_id);
         let t = guard.get_mut(tenant).ok_or(StoreError::SessionNotFound)?;
         let d = t.sessions.get_mut(session_id).ok_or(StoreError::SessionNotFound)?;
         d.messages = VecDeque::new();
         d.superseded = VecDeque::new();
+        d.turns_ascend = true;
         let old = d.session.updated_at.timestamp_micros();
         d.session.updated_at = now().max(d.session.updated_at);
         d.session.message_count = 0;

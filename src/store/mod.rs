@@ -15,7 +15,9 @@
 //! survives a restart), [`redis`] and [`postgres`] (shared by replicas); each implements all three
 //! traits. Coordinators for a history kept elsewhere: [`memory_coordinator`] (one process) and
 //! [`redis::RedisCoordinator`] (shared by replicas).
-//! [`contract`] is the test suite that pins the traits' behaviour; a backend that passes it is a backend.
+//! `contract` holds the suites that pin the traits' behaviour, one per trait (a backend that
+//! passes them is a backend); it is compiled only with the crate's `contract` feature, which
+//! parley's own tests turn on and a custom backend's tests can too.
 //!
 //! Each durable backend is a folder whose files have one job each (the store and its trait
 //! implementation in `mod.rs`; statements in `sql/*.sql` or scripts in `scripts/*.lua`, loaded
@@ -25,6 +27,7 @@
 //! `config`. `sql_common.rs` holds what the two SQL backends share; [`instrumented`] times any
 //! store for the metrics.
 
+#[cfg(feature = "contract")]
 pub mod contract;
 pub mod instrumented;
 pub mod memory;
@@ -291,7 +294,7 @@ pub trait StoreBackend: Send + Sync + 'static {
 /// A history store knows nothing of locks, leases or idempotency keys: a [`TurnCoordinator`]
 /// keeps turns safe, and `app.rs` pairs the two (`PARLEY_COORDINATOR`).
 ///
-/// Contract (pinned by [`contract`]):
+/// Contract (pinned by `contract::conversation`):
 /// `append` is atomic (all messages or none, with the turn record and the supersession, and
 /// readers never see part of a batch); seqs are 1, 2, 3… per session, strictly increasing in
 /// append order and never reused, even after `clear` or trimming; reads of a page, of the last N
@@ -340,6 +343,17 @@ pub trait ConversationStore: StoreBackend {
 
     /// Reads the last `n` active messages, oldest first.
     async fn last_n(&self, tenant: &str, session_id: &str, n: usize) -> StoreResult<Vec<Message>>;
+
+    /// Reads the messages of one turn (those whose `turn_id` is `turn_id`), active and
+    /// superseded alike (a superseded one carries `superseded_by`), in seq order, wherever they
+    /// are in the history: what following a finished turn or regenerating the last one needs.
+    /// The turn is found through an index of the store (a key, a structure the append keeps), not
+    /// by reading the history: the cost is O(the turn's messages), however many came after them.
+    /// Messages a clear or the per-session cap gave up are not returned. An unknown turn gives an
+    /// empty list; `SessionNotFound` if the session does not exist (for this tenant), so another
+    /// tenant's turn gives nothing.
+    async fn turn_messages(&self, tenant: &str, session_id: &str, turn_id: Uuid)
+    -> StoreResult<Vec<Message>>;
 
     /// Removes every message but keeps the session and its seq counter.
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
@@ -396,7 +410,7 @@ pub trait ConversationStore: StoreBackend {
 /// hold, and drops a session's lock and keys with it. A standalone coordinator (`PARLEY_COORDINATOR`)
 /// lets them go by themselves: a lock when its lease runs out, a key after its ttl.
 ///
-/// Contract: the lock, lease, cancel and idempotency cases of [`contract`].
+/// Contract: the cases of `contract::coordination` (locks, leases, cancel, idempotency keys).
 #[async_trait]
 pub trait TurnCoordinator: StoreBackend {
     /// Claims the session for a turn for `lease`, unless another turn holds it (across every
@@ -477,7 +491,7 @@ pub trait TurnCoordinator: StoreBackend {
 /// out writes nothing. Composed, the check comes before the write: a turn that loses its lease
 /// between the two (a replica paused longer than the lease) may still write once.
 ///
-/// Contract: the begin, finish and fencing cases of [`contract`].
+/// Contract: the cases of `contract::fused` (begin, finish, fencing).
 #[async_trait]
 pub trait FusedTurns: ConversationStore + TurnCoordinator {
     /// Starts a turn: claims the session for `turn` (unless another turn holds it), reads its

@@ -112,6 +112,16 @@ impl ConversationStore for FaultyStore {
         self.inner.last_n(tenant, session_id, n).await
     }
 
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        self.before("turn_messages").await;
+        self.inner.turn_messages(tenant, session_id, turn_id).await
+    }
+
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
         self.before("clear").await;
         self.inner.clear(tenant, session_id).await

@@ -127,6 +127,33 @@ async fn a_finished_turn_is_told_from_the_store(backend: Backend) {
     assert_eq!(ids(&events), vec!["31", "32", "33"]);
 }
 
+/// A finished turn with more than a thousand messages after it (beyond any scan of recent pages)
+/// is told whole: the store finds its messages by turn.
+async fn a_finished_turn_deep_in_the_history_is_told_whole(backend: Backend) {
+    let app = crate::helpers::spawn_app_on(backend, &[]).await;
+    app.create_session("deep").await;
+    let turn = app.post_message("deep", "the old question").await;
+    let turn_id = turn["turn_id"].as_str().unwrap();
+    // 1,200 later messages, written straight to the store (24 turns of 50).
+    for i in 0..24 {
+        let later = uuid::Uuid::now_v7();
+        let messages = (0..50)
+            .map(|j| {
+                parley::domain::Message::new("deep", later, parley::domain::Role::User, format!("m{i}.{j}"))
+            })
+            .collect();
+        let batch = parley::store::AppendBatch { messages, ..Default::default() };
+        app.store.append("default", "deep", batch).await.unwrap();
+    }
+    assert_eq!(app.history("deep").await.len(), 1202);
+    let events = collect_events(follow(&app, "deep", turn_id, None).await).await;
+    assert_eq!(names(&events), vec!["turn.started", "message.completed", "turn.completed"]);
+    assert_eq!(events[0].data["user_message"], turn["messages"][0]);
+    assert_eq!(events[1].data["message"], turn["messages"][1]);
+    assert_eq!(events[2].data["messages"], turn["messages"], "the turn's stored messages, all of them");
+    assert_eq!(events[2].data["usage"], turn["usage"]);
+}
+
 async fn a_turn_on_another_replica_is_followed_to_its_end(backend: Backend) {
     let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "50"]).await;
     apps[0].create_session("far").await;
@@ -161,6 +188,7 @@ for_each_backend!(
     a_streaming_turn_is_followed_live_from_its_first_event,
     last_event_id_resumes_after_that_event,
     a_finished_turn_is_told_from_the_store,
+    a_finished_turn_deep_in_the_history_is_told_whole,
     a_turn_on_another_replica_is_followed_to_its_end,
     a_cancelled_turn_is_told_as_cancelled,
 );

@@ -65,6 +65,7 @@ mod safety;
 mod servers;
 mod sessions;
 mod startup;
+mod store_coordinators;
 mod store_memory;
 mod store_postgres;
 mod store_redis;

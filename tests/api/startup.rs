@@ -306,6 +306,8 @@ async fn an_unreachable_postgres_is_retried_at_start_up_and_each_failure_is_logg
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sqlite_store_keeps_history_across_a_restart_of_the_binary() {
     use crate::servers::ParleyProcess;
+    // Its client is the first this process may build (when run alone, or with a filter).
+    crate::helpers::install_crypto();
     let path = crate::helpers::fresh_sqlite_path();
     // ParleyProcess runs the memory store unless told: name the default explicitly.
     let env = [("PARLEY_STORE", "sqlite".to_owned()), ("PARLEY_SQLITE_PATH", path.display().to_string())];

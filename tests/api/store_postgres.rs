@@ -307,6 +307,53 @@ async fn pages_stay_range_scans_with_superseded_messages() {
     drop_schema(&store).await;
 }
 
+/// A turn's messages are found through the turn indexes of both tables (migration 0004), never
+/// by scanning the session, in a history of 300 turns of which half are superseded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_turns_messages_are_read_by_the_turn_indexes() {
+    let store = pg_store(Setup::default()).await;
+    let mut old_turn = None;
+    for session in ["a", "b", "c"] {
+        new_session(&store, session).await;
+        let mut messages = Vec::new();
+        for t in 0..300 {
+            let turn = new_id();
+            messages.extend((0..10).map(|i| Message::new(session, turn, Role::User, format!("t{t} m{i}"))));
+        }
+        let stored = store.append(TENANT, session, AppendBatch { messages, ..AppendBatch::default() }).await;
+        let stored = stored.unwrap();
+        let mut edit = Turn::start(session);
+        edit.status = parley::domain::TurnStatus::Completed;
+        let messages = vec![parley::store::contract::msg(session, edit.id, Role::User, "edited")];
+        let batch = AppendBatch { messages, turn: Some(edit), supersede_from: Some(1501) };
+        store.append(TENANT, session, batch).await.unwrap();
+        if session == "b" {
+            old_turn = Some((stored[100].turn_id, stored[2000].turn_id));
+        }
+    }
+    sqlx::query("analyze").execute(store.pool()).await.unwrap();
+    let (active, superseded) = old_turn.unwrap();
+    for turn in [active, superseded] {
+        let explain = format!("explain {}", sql::TURN_MESSAGES);
+        let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(explain))
+            .bind(TENANT)
+            .bind("b")
+            .bind(turn)
+            .fetch_all(store.pool())
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        assert!(!plan.contains("Seq Scan on messages"), "{plan}");
+        assert!(!plan.contains("Seq Scan on superseded_messages"), "{plan}");
+        assert!(plan.contains(" messages_turn_idx"), "{plan}");
+        assert!(plan.contains("superseded_messages_turn_idx"), "{plan}");
+    }
+    let found = store.turn_messages(TENANT, "b", superseded).await.unwrap();
+    assert_eq!(found.iter().map(|m| m.seq).collect::<Vec<_>>(), (2001..=2010).collect::<Vec<_>>());
+    assert!(found.iter().all(|m| m.superseded_by.is_some()));
+    drop_schema(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_turn_start_reads_its_window_by_the_primary_key() {
     let store = pg_store(Setup::default()).await;

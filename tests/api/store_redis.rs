@@ -73,14 +73,47 @@ async fn every_key_of_a_session_shares_its_hash_tag_and_delete_leaves_none() {
     let keys = keys_under(&mut conn, &prefix).await;
     let tag = "{acme/chat-1}";
     let session_keys: Vec<&String> = keys.iter().filter(|k| k.contains(tag)).collect();
-    assert_eq!(session_keys.len(), 4, "meta, messages, turns, turn_order: {keys:?}");
+    assert_eq!(session_keys.len(), 5, "meta, messages, turns, turn_order, turn_msgs: {keys:?}");
     assert!(session_keys.iter().all(|k| k.starts_with(&format!("{prefix}:{tag}:"))));
-    assert_eq!(keys.len(), 5, "plus the tenant index: {keys:?}");
+    assert_eq!(keys.len(), 6, "plus the tenant index: {keys:?}");
     assert!(keys.contains(&format!("{prefix}:{{acme}}:sessions")));
 
     assert!(store.delete_session("acme", "chat-1").await.expect("delete"));
     let left = keys_under(&mut conn, &prefix).await;
     assert!(left.is_empty(), "delete leaves nothing (the emptied index disappears too): {left:?}");
+}
+
+/// `turn_msgs` holds each turn's seq span and how many of its messages are held: the cap counts
+/// them out, and the entry goes with the turn's last message. A session from before `turn_msgs`
+/// (no `turn_index` in its meta, no entries) still finds its turns, by a scan.
+#[tokio::test]
+async fn turn_msgs_follows_the_cap_and_older_sessions_are_scanned() {
+    let prefix = unique_name("parley_test");
+    let setup = Setup { max_messages: Some(4), ttl: None };
+    let store = RedisStore::new(options(prefix.clone(), &setup)).expect("store");
+    create(&store, "t", "s").await;
+    let first = store.append("t", "s", batch("s", 3)).await.expect("append");
+    let mut conn = raw_connection().await;
+    let turn_msgs = format!("{prefix}:{{t/s}}:turn_msgs");
+    let turn = first[0].turn_id.to_string();
+    let entry: Option<String> = conn.hget(&turn_msgs, &turn).await.expect("hget");
+    assert_eq!(entry.as_deref(), Some("1 3 3"), "seqs 1 to 3, three held");
+    let second = store.append("t", "s", batch("s", 2)).await.expect("append");
+    let entry: Option<String> = conn.hget(&turn_msgs, &turn).await.expect("hget");
+    assert_eq!(entry.as_deref(), Some("1 3 2"), "the cap dropped seq 1");
+    store.append("t", "s", batch("s", 2)).await.expect("append");
+    let entry: Option<String> = conn.hget(&turn_msgs, &turn).await.expect("hget");
+    assert_eq!(entry, None, "gone with the turn's last message");
+    assert!(store.turn_messages("t", "s", first[0].turn_id).await.expect("read").is_empty());
+
+    let _: i64 = conn.hdel(format!("{prefix}:{{t/s}}:meta"), "turn_index").await.expect("hdel");
+    let _: i64 = conn.del(&turn_msgs).await.expect("del");
+    let found = store.turn_messages("t", "s", second[0].turn_id).await.expect("read");
+    assert_eq!(found, second, "found by a scan");
+    store.clear("t", "s").await.expect("clear");
+    let third = store.append("t", "s", batch("s", 2)).await.expect("append");
+    let entry: Option<String> = conn.hget(&turn_msgs, third[0].turn_id.to_string()).await.expect("hget");
+    assert_eq!(entry.as_deref(), Some("8 9 2"), "indexed again from the clear on");
 }
 
 #[tokio::test]

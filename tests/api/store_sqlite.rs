@@ -220,3 +220,24 @@ async fn a_full_disk_answers_503_store_unavailable_and_stores_no_part_of_the_tur
     app.post_message("s", &big).await;
     assert_eq!(app.history("s").await.len(), 2, "one question, one answer");
 }
+
+/// A turn's messages are index searches of both message tables (migration 0002), never scans of
+/// the session.
+#[tokio::test]
+async fn a_turns_messages_are_searched_by_the_turn_indexes() {
+    let store = sqlite_store(None, None).await;
+    let explain = format!("explain query plan {}", parley::store::sqlite::sql::TURN_MESSAGES);
+    let rows: Vec<(i64, i64, i64, String)> = sqlx::query_as(sqlx::AssertSqlSafe(explain))
+        .bind("t")
+        .bind("s")
+        .bind(uuid::Uuid::now_v7())
+        .bind(0_i64)
+        .fetch_all(store.writer())
+        .await
+        .unwrap();
+    let plan: Vec<String> = rows.into_iter().map(|(_, _, _, detail)| detail).collect();
+    let plan = plan.join("\n");
+    assert!(plan.contains("SEARCH messages USING INDEX messages_turn_idx"), "{plan}");
+    assert!(plan.contains("SEARCH superseded_messages USING INDEX superseded_messages_turn_idx"), "{plan}");
+    assert!(!plan.contains("SCAN"), "{plan}");
+}

@@ -12,9 +12,10 @@
 //!   the session, so concurrent appenders to one session queue there and each gets a contiguous
 //!   range), inserts every message from `unnest` arrays, trims past the cap and upserts the turn
 //!   record. One statement is one implicit transaction: all of it or none.
-//! - `get_session`, `list_sessions`, `read_page`, `last_n`, `get_turn`, `put_turn`,
-//!   `delete_session`, `ping`: one statement each. Pages and windows are range scans of the
-//!   messages primary key.
+//! - `get_session`, `list_sessions`, `read_page`, `last_n`, `turn_messages`, `get_turn`,
+//!   `put_turn`, `delete_session`, `ping`: one statement each. Pages and windows are range scans
+//!   of the messages primary key; a turn's messages, index scans of (tenant, session_id, turn_id, seq)
+//!   on both message tables (`0004_turn_messages_index.sql`).
 //! - `create_session`: one statement (two more only to replace an expired, not yet swept session).
 //! - `clear`: one transaction of two statements (`begin`, update, delete, `commit`).
 //! - Turn locks (`turn_locks`, one row per held session) and idempotency keys
@@ -647,6 +648,26 @@ impl ConversationStore for PgStore {
             .await?
             .ok_or(StoreError::SessionNotFound)?;
         messages.reverse();
+        Ok(messages)
+    }
+
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        let query = sqlx::query(TURN_MESSAGES).bind(tenant).bind(session_id).bind(turn_id);
+        let rows = self.timed(query.fetch_all(&self.conns)).await?;
+        if rows.is_empty() {
+            return Err(StoreError::SessionNotFound);
+        }
+        let mut messages = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if let Some(message) = message_from_row(row, session_id)? {
+                messages.push(message);
+            }
+        }
         Ok(messages)
     }
 

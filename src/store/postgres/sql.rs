@@ -13,6 +13,11 @@ pub const PAGE_DESC: &str = include_str!("sql/page_desc.sql");
 pub const PAGE_ALL_ASC: &str = include_str!("sql/page_with_superseded_asc.sql");
 /// [`PAGE_DESC`] over active and superseded messages together.
 pub const PAGE_ALL_DESC: &str = include_str!("sql/page_with_superseded_desc.sql");
+/// The messages of one turn, active and superseded, in seq order (index scans of
+/// `messages_turn_idx` and `superseded_messages_turn_idx`, migration 0004). Binds: tenant,
+/// session, turn id. No row when the session is missing; one row of null message columns when
+/// the turn has no message.
+pub const TURN_MESSAGES: &str = include_str!("sql/turn_messages.sql");
 
 /// Creates a session. Binds: tenant, id, system prompt, metadata text, ttl in µs.
 pub const CREATE_SESSION: &str = include_str!("sql/create_session.sql");

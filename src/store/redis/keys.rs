@@ -4,7 +4,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `P:{T/S}:meta` | hash | `id`, `created_at`/`updated_at` (µs), `system_prompt` (absent when none), `metadata` (JSON), `message_count`, `last_seq`, `turn_seq` |
+//! | `P:{T/S}:meta` | hash | `id`, `created_at`/`updated_at` (µs), `system_prompt` (absent when none), `metadata` (JSON), `message_count`, `last_seq`, `turn_seq`, `turn_index` (`1`: `turn_msgs` holds every turn) |
 //! | `P:{T/S}:messages` | zset | score = seq, member = the message's JSON |
 //! | `P:{T/S}:turns` | hash | turn id → the turn's JSON |
 //! | `P:{T/S}:turn_order` | zset | turn id scored by first-save order, to drop the oldest turns under the cap |
@@ -12,6 +12,7 @@
 //! | `P:{T/S}:idem` | hash | idempotency keys: `f:<key>` → `{"fingerprint","turn_id"}`, `r:<key>` → the response JSON |
 //! | `P:{T/S}:idem_exp` | zset | idempotency key scored by when it is forgotten (Redis server time, ms) |
 //! | `P:{T/S}:superseded` | zset | messages an edit replaced: score = seq, member = the message's JSON with `superseded_by` |
+//! | `P:{T/S}:turn_msgs` | hash | turn id → `lo hi n`: the lowest and highest seq of the turn's messages and how many are held (active or superseded) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
 //!
 //! The `{T/S}` hash tag puts every key of one session in one Redis Cluster slot. The seq counter
@@ -37,6 +38,9 @@ pub(super) struct SessionKeys {
     /// Messages an edit replaced: zset seq → message JSON with `superseded_by`, apart from the
     /// active `messages`, so that active reads never skip them.
     pub(super) superseded: String,
+    /// Where each turn's messages are: hash turn id → `lo hi n` (lowest seq, highest seq, how
+    /// many are held), kept by the scripts that add and drop messages.
+    pub(super) turn_msgs: String,
 }
 
 impl SessionKeys {
@@ -52,11 +56,12 @@ impl SessionKeys {
             idem: format!("{base}:idem"),
             idem_exp: format!("{base}:idem_exp"),
             superseded: format!("{base}:superseded"),
+            turn_msgs: format!("{base}:turn_msgs"),
         }
     }
 
     /// In the order the write scripts expect them as `KEYS`.
-    pub(super) fn all(&self) -> [&str; 9] {
+    pub(super) fn all(&self) -> [&str; 10] {
         [
             &self.meta,
             &self.messages,
@@ -67,6 +72,7 @@ impl SessionKeys {
             &self.idem,
             &self.idem_exp,
             &self.superseded,
+            &self.turn_msgs,
         ]
     }
 }
@@ -105,6 +111,7 @@ mod tests {
         assert_eq!(keys.lock, "p:{acme/chat:1}:lock");
         assert_eq!(keys.idem, "p:{acme/chat:1}:idem");
         assert_eq!(keys.idem_exp, "p:{acme/chat:1}:idem_exp");
+        assert_eq!(keys.turn_msgs, "p:{acme/chat:1}:turn_msgs");
     }
 
     #[test]

@@ -19,6 +19,18 @@
 //! write, at the price of not running on Redis Cluster as is (there the index update would move to a
 //! command pipelined right after the script). Reads only touch the session's slot.
 //!
+//! # A turn's messages
+//! `turn_messages` finds a turn without reading the history: the scripts that add or drop
+//! messages keep `turn_msgs`, a hash of turn id → `lo hi n` (the lowest and highest seq of the
+//! turn's messages and how many are held), in the same atomic step. Reading a turn is then one
+//! `HGET` and a `ZRANGE BYSCORE lo hi` of the active and superseded sets: O(the turn's messages),
+//! since a turn holding its session writes contiguous seqs. Appending costs one `HGET` and one
+//! `HSET` per turn in the batch; dropping messages past the cap reads them once to count them
+//! out, so a turn's entry goes with its last message. The turn record's `message_ids` would not
+//! do: only turns the agent ran have a record (a plain append or a fork's copy has none), and ids
+//! are not the seqs the sets are scored by. A session created before `turn_msgs` existed has no
+//! `turn_index` field in its meta; its turns are found by scanning both sets until it is cleared.
+//!
 //! # Expiry
 //! With a TTL, every write sets it again on every key of the session and on the tenant index, so a
 //! session's keys expire together, and the index outlives the sessions in it. Expired sessions leave
@@ -47,7 +59,7 @@
 //!
 //! # Commands per operation
 //! `get_session` HGETALL · `get_turn` HGET · `append`, `create_session`, `clear`, `put_turn`,
-//! `delete_session`, `set_session_metadata`, `read_page`, `last_n` and the eight lock and idempotency methods one EVALSHA
+//! `delete_session`, `set_session_metadata`, `read_page`, `last_n`, `turn_messages` and the eight lock and idempotency methods one EVALSHA
 //! each · `ping` PING · `list_sessions` one ZRANGE (or a pipeline of two with a cursor) plus one
 //! pipeline of HGETALL, plus one EVALSHA when it finds expired sessions · `count_sessions` ZCARD
 //! (ZCOUNT with a TTL).
@@ -619,6 +631,22 @@ impl ConversationStore for RedisStore {
         call.arg(n).arg(format!("-{n}"));
         let found: Option<Vec<String>> = self.read(&call).await?;
         parse_messages(&found.ok_or(StoreError::SessionNotFound)?)
+    }
+
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        let keys = self.session_keys(tenant, session_id);
+        let mut call = self.scripts.turn_messages.prepare_invoke();
+        call.key(keys.meta).key(keys.messages).key(keys.superseded).key(keys.turn_msgs);
+        call.arg(turn_id.to_string());
+        let found: Option<Vec<String>> = self.read(&call).await?;
+        let mut messages = parse_messages(&found.ok_or(StoreError::SessionNotFound)?)?;
+        messages.sort_by_key(|m| m.seq);
+        Ok(messages)
     }
 
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {

@@ -9,8 +9,10 @@
 use deadpool_redis::redis::Script;
 
 /// Lua shared by the write scripts. `KEYS` is always `meta, messages, turns, turn_order, index,
-/// lock, idem, idem_exp`;
-/// `ARGV` starts with `session id, now (µs), ttl (ms, 0 = none), cap (0 = none)`.
+/// lock, idem, idem_exp, superseded, turn_msgs`;
+/// `ARGV` starts with `session id, now (µs), ttl (ms, 0 = none), cap (0 = none)`. Besides the
+/// helpers it keeps `turn_msgs` (`index_turns` for added messages, `drop_oldest` for what the cap
+/// drops), so that [`TURN_MESSAGES`] finds a turn without reading the history.
 ///
 /// Timestamps stay strings in Lua: its numbers print with 14 digits, and µs since the epoch have 16.
 const PRELUDE: &str = include_str!("scripts/write_prelude.lua");
@@ -59,6 +61,14 @@ const SET_METADATA: &str = include_str!("scripts/set_metadata.lua");
 /// One page by seq. KEYS: meta, messages. ARGV: min, max (ZRANGE BYSCORE bounds), `asc`/`desc`,
 /// limit. Returns nil when the session is missing, else `{has_more, members}`.
 const READ_PAGE: &str = include_str!("scripts/read_page.lua");
+
+/// The messages of one turn, active and superseded (in no particular order: the caller sorts
+/// them by seq). KEYS: meta, messages, superseded, turn_msgs. ARGV: turn id. Returns nil when the
+/// session is missing. Reads the turn's seq span from `turn_msgs` and only that span of each
+/// set, keeping the members of the turn: O(the turn's messages) when they are contiguous, as a
+/// turn holding the session makes them. A session from before `turn_msgs` (no `turn_index` in its
+/// meta) has no entries for its older turns: both sets are scanned instead.
+const TURN_MESSAGES: &str = include_str!("scripts/turn_messages.lua");
 
 /// The last n messages, oldest first. KEYS: meta, messages. ARGV: n, -n.
 /// Returns nil when the session is missing.
@@ -119,6 +129,7 @@ pub(super) struct Scripts {
     pub(super) read_page: Script,
     pub(super) read_page_all: Script,
     pub(super) last_n: Script,
+    pub(super) turn_messages: Script,
     pub(super) drop_stale: Script,
     pub(super) acquire_lock: Script,
     pub(super) renew_lock: Script,
@@ -146,6 +157,7 @@ impl Scripts {
             read_page: Script::new(READ_PAGE),
             read_page_all: Script::new(READ_PAGE_ALL),
             last_n: Script::new(LAST_N),
+            turn_messages: Script::new(TURN_MESSAGES),
             drop_stale: Script::new(DROP_STALE),
             acquire_lock: Script::new(ACQUIRE_LOCK),
             renew_lock: Script::new(RENEW_LOCK),

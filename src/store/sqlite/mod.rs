@@ -8,7 +8,9 @@
 //! read-only connections, each read in one transaction, so it sees one committed state.
 //!
 //! Each operation is one transaction of a few statements on an in-process library (no network
-//! round trip); pages and windows are range scans of the messages key, so they cost O(page).
+//! round trip); pages and windows are range scans of the messages key, so they cost O(page), and
+//! a turn's messages are index searches on (tenant, session_id, turn_id, seq) of both message tables
+//! (`migrations/sqlite/0002_turn_messages_index.sql`), so they cost O(the turn's messages).
 //! Times are computed in Rust and bound as microseconds, so leases, TTLs and the session order
 //! follow one clock.
 //!
@@ -666,6 +668,28 @@ impl ConversationStore for SqliteStore {
             .ok_or(StoreError::SessionNotFound)?;
         messages.reverse();
         Ok(messages)
+    }
+
+    async fn turn_messages(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+    ) -> StoreResult<Vec<Message>> {
+        read_tx!(self, |conn| {
+            let state = session_state(conn, tenant, session_id, now_micros())
+                .await?
+                .ok_or(StoreError::SessionNotFound)?;
+            let rows = sqlx::query(sql::TURN_MESSAGES)
+                .bind(tenant)
+                .bind(session_id)
+                .bind(turn_id)
+                .bind(state.floor_seq)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?;
+            rows.iter().map(|r| message_from_row(r, session_id)).collect()
+        })
     }
 
     async fn clear(&self, tenant: &str, session_id: &str) -> StoreResult<()> {

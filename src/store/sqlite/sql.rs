@@ -77,6 +77,11 @@ pub const PAGE_ALL_ASC: &str = include_str!("sql/page_with_superseded_asc.sql");
 /// [`PAGE_DESC`] over active and superseded messages.
 pub const PAGE_ALL_DESC: &str = include_str!("sql/page_with_superseded_desc.sql");
 
+/// The messages of one turn above the floor, active and superseded, in seq order (searches of
+/// `messages_turn_idx` and `superseded_messages_turn_idx`, migration 0002). Binds: tenant,
+/// session, turn id, floor seq.
+pub const TURN_MESSAGES: &str = include_str!("sql/turn_messages.sql");
+
 /// The lock row of a session. Binds: tenant, session.
 pub const LOCK_ROW: &str = include_str!("sql/lock_row.sql");
 

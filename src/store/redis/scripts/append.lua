@@ -14,7 +14,7 @@ if ARGV[9] ~= '' then
     call_chunked('ZADD', superseded, marked)
     redis.call('ZREMRANGEBYSCORE', messages, ARGV[9], '+inf')
     local kept = redis.call('ZCARD', superseded)
-    if cap > 0 and kept > cap then redis.call('ZREMRANGEBYRANK', superseded, 0, kept - cap - 1) end
+    if cap > 0 and kept > cap then drop_oldest(superseded, kept - cap) end
   end
 end
 if n > 0 or ARGV[9] ~= '' then
@@ -26,10 +26,11 @@ if n > 0 or ARGV[9] ~= '' then
       members[#members + 1] = ARGV[10 + 2 * i] .. seq .. ARGV[11 + 2 * i]
     end
     call_chunked('ZADD', messages, members)
+    index_turns(first, n, 11)
   end
   local count = redis.call('ZCARD', messages)
   if cap > 0 and count > cap then
-    redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
+    drop_oldest(messages, count - cap)
     count = cap
   end
   touch(count)

@@ -9,9 +9,9 @@ if max > 0 then
   end
   if held >= max then return -1 end
 end
-redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded, turn_msgs)
 redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
-  'message_count', 0, 'last_seq', 0, 'turn_seq', 0)
+  'message_count', 0, 'last_seq', 0, 'turn_seq', 0, 'turn_index', 1)
 if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
 redis.call('ZADD', index, now, id)
 refresh()

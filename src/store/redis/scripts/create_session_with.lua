@@ -9,10 +9,10 @@ if max > 0 then
   end
   if held >= max then return -1 end
 end
-redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded)
+redis.call('DEL', messages, turns, order, lock, idem, idem_exp, superseded, turn_msgs)
 local n = (#ARGV - 8) / 2
 redis.call('HSET', meta, 'id', id, 'created_at', now, 'updated_at', now, 'metadata', ARGV[6],
-  'message_count', 0, 'last_seq', n, 'turn_seq', 0)
+  'message_count', 0, 'last_seq', n, 'turn_seq', 0, 'turn_index', 1)
 if ARGV[7] == '1' then redis.call('HSET', meta, 'system_prompt', ARGV[8]) end
 local members = {}
 for i = 0, n - 1 do
@@ -20,10 +20,13 @@ for i = 0, n - 1 do
   members[#members + 1] = seq
   members[#members + 1] = ARGV[9 + 2 * i] .. seq .. ARGV[10 + 2 * i]
 end
-if n > 0 then call_chunked('ZADD', messages, members) end
+if n > 0 then
+  call_chunked('ZADD', messages, members)
+  index_turns(1, n, 10)
+end
 local count = redis.call('ZCARD', messages)
 if cap > 0 and count > cap then
-  redis.call('ZREMRANGEBYRANK', messages, 0, count - cap - 1)
+  drop_oldest(messages, count - cap)
   count = cap
 end
 redis.call('HSET', meta, 'message_count', count)

@@ -1,19 +1,10 @@
-//! The store contract: one suite of cases that every backend owning both parts must pass
-//! ([`ConversationStore`](super::ConversationStore), [`TurnCoordinator`](super::TurnCoordinator)
-//! and [`FusedTurns`](super::FusedTurns)).
+//! The conversation contract: what any [`ConversationStore`] must do (sessions, history, turn
+//! records, the messages of one turn), whoever coordinates its turns. Each case takes a factory
+//! building a fresh, isolated store from a [`Setup`]; [`conversation_contract_tests!`] turns them
+//! into tests.
 //!
-//! Each case takes a factory that builds a fresh, isolated store (its own key prefix, schema or
-//! process-local instance) from a [`Setup`], so cases run in parallel. The
-//! [`store_contract_tests!`](crate::store_contract_tests) macro turns the whole suite into
-//! `#[tokio::test]` functions for one backend:
-//!
-//! ```ignore
-//! mod my_backend {
-//!     async fn store(setup: parley::store::contract::Setup) -> parley::store::DynFused { todo!() }
-//!     parley::store_contract_tests!(store, distributed = true, ttl = true);
-//! }
-//! ```
-//! Cases fail by panicking, like any test.
+//! [`ConversationStore`]: crate::store::ConversationStore
+//! [`conversation_contract_tests!`]: crate::conversation_contract_tests
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -23,79 +14,15 @@ use std::time::Duration;
 use serde_json::json;
 use uuid::Uuid;
 
-use super::{
-    AppendBatch, DynFused, IdempotencyBegin, IdempotencyRecord, LockOutcome, LockStatus, Order, PageQuery,
-    SessionCursor, StoreError, TurnBegin,
-};
-use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, WindowMessage, new_id};
-
-/// How the factory must configure the store it builds.
-#[derive(Debug, Clone, Default)]
-pub struct Setup {
-    /// Cap on messages per session; `None` means the backend's default (unbounded for durable
-    /// stores, the memory default for memory).
-    pub max_messages: Option<usize>,
-    /// Session time-to-live; `None` means nothing expires.
-    pub ttl: Option<Duration>,
-}
-
-/// The tenant most cases use.
-pub const TENANT: &str = "tenant-a";
-/// A second tenant, for isolation cases.
-pub const OTHER_TENANT: &str = "tenant-b";
-
-async fn build<F, Fut>(factory: &F, setup: Setup) -> DynFused
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    factory(setup).await
-}
-
-async fn new_session(store: &DynFused, tenant: &str, id: &str) {
-    store
-        .create_session(tenant, NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() })
-        .await
-        .expect("create session");
-}
-
-/// A message of `turn` with the given role and text.
-pub fn msg(session: &str, turn: Uuid, role: Role, text: &str) -> Message {
-    Message::new(session, turn, role, text)
-}
-
-/// A user + assistant pair forming one turn.
-pub fn pair(session: &str, text: &str) -> Vec<Message> {
-    let turn = new_id();
-    vec![msg(session, turn, Role::User, text), msg(session, turn, Role::Assistant, &format!("re: {text}"))]
-}
-
-async fn append(store: &DynFused, tenant: &str, session: &str, messages: Vec<Message>) -> Vec<Message> {
-    store
-        .append(tenant, session, AppendBatch { messages, turn: None, supersede_from: None })
-        .await
-        .expect("append")
-}
-
-async fn fill(store: &DynFused, session: &str, count: usize) {
-    let turn = new_id();
-    let batch: Vec<Message> = (1..=count).map(|i| msg(session, turn, Role::User, &format!("m{i}"))).collect();
-    append(store, TENANT, session, batch).await;
-}
-
-fn seqs(messages: &[Message]) -> Vec<u64> {
-    messages.iter().map(|m| m.seq).collect()
-}
-
-fn query(limit: usize, order: Order, after: Option<u64>, before: Option<u64>) -> PageQuery {
-    PageQuery { limit, order, after, before, ..PageQuery::default() }
-}
+use super::{OTHER_TENANT, Setup, TENANT, append, build, fill, msg, named, new_session, pair, query, seqs};
+use crate::domain::{Message, Metadata, NewSession, Role, ToolCall, Turn, TurnStatus, new_id};
+use crate::store::{AppendBatch, DynStore, Order, PageQuery, SessionCursor, StoreError};
 
 /// Appended messages read back in order, with seqs 1, 2, 3… and every field intact.
 pub async fn append_and_read_back_in_order<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -116,7 +43,7 @@ where
 pub async fn pages_by_cursor_in_both_orders<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -157,7 +84,7 @@ where
 pub async fn last_n_returns_the_newest_messages_oldest_first<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -172,7 +99,7 @@ where
 pub async fn clear_keeps_the_session_and_never_reuses_a_seq<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -190,7 +117,7 @@ where
 pub async fn delete_removes_everything<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -214,7 +141,7 @@ where
 pub async fn the_per_session_cap_drops_the_oldest<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup { max_messages: Some(5), ttl: None }).await;
     new_session(&store, TENANT, "s1").await;
@@ -231,7 +158,7 @@ where
 pub async fn concurrent_appenders_lose_nothing<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -260,7 +187,7 @@ where
 pub async fn a_one_mib_message_round_trips<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -275,7 +202,7 @@ where
 pub async fn non_ascii_text_and_emoji_round_trip<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     let id = "unicode".to_owned();
@@ -291,7 +218,7 @@ where
 pub async fn metadata_and_tool_calls_round_trip_exactly<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     let mut meta = Metadata::new();
@@ -338,7 +265,7 @@ where
 pub async fn turn_records_round_trip<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -368,7 +295,7 @@ where
 pub async fn conflicts_and_unknown_sessions_are_reported<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -393,7 +320,7 @@ where
 pub async fn session_metadata_is_replaced_in_place<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -418,7 +345,7 @@ where
 pub async fn sessions_list_newest_first_by_cursor<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     for i in 0..7 {
@@ -447,7 +374,7 @@ where
 pub async fn tenants_are_isolated<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "shared-id").await;
@@ -469,7 +396,7 @@ where
 pub async fn another_tenant_reaches_nothing_of_a_session<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "private").await;
@@ -506,7 +433,7 @@ where
 pub async fn the_same_id_in_two_tenants_is_two_sessions<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     let mut meta = Metadata::new();
@@ -530,7 +457,7 @@ where
 pub async fn sessions_are_counted_per_tenant<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     assert_eq!(store.count_sessions(TENANT).await.unwrap(), 0);
@@ -547,16 +474,12 @@ where
     assert_eq!(store.count_sessions("nobody").await.unwrap(), 0);
 }
 
-fn named(id: &str) -> NewSession {
-    NewSession { id: id.into(), system_prompt: None, metadata: Metadata::new() }
-}
-
 /// A capped creation counts and creates in one step: concurrent creations never overshoot the
 /// limit, a taken id is still `SessionExists`, and deleting makes room again.
 pub async fn concurrent_creations_never_overshoot_the_session_limit<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     const MAX: u64 = 5;
     let store = build(factory, Setup::default()).await;
@@ -599,264 +522,12 @@ where
     assert_eq!(store.count_sessions(TENANT).await.unwrap(), MAX);
 }
 
-/// With a TTL, expired sessions do not count against the limit, and an expired id can be reused.
-pub async fn expired_sessions_leave_room_under_the_limit<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
-    store.create_session_within(TENANT, named("old"), 1).await.expect("room for one");
-    assert!(matches!(
-        store.create_session_within(TENANT, named("new"), 1).await,
-        Err(StoreError::SessionLimitReached(1))
-    ));
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    store.create_session_within(TENANT, named("old"), 1).await.expect("the expired id is free again");
-    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
-}
-
-/// With a TTL, expired sessions are not counted.
-pub async fn expired_sessions_are_not_counted<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
-    new_session(&store, TENANT, "old").await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
-    new_session(&store, TENANT, "new").await;
-    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
-}
-
-/// With a TTL, an idle session expires whole; each write slides the TTL.
-pub async fn sessions_expire_after_the_ttl_and_writes_slide_it<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let ttl = Duration::from_secs(2);
-    let store = build(factory, Setup { max_messages: None, ttl: Some(ttl) }).await;
-    new_session(&store, TENANT, "idle").await;
-    new_session(&store, TENANT, "busy").await;
-    fill(&store, "idle", 2).await;
-    for _ in 0..3 {
-        tokio::time::sleep(Duration::from_millis(900)).await;
-        append(&store, TENANT, "busy", pair("busy", "keep alive")).await;
-    }
-    // 2.7 s after its last write, "idle" is gone; "busy" was written 0 s ago.
-    assert!(store.get_session(TENANT, "idle").await.unwrap().is_none(), "idle session expired");
-    assert!(matches!(store.last_n(TENANT, "idle", 5).await, Err(StoreError::SessionNotFound)));
-    let busy = store.get_session(TENANT, "busy").await.unwrap().expect("busy session kept alive");
-    assert_eq!(busy.message_count, 6);
-    let listed: Vec<String> =
-        store.list_sessions(TENANT, 10, None).await.unwrap().sessions.into_iter().map(|s| s.id).collect();
-    assert_eq!(listed, vec!["busy"]);
-}
-
-/// One turn at a time holds a session; the lock is compare-and-delete, and per tenant.
-pub async fn turn_locks_admit_one_turn_per_session<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    new_session(&store, OTHER_TENANT, "s1").await;
-    let (a, b) = (new_id(), new_id());
-    let lease = Duration::from_secs(30);
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
-    assert_eq!(store.acquire_turn_lock(TENANT, "s1", a, lease).await.unwrap(), LockOutcome::Acquired);
-    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Busy(a));
-    assert_eq!(store.acquire_turn_lock(OTHER_TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Acquired);
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a));
-    let held = store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap();
-    assert_eq!(held, LockStatus { held: true, cancel_requested: false });
-    assert!(!store.renew_turn_lock(TENANT, "s1", b, lease).await.unwrap().held);
-    store.release_turn_lock(TENANT, "s1", b).await.unwrap();
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "only the owner releases");
-    store.release_turn_lock(TENANT, "s1", a).await.unwrap();
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
-    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap(), LockOutcome::Acquired);
-    assert!(matches!(
-        store.acquire_turn_lock(TENANT, "missing", a, lease).await,
-        Err(StoreError::SessionNotFound)
-    ));
-    assert!(store.delete_session(TENANT, "s1").await.unwrap());
-    new_session(&store, TENANT, "s1").await;
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None, "the lock goes with the session");
-}
-
-/// Starting a turn claims the session, records the turn and reads the window and the system
-/// prompt in one call; a busy session is reported with its holder and nothing is written.
-pub async fn begin_turn_claims_records_and_reads_the_window<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    let prompted =
-        NewSession { id: "s1".into(), system_prompt: Some("Be brief.".into()), metadata: Metadata::new() };
-    store.create_session(TENANT, prompted).await.unwrap();
-    new_session(&store, OTHER_TENANT, "s1").await;
-    fill(&store, "s1", 6).await;
-    let lease = Duration::from_secs(30);
-    let first = Turn::start("s1");
-    let TurnBegin::Started { system_prompt, window } =
-        store.begin_turn(TENANT, &first, 4, lease).await.unwrap()
-    else {
-        panic!("a free session is claimed")
-    };
-    assert_eq!(system_prompt.as_deref(), Some("Be brief."));
-    let last = store.last_n(TENANT, "s1", 4).await.unwrap();
-    assert_eq!(seqs(&last), vec![3, 4, 5, 6]);
-    let last: Vec<WindowMessage> = last.into_iter().map(WindowMessage::from).collect();
-    assert_eq!(window, last, "the last 4 messages, oldest first");
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(first.id));
-    assert_eq!(store.get_turn(TENANT, "s1", first.id).await.unwrap(), Some(first.clone()));
-
-    let second = Turn::start("s1");
-    assert_eq!(store.begin_turn(TENANT, &second, 4, lease).await.unwrap(), TurnBegin::Busy(first.id));
-    // A running record left by a turn that never ended stays readable when the next one starts.
-    store.release_turn_lock(TENANT, "s1", first.id).await.unwrap();
-    let next = Turn::start("s1");
-    assert!(matches!(store.begin_turn(TENANT, &next, 4, lease).await.unwrap(), TurnBegin::Started { .. }));
-    assert_eq!(store.get_turn(TENANT, "s1", first.id).await.unwrap(), Some(first.clone()));
-    assert_eq!(store.get_turn(TENANT, "s1", next.id).await.unwrap(), Some(next.clone()));
-    store.release_turn_lock(TENANT, "s1", next.id).await.unwrap();
-    assert!(matches!(store.begin_turn(TENANT, &first, 4, lease).await.unwrap(), TurnBegin::Started { .. }));
-    assert_eq!(store.get_turn(TENANT, "s1", second.id).await.unwrap(), None, "a busy start writes nothing");
-
-    let other = Turn::start("s1");
-    let TurnBegin::Started { system_prompt, window } =
-        store.begin_turn(OTHER_TENANT, &other, 4, lease).await.unwrap()
-    else {
-        panic!("another tenant's session is another session")
-    };
-    assert_eq!((system_prompt, window), (None, Vec::new()));
-    let empty = Turn::start("s1");
-    store.release_turn_lock(OTHER_TENANT, "s1", other.id).await.unwrap();
-    let begun = store.begin_turn(OTHER_TENANT, &empty, 0, lease).await.unwrap();
-    assert_eq!(begun, TurnBegin::Started { system_prompt: None, window: Vec::new() });
-    assert!(matches!(
-        store.begin_turn(TENANT, &Turn::start("missing"), 4, lease).await,
-        Err(StoreError::SessionNotFound)
-    ));
-}
-
-/// Finishing a turn appends its batch with its record and frees the session it holds, and only
-/// that: it never releases another turn's claim.
-pub async fn finish_turn_appends_and_frees_the_session<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    let lease = Duration::from_secs(30);
-    let mut turn = Turn::start("s1");
-    assert!(matches!(store.begin_turn(TENANT, &turn, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
-    let messages = pair("s1", "hello");
-    turn.status = TurnStatus::Completed;
-    turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages: messages.clone(), turn: Some(turn.clone()), supersede_from: None };
-    let finished = store.finish_turn(TENANT, "s1", batch, turn.id).await.unwrap();
-    assert!(finished.lock_released);
-    assert_eq!(seqs(&finished.messages), vec![1, 2]);
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None, "the session is free");
-    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn.clone()));
-    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap(), finished.messages);
-
-    let holder = Turn::start("s1");
-    assert!(matches!(store.begin_turn(TENANT, &holder, 20, lease).await.unwrap(), TurnBegin::Started { .. }));
-    let late = AppendBatch { messages: pair("s1", "late"), turn: None, supersede_from: None };
-    assert!(matches!(store.finish_turn(TENANT, "s1", late, turn.id).await, Err(StoreError::Fenced)));
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(holder.id), "not its claim");
-    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "a fenced write writes nothing");
-    let gone = AppendBatch { messages: pair("missing", "x"), turn: None, supersede_from: None };
-    assert!(matches!(
-        store.finish_turn(TENANT, "missing", gone, turn.id).await,
-        Err(StoreError::SessionNotFound)
-    ));
-}
-
-/// Fencing: once a turn's lease ran out and another turn took the session, every write of the
-/// first turn (a round, its last batch, its cancel's save) is refused whole, and the new holder's
-/// writes go through.
-pub async fn fenced_writes_are_refused_once_the_lease_is_lost<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    let stale = Turn::start("s1");
-    let short = Duration::from_millis(200);
-    assert!(matches!(store.begin_turn(TENANT, &stale, 20, short).await.unwrap(), TurnBegin::Started { .. }));
-    let round =
-        AppendBatch { messages: pair("s1", "round"), turn: Some(stale.clone()), supersede_from: None };
-    assert_eq!(
-        seqs(&store.append_fenced(TENANT, "s1", round, stale.id).await.unwrap()),
-        vec![1, 2],
-        "held: written"
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let fresh = Turn::start("s1");
-    let long = Duration::from_secs(30);
-    assert!(matches!(store.begin_turn(TENANT, &fresh, 20, long).await.unwrap(), TurnBegin::Started { .. }));
-
-    let round = AppendBatch { messages: pair("s1", "stale"), turn: None, supersede_from: None };
-    assert!(matches!(store.append_fenced(TENANT, "s1", round, stale.id).await, Err(StoreError::Fenced)));
-    let mut done = stale.clone();
-    done.status = TurnStatus::Completed;
-    let last = AppendBatch { messages: pair("s1", "stale"), turn: Some(done), supersede_from: None };
-    assert!(matches!(store.finish_turn(TENANT, "s1", last, stale.id).await, Err(StoreError::Fenced)));
-    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2, "nothing of the stale turn");
-    assert_eq!(store.get_turn(TENANT, "s1", stale.id).await.unwrap().unwrap().status, TurnStatus::Running);
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(fresh.id), "still the new turn's");
-    assert_eq!(store.get_session(TENANT, "s1").await.unwrap().unwrap().message_count, 2);
-
-    let mine = AppendBatch { messages: pair("s1", "fresh"), turn: None, supersede_from: None };
-    assert_eq!(
-        seqs(&store.append_fenced(TENANT, "s1", mine, fresh.id).await.unwrap()),
-        vec![3, 4],
-        "seqs go on"
-    );
-    // A fenced write to a missing session is still a missing session.
-    let gone = AppendBatch { messages: pair("nope", "x"), turn: None, supersede_from: None };
-    assert!(matches!(
-        store.append_fenced(TENANT, "nope", gone, fresh.id).await,
-        Err(StoreError::SessionNotFound)
-    ));
-}
-
-/// A turn's last write is idempotent: applied twice, it is stored once (the first frees the
-/// session, so the second is fenced).
-pub async fn a_finished_turn_is_stored_once<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    let mut turn = Turn::start("s1");
-    store.begin_turn(TENANT, &turn, 20, Duration::from_secs(30)).await.unwrap();
-    let messages = pair("s1", "once");
-    turn.status = TurnStatus::Completed;
-    turn.message_ids = messages.iter().map(|m| m.id).collect();
-    let batch = AppendBatch { messages, turn: Some(turn.clone()), supersede_from: None };
-    store.finish_turn(TENANT, "s1", batch.clone(), turn.id).await.unwrap();
-    assert!(matches!(store.finish_turn(TENANT, "s1", batch, turn.id).await, Err(StoreError::Fenced)));
-    assert_eq!(store.last_n(TENANT, "s1", 10).await.unwrap().len(), 2);
-    assert_eq!(store.get_turn(TENANT, "s1", turn.id).await.unwrap(), Some(turn));
-}
-
 /// A turn's outcome never changes once written: a later record of the same turn (a replica
 /// that lost its lease marking it failed, say) leaves a terminal record as it is.
 pub async fn a_terminal_turn_record_never_changes<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -880,7 +551,7 @@ where
 pub async fn turn_records_are_capped_like_messages<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup { max_messages: Some(3), ..Setup::default() }).await;
     new_session(&store, TENANT, "s1").await;
@@ -900,13 +571,13 @@ where
 }
 
 /// An edit's append supersedes, in the same atomic step, every active message from its seq on:
-/// they leave the active pages, `last_n`, the window and `message_count`, and stay readable in
+/// they leave the active pages, `last_n` (so the window) and `message_count`, and stay readable in
 /// the superseded view (with `superseded_by`), merged in seq order with the same cursors; seqs
 /// are never reused.
 pub async fn an_edit_supersedes_in_the_same_append<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "s1").await;
@@ -963,16 +634,10 @@ where
     }
     assert_eq!(seen, (1..=8).rev().collect::<Vec<_>>());
 
-    // The window of the next turn holds no superseded message.
-    let next = Turn::start("s1");
-    let TurnBegin::Started { window, .. } =
-        store.begin_turn(TENANT, &next, 20, Duration::from_secs(30)).await.unwrap()
-    else {
-        panic!("busy")
-    };
-    let texts: Vec<&str> = window.iter().map(|m| &*m.content).collect();
+    // The last messages (what a turn's window is read from) hold no superseded message.
+    let texts: Vec<String> =
+        store.last_n(TENANT, "s1", 20).await.unwrap().into_iter().map(|m| m.content).collect();
     assert_eq!(texts, vec!["q0", "re: q0", "q1 edited", "re: q1 edited"]);
-    store.release_turn_lock(TENANT, "s1", next.id).await.unwrap();
 
     // A second edit supersedes what the first left, and clear drops both kinds.
     let mut again = Turn::start("s1");
@@ -993,12 +658,142 @@ where
     assert!(every.messages.is_empty(), "{:?}", every.messages);
 }
 
+/// A turn's messages are found by turn, active and superseded, in seq order, however many
+/// messages came after them (1,500 here: more than any scan of recent pages would reach).
+pub async fn a_turns_messages_are_found_at_any_depth<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    append(&store, TENANT, "s1", pair("s1", "before")).await;
+    // The turn saves a tool round, then its answer with its record: two appends.
+    let mut turn = Turn::start("s1");
+    let mut call = msg("s1", turn.id, Role::Assistant, "");
+    call.tool_calls =
+        Some(vec![ToolCall { id: "c1".into(), name: "calculator".into(), arguments: json!({"e": "1+1"}) }]);
+    let mut result = msg("s1", turn.id, Role::Tool, "2");
+    result.tool_call_id = Some("c1".into());
+    let round = vec![msg("s1", turn.id, Role::User, "what is 1+1?"), call, result];
+    let mut stored = append(&store, TENANT, "s1", round).await;
+    let answer = vec![msg("s1", turn.id, Role::Assistant, "2")];
+    turn.status = TurnStatus::Completed;
+    let batch = AppendBatch { messages: answer, turn: Some(turn.clone()), supersede_from: None };
+    stored.extend(store.append(TENANT, "s1", batch).await.unwrap());
+    assert_eq!(seqs(&stored), vec![3, 4, 5, 6]);
+    for _ in 0..30 {
+        fill(&store, "s1", 50).await;
+    }
+    assert_eq!(store.turn_messages(TENANT, "s1", turn.id).await.unwrap(), stored, "found whole, in order");
+    let first = store.read_page(TENANT, "s1", query(2, Order::Asc, None, None)).await.unwrap().messages;
+    let oldest = store.turn_messages(TENANT, "s1", first[0].turn_id).await.unwrap();
+    assert_eq!(oldest, first, "the very first turn too");
+    let newest = store.last_n(TENANT, "s1", 50).await.unwrap();
+    assert_eq!(store.turn_messages(TENANT, "s1", newest[0].turn_id).await.unwrap(), newest);
+}
+
+/// A turn's messages that an edit superseded are found with it (carrying `superseded_by`), merged
+/// in seq order with those still active, and the edit's own turn is found like any other.
+pub async fn a_turns_superseded_messages_are_included<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let kept = append(&store, TENANT, "s1", pair("s1", "q0")).await;
+    let replaced = append(&store, TENANT, "s1", pair("s1", "q1")).await;
+    let after = append(&store, TENANT, "s1", pair("s1", "q2")).await;
+    // A regenerate of the last turn: its question stays, its answer is superseded.
+    let mut regen = Turn::start("s1");
+    regen.status = TurnStatus::Completed;
+    let batch = AppendBatch {
+        messages: vec![msg("s1", regen.id, Role::Assistant, "re: q2, again")],
+        turn: Some(regen.clone()),
+        supersede_from: Some(after[1].seq),
+    };
+    let regenerated = store.append(TENANT, "s1", batch).await.unwrap();
+    let found = store.turn_messages(TENANT, "s1", after[0].turn_id).await.unwrap();
+    assert_eq!(seqs(&found), vec![5, 6], "the active question and the superseded answer");
+    assert_eq!((found[0].superseded_by, found[1].superseded_by), (None, Some(regen.id)));
+    assert_eq!(found[1].content, "re: q2");
+    // An edit of q1: q1's turn, what followed, and the regenerate are superseded.
+    let mut edit = Turn::start("s1");
+    edit.status = TurnStatus::Completed;
+    let messages =
+        vec![msg("s1", edit.id, Role::User, "q1 edited"), msg("s1", edit.id, Role::Assistant, "ok")];
+    let batch = AppendBatch { messages, turn: Some(edit.clone()), supersede_from: Some(replaced[0].seq) };
+    let edited = store.append(TENANT, "s1", batch).await.unwrap();
+    let found = store.turn_messages(TENANT, "s1", replaced[0].turn_id).await.unwrap();
+    let expected: Vec<Message> =
+        replaced.iter().map(|m| Message { superseded_by: Some(edit.id), ..m.clone() }).collect();
+    assert_eq!(found, expected, "superseded, as they were");
+    let found = store.turn_messages(TENANT, "s1", regen.id).await.unwrap();
+    assert_eq!(found, vec![Message { superseded_by: Some(edit.id), ..regenerated[0].clone() }]);
+    let found = store.turn_messages(TENANT, "s1", after[0].turn_id).await.unwrap();
+    assert_eq!((found[0].superseded_by, found[1].superseded_by), (Some(edit.id), Some(regen.id)));
+    assert_eq!(store.turn_messages(TENANT, "s1", kept[0].turn_id).await.unwrap(), kept, "untouched");
+    assert_eq!(store.turn_messages(TENANT, "s1", edit.id).await.unwrap(), edited);
+}
+
+/// An unknown turn has no messages; a missing session, or another tenant's, is not found, and a
+/// session of the same id in another tenant holds none of the turn's messages.
+pub async fn turn_messages_of_an_unknown_turn_or_another_tenant_are_none<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    new_session(&store, TENANT, "s1").await;
+    let stored = append(&store, TENANT, "s1", pair("s1", "mine")).await;
+    let turn_id = stored[0].turn_id;
+    assert!(store.turn_messages(TENANT, "s1", new_id()).await.unwrap().is_empty(), "an unknown turn");
+    assert!(matches!(
+        store.turn_messages(TENANT, "missing", turn_id).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    assert!(matches!(
+        store.turn_messages(OTHER_TENANT, "s1", turn_id).await,
+        Err(StoreError::SessionNotFound)
+    ));
+    new_session(&store, OTHER_TENANT, "s1").await;
+    append(&store, OTHER_TENANT, "s1", pair("s1", "theirs")).await;
+    assert!(store.turn_messages(OTHER_TENANT, "s1", turn_id).await.unwrap().is_empty(), "not theirs");
+    assert_eq!(store.turn_messages(TENANT, "s1", turn_id).await.unwrap(), stored);
+}
+
+/// What the per-session cap drops, and what a clear drops, is no longer a turn's.
+pub async fn turn_messages_go_with_the_cap_and_a_clear<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup { max_messages: Some(5), ttl: None }).await;
+    new_session(&store, TENANT, "s1").await;
+    let turn = |text: &str, n: usize| {
+        let id = new_id();
+        (1..=n).map(|i| msg("s1", id, Role::User, &format!("{text}{i}"))).collect::<Vec<_>>()
+    };
+    let a = append(&store, TENANT, "s1", turn("a", 3)).await;
+    let b = append(&store, TENANT, "s1", turn("b", 4)).await;
+    assert_eq!(store.turn_messages(TENANT, "s1", a[0].turn_id).await.unwrap(), a[2..], "seqs 1, 2 dropped");
+    assert_eq!(store.turn_messages(TENANT, "s1", b[0].turn_id).await.unwrap(), b);
+    let c = append(&store, TENANT, "s1", turn("c", 4)).await;
+    assert!(store.turn_messages(TENANT, "s1", a[0].turn_id).await.unwrap().is_empty(), "all dropped");
+    assert_eq!(store.turn_messages(TENANT, "s1", b[0].turn_id).await.unwrap(), b[3..]);
+    store.clear(TENANT, "s1").await.unwrap();
+    assert!(store.turn_messages(TENANT, "s1", c[0].turn_id).await.unwrap().is_empty(), "cleared");
+    let d = append(&store, TENANT, "s1", turn("d", 2)).await;
+    assert_eq!(store.turn_messages(TENANT, "s1", d[0].turn_id).await.unwrap(), d, "found after a clear");
+}
+
 /// A fork's write: a new session holding messages with seqs from 1, created whole or not at all,
 /// within the tenant's session cap, never over an existing id.
 pub async fn a_session_is_created_holding_messages<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     new_session(&store, TENANT, "taken").await;
@@ -1032,204 +827,68 @@ where
     assert!(store.get_session(TENANT, "third").await.unwrap().is_none());
 }
 
-/// A lease that is not renewed runs out, and the session is free again.
-pub async fn turn_locks_expire_after_their_lease<F, Fut>(factory: &F)
+/// With a TTL, expired sessions do not count against the limit, and an expired id can be reused.
+pub async fn expired_sessions_leave_room_under_the_limit<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    let (a, b) = (new_id(), new_id());
-    let short = Duration::from_millis(300);
-    assert_eq!(store.acquire_turn_lock(TENANT, "s1", a, short).await.unwrap(), LockOutcome::Acquired);
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    assert!(store.renew_turn_lock(TENANT, "s1", a, short).await.unwrap().held, "renewed in time");
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "the renewal extended it");
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), None);
-    assert_eq!(store.acquire_turn_lock(TENANT, "s1", b, short).await.unwrap(), LockOutcome::Acquired);
-    assert!(!store.renew_turn_lock(TENANT, "s1", a, short).await.unwrap().held, "the old holder lost it");
+    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
+    store.create_session_within(TENANT, named("old"), 1).await.expect("room for one");
+    assert!(matches!(
+        store.create_session_within(TENANT, named("new"), 1).await,
+        Err(StoreError::SessionLimitReached(1))
+    ));
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    store.create_session_within(TENANT, named("old"), 1).await.expect("the expired id is free again");
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
 }
 
-/// Renewing many leases at once renews each held one and reports every turn's status in the
-/// order asked, across the backend's batches.
-pub async fn renew_turn_locks_renews_each_and_reports_in_order<F, Fut>(factory: &F)
+/// With a TTL, expired sessions are not counted.
+pub async fn expired_sessions_are_not_counted<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    new_session(&store, TENANT, "s2").await;
-    let (a, b) = (new_id(), new_id());
-    let short = Duration::from_millis(300);
-    store.acquire_turn_lock(TENANT, "s1", a, short).await.unwrap();
-    store.acquire_turn_lock(TENANT, "s2", b, short).await.unwrap();
-    assert!(store.request_cancel(TENANT, "s2", b).await.unwrap());
-    let key = |session: &str, turn_id: Uuid| super::LeaseKey {
-        tenant: TENANT.to_owned(),
-        session_id: session.to_owned(),
-        turn_id,
-    };
-    // More than any backend's batch: the two held locks come first and last.
-    let mut keys = vec![key("s1", a)];
-    keys.extend((0..1200).map(|i| key(&format!("missing-{i}"), new_id())));
-    keys.push(key("s1", b));
-    keys.push(key("s2", b));
-    let statuses = store.renew_turn_locks(&keys, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(statuses.len(), keys.len());
-    assert_eq!(statuses[0], LockStatus { held: true, cancel_requested: false });
-    assert!(statuses[1..keys.len() - 1].iter().all(|s| !s.held), "others hold nothing");
-    assert_eq!(statuses[keys.len() - 1], LockStatus { held: true, cancel_requested: true });
-    tokio::time::sleep(Duration::from_millis(450)).await;
-    assert_eq!(store.turn_lock_holder(TENANT, "s1").await.unwrap(), Some(a), "renewed past the short lease");
-    assert_eq!(store.turn_lock_holder(TENANT, "s2").await.unwrap(), Some(b));
-    assert_eq!(store.renew_turn_locks(&[], Duration::from_secs(1)).await.unwrap(), Vec::new());
+    let store = build(factory, Setup { max_messages: None, ttl: Some(Duration::from_secs(1)) }).await;
+    new_session(&store, TENANT, "old").await;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    new_session(&store, TENANT, "new").await;
+    assert_eq!(store.count_sessions(TENANT).await.unwrap(), 1);
 }
 
-/// A cancel request reaches the turn holding the session through its next renewal.
-pub async fn cancel_requests_reach_the_lock_holder<F, Fut>(factory: &F)
+/// With a TTL, an idle session expires whole; each write slides the TTL.
+pub async fn sessions_expire_after_the_ttl_and_writes_slide_it<F, Fut>(factory: &F)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    let (a, b) = (new_id(), new_id());
-    let lease = Duration::from_secs(30);
-    store.acquire_turn_lock(TENANT, "s1", a, lease).await.unwrap();
-    assert!(!store.request_cancel(TENANT, "s1", b).await.unwrap(), "b does not hold the session");
-    assert!(!store.request_cancel(OTHER_TENANT, "s1", a).await.unwrap_or(false));
-    assert!(!store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap().cancel_requested);
-    assert!(store.request_cancel(TENANT, "s1", a).await.unwrap());
-    let status = store.renew_turn_lock(TENANT, "s1", a, lease).await.unwrap();
-    assert_eq!(status, LockStatus { held: true, cancel_requested: true });
-    store.release_turn_lock(TENANT, "s1", a).await.unwrap();
-    store.acquire_turn_lock(TENANT, "s1", b, lease).await.unwrap();
-    assert!(
-        !store.renew_turn_lock(TENANT, "s1", b, lease).await.unwrap().cancel_requested,
-        "a new turn starts clean"
-    );
-}
-
-/// An idempotency key remembers its first request, its turn and, once saved, its answer.
-pub async fn idempotency_keys_remember_the_first_request<F, Fut>(factory: &F)
-where
-    F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
-{
-    let store = build(factory, Setup::default()).await;
-    new_session(&store, TENANT, "s1").await;
-    new_session(&store, OTHER_TENANT, "s1").await;
-    let ttl = Duration::from_secs(60);
-    let (t1, t2) = (new_id(), new_id());
-    let begin = store.begin_idempotent(TENANT, "s1", "key-1", "fp-a", t1, ttl).await.unwrap();
-    assert_eq!(begin, IdempotencyBegin::Started);
-    let again = store.begin_idempotent(TENANT, "s1", "key-1", "fp-b", t2, ttl).await.unwrap();
-    let pending = IdempotencyRecord { fingerprint: "fp-a".into(), turn_id: t1, response: None };
-    assert_eq!(again, IdempotencyBegin::Existing(pending));
-    let other = store.begin_idempotent(OTHER_TENANT, "s1", "key-1", "fp-b", t2, ttl).await.unwrap();
-    assert_eq!(other, IdempotencyBegin::Started, "keys are per tenant");
-    let answer = json!({"turn_id": t1.to_string(), "messages": [{"content": "ü ✓"}], "z": 1, "a": 2});
-    store.complete_idempotent(TENANT, "s1", "key-1", &answer, ttl).await.unwrap();
-    let done = store.begin_idempotent(TENANT, "s1", "key-1", "fp-a", t2, ttl).await.unwrap();
-    let IdempotencyBegin::Existing(record) = done else { panic!("the key is remembered") };
-    assert_eq!((record.fingerprint.as_str(), record.turn_id), ("fp-a", t1));
-    assert_eq!(
-        serde_json::to_string(&record.response).unwrap(),
-        serde_json::to_string(&Some(answer)).unwrap()
-    );
-    store.abort_idempotent(TENANT, "s1", "key-1").await.unwrap();
-    let fresh = store.begin_idempotent(TENANT, "s1", "key-1", "fp-c", t2, ttl).await.unwrap();
-    assert_eq!(fresh, IdempotencyBegin::Started, "an aborted key is forgotten");
-    let short = Duration::from_millis(300);
-    store.begin_idempotent(TENANT, "s1", "key-2", "fp", t1, short).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let expired = store.begin_idempotent(TENANT, "s1", "key-2", "fp", t2, ttl).await.unwrap();
-    assert_eq!(expired, IdempotencyBegin::Started, "keys are forgotten after their ttl");
+    let ttl = Duration::from_secs(2);
+    let store = build(factory, Setup { max_messages: None, ttl: Some(ttl) }).await;
+    new_session(&store, TENANT, "idle").await;
+    new_session(&store, TENANT, "busy").await;
+    fill(&store, "idle", 2).await;
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        append(&store, TENANT, "busy", pair("busy", "keep alive")).await;
+    }
+    // 2.7 s after its last write, "idle" is gone; "busy" was written 0 s ago.
+    assert!(store.get_session(TENANT, "idle").await.unwrap().is_none(), "idle session expired");
+    assert!(matches!(store.last_n(TENANT, "idle", 5).await, Err(StoreError::SessionNotFound)));
+    let busy = store.get_session(TENANT, "busy").await.unwrap().expect("busy session kept alive");
+    assert_eq!(busy.message_count, 6);
+    let listed: Vec<String> =
+        store.list_sessions(TENANT, 10, None).await.unwrap().sessions.into_iter().map(|s| s.id).collect();
+    assert_eq!(listed, vec!["busy"]);
 }
 
 /// Whether the store reports itself as shareable across replicas.
 pub async fn reports_whether_it_is_distributed<F, Fut>(factory: &F, expected: bool)
 where
     F: Fn(Setup) -> Fut,
-    Fut: Future<Output = DynFused>,
+    Fut: Future<Output = DynStore>,
 {
     let store = build(factory, Setup::default()).await;
     assert_eq!(store.is_distributed(), expected);
     store.ping().await.expect("ping");
-}
-
-/// Expands to one `#[tokio::test]` per contract case for a backend.
-///
-/// `$factory` is an `async fn(Setup) -> DynFused` building an isolated store; `distributed` is what
-/// `is_distributed()` must answer; `ttl` says whether the backend supports session expiry.
-#[macro_export]
-macro_rules! store_contract_tests {
-    ($factory:path, distributed = $distributed:expr, ttl = $ttl:tt) => {
-        $crate::store_contract_tests!(@cases $factory;
-            append_and_read_back_in_order,
-            pages_by_cursor_in_both_orders,
-            last_n_returns_the_newest_messages_oldest_first,
-            clear_keeps_the_session_and_never_reuses_a_seq,
-            delete_removes_everything,
-            the_per_session_cap_drops_the_oldest,
-            concurrent_appenders_lose_nothing,
-            a_one_mib_message_round_trips,
-            non_ascii_text_and_emoji_round_trip,
-            metadata_and_tool_calls_round_trip_exactly,
-            turn_records_round_trip,
-            conflicts_and_unknown_sessions_are_reported,
-            session_metadata_is_replaced_in_place,
-            sessions_list_newest_first_by_cursor,
-            tenants_are_isolated,
-            turn_locks_admit_one_turn_per_session,
-            turn_locks_expire_after_their_lease,
-            begin_turn_claims_records_and_reads_the_window,
-            renew_turn_locks_renews_each_and_reports_in_order,
-            finish_turn_appends_and_frees_the_session,
-            fenced_writes_are_refused_once_the_lease_is_lost,
-            a_finished_turn_is_stored_once,
-            a_terminal_turn_record_never_changes,
-            turn_records_are_capped_like_messages,
-            an_edit_supersedes_in_the_same_append,
-            a_session_is_created_holding_messages,
-            cancel_requests_reach_the_lock_holder,
-            idempotency_keys_remember_the_first_request,
-            another_tenant_reaches_nothing_of_a_session,
-            the_same_id_in_two_tenants_is_two_sessions,
-            sessions_are_counted_per_tenant,
-            concurrent_creations_never_overshoot_the_session_limit
-        );
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn reports_whether_it_is_distributed() {
-            $crate::store::contract::reports_whether_it_is_distributed(&$factory, $distributed).await;
-        }
-        $crate::store_contract_tests!(@ttl $factory, $ttl);
-    };
-    (@cases $factory:path; $($case:ident),+) => {
-        $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn $case() {
-                $crate::store::contract::$case(&$factory).await;
-            }
-        )+
-    };
-    (@ttl $factory:path, true) => {
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn sessions_expire_after_the_ttl_and_writes_slide_it() {
-            $crate::store::contract::sessions_expire_after_the_ttl_and_writes_slide_it(&$factory).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn expired_sessions_are_not_counted() {
-            $crate::store::contract::expired_sessions_are_not_counted(&$factory).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn expired_sessions_leave_room_under_the_limit() {
-            $crate::store::contract::expired_sessions_leave_room_under_the_limit(&$factory).await;
-        }
-    };
-    (@ttl $factory:path, false) => {};
 }
