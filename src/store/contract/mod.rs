@@ -26,7 +26,7 @@
 //!
 //! Then, in a test file (`tests/contract.rs`, say):
 //!
-//! ```ignore
+//! ```text
 //! use std::sync::Arc;
 //! use parley::store::contract::{Coordinated, Setup};
 //! use parley::store::memory_coordinator::MemoryCoordinator;
