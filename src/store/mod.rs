@@ -157,7 +157,12 @@ impl SessionCursor {
     pub fn decode(text: &str) -> StoreResult<Self> {
         let (micros, id) = text.split_once('.').ok_or(StoreError::InvalidCursor)?;
         let updated_at_micros = micros.parse().map_err(|_| StoreError::InvalidCursor)?;
-        if !crate::domain::is_valid_session_id(id) {
+        // The id is only a tie-breaker compared as text, so any id-shaped text is a position
+        // (`.` and `..` included, though no session has them).
+        let id_shaped = !id.is_empty()
+            && id.len() <= crate::domain::MAX_SESSION_ID_LEN
+            && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'));
+        if !id_shaped {
             return Err(StoreError::InvalidCursor);
         }
         Ok(SessionCursor { updated_at_micros, id: id.to_owned() })

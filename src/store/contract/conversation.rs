@@ -341,6 +341,34 @@ where
     assert!(store.get_session(OTHER_TENANT, "s1").await.unwrap().is_none());
 }
 
+/// Any cursor the API accepts is a position: one before every session lists nothing, one after
+/// every session lists them all, and neither is an error (timestamps outside the backend's range
+/// included; `.` and `..` are ids like any other here).
+pub async fn cursors_at_the_ends_of_the_range_are_positions<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = DynStore>,
+{
+    let store = build(factory, Setup::default()).await;
+    for i in 0..3 {
+        new_session(&store, TENANT, &format!("s{i}")).await;
+    }
+    for text in ["-999999999999999999.a", "-802111..", "-0.s1", "0.."] {
+        let cursor = SessionCursor::decode(text).unwrap();
+        let page = store.list_sessions(TENANT, 10, Some(&cursor)).await.unwrap();
+        assert!(page.sessions.is_empty() && !page.has_more, "cursor {text}: {page:?}");
+    }
+    for text in ["999999999999999999.a", "999999999999999999..", "999999999999999999.~"] {
+        let Ok(cursor) = SessionCursor::decode(text) else {
+            assert_eq!(text, "999999999999999999.~", "{text} must decode");
+            continue;
+        };
+        let page = store.list_sessions(TENANT, 10, Some(&cursor)).await.unwrap();
+        let ids: Vec<_> = page.sessions.iter().map(|s| s.id.as_str()).collect();
+        assert_eq!(ids, ["s2", "s1", "s0"], "cursor {text}");
+    }
+}
+
 /// Sessions list newest-updated first and page by cursor with no gap or repeat.
 pub async fn sessions_list_newest_first_by_cursor<F, Fut>(factory: &F)
 where

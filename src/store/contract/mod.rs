@@ -206,6 +206,7 @@ macro_rules! conversation_contract_tests {
             conflicts_and_unknown_sessions_are_reported,
             session_metadata_is_replaced_in_place,
             sessions_list_newest_first_by_cursor,
+            cursors_at_the_ends_of_the_range_are_positions,
             tenants_are_isolated,
             another_tenant_reaches_nothing_of_a_session,
             the_same_id_in_two_tenants_is_two_sessions,

@@ -98,6 +98,9 @@ pub struct PgOptions {
     pub op_timeout: Duration,
 }
 
+/// The earliest `timestamptz` PostgreSQL accepts (4714-11-24 BC), in microseconds since 1970.
+const PG_MIN_TIMESTAMP_MICROS: i64 = -210_866_803_200_000_000;
+
 impl std::fmt::Debug for PgOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgOptions")
@@ -597,8 +600,10 @@ impl ConversationStore for PgStore {
         let query = match cursor {
             None => sqlx::query(LIST_FIRST).bind(tenant).bind(fetch),
             Some(c) => {
-                let at = DateTime::<Utc>::from_timestamp_micros(c.updated_at_micros)
-                    .ok_or(StoreError::InvalidCursor)?;
+                // PostgreSQL refuses timestamps before 4714 BC; no session is older, so a cursor
+                // there lists the same (nothing) from the earliest one it accepts.
+                let micros = c.updated_at_micros.max(PG_MIN_TIMESTAMP_MICROS);
+                let at = DateTime::<Utc>::from_timestamp_micros(micros).ok_or(StoreError::InvalidCursor)?;
                 sqlx::query(LIST_AFTER).bind(tenant).bind(fetch).bind(at).bind(c.id.as_str())
             }
         };
