@@ -219,6 +219,10 @@ impl<S: TurnCoordinator + ?Sized> TurnCoordinator for Instrumented<S> {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         self.timed("abort_idempotent", self.inner.abort_idempotent(tenant, session_id, key)).await
     }
+
+    fn event_log(&self) -> Option<&dyn crate::store::event_log::TurnEventLog> {
+        self.inner.event_log()
+    }
 }
 
 #[async_trait]

@@ -29,6 +29,7 @@
 
 #[cfg(feature = "contract")]
 pub mod contract;
+pub mod event_log;
 pub mod instrumented;
 pub mod memory;
 pub mod memory_coordinator;
@@ -484,6 +485,13 @@ pub trait TurnCoordinator: StoreBackend {
 
     /// Forgets a key (its turn failed before storing anything, so a retry may run again).
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
+
+    /// The log of running turns' events that every replica reads, when this coordinator keeps
+    /// one (Redis and PostgreSQL do): with it, any replica serves any turn's stream. Without one,
+    /// only the process running a turn streams its events; others tell its outcome once it ends.
+    fn event_log(&self) -> Option<&dyn event_log::TurnEventLog> {
+        None
+    }
 }
 
 /// The fused paths of a backend that owns both the history and its coordination: each is one

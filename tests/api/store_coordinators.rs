@@ -38,4 +38,10 @@ mod redis {
     }
 
     parley::coordinator_contract_tests!(coordinator, distributed = true);
+
+    mod events {
+        use super::*;
+
+        parley::event_log_contract_tests!(coordinator);
+    }
 }

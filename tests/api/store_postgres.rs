@@ -67,6 +67,16 @@ async fn store(setup: Setup) -> DynFused {
 
 parley::store_contract_tests!(store, distributed = true, ttl = true);
 
+mod events {
+    use super::*;
+
+    async fn coordinated(setup: Setup) -> parley::store::contract::Coordinated {
+        parley::store::contract::Coordinated::fused(store(setup).await)
+    }
+
+    parley::event_log_contract_tests!(coordinated);
+}
+
 /// Drops the test's schema; the contract cases leave theirs (they only get a `DynStore`).
 async fn drop_schema(store: &PgStore) {
     let schema: String = sqlx::query_scalar("select current_schema()").fetch_one(store.pool()).await.unwrap();

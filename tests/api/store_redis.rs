@@ -34,6 +34,16 @@ async fn store(setup: Setup) -> DynFused {
 
 parley::store_contract_tests!(store, distributed = true, ttl = true);
 
+mod events {
+    use super::*;
+
+    async fn coordinated(setup: Setup) -> parley::store::contract::Coordinated {
+        parley::store::contract::Coordinated::fused(store(setup).await)
+    }
+
+    parley::event_log_contract_tests!(coordinated);
+}
+
 async fn raw_connection() -> redis::aio::MultiplexedConnection {
     let client = redis::Client::open(redis_url()).expect("redis client");
     client.get_multiplexed_async_connection().await.expect("redis connection")

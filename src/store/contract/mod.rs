@@ -5,6 +5,8 @@
 //!   messages), whoever coordinates its turns.
 //! - [`coordination`]: any [`TurnCoordinator`] (locks with leases, cancel requests, idempotency
 //!   keys), standalone or part of a store that coordinates itself.
+//! - [`events`]: a coordinator that keeps a turn event log ([`TurnCoordinator::event_log`]), so
+//!   that any replica serves any turn's stream.
 //! - [`fused`]: a backend that owns both parts and implements [`FusedTurns`] (the start and end of
 //!   a turn in one atomic step, writes fenced in that step, a session's lock and keys going with
 //!   it).
@@ -60,6 +62,7 @@
 
 pub mod conversation;
 pub mod coordination;
+pub mod events;
 pub mod fused;
 
 use std::future::Future;
@@ -272,6 +275,31 @@ macro_rules! coordinator_contract_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 $crate::store::contract::coordination::$case(&$factory).await;
+            }
+        )+
+    };
+}
+
+/// Expands to one `#[tokio::test]` per case of [`events`] for a coordinator that keeps an event
+/// log.
+///
+/// `$factory` is an `async fn(Setup) -> Coordinated` building an isolated coordinator.
+#[macro_export]
+macro_rules! event_log_contract_tests {
+    ($factory:path) => {
+        $crate::event_log_contract_tests!(@cases $factory;
+            events_are_read_back_in_order_after_any_id,
+            a_retried_batch_is_added_once,
+            a_log_is_read_only_by_its_turn,
+            an_append_wakes_the_turns_watchers,
+            a_log_expires_after_its_ttl
+        );
+    };
+    (@cases $factory:path; $($case:ident),+) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                $crate::store::contract::events::$case(&$factory).await;
             }
         )+
     };

@@ -38,6 +38,7 @@
 //! - `errors.rs`: driver errors to store errors.
 
 mod errors;
+mod events;
 pub mod pool;
 mod rows;
 pub mod sql;
@@ -127,6 +128,12 @@ pub struct PgStore {
     /// The TTL in microseconds, as bound to queries.
     ttl_micros: Option<i64>,
     op_timeout: Duration,
+    /// One connection, opened on the first follower, that `LISTEN`s for event log appends.
+    listen_pool: PgPool,
+    /// Where event log appends are announced ([`events::channel`]).
+    events_channel: String,
+    /// What wakes this process's followers of turn event logs.
+    announcements: crate::store::event_log::Announcements,
 }
 
 impl PgStore {
@@ -154,8 +161,15 @@ impl PgStore {
         let pool = PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(opts.op_timeout)
-            .connect_lazy_with(connect);
+            .connect_lazy_with(connect.clone());
+        let listen_pool = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(opts.op_timeout)
+            .connect_lazy_with(connect.clone());
         Ok(PgStore {
+            listen_pool,
+            events_channel: events::channel(opts.schema.as_deref()),
+            announcements: crate::store::event_log::Announcements::new(),
             conns,
             pool,
             schema: opts.schema,
@@ -195,7 +209,7 @@ impl PgStore {
     }
 
     /// Deletes every expired session (with its messages, turns, lock and idempotency keys), then
-    /// every expired idempotency key of the sessions left, [`SWEEP_BATCH`] per statement; returns
+    /// every expired turn event log, then every expired idempotency key of the sessions left, [`SWEEP_BATCH`] per statement; returns
     /// how many sessions went.
     pub async fn sweep_expired(&self) -> StoreResult<u64> {
         let mut total = 0;
@@ -203,6 +217,12 @@ impl PgStore {
             let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.conns)).await?;
             total += done.rows_affected();
             if done.rows_affected() < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let query = sqlx::query(SWEEP_EVENT_LOGS).bind(SWEEP_BATCH);
+            if self.timed(query.execute(&self.conns)).await?.rows_affected() < SWEEP_BATCH as u64 {
                 break;
             }
         }
@@ -872,6 +892,10 @@ impl TurnCoordinator for PgStore {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         let query = sqlx::query(ABORT_IDEMPOTENT).bind(tenant).bind(session_id).bind(key);
         self.timed(query.execute(&self.conns)).await.map(|_| ())
+    }
+
+    fn event_log(&self) -> Option<&dyn crate::store::event_log::TurnEventLog> {
+        Some(self)
     }
 }
 

@@ -113,4 +113,8 @@ impl TurnCoordinator for RedisCoordinator {
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()> {
         self.inner.abort_idempotent(tenant, session_id, key).await
     }
+
+    fn event_log(&self) -> Option<&dyn crate::store::event_log::TurnEventLog> {
+        Some(&self.inner)
+    }
 }

@@ -14,6 +14,9 @@
 //! | `P:{T/S}:superseded` | zset | messages an edit replaced: score = seq, member = the message's JSON with `superseded_by` |
 //! | `P:{T/S}:turn_msgs` | hash | turn id → `lo hi n`: the lowest and highest seq of the turn's messages and how many are held (active or superseded) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
+//! | `P:{T/S}:events:<turn>` | stream | a running turn's events (`0-<event id>` → `e`: the event), expiring `PARLEY_EVENT_TTL` after its last append |
+//!
+//! Appends to event logs are announced on the channel `P:events` (payload: the turn id).
 //!
 //! The `{T/S}` hash tag puts every key of one session in one Redis Cluster slot. The seq counter
 //! (`last_seq`) lives in the meta hash, so `clear` (which only drops `messages`) keeps it.
@@ -75,6 +78,16 @@ impl SessionKeys {
             &self.turn_msgs,
         ]
     }
+}
+
+/// A turn's event log (a stream), in its session's hash slot.
+pub(super) fn events_key(prefix: &str, tenant: &str, session: &str, turn_id: uuid::Uuid) -> String {
+    format!("{prefix}:{{{}/{}}}:events:{turn_id}", encode_key_part(tenant), encode_key_part(session))
+}
+
+/// The pub/sub channel where appends to every turn's event log are announced.
+pub(super) fn events_channel(prefix: &str) -> String {
+    format!("{prefix}:events")
 }
 
 /// The tenant's sessions index, scored by `updated_at`.

@@ -66,6 +66,7 @@
 
 mod codec;
 mod coordinator;
+mod events;
 mod keys;
 mod pool;
 mod redact;
@@ -168,6 +169,10 @@ pub struct RedisStore {
     /// Coordinating turns for another history store ([`RedisCoordinator`]): the lock and key
     /// scripts do not look for the session, which lives elsewhere.
     standalone: bool,
+    /// For the announcements' own connection (a subscribed connection can send nothing else).
+    pubsub: redis::Client,
+    /// What wakes this process's followers of turn event logs.
+    announcements: crate::store::event_log::Announcements,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -203,7 +208,11 @@ impl RedisStore {
             .recycle_timeout(timeout)
             .build()
             .map_err(|e| StoreError::Backend(redactor.apply(&format!("Redis pool: {e}"))))?;
+        let client = redis::Client::open(opts.url.as_str())
+            .map_err(|e| StoreError::Backend(redactor.apply(&format!("invalid Redis URL: {e}"))))?;
         Ok(RedisStore {
+            pubsub: client,
+            announcements: crate::store::event_log::Announcements::new(),
             pool,
             prefix: opts.prefix,
             cap: opts.max_messages.unwrap_or(0),
@@ -829,6 +838,10 @@ impl TurnCoordinator for RedisStore {
         call.arg(key);
         // Never retried: by then another request may have begun the key afresh.
         self.write::<i64>(&call).await.map(|_| ())
+    }
+
+    fn event_log(&self) -> Option<&dyn crate::store::event_log::TurnEventLog> {
+        Some(self)
     }
 }
 

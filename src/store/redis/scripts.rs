@@ -115,6 +115,10 @@ const COMPLETE_IDEM: &str = include_str!("scripts/complete_idempotent.lua");
 /// Forgets a key. ARGV: key. Returns 1 if it was remembered.
 const ABORT_IDEM: &str = include_str!("scripts/abort_idempotent.lua");
 
+/// Appends a batch of a turn's events to its stream (skipping those it holds), sets its expiry and
+/// publishes the append. See the file for `KEYS` and `ARGV`. Returns how many were added.
+const APPEND_EVENTS: &str = include_str!("scripts/append_events.lua");
+
 /// Every script, loaded on first use (`EVALSHA`, then `SCRIPT LOAD` on `NOSCRIPT`): the write
 /// scripts with [`PRELUDE`] in front, the idempotency ones with [`IDEMPOTENCY_PRELUDE`].
 pub(super) struct Scripts {
@@ -139,6 +143,7 @@ pub(super) struct Scripts {
     pub(super) begin_idem: Script,
     pub(super) complete_idem: Script,
     pub(super) abort_idem: Script,
+    pub(super) append_events: Script,
 }
 
 impl Scripts {
@@ -167,6 +172,7 @@ impl Scripts {
             begin_idem: idem(BEGIN_IDEM),
             complete_idem: idem(COMPLETE_IDEM),
             abort_idem: idem(ABORT_IDEM),
+            append_events: Script::new(APPEND_EVENTS),
         }
     }
 }

@@ -1,0 +1,209 @@
+//! The turn event log: every event of a running turn, kept in the store with its event id, so
+//! that any replica can serve any turn's stream, live, from any event id.
+//!
+//! The replica running a turn appends its events in batches (one round trip per batch, however
+//! many deltas came meanwhile); a follower on any replica reads what is logged after the last
+//! event it sent, then waits to be woken ([`TurnEventLog::watch`]) when more is appended. Each
+//! backend wakes followers with what it has (Redis pub/sub, PostgreSQL `LISTEN/NOTIFY`), routed
+//! inside the process by an [`EventHub`]; no follower polls the store in a loop.
+//!
+//! The stores that serve one process (memory, SQLite) have no log: a turn's in-process feed
+//! is all there is, and every stream is served by the process running the turn.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{LeaseKey, StoreResult};
+
+/// Events kept per turn at most: a longer turn drops its oldest events from the log (a follower
+/// that needs them waits for the turn's end instead and is told its outcome).
+pub const MAX_EVENTS_PER_TURN: u64 = 50_000;
+
+/// One logged event: its id within the turn (1, 2, 3…) and its encoded form (opaque to the store).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoggedEvent {
+    /// The event id: consecutive from 1 within the turn.
+    pub id: u64,
+    /// The event as the agent encoded it.
+    pub body: String,
+}
+
+/// The log of every running turn's events, shared by the replicas.
+///
+/// Contract (pinned by `contract::events`): appends of one turn come with consecutive ids in
+/// order and are read back in id order; a read after `after` returns the events with greater
+/// ids, at most `limit`; an append wakes every [`TurnEventLog::watch`] of that turn on every
+/// replica; a turn's log goes `ttl` after its last append; each turn's log is bounded by
+/// [`MAX_EVENTS_PER_TURN`] (the oldest go first).
+#[async_trait]
+pub trait TurnEventLog: Send + Sync + 'static {
+    /// Appends a batch of one turn's events (ids consecutive, after those appended before) and
+    /// keeps the turn's log for `ttl` from now; then wakes the turn's followers.
+    async fn append_events(&self, turn: &LeaseKey, events: &[LoggedEvent], ttl: Duration) -> StoreResult<()>;
+
+    /// The turn's logged events with ids greater than `after`, at most `limit`, in id order.
+    async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>>;
+
+    /// Wakes whenever events of `turn_id` are appended, by any replica. Take it before reading,
+    /// so that nothing appended after the read goes unnoticed.
+    fn watch(&self, turn_id: Uuid) -> EventWatch;
+}
+
+/// Routes "events of turn T were appended" to the followers of T in this process.
+#[derive(Debug, Default)]
+pub struct EventHub {
+    turns: Mutex<HashMap<Uuid, watch::Sender<()>>>,
+}
+
+impl EventHub {
+    /// A new hub with no followers.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    fn turns(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<()>>> {
+        self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A watch of one turn's appends.
+    pub fn watch(self: &Arc<Self>, turn_id: Uuid) -> EventWatch {
+        let rx = self.turns().entry(turn_id).or_insert_with(|| watch::Sender::new(())).subscribe();
+        EventWatch { hub: Some(Arc::clone(self)), turn_id, rx: Some(rx) }
+    }
+
+    /// Wakes the followers of `turn_id`, if any follow it here.
+    pub fn notify(&self, turn_id: Uuid) {
+        if let Some(tx) = self.turns().get(&turn_id) {
+            tx.send_replace(());
+        }
+    }
+
+    /// Wakes every follower (after the notification channel was lost and found again: what was
+    /// appended meanwhile went unannounced).
+    pub fn notify_all(&self) {
+        for tx in self.turns().values() {
+            tx.send_replace(());
+        }
+    }
+
+    /// How many turns are followed here.
+    pub fn followed(&self) -> usize {
+        self.turns().len()
+    }
+}
+
+/// A backend's announcements of appends, as this process receives them: the hub that routes them
+/// to followers, and the task that listens (started with the first follower, stopped with this).
+#[derive(Debug, Default)]
+pub struct Announcements {
+    hub: Arc<EventHub>,
+    started: std::sync::OnceLock<()>,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Announcements {
+    /// No listener yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A watch of one turn's appends; the first one starts `listen` (given the hub to feed, which
+    /// it must stop feeding once the hub is gone), as a task that ends when `self` is dropped.
+    pub fn watch<Fut>(
+        &self,
+        turn_id: Uuid,
+        listen: impl FnOnce(std::sync::Weak<EventHub>) -> Fut,
+    ) -> EventWatch
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.started.get_or_init(|| {
+            let task = listen(Arc::downgrade(&self.hub));
+            let stop = self.stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = task => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+        });
+        self.hub.watch(turn_id)
+    }
+}
+
+impl Drop for Announcements {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// A follower's wake-up for one turn; dropping the last one of a turn forgets the turn.
+#[derive(Debug)]
+pub struct EventWatch {
+    hub: Option<Arc<EventHub>>,
+    turn_id: Uuid,
+    rx: Option<watch::Receiver<()>>,
+}
+
+impl EventWatch {
+    /// A watch that never wakes (a log without notifications).
+    pub fn never() -> Self {
+        EventWatch { hub: None, turn_id: Uuid::nil(), rx: None }
+    }
+
+    /// Waits until events are appended after the last wake-up (at once if they were meanwhile).
+    pub async fn changed(&mut self) {
+        match self.rx.as_mut() {
+            Some(rx) => {
+                if rx.changed().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending::<()>().await,
+        }
+    }
+}
+
+impl Drop for EventWatch {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        if let Some(hub) = &self.hub {
+            let mut turns = hub.turns();
+            if turns.get(&self.turn_id).is_some_and(|tx| tx.receiver_count() == 0) {
+                turns.remove(&self.turn_id);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_notification_wakes_the_turns_watchers_and_the_last_drop_forgets_it() {
+        let hub = EventHub::new();
+        let (a, b) = (Uuid::now_v7(), Uuid::now_v7());
+        let mut first = hub.watch(a);
+        let mut second = hub.watch(a);
+        let mut other = hub.watch(b);
+        hub.notify(a);
+        tokio::time::timeout(Duration::from_secs(1), first.changed()).await.expect("woken");
+        tokio::time::timeout(Duration::from_secs(1), second.changed()).await.expect("woken");
+        let quiet = tokio::time::timeout(Duration::from_millis(20), other.changed()).await;
+        assert!(quiet.is_err(), "another turn's watcher sleeps on");
+        hub.notify_all();
+        tokio::time::timeout(Duration::from_secs(1), other.changed()).await.expect("woken by all");
+        drop(first);
+        assert_eq!(hub.followed(), 2);
+        drop(second);
+        assert_eq!(hub.followed(), 1, "the last watcher of a turn forgets it");
+        drop(other);
+        assert_eq!(hub.followed(), 0);
+    }
+}

@@ -1,0 +1,116 @@
+//! The turn event log on PostgreSQL: `turn_events` rows under a `turn_logs` row per turn (which
+//! the sweeper deletes once expired), written one statement per batch that also announces the
+//! append with `pg_notify`; each replica `LISTEN`s once, on its first follower, on a connection
+//! of its own.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::Row;
+use sqlx::postgres::{PgListener, PgPool};
+use uuid::Uuid;
+
+use super::PgStore;
+use super::sql::{APPEND_EVENTS, READ_EVENTS};
+use crate::store::event_log::{EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog};
+use crate::store::sql_common::{to_i64, to_u64};
+use crate::store::{LeaseKey, StoreResult};
+
+/// The wait before listening again after the connection failed, doubling up to a second.
+const RELISTEN_FIRST: Duration = Duration::from_millis(50);
+
+/// The notification channel of a store in `schema` (channels are per database, not per schema).
+pub(super) fn channel(schema: Option<&str>) -> String {
+    let mut channel = match schema {
+        Some(schema) => format!("parley_events_{schema}"),
+        None => "parley_events".to_owned(),
+    };
+    // PostgreSQL truncates identifiers to 63 bytes; LISTEN must name what NOTIFY sends to.
+    channel.truncate(63);
+    channel
+}
+
+#[async_trait]
+impl TurnEventLog for PgStore {
+    async fn append_events(&self, turn: &LeaseKey, events: &[LoggedEvent], ttl: Duration) -> StoreResult<()> {
+        let Some(last) = events.last() else { return Ok(()) };
+        let ids: Vec<i64> = events.iter().map(|e| to_i64(e.id)).collect();
+        let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
+        let drop_up_to = to_i64(last.id.saturating_sub(MAX_EVENTS_PER_TURN));
+        let query = sqlx::query(APPEND_EVENTS)
+            .bind(turn.turn_id)
+            .bind(&turn.tenant)
+            .bind(&turn.session_id)
+            .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+            .bind(ids)
+            .bind(bodies)
+            .bind(drop_up_to)
+            .bind(&self.events_channel);
+        self.timed(query.execute(&self.conns)).await.map(drop)
+    }
+
+    async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>> {
+        let query = sqlx::query(READ_EVENTS)
+            .bind(turn.turn_id)
+            .bind(&turn.tenant)
+            .bind(&turn.session_id)
+            .bind(to_i64(after))
+            .bind(to_i64(limit as u64));
+        let rows = self.timed(query.fetch_all(&self.conns)).await?;
+        rows.iter()
+            .map(|row| {
+                let id: i64 = row.try_get("id").map_err(super::errors::db)?;
+                let body: String = row.try_get("body").map_err(super::errors::db)?;
+                Ok(LoggedEvent { id: to_u64(id), body })
+            })
+            .collect()
+    }
+
+    fn watch(&self, turn_id: Uuid) -> EventWatch {
+        let (pool, channel) = (self.listen_pool.clone(), self.events_channel.clone());
+        self.announcements.watch(turn_id, move |hub| listen(pool, channel, hub))
+    }
+}
+
+/// Listens for the announcements and wakes the followers of each announced turn, for as long as
+/// the hub lives. After the connection broke and is back, every follower is woken: what was
+/// appended meanwhile went unannounced.
+async fn listen(pool: PgPool, channel: String, hub: Weak<EventHub>) {
+    let mut pause = RELISTEN_FIRST;
+    let mut warned = false;
+    loop {
+        let listening = async {
+            let mut listener = PgListener::connect_with(&pool).await?;
+            listener.listen(&channel).await?;
+            Ok::<_, sqlx::Error>(listener)
+        }
+        .await;
+        let mut listener = match listening {
+            Ok(listener) => listener,
+            Err(e) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(error = %e, "cannot listen for the turn event announcements; retrying");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+                if hub.strong_count() == 0 {
+                    return;
+                }
+                continue;
+            }
+        };
+        pause = RELISTEN_FIRST;
+        warned = false;
+        let Some(live) = hub.upgrade() else { return };
+        live.notify_all();
+        drop(live);
+        // `None`: the connection was lost; listen again on a new one.
+        while let Ok(Some(notification)) = listener.try_recv().await {
+            let Some(hub) = hub.upgrade() else { return };
+            if let Ok(turn) = Uuid::parse_str(notification.payload()) {
+                hub.notify(turn);
+            }
+        }
+    }
+}
