@@ -298,6 +298,10 @@ pub struct AgentConfig {
     /// How long an `Idempotency-Key` is remembered.
     #[arg(long, env = "PARLEY_IDEMPOTENCY_TTL", value_parser = parse_duration, default_value = "24h")]
     pub idempotency_ttl: Duration,
+    /// How long a turn's event log is kept after its last event (Redis and PostgreSQL): any
+    /// replica replays and follows a turn's stream from it until then.
+    #[arg(long, env = "PARLEY_EVENT_TTL", value_parser = parse_duration, default_value = "1h")]
+    pub event_ttl: Duration,
     /// A JSON or TOML file declaring HTTP tools.
     #[arg(long, env = "PARLEY_TOOLS_FILE")]
     pub tools_file: Option<PathBuf>,

@@ -13,7 +13,6 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 use uuid::Uuid;
 
-use super::feed::TurnFeed;
 use super::registry::{RegisterError, TurnTokens};
 use super::{Agent, TurnInput, TurnResult};
 use crate::config::IfBusy;
@@ -22,6 +21,7 @@ use crate::error::{AppError, Problem};
 use crate::store::{
     AppendBatch, IdempotencyBegin, IdempotencyRecord, Order, PageQuery, StoreError, TurnBegin,
 };
+use futures::StreamExt;
 
 /// How often a running turn renews its lease and checks for cancel requests.
 pub const RENEW_EVERY: Duration = Duration::from_secs(1);
@@ -45,8 +45,14 @@ pub(super) enum Replay {
     Run,
     /// The key's turn completed: its answer.
     Done(TurnResult),
-    /// A streaming retry while the key's turn runs on this replica: follow its events.
-    Attach(Arc<TurnFeed>),
+    /// A streaming retry while the key's turn runs (here, or on any replica when the store keeps
+    /// an event log): follow its events from the first.
+    Attach {
+        /// The key's turn.
+        turn_id: Uuid,
+        /// Its events from the first.
+        events: futures::stream::BoxStream<'static, super::TurnEvent>,
+    },
 }
 
 /// A digest of what a turn request asks for, to recognise a retry of the same request.
@@ -66,7 +72,7 @@ pub fn fingerprint(input: &TurnInput) -> String {
 impl Agent {
     /// Starts an idempotent request, or finds what the key's first request did.
     pub(super) async fn begin_idempotent(
-        &self,
+        self: &Arc<Self>,
         input: &TurnInput,
         turn_id: Uuid,
     ) -> Result<Replay, AppError> {
@@ -99,7 +105,7 @@ impl Agent {
     /// The answer to a retry: the saved result, 409 while the first request runs, or `None`
     /// when the first request failed and the retry may run.
     async fn replay(
-        &self,
+        self: &Arc<Self>,
         input: &TurnInput,
         record: &IdempotencyRecord,
     ) -> Result<Option<Replay>, AppError> {
@@ -110,11 +116,20 @@ impl Agent {
             return Ok(Some(Replay::Done(result)));
         }
         let turn = self.repaired_turn(tenant, session, record.turn_id).await?;
-        match turn.map(|t| t.status) {
-            Some(TurnStatus::Running) => match self.registry.feed(tenant, session, record.turn_id) {
-                Some(feed) if input.stream => Ok(Some(Replay::Attach(feed))),
-                _ => Err(AppError::TurnInProgress(record.turn_id)),
-            },
+        let turn_id = record.turn_id;
+        match turn.as_ref().map(|t| t.status) {
+            Some(TurnStatus::Running) if input.stream => {
+                let events = match (self.registry.feed(tenant, session, turn_id), turn.as_ref()) {
+                    (Some(feed), _) => Some(feed.follow().boxed()),
+                    (None, Some(turn)) => self.follow_log(tenant, turn, 0).map(StreamExt::boxed),
+                    (None, None) => None,
+                };
+                match events {
+                    Some(events) => Ok(Some(Replay::Attach { turn_id, events })),
+                    None => Err(AppError::TurnInProgress(turn_id)),
+                }
+            }
+            Some(TurnStatus::Running) => Err(AppError::TurnInProgress(turn_id)),
             Some(TurnStatus::Completed | TurnStatus::Cancelled) => {
                 // Completed, but the process stopped before saving the answer: rebuild it.
                 let messages = self.store.history().turn_messages(tenant, session, record.turn_id).await?;

@@ -115,10 +115,57 @@ impl TurnEvent {
         events
     }
 
+    /// The event as a turn event log keeps it: its name, a newline, its data.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(256);
+        text.push_str(self.name());
+        text.push('\n');
+        text.push_str(&serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned()));
+        text
+    }
+
+    /// The event [`TurnEvent::encode`] wrote; `None` if it is not one.
+    pub fn decode(text: &str) -> Option<TurnEvent> {
+        let (name, data) = text.split_once('\n')?;
+        let f: LoggedFields = serde_json::from_str(data).ok()?;
+        let turn_id = f.turn_id;
+        Some(match name {
+            "turn.started" => TurnEvent::Started {
+                turn_id,
+                session_id: f.session_id?,
+                user_message: f.user_message?,
+                replaces_from: f.replaces_from,
+            },
+            "message.delta" => TurnEvent::Delta { turn_id, message_id: f.message_id?, delta: f.delta? },
+            "tool.call" => TurnEvent::ToolCall { turn_id, message: f.message? },
+            "tool.result" => TurnEvent::ToolResult { turn_id, message: f.message? },
+            "message.completed" => TurnEvent::MessageCompleted { turn_id, message: f.message? },
+            "turn.completed" => TurnEvent::Completed { turn_id, messages: f.messages?, usage: f.usage },
+            "turn.failed" => TurnEvent::Failed { turn_id, error: f.error? },
+            "turn.cancelled" => TurnEvent::Cancelled { turn_id, messages: f.messages? },
+            _ => return None,
+        })
+    }
+
     /// Whether this event ends the stream.
     pub fn is_terminal(&self) -> bool {
         matches!(self, TurnEvent::Completed { .. } | TurnEvent::Failed { .. } | TurnEvent::Cancelled { .. })
     }
+}
+
+/// The fields of any event's data, to read a logged event back (its name says which it is).
+#[derive(Deserialize)]
+struct LoggedFields {
+    turn_id: Uuid,
+    session_id: Option<String>,
+    user_message: Option<Message>,
+    replaces_from: Option<u64>,
+    message_id: Option<Uuid>,
+    delta: Option<String>,
+    message: Option<Message>,
+    messages: Option<Vec<Message>>,
+    usage: Option<Usage>,
+    error: Option<Problem>,
 }
 
 /// The answer to a non-streamed turn.
@@ -130,4 +177,42 @@ pub struct TurnResult {
     pub messages: Vec<Message>,
     /// Token usage over the turn, when the model reported it.
     pub usage: Option<Usage>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::Role;
+
+    #[test]
+    fn every_event_reads_back_as_it_was_logged() {
+        let (turn_id, session) = (Uuid::now_v7(), "s".to_owned());
+        let user = Message::new(&session, turn_id, Role::User, "hi\nthere ✓");
+        let reply = Message::new(&session, turn_id, Role::Assistant, "hello");
+        let error = crate::error::AppError::Internal("boom".into()).problem();
+        let events = vec![
+            TurnEvent::Started {
+                turn_id,
+                session_id: session.clone(),
+                user_message: user.clone(),
+                replaces_from: Some(3),
+            },
+            TurnEvent::Delta { turn_id, message_id: reply.id, delta: "hel\nlo".into() },
+            TurnEvent::ToolCall { turn_id, message: reply.clone() },
+            TurnEvent::ToolResult { turn_id, message: reply.clone() },
+            TurnEvent::MessageCompleted { turn_id, message: reply.clone() },
+            TurnEvent::Completed {
+                turn_id,
+                messages: vec![user, reply.clone()],
+                usage: Some(Usage { prompt_tokens: 1, completion_tokens: 2, total_tokens: 3 }),
+            },
+            TurnEvent::Failed { turn_id, error },
+            TurnEvent::Cancelled { turn_id, messages: vec![reply] },
+        ];
+        for event in events {
+            assert_eq!(TurnEvent::decode(&event.encode()).as_ref(), Some(&event), "{}", event.name());
+        }
+        assert_eq!(TurnEvent::decode("message.delta\n{}"), None);
+        assert_eq!(TurnEvent::decode("no newline"), None);
+    }
 }

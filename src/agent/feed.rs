@@ -42,6 +42,16 @@ impl TurnFeed {
         self.progress.send_modify(|p| p.1 = true);
     }
 
+    /// A receiver of the feed's progress (how many events, whether closed), woken on each change.
+    pub fn progress(&self) -> watch::Receiver<(usize, bool)> {
+        self.progress.subscribe()
+    }
+
+    /// The events from index `from` on (what a log writer has not written yet).
+    pub fn events_from(&self, from: usize) -> Vec<TurnEvent> {
+        self.log().get(from..).map(<[TurnEvent]>::to_vec).unwrap_or_default()
+    }
+
     /// The events from the first one on, as they come; ends when the feed is closed and read.
     pub fn follow(self: &Arc<Self>) -> impl Stream<Item = TurnEvent> + Send + 'static {
         let state = (Arc::clone(self), self.progress.subscribe(), 0usize);

@@ -1,6 +1,6 @@
 //! Following and cancelling a turn from any request: its events from a given one on (live from
-//! the feed when it runs here; otherwise by watching its record until it ends, then rebuilt from
-//! what it stored), and a cancel that reaches a turn on any replica and waits until it has
+//! the feed when it runs here; from the store's event log on any replica; otherwise by watching
+//! its record until it ends, then rebuilt from what it stored), and a cancel that reaches a turn on any replica and waits until it has
 //! recorded itself as ended. The HTTP layer and the client dialects only render what this gives.
 
 use std::sync::Arc;
@@ -28,9 +28,10 @@ impl Agent {
         self.repaired_turn(tenant, session, turn_id).await?.ok_or(AppError::TurnNotFound(turn_id))
     }
 
-    /// A turn's events after the first `after`: live when the turn runs on this replica; else,
-    /// once it has ended, the events that tell how (its stored messages, or its error). 404 for a
-    /// missing session or turn.
+    /// A turn's events after the first `after`: live from its feed when the turn runs on this
+    /// replica; else from the store's event log, replayed and then live, on any replica (see
+    /// `relay`); else (no log), once it has ended, the events that tell how (its stored
+    /// messages, or its error). 404 for a missing session or turn.
     pub async fn follow(
         self: &Arc<Self>,
         tenant: &str,
@@ -42,6 +43,9 @@ impl Agent {
             return Ok(feed.follow().skip(usize::try_from(after).unwrap_or(usize::MAX)).boxed());
         }
         let turn = self.turn(tenant, session, turn_id).await?;
+        if let Some(events) = self.follow_log(tenant, &turn, after) {
+            return Ok(events.boxed());
+        }
         Ok(self.outcome_events(tenant.to_owned(), session.to_owned(), turn).boxed())
     }
 
@@ -79,7 +83,7 @@ impl Agent {
     }
 
     /// The events that tell a finished turn: as an idempotent replay tells a completed one.
-    async fn ended_events(
+    pub(super) async fn ended_events(
         &self,
         tenant: &str,
         session: &str,

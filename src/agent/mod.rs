@@ -19,6 +19,7 @@ pub mod feed;
 mod follow;
 pub mod history;
 pub mod registry;
+mod relay;
 mod sessions;
 pub mod turn_store;
 pub mod window;
@@ -71,6 +72,8 @@ pub struct AgentSettings {
     pub if_busy_timeout: Duration,
     /// How long idempotency keys are remembered.
     pub idempotency_ttl: Duration,
+    /// How long a turn's event log is kept after its last event (`PARLEY_EVENT_TTL`).
+    pub event_ttl: Duration,
     /// The store's time limit per call (`PARLEY_STORE_TIMEOUT`): bounds how long the agent waits
     /// to learn the outcome of a write the store did not answer.
     pub store_timeout: Duration,
@@ -91,6 +94,7 @@ impl Default for AgentSettings {
             turn_lease: Duration::from_secs(15),
             if_busy_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
+            event_ttl: Duration::from_secs(3600),
             store_timeout: Duration::from_secs(5),
             fork_max_messages: 10_000,
             metrics: None,
@@ -121,23 +125,40 @@ pub struct TurnInput {
 }
 
 /// How a turn request was answered.
-#[derive(Debug)]
 pub enum TurnStart {
     /// A new turn runs.
     Started(StartedTurn),
     /// A retry of a completed request: its saved answer.
     Replayed(TurnResult),
-    /// A streaming retry of a request whose turn still runs here: its events from the first.
-    Attached(Arc<TurnFeed>),
+    /// A streaming retry of a request whose turn still runs (here, or on any replica when the
+    /// store keeps an event log): its events from the first.
+    Attached {
+        /// The turn.
+        turn_id: Uuid,
+        /// Its events from the first.
+        events: futures::stream::BoxStream<'static, TurnEvent>,
+    },
+}
+
+impl std::fmt::Debug for TurnStart {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TurnStart::Started(started) => f.debug_tuple("Started").field(started).finish(),
+            TurnStart::Replayed(result) => f.debug_tuple("Replayed").field(result).finish(),
+            TurnStart::Attached { turn_id, .. } => {
+                f.debug_struct("Attached").field("turn_id", turn_id).finish()
+            }
+        }
+    }
 }
 
 impl TurnStart {
-    /// The turn's id, when it is known without waiting (not for an attached stream's).
+    /// The turn's id.
     pub fn turn_id(&self) -> Option<Uuid> {
         match self {
             TurnStart::Started(started) => Some(started.turn_id),
             TurnStart::Replayed(result) => Some(result.turn_id),
-            TurnStart::Attached(_) => None,
+            TurnStart::Attached { turn_id, .. } => Some(*turn_id),
         }
     }
 }
@@ -454,9 +475,9 @@ impl Agent {
                     self.count_replay();
                     return Ok(TurnStart::Replayed(result));
                 }
-                claim::Replay::Attach(feed) => {
+                claim::Replay::Attach { turn_id, events } => {
                     self.count_replay();
-                    return Ok(TurnStart::Attached(feed));
+                    return Ok(TurnStart::Attached { turn_id, events });
                 }
             }
         }
@@ -489,6 +510,23 @@ impl Agent {
         // Events are kept for a streaming client, and for a streaming retry that may attach.
         let feed = (input.stream || input.idempotency_key.is_some()).then(TurnFeed::new);
         self.registry.started(&input.tenant, &input.session_id, turn_id, feed.clone());
+        if let Some(feed) = &feed
+            && self.store.coordinator().event_log().is_some()
+        {
+            // Any replica serves the turn's stream from the store's event log.
+            let key = crate::store::LeaseKey {
+                tenant: input.tenant.clone(),
+                session_id: input.session_id.clone(),
+                turn_id,
+            };
+            let relay = relay::relay(
+                Arc::clone(self.store.coordinator()),
+                key,
+                Arc::clone(feed),
+                self.settings.event_ttl,
+            );
+            self.registry.tracker().spawn(relay);
+        }
         self.keeper.get_or_init(|| {
             tokio::spawn(claim::keep_leases(Arc::downgrade(self), self.renew_every()));
         });

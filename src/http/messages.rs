@@ -190,8 +190,8 @@ pub async fn turn_response(state: &AppState, start: TurnStart, stream: bool) -> 
             let events = outcome.driving(Box::pin(feed.follow()));
             sse::turn_stream(events, state.limits.sse_keepalive).into_response()
         }
-        TurnStart::Attached(feed) => {
-            let mut response = sse::turn_stream(feed.follow(), state.limits.sse_keepalive).into_response();
+        TurnStart::Attached { events, .. } => {
+            let mut response = sse::turn_stream(events, state.limits.sse_keepalive).into_response();
             response
                 .headers_mut()
                 .insert("idempotent-replayed", axum::http::HeaderValue::from_static("true"));
@@ -226,7 +226,7 @@ pub async fn streamed_events(start: TurnStart) -> Result<futures::stream::BoxStr
         TurnStart::Started(StartedTurn { feed: Some(feed), outcome, .. }) => {
             outcome.driving(Box::pin(feed.follow())).boxed()
         }
-        TurnStart::Attached(feed) => feed.follow().boxed(),
+        TurnStart::Attached { events, .. } => events,
         TurnStart::Started(started) => {
             futures::stream::iter(TurnEvent::replay(&started.outcome.await?)).boxed()
         }
