@@ -9,12 +9,11 @@
 
 use std::time::{Duration, Instant};
 
-use eventsource_stream::Eventsource;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use serde_json::{Value, json};
 
-use crate::helpers::{SseEvent, database_url, install_crypto, unique_name};
-use crate::servers::{ParleyProcess, PrivatePostgres, PrivateRedis};
+use crate::helpers::{SseEvent, database_url, install_crypto, next_event, rest_of, sse_events, unique_name};
+use crate::servers::{ParleyProcess, PrivatePostgres, PrivateRedis, PrivateStore};
 
 /// `PARLEY_STORE_TIMEOUT` of the frozen-store cases: long enough that an answer which waits for
 /// two store timeouts in a row (2 × 3 s) is past the bound even with the slack (3 + 1 + 1.5 s).
@@ -110,26 +109,8 @@ impl Api {
             .await
             .unwrap();
         assert_eq!(response.status(), 200);
-        response.bytes_stream().eventsource().map(|event| {
-            let event = event.expect("valid SSE");
-            SseEvent { event: event.event, id: event.id, data: serde_json::from_str(&event.data).unwrap() }
-        })
+        sse_events(response)
     }
-}
-
-/// The next event, waiting at most `within`.
-async fn next_event(events: &mut (impl Stream<Item = SseEvent> + Unpin), within: Duration) -> SseEvent {
-    tokio::time::timeout(within, events.next())
-        .await
-        .unwrap_or_else(|_| panic!("no event within {within:?}"))
-        .expect("the stream went on")
-}
-
-/// Every event until the stream ends, waiting at most `within` in all.
-async fn rest_of(events: impl Stream<Item = SseEvent> + Unpin, within: Duration) -> Vec<SseEvent> {
-    tokio::time::timeout(within, events.collect())
-        .await
-        .unwrap_or_else(|_| panic!("the stream did not end within {within:?}"))
 }
 
 /// The names of events, for assertion messages.
@@ -231,12 +212,6 @@ async fn a_replica_paused_past_its_lease_writes_nothing_more_on_postgres() {
     a_replica_paused_past_its_lease_writes_nothing_more(env).await;
 }
 
-/// A private store that a test freezes (SIGSTOP) and thaws; killed on drop, frozen or not.
-enum PrivateStore {
-    Redis(PrivateRedis),
-    Postgres(PrivatePostgres),
-}
-
 /// How many store connections parley has when the store freezes under a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Pool {
@@ -247,39 +222,16 @@ enum Pool {
     Busy,
 }
 
-impl PrivateStore {
-    /// parley's environment for it: the store timeout, and a lease long enough (30 s) not to run
-    /// out while the store is frozen.
-    fn env(&self) -> Vec<(&'static str, String)> {
-        let mut env = match self {
-            PrivateStore::Redis(redis) => vec![("PARLEY_STORE", "redis".into()), ("REDIS_URL", redis.url())],
-            PrivateStore::Postgres(pg) => {
-                vec![("PARLEY_STORE", "postgres".into()), ("DATABASE_URL", pg.url())]
-            }
-        };
-        env.extend([
-            ("PARLEY_STORE_TIMEOUT", format!("{}s", STORE_TIMEOUT.as_secs())),
-            ("PARLEY_TURN_LEASE", "30s".to_owned()),
-            ("PARLEY_LOG", "info".to_owned()),
-        ]);
-        env
-    }
-
-    /// Freezes the server (SIGSTOP).
-    fn freeze(&self) {
-        match self {
-            PrivateStore::Redis(redis) => redis.freeze(),
-            PrivateStore::Postgres(pg) => pg.freeze(),
-        }
-    }
-
-    /// Lets it run again (SIGCONT).
-    fn thaw(&self) {
-        match self {
-            PrivateStore::Redis(redis) => redis.thaw(),
-            PrivateStore::Postgres(pg) => pg.thaw(),
-        }
-    }
+/// parley's environment for a private store that a test freezes: the store, the store timeout,
+/// and a lease long enough (30 s) not to run out while the store is frozen.
+fn frozen_store_env(store: &PrivateStore) -> Vec<(&'static str, String)> {
+    let mut env = store.env();
+    env.extend([
+        ("PARLEY_STORE_TIMEOUT", format!("{}s", STORE_TIMEOUT.as_secs())),
+        ("PARLEY_TURN_LEASE", "30s".to_owned()),
+        ("PARLEY_LOG", "info".to_owned()),
+    ]);
+    env
 }
 
 /// Opens several store connections (concurrent reads), so that a turn's final append finds an
@@ -355,7 +307,7 @@ async fn a_store_frozen_during_the_final_append_answers_in_time_and_truthfully(
     pool: Pool,
 ) {
     install_crypto();
-    let mut env = store.env();
+    let mut env = frozen_store_env(&store);
     env.push(("PARLEY_ECHO_DELAY_MS", WORD_DELAY_MS.to_string()));
     let app = ParleyProcess::start_logged(&env).await;
     let api = Api::new(&app);
@@ -452,7 +404,7 @@ async fn a_postgres_frozen_during_the_final_append_answers_in_time_when_its_conn
 /// lease).
 async fn a_frozen_store_answers_503_in_time_and_the_session_recovers(store: PrivateStore) {
     install_crypto();
-    let app = ParleyProcess::start_logged(&store.env()).await;
+    let app = ParleyProcess::start_logged(&frozen_store_env(&store)).await;
     let api = Api::new(&app);
     api.create("s").await;
     api.turn("s", "before").await;

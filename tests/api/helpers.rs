@@ -459,3 +459,36 @@ pub async fn spawn_replicas(backend: Backend, n: usize, args: &[&str]) -> Vec<Te
     }
     apps
 }
+
+/// An SSE response's events as they come, each `data:` parsed as JSON (a stream that is not
+/// valid SSE, or data that is not one line of JSON, fails the test).
+pub fn sse_events(
+    response: reqwest::Response,
+) -> impl futures::Stream<Item = SseEvent> + Send + Unpin + 'static {
+    response.bytes_stream().eventsource().map(|event| {
+        let event = event.expect("valid SSE");
+        let data = serde_json::from_str(&event.data).expect("one line of JSON data");
+        SseEvent { event: event.event, id: event.id, data }
+    })
+}
+
+/// The next event, waiting at most `within`.
+pub async fn next_event(
+    events: &mut (impl futures::Stream<Item = SseEvent> + Unpin),
+    within: std::time::Duration,
+) -> SseEvent {
+    tokio::time::timeout(within, events.next())
+        .await
+        .unwrap_or_else(|_| panic!("no event within {within:?}"))
+        .expect("the stream went on")
+}
+
+/// Every event until the stream ends, waiting at most `within` in all.
+pub async fn rest_of(
+    events: impl futures::Stream<Item = SseEvent> + Unpin,
+    within: std::time::Duration,
+) -> Vec<SseEvent> {
+    tokio::time::timeout(within, events.collect())
+        .await
+        .unwrap_or_else(|_| panic!("the stream did not end within {within:?}"))
+}

@@ -41,6 +41,7 @@ macro_rules! for_each_backend {
 }
 
 mod agent_loop;
+mod any_replica;
 mod auth;
 mod clients;
 mod connections;

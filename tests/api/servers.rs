@@ -255,6 +255,57 @@ impl Drop for PrivatePostgres {
     }
 }
 
+/// A private Redis or PostgreSQL server, for a test that runs on either; killed on drop, frozen
+/// or not.
+pub enum PrivateStore {
+    Redis(PrivateRedis),
+    Postgres(PrivatePostgres),
+}
+
+impl PrivateStore {
+    /// parley's environment to use it: `PARLEY_STORE` and the server's URL.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            PrivateStore::Redis(redis) => vec![("PARLEY_STORE", "redis".into()), ("REDIS_URL", redis.url())],
+            PrivateStore::Postgres(pg) => {
+                vec![("PARLEY_STORE", "postgres".into()), ("DATABASE_URL", pg.url())]
+            }
+        }
+    }
+
+    /// Freezes the server (SIGSTOP).
+    pub fn freeze(&self) {
+        match self {
+            PrivateStore::Redis(redis) => redis.freeze(),
+            PrivateStore::Postgres(pg) => pg.freeze(),
+        }
+    }
+
+    /// Lets it run again (SIGCONT).
+    pub fn thaw(&self) {
+        match self {
+            PrivateStore::Redis(redis) => redis.thaw(),
+            PrivateStore::Postgres(pg) => pg.thaw(),
+        }
+    }
+
+    /// Stops the server at once, like a crash (what was written survives).
+    pub fn kill(&mut self) {
+        match self {
+            PrivateStore::Redis(redis) => redis.kill(),
+            PrivateStore::Postgres(pg) => pg.kill(),
+        }
+    }
+
+    /// Starts the server again after [`PrivateStore::kill`].
+    pub fn up(&mut self) {
+        match self {
+            PrivateStore::Redis(redis) => redis.up(),
+            PrivateStore::Postgres(pg) => pg.up(),
+        }
+    }
+}
+
 /// The parley binary running as a child process.
 pub struct ParleyProcess {
     /// `http://127.0.0.1:<port>`.
