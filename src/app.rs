@@ -68,6 +68,7 @@ pub fn state_from_parts(
         if_busy_timeout: config.agent.if_busy_timeout,
         idempotency_ttl: config.agent.idempotency_ttl,
         event_ttl: config.agent.event_ttl,
+        event_log: config.agent.event_log,
         store_timeout: config.store.store_timeout,
         fork_max_messages: config.agent.fork_max_messages,
         metrics: metrics.clone(),

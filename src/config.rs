@@ -302,6 +302,10 @@ pub struct AgentConfig {
     /// replica replays and follows a turn's stream from it until then.
     #[arg(long, env = "PARLEY_EVENT_TTL", value_parser = parse_duration, default_value = "1h")]
     pub event_ttl: Duration,
+    /// Whether streamed turns log their events in Redis or PostgreSQL so that any replica serves
+    /// their streams (`false`: only the replica running a turn streams it; others tell its end).
+    #[arg(long, env = "PARLEY_EVENT_LOG", default_value_t = true, action = clap::ArgAction::Set)]
+    pub event_log: bool,
     /// A JSON or TOML file declaring HTTP tools.
     #[arg(long, env = "PARLEY_TOOLS_FILE")]
     pub tools_file: Option<PathBuf>,

@@ -74,6 +74,9 @@ pub struct AgentSettings {
     pub idempotency_ttl: Duration,
     /// How long a turn's event log is kept after its last event (`PARLEY_EVENT_TTL`).
     pub event_ttl: Duration,
+    /// Whether streamed turns are relayed into the coordinator's event log, when it keeps one
+    /// (`PARLEY_EVENT_LOG`).
+    pub event_log: bool,
     /// The store's time limit per call (`PARLEY_STORE_TIMEOUT`): bounds how long the agent waits
     /// to learn the outcome of a write the store did not answer.
     pub store_timeout: Duration,
@@ -95,6 +98,7 @@ impl Default for AgentSettings {
             if_busy_timeout: Duration::from_secs(30),
             idempotency_ttl: Duration::from_secs(24 * 3600),
             event_ttl: Duration::from_secs(3600),
+            event_log: true,
             store_timeout: Duration::from_secs(5),
             fork_max_messages: 10_000,
             metrics: None,
@@ -433,6 +437,11 @@ impl Agent {
         &self.store
     }
 
+    /// The coordinator's turn event log, unless there is none or it is turned off.
+    pub(crate) fn event_log(&self) -> Option<&dyn crate::store::event_log::TurnEventLog> {
+        self.settings.event_log.then(|| self.store.coordinator().event_log()).flatten()
+    }
+
     /// The turns running in this process.
     pub fn registry(&self) -> &TurnRegistry {
         &self.registry
@@ -511,7 +520,7 @@ impl Agent {
         let feed = (input.stream || input.idempotency_key.is_some()).then(TurnFeed::new);
         self.registry.started(&input.tenant, &input.session_id, turn_id, feed.clone());
         if let Some(feed) = &feed
-            && self.store.coordinator().event_log().is_some()
+            && self.event_log().is_some()
         {
             // Any replica serves the turn's stream from the store's event log.
             let key = crate::store::LeaseKey {

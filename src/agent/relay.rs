@@ -108,7 +108,7 @@ impl Agent {
         turn: &Turn,
         after: u64,
     ) -> Option<impl Stream<Item = TurnEvent> + Send + 'static> {
-        let log = self.store().coordinator().event_log()?;
+        let log = self.event_log()?;
         let key =
             LeaseKey { tenant: tenant.to_owned(), session_id: turn.session_id.clone(), turn_id: turn.id };
         // Watch before the first read: an append after it wakes the follower.
@@ -178,7 +178,7 @@ impl Follower {
     /// follower waits for the end and tells the outcome. `Err` once the store has failed for
     /// longer than its timeout.
     async fn read(&mut self) -> Result<bool, ()> {
-        let log = self.agent.store().coordinator().event_log().ok_or(())?;
+        let log = self.agent.event_log().ok_or(())?;
         match log.read_events(&self.turn, self.next_after, READ_BATCH).await {
             Ok(events) => {
                 self.failing_since = None;

@@ -282,3 +282,16 @@ async fn following_an_unknown_turn_or_with_a_bad_last_event_id_is_a_problem() {
     let response = app.client.get(url).send().await.unwrap();
     assert_eq!(response.status(), 422, "after is an event id");
 }
+
+/// `PARLEY_EVENT_LOG=false`: nothing is logged, so another replica tells the turn's outcome once
+/// it ends, as a store without a log does.
+#[tokio::test]
+async fn with_the_event_log_off_another_replica_tells_the_outcome() {
+    let apps = spawn_replicas(Backend::Redis, 2, &["--echo-delay-ms", "50", "--event-log", "false"]).await;
+    apps[0].create_session("off").await;
+    let (head, rest) = first_events(&apps[0], "off", 1).await;
+    let followed = collect_events(follow(&apps[1], "off", &turn_id(&head), None).await).await;
+    drop(rest);
+    assert_eq!(names(&followed), vec!["turn.started", "message.completed", "turn.completed"]);
+    assert_eq!(followed[2].data["messages"], json!(apps[1].history("off").await));
+}
