@@ -215,8 +215,9 @@ async fn regenerate(
 /// Resume the chat's running reply: what `useChat({resume: true})` calls on mount.
 ///
 /// 204 when no turn runs in the chat; else the running turn's UI message stream replayed from
-/// `start` (the client rebuilds the message from scratch) and then live. A turn running on
-/// another replica is told once it ends, as its whole message.
+/// `start` (the client rebuilds the message from scratch) and then live, on any replica with
+/// Redis or PostgreSQL (the turn event log); with a one-process store, a turn running in another
+/// process is told once it ends, as its whole message.
 #[utoipa::path(get, path = "/v1/ai-sdk/chat/{id}/stream", tag = "clients",
     params(SessionIdParam),
     responses(

@@ -49,10 +49,12 @@ pub async fn get_turn(
 
 /// Follow a turn's events (SSE): resume a stream after a lost connection or a page reload.
 ///
-/// A turn streaming on this replica is followed live, from its first event, or from the one after
-/// `Last-Event-ID`. A turn running elsewhere (another replica, or a JSON turn) is waited for,
-/// with keep-alives, and then told as a finished one is: `turn.started`, `message.completed` and
-/// `turn.completed` with the stored messages, or `turn.failed`, or `turn.cancelled`.
+/// A streamed turn is followed live, from its first event, or from the one after `Last-Event-ID`,
+/// with its original ids: on any replica with Redis or PostgreSQL (the store's turn event log),
+/// else on the replica running it. A turn without logged events (a JSON turn, an expired log, a
+/// turn in another process of a one-process store) is waited for, with keep-alives, and then told
+/// as a finished one is: `turn.started`, `message.completed` and `turn.completed` with the stored
+/// messages, or `turn.failed`, or `turn.cancelled`.
 #[utoipa::path(get, path = "/v1/sessions/{id}/turns/{turn_id}/events", tag = "turns",
     params(TurnIdParams, FollowQuery,
         ("Last-Event-ID" = Option<String>, Header, nullable = false, pattern = r"^[0-9]{1,19}$", description = "The id of the last event received: a live turn's stream goes on after it")),
