@@ -142,6 +142,46 @@ impl Drop for Announcements {
     }
 }
 
+/// Keeps a backend's announcement channel open for as long as `hub` lives: `connect` opens it
+/// (listening; `Err` says why it could not), `drain` feeds the hub from it until the connection
+/// ends. Between failed attempts it waits 50 ms, doubling up to a second, and warns once per
+/// outage; after each (re)connection every follower is woken, since what was appended while the
+/// channel was down went unannounced.
+pub async fn keep_listening<C, Connecting, Draining>(
+    hub: std::sync::Weak<EventHub>,
+    mut connect: impl FnMut() -> Connecting,
+    mut drain: impl FnMut(C, std::sync::Weak<EventHub>) -> Draining,
+) where
+    Connecting: std::future::Future<Output = Result<C, String>>,
+    Draining: std::future::Future<Output = ()>,
+{
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    let mut pause = FIRST_PAUSE;
+    let mut warned = false;
+    loop {
+        match connect().await {
+            Ok(channel) => {
+                pause = FIRST_PAUSE;
+                warned = false;
+                let Some(live) = hub.upgrade() else { return };
+                live.notify_all();
+                drop(live);
+                drain(channel, hub.clone()).await;
+            }
+            Err(why) => {
+                if !std::mem::replace(&mut warned, true) {
+                    tracing::warn!(error = %why, "cannot listen for the turn event announcements; retrying");
+                }
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+        if hub.strong_count() == 0 {
+            return;
+        }
+    }
+}
+
 /// A follower's wake-up for one turn; dropping the last one of a turn forgets the turn.
 #[derive(Debug)]
 pub struct EventWatch {

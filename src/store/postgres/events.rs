@@ -13,12 +13,11 @@ use uuid::Uuid;
 
 use super::PgStore;
 use super::sql::{APPEND_EVENTS, READ_EVENTS};
-use crate::store::event_log::{EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog};
+use crate::store::event_log::{
+    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog, keep_listening,
+};
 use crate::store::sql_common::{to_i64, to_u64};
 use crate::store::{LeaseKey, StoreResult};
-
-/// The wait before listening again after the connection failed, doubling up to a second.
-const RELISTEN_FIRST: Duration = Duration::from_millis(50);
 
 /// The notification channel of a store in `schema` (channels are per database, not per schema).
 pub(super) fn channel(schema: Option<&str>) -> String {
@@ -74,37 +73,14 @@ impl TurnEventLog for PgStore {
 }
 
 /// Listens for the announcements and wakes the followers of each announced turn, for as long as
-/// the hub lives. After the connection broke and is back, every follower is woken: what was
-/// appended meanwhile went unannounced.
+/// the hub lives (see [`keep_listening`]).
 async fn listen(pool: PgPool, channel: String, hub: Weak<EventHub>) {
-    let mut pause = RELISTEN_FIRST;
-    let mut warned = false;
-    loop {
-        let listening = async {
-            let mut listener = PgListener::connect_with(&pool).await?;
-            listener.listen(&channel).await?;
-            Ok::<_, sqlx::Error>(listener)
-        }
-        .await;
-        let mut listener = match listening {
-            Ok(listener) => listener,
-            Err(e) => {
-                if !std::mem::replace(&mut warned, true) {
-                    tracing::warn!(error = %e, "cannot listen for the turn event announcements; retrying");
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-                if hub.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-        };
-        pause = RELISTEN_FIRST;
-        warned = false;
-        let Some(live) = hub.upgrade() else { return };
-        live.notify_all();
-        drop(live);
+    let connect = || async {
+        let mut listener = PgListener::connect_with(&pool).await.map_err(|e| e.to_string())?;
+        listener.listen(&channel).await.map_err(|e| e.to_string())?;
+        Ok(listener)
+    };
+    let drain = |mut listener: PgListener, hub: Weak<EventHub>| async move {
         // `None`: the connection was lost; listen again on a new one.
         while let Ok(Some(notification)) = listener.try_recv().await {
             let Some(hub) = hub.upgrade() else { return };
@@ -112,5 +88,6 @@ async fn listen(pool: PgPool, channel: String, hub: Weak<EventHub>) {
                 hub.notify(turn);
             }
         }
-    }
+    };
+    keep_listening(hub, connect, drain).await;
 }

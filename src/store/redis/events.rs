@@ -13,11 +13,10 @@ use uuid::Uuid;
 use super::RedisStore;
 use super::keys::{events_channel, events_key};
 use super::pool::Request;
-use crate::store::event_log::{EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog};
+use crate::store::event_log::{
+    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog, keep_listening,
+};
 use crate::store::{LeaseKey, StoreError, StoreResult};
-
-/// The wait before connecting the subscription again after it failed, doubling up to a second.
-const RESUBSCRIBE_FIRST: Duration = Duration::from_millis(50);
 
 #[async_trait]
 impl TurnEventLog for RedisStore {
@@ -63,41 +62,21 @@ impl TurnEventLog for RedisStore {
 }
 
 /// Subscribes to the announcements and wakes the followers of each announced turn, for as long
-/// as the hub lives. After the subscription broke and is back, every follower is woken: what was
-/// appended meanwhile went unannounced.
+/// as the hub lives (see [`keep_listening`]).
 async fn listen(client: redis::Client, channel: String, hub: Weak<EventHub>, timeout: Duration) {
-    let mut pause = RESUBSCRIBE_FIRST;
-    let mut warned = false;
-    loop {
+    let connect = || async {
         let subscribed = tokio::time::timeout(timeout, async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(&channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
-        })
-        .await;
-        let pubsub = match subscribed {
-            Ok(Ok(pubsub)) => pubsub,
-            failed => {
-                if !std::mem::replace(&mut warned, true) {
-                    let why = match failed {
-                        Ok(Err(e)) => e.to_string(),
-                        _ => "no answer".to_owned(),
-                    };
-                    tracing::warn!(error = %why, "cannot subscribe to the turn event announcements; retrying");
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
-                if hub.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-        };
-        pause = RESUBSCRIBE_FIRST;
-        warned = false;
-        let Some(live) = hub.upgrade() else { return };
-        live.notify_all();
-        drop(live);
+        });
+        match subscribed.await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {timeout:?}")),
+        }
+    };
+    let drain = |pubsub: redis::aio::PubSub, hub: Weak<EventHub>| async move {
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
             let Some(hub) = hub.upgrade() else { return };
@@ -106,6 +85,6 @@ async fn listen(client: redis::Client, channel: String, hub: Weak<EventHub>, tim
                 hub.notify(turn);
             }
         }
-        // The connection closed: subscribe again.
-    }
+    };
+    keep_listening(hub, connect, drain).await;
 }
