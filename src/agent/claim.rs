@@ -2,8 +2,9 @@
 //!
 //! A turn holds its session through the store's lock (a lease renewed every second while it runs,
 //! which also carries cancel requests from any replica). A turn posted while another runs is
-//! rejected with the running turn's id, or waits for it: waiters on one replica queue in arrival
-//! order, and poll the store lock. An `Idempotency-Key` maps a request to the turn it started, so
+//! rejected with the running turn's id, or waits for it: waiters queue in arrival order (across
+//! replicas in the coordinator's wait queue, when it keeps one; else per replica), and the first
+//! polls the store lock. An `Idempotency-Key` maps a request to the turn it started, so
 //! a retry returns the same turn instead of running the model again.
 
 use std::sync::{Arc, Weak};
@@ -247,16 +248,40 @@ impl Agent {
         }
     }
 
-    /// Waits in arrival order (within this replica) for the session, up to the busy timeout.
+    /// Waits in arrival order for the session, up to the busy timeout: across replicas when the
+    /// coordinator keeps a wait queue (Redis, PostgreSQL: only the first waiter tries to claim),
+    /// else within this replica (a fair local queue).
     async fn wait_to_claim(self: &Arc<Self>, input: &TurnInput, turn: &Turn) -> Result<Claimed, AppError> {
         let (tenant, session) = (input.tenant.as_str(), input.session_id.as_str());
         let deadline = Instant::now() + self.settings.if_busy_timeout;
-        let queue = self.registry.queue(tenant, session);
+        let lease = self.settings.turn_lease;
+        let coordinator = self.store.coordinator();
+        let queued = coordinator
+            .join_queue(tenant, session, turn.id, lease)
+            .await
+            .map_err(|e| AppError::from_store(e, session))?;
+
+        let place = queued.then(|| QueuePlace::new(self, tenant, session, turn.id));
+        let local = (!queued).then(|| self.registry.queue(tenant, session));
         let result = async {
-            let _place = tokio::time::timeout_at(deadline, queue.lock()).await.map_err(|_| ())?;
+            let _place = match &local {
+                Some(queue) => Some(tokio::time::timeout_at(deadline, queue.lock()).await.map_err(|_| ())?),
+                None => None,
+            };
             let mut pause = Duration::from_millis(10);
             loop {
-                match self.try_claim(input, turn).await {
+                let first = !queued
+                    || match coordinator.first_in_queue(tenant, session, turn.id, lease).await {
+                        Ok(first) => first,
+                        Err(e) => return Ok(Err(AppError::from_store(e, session))),
+                    };
+
+                let attempt = if first {
+                    self.try_claim(input, turn).await
+                } else {
+                    Err(AppError::TurnInProgress(turn.id))
+                };
+                match attempt {
                     Err(AppError::TurnInProgress(_)) if Instant::now() + pause < deadline => {
                         if pause == Duration::from_millis(10)
                             && let Some(metrics) = &self.settings.metrics
@@ -273,12 +298,17 @@ impl Agent {
             }
         }
         .await;
-        drop(queue);
-        self.registry.forget_queue(tenant, session);
+        if let Some(place) = place {
+            place.leave().await;
+        }
+        if let Some(queue) = local {
+            drop(queue);
+            self.registry.forget_queue(tenant, session);
+        }
         match result {
             Ok(outcome) => outcome,
             Err(()) => {
-                let running = self.store.coordinator().turn_lock_holder(tenant, session).await.ok().flatten();
+                let running = coordinator.turn_lock_holder(tenant, session).await.ok().flatten();
                 Err(AppError::TurnInProgress(
                     running.or(self.registry.running_in(tenant, session)).unwrap_or(turn.id),
                 ))
@@ -447,6 +477,52 @@ impl ClaimGuard {
 impl Drop for ClaimGuard {
     fn drop(&mut self) {
         self.give_back();
+    }
+}
+
+/// A turn's place in its session's wait queue (in the coordinator), left once: by
+/// [`QueuePlace::leave`], or on drop (a waiting request whose client went away), by a task. A
+/// place never left lapses after the lease.
+struct QueuePlace {
+    agent: Arc<Agent>,
+    tenant: String,
+    session: String,
+    turn_id: Uuid,
+    left: bool,
+}
+
+impl QueuePlace {
+    fn new(agent: &Arc<Agent>, tenant: &str, session: &str, turn_id: Uuid) -> Self {
+        QueuePlace {
+            agent: Arc::clone(agent),
+            tenant: tenant.to_owned(),
+            session: session.to_owned(),
+            turn_id,
+            left: false,
+        }
+    }
+
+    async fn leave(mut self) {
+        self.left = true;
+        let coordinator = self.agent.store.coordinator();
+        if let Err(e) = coordinator.leave_queue(&self.tenant, &self.session, self.turn_id).await {
+            tracing::debug!(turn.id = %self.turn_id, error = %e, "could not leave the wait queue; the place lapses");
+        }
+    }
+}
+
+impl Drop for QueuePlace {
+    fn drop(&mut self) {
+        if self.left {
+            return;
+        }
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let coordinator = Arc::clone(self.agent.store.coordinator());
+            let (tenant, session, turn_id) = (self.tenant.clone(), self.session.clone(), self.turn_id);
+            runtime.spawn(async move {
+                let _ = coordinator.leave_queue(&tenant, &session, turn_id).await;
+            });
+        }
     }
 }
 

@@ -191,6 +191,30 @@ impl<S: TurnCoordinator + ?Sized> TurnCoordinator for Instrumented<S> {
         self.timed("request_cancel", self.inner.request_cancel(tenant, session_id, turn_id)).await
     }
 
+    async fn join_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        self.timed("join_queue", self.inner.join_queue(tenant, session_id, turn_id, lease)).await
+    }
+
+    async fn first_in_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        self.timed("first_in_queue", self.inner.first_in_queue(tenant, session_id, turn_id, lease)).await
+    }
+
+    async fn leave_queue(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        self.timed("leave_queue", self.inner.leave_queue(tenant, session_id, turn_id)).await
+    }
+
     async fn begin_idempotent(
         &self,
         tenant: &str,

@@ -486,6 +486,42 @@ pub trait TurnCoordinator: StoreBackend {
     /// Forgets a key (its turn failed before storing anything, so a retry may run again).
     async fn abort_idempotent(&self, tenant: &str, session_id: &str, key: &str) -> StoreResult<()>;
 
+    /// Joins the queue of turns waiting for the session (`if_busy: wait`), in arrival order
+    /// across every replica sharing the coordinator, for `lease` unless renewed by
+    /// [`TurnCoordinator::first_in_queue`]. False if the coordinator keeps no queue (the default):
+    /// waiters then keep arrival order within each replica only. A distributed coordinator keeps
+    /// one (pinned by `contract::coordination`).
+    async fn join_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let _ = (tenant, session_id, turn_id, lease);
+        Ok(false)
+    }
+
+    /// Whether `turn_id` is the first of the session's waiting turns, renewing its place for
+    /// `lease`; places whose lease ran out are dropped first (a waiter whose place was dropped
+    /// joins again at the end). True when the coordinator keeps no queue.
+    async fn first_in_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let _ = (tenant, session_id, turn_id, lease);
+        Ok(true)
+    }
+
+    /// Leaves the queue (the turn got the session, or gave up).
+    async fn leave_queue(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let _ = (tenant, session_id, turn_id);
+        Ok(())
+    }
+
     /// The log of running turns' events that every replica reads, when this coordinator keeps
     /// one (Redis and PostgreSQL do): with it, any replica serves any turn's stream. Without one,
     /// only the process running a turn streams its events; others tell its outcome once it ends.

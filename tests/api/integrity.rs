@@ -35,31 +35,62 @@ async fn a_busy_session_is_409_on_every_replica(backend: Backend) {
 
 async fn waiting_turns_run_after_the_running_one_in_arrival_order(backend: Backend) {
     let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
-    let app = &apps[0];
-    app.create_session("queue").await;
-    let first = app.open_stream("queue", "first turn is slow").await;
+    waiters_run_in_arrival_order(&apps, &["second", "third", "fourth"]).await;
+}
+
+/// Waiters posted in turn on two replicas (B, A, B, A…) while a turn runs on A run in the order
+/// they arrived: the coordinator's wait queue orders them across replicas (Redis, PostgreSQL).
+async fn waiters_on_two_replicas_run_in_arrival_order(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "40"]).await;
+    waiters_run_in_arrival_order(&apps, &["w1", "w2", "w3", "w4", "w5", "w6"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_two_redis_replicas_run_in_arrival_order() {
+    waiters_on_two_replicas_run_in_arrival_order(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_on_two_postgres_replicas_run_in_arrival_order() {
+    waiters_on_two_replicas_run_in_arrival_order(Backend::Postgres).await;
+}
+
+/// A slow turn streams on the first app; each of `names` is posted with `if_busy: wait`, 100 ms
+/// apart, on the apps in turn from the last; the history holds them in that order.
+async fn waiters_run_in_arrival_order(apps: &[TestApp], names: &[&str]) {
+    apps[0].create_session("queue").await;
+    apps[0].create_session("warm").await;
+    // A waiting turn on each app first (it runs at once), so that the cold start of each path
+    // (connections, prepared statements) is not part of the order under test.
+    for app in apps {
+        let response = post(app, "warm", json!({"content": "warm", "if_busy": "wait"}), None).await;
+        assert_eq!(response.status(), 200);
+    }
+    let first = apps[0].open_stream("queue", "first turn is slow").await;
     let reader = tokio::spawn(collect_events(first));
     let mut waiters = Vec::new();
-    for name in ["second", "third", "fourth"] {
-        let client = app.client.clone();
-        let url = app.url("/v1/sessions/queue/messages");
-        waiters.push(tokio::spawn(async move {
-            client.post(url).json(&json!({"content": name, "if_busy": "wait"})).send().await.unwrap().status()
-        }));
-        tokio::time::sleep(Duration::from_millis(30)).await;
+    for (i, name) in names.iter().enumerate() {
+        let app = &apps[(apps.len() - 1 + i) % apps.len()];
+        let (client, url) = (app.client.clone(), app.url("/v1/sessions/queue/messages"));
+        let body = json!({"content": name, "if_busy": "wait"});
+        waiters
+            .push(tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() }));
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for waiter in waiters {
         assert_eq!(waiter.await.unwrap(), 200);
     }
     reader.await.unwrap();
-    let users: Vec<String> = app
+    let users: Vec<String> = apps[0]
         .history("queue")
         .await
         .iter()
         .filter(|m| m["role"] == "user")
         .map(|m| m["content"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(users, vec!["first turn is slow", "second", "third", "fourth"]);
+    let mut expected = vec!["first turn is slow".to_owned()];
+    expected.extend(names.iter().map(|n| n.to_string()));
+    assert_eq!(users, expected);
 }
 
 async fn a_wait_past_the_busy_timeout_is_409(backend: Backend) {

@@ -177,3 +177,44 @@ where
     assert_eq!(coordinated.coordinator.is_distributed(), expected);
     coordinated.coordinator.ping().await.expect("ping");
 }
+
+/// Turns waiting for a session (`if_busy: wait`) are first in arrival order, across every
+/// replica; a place not renewed within its lease lapses, and its turn joins again at the end. A
+/// distributed coordinator must keep such a queue; another may (then the same holds) or not.
+pub async fn waiting_turns_are_first_in_arrival_order<F, Fut>(factory: &F, distributed: bool)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = Coordinated>,
+{
+    let coordinated: Coordinated = build(factory, Setup::default()).await;
+    let store = &coordinated.coordinator;
+    coordinated.create_session(TENANT, "q").await;
+    coordinated.create_session(OTHER_TENANT, "q").await;
+    let lease = Duration::from_secs(30);
+    let (a, b, c) = (new_id(), new_id(), new_id());
+    let queued = store.join_queue(TENANT, "q", a, lease).await.unwrap();
+    if !queued {
+        assert!(!distributed, "a distributed coordinator keeps a wait queue");
+        assert!(store.first_in_queue(TENANT, "q", b, lease).await.unwrap(), "no queue: every waiter may try");
+        return;
+    }
+    store.join_queue(TENANT, "q", b, lease).await.unwrap();
+    store.join_queue(TENANT, "q", c, lease).await.unwrap();
+    assert!(store.first_in_queue(TENANT, "q", a, lease).await.unwrap());
+    assert!(!store.first_in_queue(TENANT, "q", b, lease).await.unwrap());
+    assert!(!store.first_in_queue(TENANT, "q", c, lease).await.unwrap());
+    assert!(store.first_in_queue(OTHER_TENANT, "q", c, lease).await.unwrap(), "another tenant's queue");
+    store.join_queue(TENANT, "q", a, lease).await.unwrap();
+    assert!(store.first_in_queue(TENANT, "q", a, lease).await.unwrap(), "joining again keeps the place");
+    store.leave_queue(TENANT, "q", a).await.unwrap();
+    assert!(store.first_in_queue(TENANT, "q", b, lease).await.unwrap());
+    assert!(!store.first_in_queue(TENANT, "q", c, lease).await.unwrap());
+    // b's place lapses (its replica died): c is first; b, back, joins again behind c.
+    store.join_queue(TENANT, "q", b, Duration::from_millis(200)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(store.first_in_queue(TENANT, "q", c, lease).await.unwrap(), "a lapsed place is dropped");
+    assert!(!store.first_in_queue(TENANT, "q", b, lease).await.unwrap(), "back at the end");
+    store.leave_queue(TENANT, "q", c).await.unwrap();
+    assert!(store.first_in_queue(TENANT, "q", b, lease).await.unwrap());
+    store.leave_queue(TENANT, "q", b).await.unwrap();
+}

@@ -269,6 +269,14 @@ macro_rules! coordinator_contract_tests {
             $crate::store::contract::coordination::reports_whether_it_is_distributed(&$factory, $distributed)
                 .await;
         }
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn waiting_turns_are_first_in_arrival_order() {
+            $crate::store::contract::coordination::waiting_turns_are_first_in_arrival_order(
+                &$factory,
+                $distributed,
+            )
+            .await;
+        }
     };
     (@cases $factory:path; $($case:ident),+) => {
         $(

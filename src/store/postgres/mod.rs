@@ -209,7 +209,7 @@ impl PgStore {
     }
 
     /// Deletes every expired session (with its messages, turns, lock and idempotency keys), then
-    /// every expired turn event log, then every expired idempotency key of the sessions left, [`SWEEP_BATCH`] per statement; returns
+    /// every lapsed wait queue place and expired turn event log, then every expired idempotency key of the sessions left, [`SWEEP_BATCH`] per statement; returns
     /// how many sessions went.
     pub async fn sweep_expired(&self) -> StoreResult<u64> {
         let mut total = 0;
@@ -217,6 +217,12 @@ impl PgStore {
             let done = self.timed(sqlx::query(SWEEP).bind(SWEEP_BATCH).execute(&self.conns)).await?;
             total += done.rows_affected();
             if done.rows_affected() < SWEEP_BATCH as u64 {
+                break;
+            }
+        }
+        loop {
+            let query = sqlx::query(SWEEP_QUEUE).bind(SWEEP_BATCH);
+            if self.timed(query.execute(&self.conns)).await?.rows_affected() < SWEEP_BATCH as u64 {
                 break;
             }
         }
@@ -817,6 +823,37 @@ impl TurnCoordinator for PgStore {
     async fn turn_lock_holder(&self, tenant: &str, session_id: &str) -> StoreResult<Option<Uuid>> {
         let query = sqlx::query_scalar::<_, Option<Uuid>>(LOCK_HOLDER).bind(tenant).bind(session_id);
         self.timed(query.fetch_optional(&self.conns)).await?.ok_or(StoreError::SessionNotFound)
+    }
+
+    async fn join_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let query = sqlx::query(JOIN_QUEUE).bind(tenant).bind(session_id).bind(turn_id).bind(micros(lease));
+        self.timed(query.execute(&self.conns)).await.map(|_| true)
+    }
+
+    async fn first_in_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let query = sqlx::query_scalar::<_, bool>(FIRST_IN_QUEUE)
+            .bind(tenant)
+            .bind(session_id)
+            .bind(turn_id)
+            .bind(micros(lease));
+        self.timed(query.fetch_one(&self.conns)).await
+    }
+
+    async fn leave_queue(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let query = sqlx::query(LEAVE_QUEUE).bind(tenant).bind(session_id).bind(turn_id);
+        self.timed(query.execute(&self.conns)).await.map(drop)
     }
 
     async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {

@@ -159,3 +159,17 @@ pub const READ_EVENTS: &str = include_str!("sql/read_events.sql");
 
 /// Deletes up to `$1` expired turn event logs (their events with them), skipping rows others hold.
 pub const SWEEP_EVENT_LOGS: &str = include_str!("sql/sweep_expired_event_logs.sql");
+
+/// Takes (or renews) a turn's place in its session's wait queue. Binds: tenant, session, turn
+/// id, lease in µs.
+pub const JOIN_QUEUE: &str = include_str!("sql/join_queue.sql");
+
+/// Drops the session's lapsed places, renews the turn's own (joining again at the end if it had
+/// lapsed), and answers whether no live place comes before it. Binds as [`JOIN_QUEUE`].
+pub const FIRST_IN_QUEUE: &str = include_str!("sql/first_in_queue.sql");
+
+/// Leaves the wait queue. Binds: tenant, session, turn id.
+pub const LEAVE_QUEUE: &str = include_str!("sql/leave_queue.sql");
+
+/// Deletes up to `$1` lapsed wait queue places (of sessions nobody waits for any more).
+pub const SWEEP_QUEUE: &str = include_str!("sql/sweep_lapsed_queue_places.sql");

@@ -87,6 +87,30 @@ impl TurnCoordinator for RedisCoordinator {
         self.inner.request_cancel(tenant, session_id, turn_id).await
     }
 
+    async fn join_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        self.inner.join_queue(tenant, session_id, turn_id, lease).await
+    }
+
+    async fn first_in_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        self.inner.first_in_queue(tenant, session_id, turn_id, lease).await
+    }
+
+    async fn leave_queue(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        self.inner.leave_queue(tenant, session_id, turn_id).await
+    }
+
     async fn begin_idempotent(
         &self,
         tenant: &str,

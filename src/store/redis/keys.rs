@@ -13,6 +13,8 @@
 //! | `P:{T/S}:idem_exp` | zset | idempotency key scored by when it is forgotten (Redis server time, ms) |
 //! | `P:{T/S}:superseded` | zset | messages an edit replaced: score = seq, member = the message's JSON with `superseded_by` |
 //! | `P:{T/S}:turn_msgs` | hash | turn id → `lo hi n`: the lowest and highest seq of the turn's messages and how many are held (active or superseded) |
+//! | `P:{T/S}:queue` | zset | turns waiting for the session (`if_busy: wait`), scored by arrival (server µs) |
+//! | `P:{T/S}:queue_exp` | zset | when each waiting turn's place lapses unless renewed (server ms) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
 //! | `P:{T/S}:events:<turn>` | stream | a running turn's events (`0-<event id>` → `e`: the event), expiring `PARLEY_EVENT_TTL` after its last append |
 //!
@@ -44,6 +46,10 @@ pub(super) struct SessionKeys {
     /// Where each turn's messages are: hash turn id → `lo hi n` (lowest seq, highest seq, how
     /// many are held), kept by the scripts that add and drop messages.
     pub(super) turn_msgs: String,
+    /// Turns waiting for the session (`if_busy: wait`): zset turn id → arrival (server µs).
+    pub(super) queue: String,
+    /// When each waiting turn's place lapses unless renewed: zset turn id → server ms.
+    pub(super) queue_exp: String,
 }
 
 impl SessionKeys {
@@ -60,6 +66,8 @@ impl SessionKeys {
             idem_exp: format!("{base}:idem_exp"),
             superseded: format!("{base}:superseded"),
             turn_msgs: format!("{base}:turn_msgs"),
+            queue: format!("{base}:queue"),
+            queue_exp: format!("{base}:queue_exp"),
         }
     }
 

@@ -404,6 +404,24 @@ impl RedisStore {
         call
     }
 
+    /// A wait queue script call: the session's queue keys, the turn and the lease.
+    fn queue_call<'a>(
+        &self,
+        script: &'a Script,
+        tenant: &str,
+        id: &str,
+        turn_id: Uuid,
+        lease: Option<Duration>,
+    ) -> ScriptInvocation<'a> {
+        let keys = self.session_keys(tenant, id);
+        let mut call = script.prepare_invoke();
+        call.key(keys.queue).key(keys.queue_exp).arg(turn_id.to_string());
+        if let Some(lease) = lease {
+            call.arg(u64::try_from(lease.as_millis()).unwrap_or(u64::MAX).max(1));
+        }
+        call
+    }
+
     /// An idempotency script call with the session's meta, idem and idem_exp keys.
     fn idem_call<'a>(&self, script: &'a Script, tenant: &str, id: &str) -> ScriptInvocation<'a> {
         let keys = self.session_keys(tenant, id);
@@ -776,6 +794,33 @@ impl TurnCoordinator for RedisStore {
             none if none.is_empty() => Ok(None),
             holder => parse_uuid(&holder).map(Some),
         }
+    }
+
+    async fn join_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let call = self.queue_call(&self.scripts.join_queue, tenant, session_id, turn_id, Some(lease));
+        self.read::<i64>(&call).await.map(|_| true)
+    }
+
+    async fn first_in_queue(
+        &self,
+        tenant: &str,
+        session_id: &str,
+        turn_id: Uuid,
+        lease: Duration,
+    ) -> StoreResult<bool> {
+        let call = self.queue_call(&self.scripts.first_in_queue, tenant, session_id, turn_id, Some(lease));
+        self.read::<i64>(&call).await.map(|first| first == 1)
+    }
+
+    async fn leave_queue(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<()> {
+        let call = self.queue_call(&self.scripts.leave_queue, tenant, session_id, turn_id, None);
+        self.read::<i64>(&call).await.map(drop)
     }
 
     async fn request_cancel(&self, tenant: &str, session_id: &str, turn_id: Uuid) -> StoreResult<bool> {

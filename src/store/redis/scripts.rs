@@ -119,6 +119,20 @@ const ABORT_IDEM: &str = include_str!("scripts/abort_idempotent.lua");
 /// publishes the append. See the file for `KEYS` and `ARGV`. Returns how many were added.
 const APPEND_EVENTS: &str = include_str!("scripts/append_events.lua");
 
+/// Lua shared by the wait queue scripts (`if_busy: wait` across replicas): the server clock and
+/// `hold_place`. KEYS: queue, queue_exp. ARGV: turn id, lease (ms).
+const QUEUE_PRELUDE: &str = include_str!("scripts/queue_prelude.lua");
+
+/// Takes the turn's place at the end of the queue (or keeps and renews it). Returns 1.
+const JOIN_QUEUE: &str = include_str!("scripts/join_queue.lua");
+
+/// Drops lapsed places, renews the turn's own (joining again at the end if it had lapsed), and
+/// returns 1 if the turn is first, else 0.
+const FIRST_IN_QUEUE: &str = include_str!("scripts/first_in_queue.lua");
+
+/// Leaves the queue. Returns 1.
+const LEAVE_QUEUE: &str = include_str!("scripts/leave_queue.lua");
+
 /// Every script, loaded on first use (`EVALSHA`, then `SCRIPT LOAD` on `NOSCRIPT`): the write
 /// scripts with [`PRELUDE`] in front, the idempotency ones with [`IDEMPOTENCY_PRELUDE`].
 pub(super) struct Scripts {
@@ -144,6 +158,9 @@ pub(super) struct Scripts {
     pub(super) complete_idem: Script,
     pub(super) abort_idem: Script,
     pub(super) append_events: Script,
+    pub(super) join_queue: Script,
+    pub(super) first_in_queue: Script,
+    pub(super) leave_queue: Script,
 }
 
 impl Scripts {
@@ -173,6 +190,9 @@ impl Scripts {
             complete_idem: idem(COMPLETE_IDEM),
             abort_idem: idem(ABORT_IDEM),
             append_events: Script::new(APPEND_EVENTS),
+            join_queue: Script::new(&format!("{QUEUE_PRELUDE}{JOIN_QUEUE}")),
+            first_in_queue: Script::new(&format!("{QUEUE_PRELUDE}{FIRST_IN_QUEUE}")),
+            leave_queue: Script::new(LEAVE_QUEUE),
         }
     }
 }

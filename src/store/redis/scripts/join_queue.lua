@@ -1,0 +1,2 @@
+hold_place()
+return 1
