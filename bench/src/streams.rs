@@ -144,7 +144,8 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
     let delay = Duration::from_millis(args.delay_ms);
     let model: parley::llm::DynModel = if args.upstream {
         // The upstream runs beside the clients, on their runtime: parley's is parley's alone.
-        let upstream = client_rt.block_on(crate::upstream::start(Arc::clone(&stamps), delay))?;
+        let upstream = client_rt
+            .block_on(crate::upstream::start(Arc::clone(&stamps), crate::upstream::Pacing::fixed(delay)))?;
         let mut config = config;
         config.model.provider = parley::config::ModelProvider::Openai;
         config.model.openai_base_url = format!("http://{upstream}/v1");
@@ -185,13 +186,15 @@ async fn start_parley(
 async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyhow::Result<ProbeResult> {
     // Receive timestamps on, and kept on, before the first byte measured.
     let _stamping = crate::rxstamp::keep_stamping(Duration::from_secs(5)).await?;
-    // Each form of the probe has sessions of its own: both run against the same store.
+    // Each probe process has sessions of its own: every form, and figure 8a's alternating
+    // probes, run against the same store.
     let form = match (args.upstream, args.dialect) {
         (true, _) => "up",
         (false, Dialect::Native) => "echo",
         (false, Dialect::AiSdk) => "aisdk",
     };
-    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{i:03}")).collect();
+    let pid = std::process::id();
+    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{pid}-{i:03}")).collect();
     setup::create_sessions(addr, &sessions, 16).await?;
     // Warm-up: connections, the store's pools, the allocator.
     // Clients start spread over one turn: turns of equal length in a closed loop that all start
