@@ -12,6 +12,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
@@ -40,11 +41,15 @@ impl Pacing {
         Pacing { min: delay, max: delay, every_word: false }
     }
 
-    /// The wait before chunk `i`: spread over [min, max] by a fixed scramble of `i`, so that
-    /// turns started together do not stay in step.
-    fn delay(&self, i: usize) -> Duration {
+    /// The wait before chunk `i` of the reply to `tag`: spread over [min, max] by a fixed
+    /// scramble of both, so that turns started together do not stay in step.
+    fn delay(&self, tag: &str, i: usize) -> Duration {
         let spread = self.max.saturating_sub(self.min).as_micros() as u64;
-        let scrambled = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
+        // FNV-1a of the tag, then a multiplicative scramble of it with the chunk's index.
+        let seed = tag
+            .bytes()
+            .fold(0xCBF2_9CE4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01B3));
+        let scrambled = (seed ^ (i as u64 + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 33;
         self.min + Duration::from_micros(scrambled % (spread + 1))
     }
 }
@@ -80,11 +85,12 @@ async fn completions(
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let text = last_user_text(&request);
     let words: Vec<String> = text.split(' ').map(str::to_owned).collect();
+    let tag = Arc::new(words[0].clone());
     let count = words.len() as u64;
     let chunks = futures::stream::iter(words.into_iter().enumerate()).then(move |(i, word)| {
-        let (stamps, pacing) = (up.stamps.clone(), up.pacing);
+        let (stamps, pacing, tag) = (up.stamps.clone(), up.pacing, Arc::clone(&tag));
         async move {
-            tokio::time::sleep(pacing.delay(i)).await;
+            tokio::time::sleep(pacing.delay(&tag, i)).await;
             let content = format!("{word} ");
             if i == 0 || pacing.every_word {
                 stamps.lock().expect("stamps").insert(word, (Instant::now(), realtime_ns()));
@@ -140,10 +146,13 @@ mod tests {
     fn waits_spread_over_the_pacing_and_a_fixed_one_does_not() {
         let ms = Duration::from_millis;
         let pacing = Pacing { min: ms(5), max: ms(20), every_word: true };
-        let waits: Vec<Duration> = (0..1000).map(|i| pacing.delay(i)).collect();
+        let waits: Vec<Duration> = (0..1000).map(|i| pacing.delay("r1t0.0", i)).collect();
         assert!(waits.iter().all(|w| (ms(5)..=ms(20)).contains(w)));
         let mean = waits.iter().sum::<Duration>() / 1000;
         assert!((ms(11)..=ms(14)).contains(&mean), "mean wait {mean:?}");
-        assert!((0..50).all(|i| Pacing::fixed(ms(20)).delay(i) == ms(20)));
+        let other: Vec<Duration> = (0..1000).map(|i| pacing.delay("r1t1.0", i)).collect();
+        let same = waits.iter().zip(&other).filter(|(a, b)| a == b).count();
+        assert!(same < 50, "two turns' waits in step {same} times of 1000");
+        assert!((0..50).all(|i| Pacing::fixed(ms(20)).delay("t", i) == ms(20)));
     }
 }
