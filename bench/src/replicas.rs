@@ -37,9 +37,12 @@ use crate::stats::{Summary, median};
 use crate::streams::{Dialect, ProbeResult, Stamps, realtime_ns};
 use crate::upstream::{self, Pacing};
 
-/// Sizes of figure 8 (options of `run` and `replicas`).
+/// Parts and sizes of figure 8 (options of `run` and `replicas`).
 #[derive(Debug, Clone, clap::Args)]
 pub struct Sizes {
+    /// Figure 8's parts to measure (a to e).
+    #[arg(long, value_delimiter = ',', default_value = "a,b,c,d,e")]
+    pub parts: Vec<char>,
     /// Figure 8b: turns streaming at once, each followed on both replicas.
     #[arg(long, default_value_t = 8)]
     pub follow_turns: usize,
@@ -153,18 +156,29 @@ pub struct LogSize {
 /// Figure 8 on one store: every part in turn.
 pub async fn figure(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<ReplicaFigures> {
     let a = &ctx.args;
+    let wants = |part: char| a.replicas.parts.contains(&part);
     let mut out = ReplicaFigures::default();
-    eprintln!("[bench] figure 8a: first delta with the event log and without");
-    out.producer = Some(producer_overhead(ctx, kind).await?);
-    eprintln!("[bench] figure 8b: followers on the other replica and on the same");
-    out.follow = Some(follow_latency(ctx, kind).await?);
-    eprintln!("[bench] figure 8c: streamed turns with the event log and without");
-    let plan = a.plan();
-    out.streamed_turns = Some(run::on_off(ctx, kind, "PARLEY_EVENT_LOG", true, a.runs, plan).await?);
-    eprintln!("[bench] figure 8d: {} followers on the other replica", a.replicas.followers);
-    out.follower_memory = Some(follower_memory(ctx, kind).await?);
-    eprintln!("[bench] figure 8e: bytes per event in the store");
-    out.log_size = Some(log_size(ctx, kind).await?);
+    if wants('a') {
+        eprintln!("[bench] figure 8a: first delta with the event log and without");
+        out.producer = Some(producer_overhead(ctx, kind).await?);
+    }
+    if wants('b') {
+        eprintln!("[bench] figure 8b: followers on the other replica and on the same");
+        out.follow = Some(follow_latency(ctx, kind).await?);
+    }
+    if wants('c') {
+        eprintln!("[bench] figure 8c: streamed turns with the event log and without");
+        let plan = a.plan();
+        out.streamed_turns = Some(run::on_off(ctx, kind, "PARLEY_EVENT_LOG", true, a.runs, plan).await?);
+    }
+    if wants('d') {
+        eprintln!("[bench] figure 8d: {} followers on the other replica", a.replicas.followers);
+        out.follower_memory = Some(follower_memory(ctx, kind).await?);
+    }
+    if wants('e') {
+        eprintln!("[bench] figure 8e: bytes per event in the store");
+        out.log_size = Some(log_size(ctx, kind).await?);
+    }
     Ok(out)
 }
 

@@ -166,6 +166,7 @@ fn settings(args: &RunArgs) -> serde_json::Value {
         "follow_turns": args.replicas.follow_turns, "follow_deltas": args.replicas.follow_deltas,
         "delta_ms": [args.replicas.delta_min_ms, args.replicas.delta_max_ms],
         "followers": args.replicas.followers, "log_deltas": args.replicas.log_deltas,
+        "replica_parts": args.replicas.parts,
     })
 }
 
