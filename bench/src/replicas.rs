@@ -19,7 +19,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -34,7 +33,7 @@ use crate::report::OnOff;
 use crate::run::{self, Ctx};
 use crate::setup;
 use crate::stats::{Summary, median};
-use crate::streams::{Dialect, ProbeResult, Stamps, realtime_ns};
+use crate::streams::{self, Dialect, Held, ProbeResult, Stamps, realtime_ns};
 use crate::upstream::{self, Pacing};
 
 /// Parts and sizes of figure 8 (options of `run` and `replicas`).
@@ -406,19 +405,18 @@ async fn follower_memory(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<FollowerM
 async fn hold_followers(a: &Server, b: &Server, n: usize) -> anyhow::Result<FollowerMemory> {
     let sessions: Vec<String> = (0..WARM_FOLLOWERS + n).map(|i| format!("fmem-{i:05}")).collect();
     setup::create_sessions(a.addr, &sessions, 64).await?;
-    let counts = Counts::default();
-    let opening = Arc::new(tokio::sync::Semaphore::new(256));
+    let held = Held::default();
+    let hold = |session: &String| held.spawn(open_follower(a.addr, b.addr, session.clone()));
     let (warm, rest) = sessions.split_at(WARM_FOLLOWERS);
-    let mut tasks: Vec<_> =
-        warm.iter().map(|s| hold_follower(a.addr, b.addr, s.clone(), &opening, &counts)).collect();
-    counts.wait_started(WARM_FOLLOWERS, Duration::from_secs(30)).await;
+    let mut tasks: Vec<_> = warm.iter().map(hold).collect();
+    held.wait_opened(WARM_FOLLOWERS, Duration::from_secs(30)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (a_before, rss_before) = (a.rss()?, b.rss()?);
-    tasks.extend(rest.iter().map(|s| hold_follower(a.addr, b.addr, s.clone(), &opening, &counts)));
-    counts.wait_started(WARM_FOLLOWERS + n, Duration::from_secs(120)).await;
+    tasks.extend(rest.iter().map(hold));
+    held.wait_opened(WARM_FOLLOWERS + n, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (a_open, rss_open) = (a.rss()?, b.rss()?);
-    let open = counts.open().saturating_sub(WARM_FOLLOWERS);
+    let open = held.open().saturating_sub(WARM_FOLLOWERS);
     for task in tasks {
         task.abort();
     }
@@ -435,67 +433,16 @@ async fn hold_followers(a: &Server, b: &Server, n: usize) -> anyhow::Result<Foll
     })
 }
 
-/// Followers that had their first event, that ended since, and that could not open.
-#[derive(Clone, Default)]
-struct Counts {
-    started: Arc<AtomicUsize>,
-    ended: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-}
-
-impl Counts {
-    fn open(&self) -> usize {
-        self.started.load(Ordering::SeqCst).saturating_sub(self.ended.load(Ordering::SeqCst))
-    }
-
-    /// Until `n` followers have opened or failed to, or `timeout`.
-    async fn wait_started(&self, n: usize, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let settled = || self.started.load(Ordering::SeqCst) + self.failed.load(Ordering::SeqCst);
-        while settled() < n && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-/// Posts a slow streamed turn on `a` and follows it on `b` from its first event, holding both
-/// streams open until the turn ends or the task is aborted.
-fn hold_follower(
+/// A slow streamed turn on `a` and its follower on `b` from event 0, once the follower has its
+/// first event: the two connections and the two streams.
+async fn open_follower(
     a: SocketAddr,
     b: SocketAddr,
     session: String,
-    opening: &Arc<tokio::sync::Semaphore>,
-    counts: &Counts,
-) -> tokio::task::JoinHandle<()> {
-    let (opening, counts) = (Arc::clone(opening), counts.clone());
-    tokio::spawn(async move {
-        let permit = opening.acquire_owned().await;
-        let Some(mut held) = open_follower(a, b, &session).await else {
-            counts.failed.fetch_add(1, Ordering::SeqCst);
-            return;
-        };
-        counts.started.fetch_add(1, Ordering::SeqCst);
-        drop(permit);
-        let drain_posted = async { while let Ok(Some(_)) = held.posted.next().await {} };
-        let drain_followed = async { while let Ok(Some(_)) = held.followed.next().await {} };
-        tokio::join!(drain_posted, drain_followed);
-        counts.ended.fetch_add(1, Ordering::SeqCst);
-    })
-}
-
-/// A streamed turn and its follower, each on its own connection.
-struct Held {
-    posted: SseReader,
-    followed: SseReader,
-    _connections: [Client; 2],
-}
-
-/// A slow streamed turn on `a` and its follower on `b`, once the follower has its first event.
-async fn open_follower(a: SocketAddr, b: SocketAddr, session: &str) -> Option<Held> {
-    let words = vec!["word"; 40].join(" ");
+) -> Option<([Client; 2], [SseReader; 2])> {
     let path = format!("/v1/sessions/{session}/messages?stream=true");
     let mut poster = Client::new(a);
-    let response = poster.send(Method::POST, &path, Some(setup::turn_body(&words))).await.ok()?;
+    let response = poster.send(Method::POST, &path, Some(streams::slow_turn_body())).await.ok()?;
     let mut posted = SseReader::new(response.into_body());
     let turn_id = loop {
         let event = posted.next().await.ok()??;
@@ -508,7 +455,7 @@ async fn open_follower(a: SocketAddr, b: SocketAddr, session: &str) -> Option<He
     let response = follower.send(Method::GET, &path, None).await.ok()?;
     let mut followed = SseReader::new(response.into_body());
     followed.next().await.ok()??;
-    Some(Held { posted, followed, _connections: [poster, follower] })
+    Some(([poster, follower], [posted, followed]))
 }
 
 /// Figure 8e: one turn of `log_deltas` deltas on a parley of its own, in a prefix (schema) of its
