@@ -130,10 +130,20 @@ pub struct SseReader {
     buf: BytesMut,
 }
 
-/// One event (only its name matters to the bench).
+/// One event: its name, and its data for the figures that read it.
 pub struct SseEvent {
     /// The `event:` field; for a data-only event (the AI SDK's chunks), its JSON's `type`.
     pub name: String,
+    /// The `data:` field (one line: parley's events and the AI SDK's chunks have one).
+    pub data: String,
+}
+
+impl SseEvent {
+    /// A string field of the event's JSON data (`turn_id`, `delta`…), if it has one.
+    pub fn field(&self, name: &str) -> Option<String> {
+        let data: serde_json::Value = serde_json::from_str(&self.data).ok()?;
+        Some(data.get(name)?.as_str()?.to_owned())
+    }
 }
 
 impl SseReader {
@@ -170,15 +180,16 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 
 fn parse_event(raw: &[u8]) -> Option<SseEvent> {
     let text = std::str::from_utf8(raw).ok()?;
+    let data = text.lines().find_map(|line| line.strip_prefix("data:")).map(str::trim);
     if let Some(name) = text.lines().find_map(|line| line.strip_prefix("event:")) {
-        return Some(SseEvent { name: name.trim().to_owned() });
+        return Some(SseEvent { name: name.trim().to_owned(), data: data.unwrap_or_default().to_owned() });
     }
-    let data = text.lines().find_map(|line| line.strip_prefix("data:"))?.trim();
+    let data = data?;
     let name = match serde_json::from_str::<serde_json::Value>(data) {
         Ok(chunk) => chunk.get("type")?.as_str()?.to_owned(),
         Err(_) => data.to_owned(), // `[DONE]`
     };
-    Some(SseEvent { name })
+    Some(SseEvent { name, data: data.to_owned() })
 }
 
 #[cfg(test)]
@@ -187,8 +198,10 @@ mod tests {
 
     #[test]
     fn events_parse_and_comments_do_not() {
-        let e = parse_event(b"event: message.delta\nid: 2\ndata: {\"a\":1}\n\n").unwrap();
+        let e = parse_event(b"event: message.delta\nid: 2\ndata: {\"delta\":\"hi \"}\n\n").unwrap();
         assert_eq!(e.name, "message.delta");
+        assert_eq!(e.field("delta").as_deref(), Some("hi "));
+        assert_eq!(e.field("turn_id"), None);
         assert!(parse_event(b": keep-alive\n\n").is_none());
         let chunk =
             parse_event(b"id: 3\ndata: {\"type\":\"text-delta\",\"id\":\"m\",\"delta\":\"hi\"}\n\n").unwrap();

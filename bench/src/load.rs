@@ -89,17 +89,38 @@ impl Worker for HttpWorker {
     }
 }
 
+/// The paths `path(session)` of the sessions worker `w` of `clients` owns: w, w + clients, w + 2
+/// clients…
+fn owned(sessions: &[String], w: usize, clients: usize, path: impl Fn(&str) -> String) -> Vec<String> {
+    sessions.iter().skip(w).step_by(clients).map(|s| path(s)).collect()
+}
+
 /// Workers that post turns: worker w owns sessions w, w + clients, w + 2 clients… so no two
 /// workers ever post to the same session at once (parley answers 409 to a second concurrent turn).
 pub fn turn_workers(addr: SocketAddr, clients: usize, sessions: &[String], body: &Bytes) -> Vec<HttpWorker> {
+    posting_workers(addr, clients, sessions, body, "")
+}
+
+/// The same posting streamed turns (`?stream=true`): a turn is done when its stream has ended.
+pub fn streamed_turn_workers(
+    addr: SocketAddr,
+    clients: usize,
+    sessions: &[String],
+    body: &Bytes,
+) -> Vec<HttpWorker> {
+    posting_workers(addr, clients, sessions, body, "?stream=true")
+}
+
+fn posting_workers(
+    addr: SocketAddr,
+    clients: usize,
+    sessions: &[String],
+    body: &Bytes,
+    query: &str,
+) -> Vec<HttpWorker> {
     (0..clients)
         .map(|w| {
-            let own: Vec<String> = sessions
-                .iter()
-                .skip(w)
-                .step_by(clients)
-                .map(|s| format!("/v1/sessions/{s}/messages"))
-                .collect();
+            let own = owned(sessions, w, clients, |s| format!("/v1/sessions/{s}/messages{query}"));
             let body = body.clone();
             HttpWorker::new(addr, move |i| {
                 (Method::POST, own[i as usize % own.len()].clone(), Some(body.clone()))
@@ -112,12 +133,7 @@ pub fn turn_workers(addr: SocketAddr, clients: usize, sessions: &[String], body:
 pub fn read_workers(addr: SocketAddr, clients: usize, sessions: &[String], limit: usize) -> Vec<HttpWorker> {
     (0..clients)
         .map(|w| {
-            let own: Vec<String> = sessions
-                .iter()
-                .skip(w)
-                .step_by(clients)
-                .map(|s| format!("/v1/sessions/{s}/messages?limit={limit}"))
-                .collect();
+            let own = owned(sessions, w, clients, |s| format!("/v1/sessions/{s}/messages?limit={limit}"));
             HttpWorker::new(addr, move |i| (Method::GET, own[i as usize % own.len()].clone(), None))
         })
         .collect()

@@ -10,7 +10,8 @@
 //! - `client`, `load`: a lean keep-alive HTTP/1.1 client and the closed-loop load generator.
 //! - `floor`: the bare-axum floor server and the raw Redis / PostgreSQL replays.
 //! - `setup`: sessions and histories through the API.
-//! - `growth`, `streams`, `footprint`: figures 4, 5 and 6.
+//! - `growth`, `streams`, `footprint`, `replicas`: figures 4, 5, 6 and 8.
+//! - `upstream`, `rxstamp`: the OpenAI-compatible upstream of figures 5a and 8b, receive stamps.
 //! - `procs`, `stats`, `report`: child processes and /proc, percentiles and medians, the output.
 
 mod client;
@@ -19,6 +20,7 @@ mod footprint;
 mod growth;
 mod load;
 mod procs;
+mod replicas;
 mod report;
 mod run;
 mod rxstamp;
@@ -31,6 +33,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use parley::config::StoreKind;
 
 /// The benchmark harness of parley.
 #[derive(Debug, Parser)]
@@ -44,6 +47,9 @@ struct Cli {
 enum Cmd {
     /// Measure every figure and write bench/results.json.
     Run(run::RunArgs),
+    /// Figure 8 only, streams on any replica: `run --figures 8` on the stores that keep a turn
+    /// event log (Redis and PostgreSQL; others given are left out).
+    Replicas(run::RunArgs),
     /// The bare-axum floor server of figure 2a (listens on PARLEY_ADDR).
     FloorServer {
         /// Listen address.
@@ -95,6 +101,11 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn dispatch(command: Cmd) -> anyhow::Result<()> {
     match command {
         Cmd::Run(args) => runtime()?.block_on(run::run(args)),
+        Cmd::Replicas(mut args) => {
+            args.figures = vec![8];
+            args.stores.retain(|k| matches!(k, StoreKind::Redis | StoreKind::Postgres));
+            runtime()?.block_on(run::run(args))
+        }
         Cmd::Load(args) => runtime()?.block_on(run::load(args)),
         Cmd::FloorServer { addr, body_bytes, pin_workers, disable_thp } => {
             if disable_thp {

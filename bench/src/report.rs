@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use crate::footprint::Footprint;
 use crate::growth::Growth;
+use crate::replicas::ReplicaFigures;
 use crate::stats::Summary;
 use crate::streams::{OpenStreams, ProbeResult};
 
@@ -51,20 +52,22 @@ pub struct TurnFigures {
     pub ratio: f64,
 }
 
-/// Figure 7: the same turn load on two parley processes, one with `PARLEY_METRICS=true`, one
-/// without, alternating in the same run.
+/// The same turn load on two parley processes that differ in one setting, alternating in the
+/// same run: figure 7 (`PARLEY_METRICS`) and 8c (`PARLEY_EVENT_LOG`, streamed turns).
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct MetricsCost {
-    /// With metrics, per run.
+pub struct OnOff {
+    /// With the setting on, per run.
     pub on_runs: Vec<Summary>,
-    /// Without, per run.
+    /// Off, per run.
     pub off_runs: Vec<Summary>,
-    /// Medians with metrics.
+    /// Medians with it on.
     pub on: Summary,
-    /// Medians without.
+    /// Medians with it off.
     pub off: Summary,
     /// Median over runs of on ÷ off in the same run.
     pub ratio: f64,
+    /// The median rate on ÷ the median rate off.
+    pub ratio_of_medians: f64,
 }
 
 /// Everything measured on one store.
@@ -89,7 +92,9 @@ pub struct StoreFigures {
     /// Figure 5b.
     pub open_streams: Option<OpenStreams>,
     /// Figure 7: turns with metrics on against the same with metrics off (memory store).
-    pub metrics_cost: Option<MetricsCost>,
+    pub metrics_cost: Option<OnOff>,
+    /// Figure 8: streams on any replica (Redis and PostgreSQL).
+    pub replicas: Option<ReplicaFigures>,
     /// Errors that stopped a figure.
     pub errors: Vec<String>,
 }
@@ -190,6 +195,7 @@ pub fn targets(stores: &[StoreFigures], footprint: Option<&Footprint>) -> Vec<Ta
             |v| format!("{:.1}%", v * 100.0),
             |v| v >= 0.97,
         );
+        replica_targets(&mut out, name, s.replicas.as_ref());
     }
     if let Some(f) = footprint {
         let limit = 2.0 * f.payload_bytes as f64 + 256.0;
@@ -204,6 +210,41 @@ pub fn targets(stores: &[StoreFigures], footprint: Option<&Footprint>) -> Vec<Ta
     out
 }
 
+/// Figure 8's targets (issue 18).
+fn replica_targets(out: &mut Vec<Target>, name: &str, r: Option<&ReplicaFigures>) {
+    let Some(r) = r else { return };
+    let ms = |v: f64| format!("{v:.3} ms");
+    let producer = r.producer.as_ref();
+    target(
+        out,
+        format!("{name}: first-delta overhead with the event log p99 ≤ 1 ms"),
+        producer.map(|p| p.on.p99_ms),
+        ms,
+        |v| v <= 1.0,
+    );
+    target(
+        out,
+        format!("{name}: follower on another replica, upstream's delta → its socket p99 ≤ 5 ms"),
+        r.follow.as_ref().map(|f| f.other_replica.p99_ms),
+        ms,
+        |v| v <= 5.0,
+    );
+    target(
+        out,
+        format!("{name}: streamed turns/s with the event log ≥ 80% of without"),
+        r.streamed_turns.as_ref().map(|t| t.ratio_of_medians),
+        |v| format!("{:.0}%", v * 100.0),
+        |v| v >= 0.8,
+    );
+    target(
+        out,
+        format!("{name}: ≤ 64 KiB resident per follower on another replica"),
+        r.follower_memory.as_ref().map(|m| m.per_follower_bytes),
+        |v| format!("{:.1} KiB", v / 1024.0),
+        |v| v <= 65536.0,
+    );
+}
+
 fn cell(v: Option<String>) -> String {
     v.unwrap_or_else(|| "–".to_owned())
 }
@@ -214,8 +255,50 @@ fn row(
     stores: &[StoreFigures],
     f: impl Fn(&StoreFigures) -> Option<String>,
 ) {
-    let cells: Vec<String> = stores.iter().map(|s| cell(f(s))).collect();
+    let cells: Vec<Option<String>> = stores.iter().map(f).collect();
+    // A figure that was not measured on any store (not asked for) has no row.
+    if cells.iter().all(Option::is_none) {
+        return;
+    }
+    let cells: Vec<String> = cells.into_iter().map(cell).collect();
     let _ = writeln!(table, "| {label} | {} |", cells.join(" | "));
+}
+
+/// Figure 8's rows, for the stores that have it.
+fn replica_rows(t: &mut String, stores: &[StoreFigures]) {
+    fn r(s: &StoreFigures) -> Option<&ReplicaFigures> {
+        s.replicas.as_ref()
+    }
+    let lat = |x: &Summary| format!("{:.3} / {:.3}", x.p50_ms, x.p99_ms);
+    row(t, "8a. first delta → client's socket, with the event log p50 / p99 (ms)", stores, |s| {
+        r(s)?.producer.as_ref().map(|p| lat(&p.on))
+    });
+    row(t, "8a. the same without (`PARLEY_EVENT_LOG=false`) p50 / p99 (ms)", stores, |s| {
+        r(s)?.producer.as_ref().map(|p| lat(&p.off))
+    });
+    row(t, "8b. upstream's delta → follower on another replica p50 / p99 (ms)", stores, |s| {
+        r(s)?.follow.as_ref().map(|f| format!("{} ({} deltas)", lat(&f.other_replica), f.other_replica.ok))
+    });
+    row(t, "8b. the same, follower on the running replica p50 / p99 (ms)", stores, |s| {
+        r(s)?.follow.as_ref().map(|f| format!("{} ({} deltas)", lat(&f.same_replica), f.same_replica.ok))
+    });
+    row(t, "8c. streamed turns/s with the log / without (÷ of medians)", stores, |s| {
+        r(s)?.streamed_turns.as_ref().map(|m| {
+            format!("{:.0} / {:.0} ({:.0}%)", m.on.per_sec, m.off.per_sec, m.ratio_of_medians * 100.0)
+        })
+    });
+    row(t, "8d. resident per follower on another replica (KiB)", stores, |s| {
+        r(s)?
+            .follower_memory
+            .as_ref()
+            .map(|m| format!("{:.1} ({} open)", m.per_follower_bytes / 1024.0, m.open))
+    });
+    row(t, "8e. store bytes per logged event (encoded event's own bytes)", stores, |s| {
+        r(s)?
+            .log_size
+            .as_ref()
+            .map(|l| format!("{:.0} ({:.0})", l.store_bytes_per_event, l.body_bytes_per_event))
+    });
 }
 
 /// The results as a Markdown table (the figures) and a list (the targets).
@@ -268,6 +351,7 @@ pub fn markdown(results: &Results) -> String {
             .as_ref()
             .map(|m| format!("{:.0} / {:.0} ({:.1}%)", m.on.per_sec, m.off.per_sec, m.ratio * 100.0))
     });
+    replica_rows(&mut t, stores);
     if let Some(f) = &results.footprint {
         let _ = writeln!(
             t,

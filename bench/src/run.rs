@@ -19,7 +19,7 @@ use crate::footprint::Footprint;
 use crate::growth;
 use crate::load::{self, Plan, Worker, closed_loop};
 use crate::procs::{self, Server};
-use crate::report::{self, Machine, Results, StoreFigures, TurnFigures};
+use crate::report::{self, Machine, OnOff, Results, StoreFigures, TurnFigures};
 use crate::setup;
 use crate::stats::{Summary, median, median_summary};
 use crate::streams::{self, Dialect, ProbeResult};
@@ -33,8 +33,8 @@ pub struct RunArgs {
     /// Stores to measure.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,sqlite,redis,postgres")]
     pub stores: Vec<StoreKind>,
-    /// Figures to measure (1 includes 2).
-    #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6,7")]
+    /// Figures to measure (1 includes 2; 8, streams on any replica, only on Redis and PostgreSQL).
+    #[arg(long, value_delimiter = ',', default_value = "1,3,4,5,6,7,8")]
     pub figures: Vec<u8>,
     /// Timed runs per figure; each figure is the median of the runs.
     #[arg(long, default_value_t = 5)]
@@ -80,10 +80,13 @@ pub struct RunArgs {
     /// PostgreSQL, on this machine.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     pub database_url: String,
+    /// Figure 8's sizes.
+    #[command(flatten)]
+    pub replicas: crate::replicas::Sizes,
 }
 
 impl RunArgs {
-    fn plan(&self) -> Plan {
+    pub(crate) fn plan(&self) -> Plan {
         Plan { duration: Duration::from_secs_f64(self.duration), max_per_worker: 10_000_000 }
     }
 
@@ -93,13 +96,13 @@ impl RunArgs {
 }
 
 /// What a run shares between stores.
-struct Ctx {
-    args: RunArgs,
+pub(crate) struct Ctx {
+    pub(crate) args: RunArgs,
     /// This binary, for its `floor-server`, `stream-probe` and `footprint` subcommands.
     me: PathBuf,
     logs: PathBuf,
-    /// Suffix of the Redis prefix and PostgreSQL schema of this run.
-    tag: String,
+    /// The Redis prefix and PostgreSQL schema of this run.
+    pub(crate) tag: String,
 }
 
 /// Runs everything and writes the results.
@@ -160,11 +163,15 @@ fn settings(args: &RunArgs) -> serde_json::Value {
         "growth_pairs": args.growth_pairs, "streams": args.streams,
         "footprint_messages": args.footprint_messages, "content": CONTENT,
         "history_size": 20, "stream_probe_delay_ms": PROBE_DELAY_MS,
+        "follow_turns": args.replicas.follow_turns, "follow_deltas": args.replicas.follow_deltas,
+        "delta_ms": [args.replicas.delta_min_ms, args.replicas.delta_max_ms],
+        "followers": args.replicas.followers, "log_deltas": args.replicas.log_deltas,
+        "replica_parts": args.replicas.parts,
     })
 }
 
 /// parley's environment for this store.
-fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, String)> {
+pub(crate) fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, String)> {
     let a = &ctx.args;
     [
         ("PARLEY_STORE", store_name(kind).to_owned()),
@@ -187,25 +194,81 @@ fn parley_env(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64) -> Vec<(String, St
     .collect()
 }
 
+/// `env` with each of `set` replacing the variable of its name, or added.
+pub(crate) fn with_env(mut env: Vec<(String, String)>, set: &[(&str, &str)]) -> Vec<(String, String)> {
+    for &(key, value) in set {
+        env.retain(|(k, _)| k != key);
+        env.push((key.to_owned(), value.to_owned()));
+    }
+    env
+}
+
 async fn start_parley(ctx: &Ctx, kind: StoreKind, echo_delay_ms: u64, what: &str) -> anyhow::Result<Server> {
+    start_parley_env(ctx, kind, parley_env(ctx, kind, echo_delay_ms), what).await
+}
+
+/// Starts parley with `env`, logging to `target/bench-logs/parley-<store>-<what>.log`.
+pub(crate) async fn start_parley_env(
+    ctx: &Ctx,
+    kind: StoreKind,
+    env: Vec<(String, String)>,
+    what: &str,
+) -> anyhow::Result<Server> {
     let log = ctx.logs.join(format!("parley-{}-{what}.log", store_name(kind)));
-    let env = parley_env(ctx, kind, echo_delay_ms);
     Server::start("parley", &ctx.args.parley_bin, &[], &env, &log, "/readyz").await
 }
 
 async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyhow::Result<()> {
     let a = &ctx.args;
     let body = setup::turn_body(CONTENT);
+    if a.wants(1) || a.wants(3) || a.wants(4) {
+        turn_figures(ctx, kind, out, &body).await?;
+    }
+    if a.wants(7) && kind == StoreKind::Memory {
+        eprintln!("[bench] figure 7: turns with metrics on and off");
+        // A 3 % difference is within one run's noise here: twice as many pairs as other
+        // figures, each half as long, and the median of the per-pair ratios.
+        let plan = Plan { duration: Duration::from_secs_f64(a.duration / 2.0), ..a.plan() };
+        out.metrics_cost = Some(on_off(ctx, kind, "PARLEY_METRICS", false, a.runs * 2, plan).await?);
+    }
+    if a.wants(5) {
+        eprintln!("[bench] figure 5a: stream overhead");
+        out.stream_overhead = Some(stream_probe(ctx, kind, false, Dialect::Native, a.runs, &[]).await?);
+        eprintln!("[bench] figure 5a: stream overhead through the AI SDK dialect");
+        out.stream_overhead_ai_sdk = Some(stream_probe(ctx, kind, false, Dialect::AiSdk, a.runs, &[]).await?);
+        eprintln!("[bench] figure 5a: stream overhead through the openai provider");
+        out.stream_overhead_upstream =
+            Some(stream_probe(ctx, kind, true, Dialect::Native, a.runs, &[]).await?);
+        eprintln!("[bench] figure 5b: {} open streams", a.streams);
+        let parley = start_parley(ctx, kind, 1000, "streams").await?;
+        let result = streams::open_streams(&parley, a.streams).await;
+        parley.stop(Duration::from_secs(3)).await;
+        out.open_streams = Some(result?);
+    }
+    if a.wants(8) && matches!(kind, StoreKind::Redis | StoreKind::Postgres) {
+        out.replicas = Some(crate::replicas::figure(ctx, kind).await?);
+    }
+    Ok(())
+}
+
+/// Figures 1 to 4, on one parley.
+async fn turn_figures(
+    ctx: &Ctx,
+    kind: StoreKind,
+    out: &mut StoreFigures,
+    body: &Bytes,
+) -> anyhow::Result<()> {
+    let a = &ctx.args;
     let parley = start_parley(ctx, kind, 0, "turns").await?;
     let sessions: Vec<String> = (0..a.sessions).map(|i| format!("bench-{i:05}")).collect();
     setup::create_sessions(parley.addr, &sessions, 64).await?;
     if a.wants(1) {
         eprintln!("[bench] figures 1-2: turns against the floor");
-        out.turns = Some(turns_vs_floor(ctx, kind, &parley, &sessions, &body).await?);
+        out.turns = Some(turns_vs_floor(ctx, kind, &parley, &sessions, body).await?);
     }
     if a.wants(3) {
         eprintln!("[bench] figure 3: history reads");
-        setup::top_up(parley.addr, &sessions, 50, &body).await?;
+        setup::top_up(parley.addr, &sessions, 50, body).await?;
         let mut workers = load::read_workers(parley.addr, a.clients, &sessions, 50);
         timed(&mut workers, warm_up()).await;
         for _ in 0..a.runs {
@@ -215,26 +278,9 @@ async fn bench_store(ctx: &Ctx, kind: StoreKind, out: &mut StoreFigures) -> anyh
     }
     if a.wants(4) {
         eprintln!("[bench] figure 4: growth");
-        out.growth = Some(growth_figure(ctx, kind, &parley, &body).await?);
+        out.growth = Some(growth_figure(ctx, kind, &parley, body).await?);
     }
     parley.stop(Duration::from_secs(5)).await;
-    if a.wants(7) && kind == StoreKind::Memory {
-        eprintln!("[bench] figure 7: turns with metrics on and off");
-        out.metrics_cost = Some(metrics_cost(ctx, kind, &sessions, &body).await?);
-    }
-    if a.wants(5) {
-        eprintln!("[bench] figure 5a: stream overhead");
-        out.stream_overhead = Some(stream_probe(ctx, kind, false, Dialect::Native).await?);
-        eprintln!("[bench] figure 5a: stream overhead through the AI SDK dialect");
-        out.stream_overhead_ai_sdk = Some(stream_probe(ctx, kind, false, Dialect::AiSdk).await?);
-        eprintln!("[bench] figure 5a: stream overhead through the openai provider");
-        out.stream_overhead_upstream = Some(stream_probe(ctx, kind, true, Dialect::Native).await?);
-        eprintln!("[bench] figure 5b: {} open streams", a.streams);
-        let parley = start_parley(ctx, kind, 1000, "streams").await?;
-        let result = streams::open_streams(&parley, a.streams).await;
-        parley.stop(Duration::from_secs(3)).await;
-        out.open_streams = Some(result?);
-    }
     Ok(())
 }
 
@@ -373,35 +419,46 @@ async fn turns_vs_floor(
     Ok(fig)
 }
 
-/// Figure 7: two parley processes, metrics on and off, the same load alternating between them
-/// (off first in even runs); the ratio is the median of per-run ratios.
-async fn metrics_cost(
+/// Two parley processes that differ in one setting (`var`, true or false), the same turn load
+/// (streamed or not) alternating between them, `pairs` times (off first in even pairs). Each has
+/// sessions of its own, so that both can share a store. Figure 7 (`PARLEY_METRICS`) and 8c
+/// (`PARLEY_EVENT_LOG`).
+pub(crate) async fn on_off(
     ctx: &Ctx,
     kind: StoreKind,
-    sessions: &[String],
-    body: &Bytes,
-) -> anyhow::Result<crate::report::MetricsCost> {
+    var: &str,
+    streamed: bool,
+    pairs: usize,
+    plan: Plan,
+) -> anyhow::Result<OnOff> {
     let a = &ctx.args;
-    let start = |metrics: bool| {
-        let mut env = parley_env(ctx, kind, 0);
-        env.push(("PARLEY_METRICS".to_owned(), metrics.to_string()));
-        let what = if metrics { "metrics-on" } else { "metrics-off" };
-        let log = ctx.logs.join(format!("parley-{}-{what}.log", store_name(kind)));
-        async move { Server::start("parley", &ctx.args.parley_bin, &[], &env, &log, "/readyz").await }
+    let label = var.trim_start_matches("PARLEY_").to_lowercase().replace('_', "-");
+    let body = setup::turn_body(CONTENT);
+    let start = |on: bool| {
+        let env = with_env(parley_env(ctx, kind, 0), &[(var, if on { "true" } else { "false" })]);
+        let what = format!("{label}-{}", if on { "on" } else { "off" });
+        async move { start_parley_env(ctx, kind, env, &what).await }
     };
-    let on = start(true).await?;
-    let off = start(false).await?;
-    setup::create_sessions(on.addr, sessions, 64).await?;
-    setup::create_sessions(off.addr, sessions, 64).await?;
-    let mut on_workers = load::turn_workers(on.addr, a.clients, sessions, body);
-    let mut off_workers = load::turn_workers(off.addr, a.clients, sessions, body);
-    timed(&mut on_workers, warm_up()).await;
-    timed(&mut off_workers, warm_up()).await;
-    let mut fig = crate::report::MetricsCost::default();
-    // A 3 % difference is within one run's noise here: twice as many pairs as other figures, each
-    // half as long, and the median of the per-pair ratios.
-    let plan = Plan { duration: Duration::from_secs_f64(a.duration / 2.0), ..a.plan() };
-    for run in 0..a.runs * 2 {
+    let workers = |server: &Server, side: &str| {
+        let sessions: Vec<String> = (0..a.sessions).map(|i| format!("{label}-{side}-{i:05}")).collect();
+        let addr = server.addr;
+        let body = body.clone();
+        async move {
+            setup::create_sessions(addr, &sessions, 64).await?;
+            let mut w = if streamed {
+                load::streamed_turn_workers(addr, a.clients, &sessions, &body)
+            } else {
+                load::turn_workers(addr, a.clients, &sessions, &body)
+            };
+            timed(&mut w, warm_up()).await;
+            anyhow::Ok(w)
+        }
+    };
+    let (on, off) = (start(true).await?, start(false).await?);
+    let mut on_workers = workers(&on, "on").await?;
+    let mut off_workers = workers(&off, "off").await?;
+    let mut fig = OnOff::default();
+    for run in 0..pairs {
         let (with, without) = if run % 2 == 0 {
             let without = timed(&mut off_workers, plan).await;
             (timed(&mut on_workers, plan).await, without)
@@ -409,13 +466,14 @@ async fn metrics_cost(
             let with = timed(&mut on_workers, plan).await;
             (with, timed(&mut off_workers, plan).await)
         };
-        eprintln!("[bench]   run {run}: metrics on {:.0}/s, off {:.0}/s", with.per_sec, without.per_sec);
+        eprintln!("[bench]   run {run}: {label} on {:.0}/s, off {:.0}/s", with.per_sec, without.per_sec);
         fig.on_runs.push(with);
         fig.off_runs.push(without);
     }
     fig.on = median_summary(&fig.on_runs);
     fig.off = median_summary(&fig.off_runs);
     fig.ratio = median(fig.on_runs.iter().zip(&fig.off_runs).map(|(w, wo)| w.per_sec / wo.per_sec.max(1e-9)));
+    fig.ratio_of_medians = fig.on.per_sec / fig.off.per_sec.max(1e-9);
     on.stop(Duration::from_secs(3)).await;
     off.stop(Duration::from_secs(3)).await;
     Ok(fig)
@@ -472,12 +530,15 @@ fn store_config(ctx: &Ctx, kind: StoreKind) -> anyhow::Result<parley::config::Co
 const PROBE_DELAY_MS: u64 = 20;
 
 /// Figure 5a: with the echo model, or (`upstream`) with the openai provider against the probe's
-/// OpenAI-compatible upstream; in parley's own events or in a client dialect's.
-async fn stream_probe(
+/// OpenAI-compatible upstream; in parley's own events or in a client dialect's; `runs` runs, in a
+/// probe process of its own whose parley has the store's environment with `env` set.
+pub(crate) async fn stream_probe(
     ctx: &Ctx,
     kind: StoreKind,
     upstream: bool,
     dialect: Dialect,
+    runs: usize,
+    env: &[(&str, &str)],
 ) -> anyhow::Result<ProbeResult> {
     let a = &ctx.args;
     let mut args = vec![
@@ -485,7 +546,7 @@ async fn stream_probe(
         format!("--clients={}", a.clients),
         format!("--delay-ms={PROBE_DELAY_MS}"),
         format!("--duration={}", a.duration),
-        format!("--runs={}", a.runs),
+        format!("--runs={runs}"),
     ];
     if upstream {
         args.push("--upstream".to_owned());
@@ -493,7 +554,7 @@ async fn stream_probe(
     if dialect == Dialect::AiSdk {
         args.push("--dialect=ai-sdk".to_owned());
     }
-    child_json(ctx, &args, &parley_env(ctx, kind, 0)).await
+    child_json(ctx, &args, &with_env(parley_env(ctx, kind, 0), env)).await
 }
 
 async fn footprint(ctx: &Ctx) -> anyhow::Result<Footprint> {
@@ -546,7 +607,7 @@ async fn cleanup(ctx: &Ctx, kind: StoreKind) {
     }
 }
 
-async fn drop_redis_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_redis_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
     use deadpool_redis::redis::{self, AsyncCommands};
     let mut conn = redis::Client::open(url)?.get_multiplexed_async_connection().await?;
     let mut keys: Vec<String> = Vec::new();
@@ -562,10 +623,10 @@ async fn drop_redis_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
+pub(crate) async fn drop_schema(url: &str, schema: &str) -> anyhow::Result<()> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
-    // The schema name is `bench_<pid>`: a plain identifier.
+    // The schema name is `bench_<pid>` (figure 8e: `bench_<pid>_log`): a plain identifier.
     let sql = format!("drop schema if exists \"{schema}\" cascade");
     sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await?;
     Ok(())

@@ -144,7 +144,8 @@ pub fn probe(args: &ProbeArgs) -> anyhow::Result<ProbeResult> {
     let delay = Duration::from_millis(args.delay_ms);
     let model: parley::llm::DynModel = if args.upstream {
         // The upstream runs beside the clients, on their runtime: parley's is parley's alone.
-        let upstream = client_rt.block_on(crate::upstream::start(Arc::clone(&stamps), delay))?;
+        let upstream = client_rt
+            .block_on(crate::upstream::start(Arc::clone(&stamps), crate::upstream::Pacing::fixed(delay)))?;
         let mut config = config;
         config.model.provider = parley::config::ModelProvider::Openai;
         config.model.openai_base_url = format!("http://{upstream}/v1");
@@ -185,13 +186,15 @@ async fn start_parley(
 async fn drive_probe(addr: SocketAddr, args: &ProbeArgs, stamps: Stamps) -> anyhow::Result<ProbeResult> {
     // Receive timestamps on, and kept on, before the first byte measured.
     let _stamping = crate::rxstamp::keep_stamping(Duration::from_secs(5)).await?;
-    // Each form of the probe has sessions of its own: both run against the same store.
+    // Each probe process has sessions of its own: every form, and figure 8a's alternating
+    // probes, run against the same store.
     let form = match (args.upstream, args.dialect) {
         (true, _) => "up",
         (false, Dialect::Native) => "echo",
         (false, Dialect::AiSdk) => "aisdk",
     };
-    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{i:03}")).collect();
+    let pid = std::process::id();
+    let sessions: Vec<String> = (0..args.clients).map(|i| format!("probe-{form}-{pid}-{i:03}")).collect();
     setup::create_sessions(addr, &sessions, 16).await?;
     // Warm-up: connections, the store's pools, the allocator.
     // Clients start spread over one turn: turns of equal length in a closed loop that all start
@@ -326,24 +329,24 @@ pub async fn open_streams(server: &Server, n: usize) -> anyhow::Result<OpenStrea
     setup::create_sessions(addr, &sessions, 64).await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss()?;
-    let started = Arc::new(AtomicUsize::new(0));
-    let ended = Arc::new(AtomicUsize::new(0));
-    let opening = Arc::new(tokio::sync::Semaphore::new(256));
-    let words = vec!["word"; 40].join(" ");
-    let body = setup::turn_body(&words);
+    let held = Held::default();
     let tasks: Vec<_> = sessions
         .into_iter()
-        .map(|s| {
-            hold_stream(addr, s, body.clone(), Arc::clone(&opening), Arc::clone(&started), Arc::clone(&ended))
+        .map(|session| {
+            held.spawn(async move {
+                let mut client = Client::new(addr);
+                let path = format!("/v1/sessions/{session}/messages?stream=true");
+                let response = client.send(Method::POST, &path, Some(slow_turn_body())).await.ok()?;
+                let mut reader = SseReader::new(response.into_body());
+                while reader.next().await.ok()??.name != "turn.started" {}
+                Some((client, [reader]))
+            })
         })
         .collect();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while started.load(Ordering::SeqCst) < n && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    held.wait_opened(n, Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_open = server.rss()?;
-    let open = started.load(Ordering::SeqCst).saturating_sub(ended.load(Ordering::SeqCst));
+    let open = held.open();
     for task in tasks {
         task.abort();
     }
@@ -351,28 +354,68 @@ pub async fn open_streams(server: &Server, n: usize) -> anyhow::Result<OpenStrea
     Ok(OpenStreams { streams: n, open, rss_before, rss_open, per_stream_bytes })
 }
 
-fn hold_stream(
-    addr: SocketAddr,
-    session: String,
-    body: Bytes,
+/// A streamed turn of the memory figures (5b, 8d): 40 words, about 45 s of stream with
+/// `PARLEY_ECHO_DELAY_MS=1000`.
+pub fn slow_turn_body() -> Bytes {
+    setup::turn_body(&vec!["word"; 40].join(" "))
+}
+
+/// Streams held open for the memory figures (5b, 8d): how many opened, ended since, or failed
+/// to open. At most 256 open at once, so that the server is not flooded with connections.
+#[derive(Clone)]
+pub struct Held {
     opening: Arc<tokio::sync::Semaphore>,
-    started: Arc<AtomicUsize>,
+    opened: Arc<AtomicUsize>,
     ended: Arc<AtomicUsize>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let permit = opening.acquire_owned().await;
-        let mut client = Client::new(addr);
-        let path = format!("/v1/sessions/{session}/messages?stream=true");
-        let Ok(response) = client.send(Method::POST, &path, Some(body)).await else { return };
-        let mut reader = SseReader::new(response.into_body());
-        while let Ok(Some(event)) = reader.next().await {
-            if event.name == "turn.started" {
-                started.fetch_add(1, Ordering::SeqCst);
-                drop(permit);
-                break;
-            }
+    failed: Arc<AtomicUsize>,
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held {
+            opening: Arc::new(tokio::sync::Semaphore::new(256)),
+            opened: Arc::default(),
+            ended: Arc::default(),
+            failed: Arc::default(),
         }
-        while let Ok(Some(_)) = reader.next().await {}
-        ended.fetch_add(1, Ordering::SeqCst);
-    })
+    }
+}
+
+impl Held {
+    /// Opens what `open` opens (`None`: it could not) and holds it, reading each of its streams
+    /// to its end, until the task is aborted.
+    pub fn spawn<C, Fut, const N: usize>(&self, open: Fut) -> tokio::task::JoinHandle<()>
+    where
+        Fut: Future<Output = Option<(C, [SseReader; N])>> + Send + 'static,
+        C: Send + 'static,
+    {
+        let held = self.clone();
+        tokio::spawn(async move {
+            let permit = held.opening.acquire().await;
+            let Some((_connections, readers)) = open.await else {
+                held.failed.fetch_add(1, Ordering::SeqCst);
+                return;
+            };
+            held.opened.fetch_add(1, Ordering::SeqCst);
+            drop(permit);
+            let drains =
+                readers.map(|mut reader| async move { while let Ok(Some(_)) = reader.next().await {} });
+            futures::future::join_all(drains).await;
+            held.ended.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    /// Held open now.
+    pub fn open(&self) -> usize {
+        self.opened.load(Ordering::SeqCst).saturating_sub(self.ended.load(Ordering::SeqCst))
+    }
+
+    /// Until `n` have opened or failed to, or `timeout`.
+    pub async fn wait_opened(&self, n: usize, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let settled = || self.opened.load(Ordering::SeqCst) + self.failed.load(Ordering::SeqCst);
+        while settled() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
 }
