@@ -47,9 +47,11 @@ impl TurnFeed {
         self.progress.subscribe()
     }
 
-    /// The events from index `from` on (what a log writer has not written yet).
-    pub fn events_from(&self, from: usize) -> Vec<TurnEvent> {
-        self.log().get(from..).map(<[TurnEvent]>::to_vec).unwrap_or_default()
+    /// At most `max` events from index `from` on (what a log writer has not written yet).
+    pub fn events_from(&self, from: usize, max: usize) -> Vec<TurnEvent> {
+        let log = self.log();
+        let end = from.saturating_add(max).min(log.len());
+        log.get(from..end).map(<[TurnEvent]>::to_vec).unwrap_or_default()
     }
 
     /// The events from the first one on, as they come; ends when the feed is closed and read.

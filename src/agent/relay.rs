@@ -48,7 +48,7 @@ pub(super) async fn relay(coordinator: DynCoordinator, turn: LeaseKey, feed: Arc
         if closed && ended_at.is_none() {
             ended_at = Some(Instant::now());
         }
-        let pending = feed.events_from(written);
+        let pending = feed.events_from(written, WRITE_BATCH);
         if pending.is_empty() {
             if closed || progress.changed().await.is_err() {
                 return;
@@ -57,7 +57,6 @@ pub(super) async fn relay(coordinator: DynCoordinator, turn: LeaseKey, feed: Arc
         }
         let batch: Vec<LoggedEvent> = pending
             .iter()
-            .take(WRITE_BATCH)
             .enumerate()
             .map(|(i, event)| LoggedEvent { id: (written + i + 1) as u64, body: event.encode() })
             .collect();

@@ -55,6 +55,41 @@ async fn waiters_on_two_postgres_replicas_run_in_arrival_order() {
     waiters_on_two_replicas_run_in_arrival_order(Backend::Postgres).await;
 }
 
+/// A waiter whose client leaves keeps its place and runs (a turn posted is a turn saved, as for
+/// any client that leaves), and the waiter behind it, on another replica, runs right after it:
+/// nobody waits for a place to lapse.
+async fn a_waiter_whose_client_left_runs_in_its_place(backend: Backend) {
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "100", "--turn-lease", "15s"]).await;
+    apps[0].create_session("leave").await;
+    let first = apps[0].open_stream("leave", "one two three four five six").await;
+    let reader = tokio::spawn(collect_events(first));
+    crate::safety::post_and_leave(&apps[1].base, "leave", "gone", false, Duration::from_millis(300)).await;
+    let started = std::time::Instant::now();
+    let next = post(&apps[0], "leave", json!({"content": "next", "if_busy": "wait"}), None).await;
+    assert_eq!(next.status(), 200);
+    reader.await.unwrap();
+    // Two turns of about a second each; a place kept until it lapsed would cost the 15 s lease.
+    assert!(started.elapsed() < Duration::from_secs(8), "next waited {:?}", started.elapsed());
+    let users: Vec<String> = apps[0]
+        .history("leave")
+        .await
+        .iter()
+        .filter(|m| m["role"] == "user")
+        .map(|m| m["content"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(users, vec!["one two three four five six", "gone", "next"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_client_left_runs_in_its_place_on_redis() {
+    a_waiter_whose_client_left_runs_in_its_place(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_whose_client_left_runs_in_its_place_on_postgres() {
+    a_waiter_whose_client_left_runs_in_its_place(Backend::Postgres).await;
+}
+
 /// A slow turn streams on the first app; each of `names` is posted with `if_busy: wait`, 100 ms
 /// apart, on the apps in turn from the last; the history holds them in that order.
 async fn waiters_run_in_arrival_order(apps: &[TestApp], names: &[&str]) {
