@@ -34,14 +34,14 @@ async fn a_busy_session_is_409_on_every_replica(backend: Backend) {
 }
 
 async fn waiting_turns_run_after_the_running_one_in_arrival_order(backend: Backend) {
-    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40"]).await;
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "40", "--metrics", "true"]).await;
     waiters_run_in_arrival_order(&apps, &["second", "third", "fourth"]).await;
 }
 
 /// Waiters posted in turn on two replicas (B, A, B, A…) while a turn runs on A run in the order
 /// they arrived: the coordinator's wait queue orders them across replicas (Redis, PostgreSQL).
 async fn waiters_on_two_replicas_run_in_arrival_order(backend: Backend) {
-    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "40"]).await;
+    let apps = spawn_replicas(backend, 2, &["--echo-delay-ms", "40", "--metrics", "true"]).await;
     waiters_run_in_arrival_order(&apps, &["w1", "w2", "w3", "w4", "w5", "w6"]).await;
 }
 
@@ -90,27 +90,32 @@ async fn a_waiter_whose_client_left_runs_in_its_place_on_postgres() {
     a_waiter_whose_client_left_runs_in_its_place(Backend::Postgres).await;
 }
 
-/// A slow turn streams on the first app; each of `names` is posted with `if_busy: wait`, 100 ms
-/// apart, on the apps in turn from the last; the history holds them in that order.
+/// How many turns this app has made to wait or refused (`parley_turn_conflicts_total`).
+async fn conflicts(app: &TestApp) -> f64 {
+    crate::metrics::value(&crate::metrics::scrape(app).await, "parley_turn_conflicts_total")
+}
+
+/// A slow turn streams on the first app; each of `names` is posted with `if_busy: wait` on the
+/// apps in turn from the last, once the one before is waiting (its app counted a conflict: it has
+/// taken its place in the queue); the history holds them in that order.
 async fn waiters_run_in_arrival_order(apps: &[TestApp], names: &[&str]) {
     apps[0].create_session("queue").await;
-    apps[0].create_session("warm").await;
-    // A waiting turn on each app first (it runs at once), so that the cold start of each path
-    // (connections, prepared statements) is not part of the order under test.
-    for app in apps {
-        let response = post(app, "warm", json!({"content": "warm", "if_busy": "wait"}), None).await;
-        assert_eq!(response.status(), 200);
-    }
-    let first = apps[0].open_stream("queue", "first turn is slow").await;
+    let slow = (1..=40).map(|i| format!("slow{i}")).collect::<Vec<_>>().join(" ");
+    let first = apps[0].open_stream("queue", &slow).await;
     let reader = tokio::spawn(collect_events(first));
     let mut waiters = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let app = &apps[(apps.len() - 1 + i) % apps.len()];
+        let before = conflicts(app).await;
         let (client, url) = (app.client.clone(), app.url("/v1/sessions/queue/messages"));
         let body = json!({"content": name, "if_busy": "wait"});
         waiters
             .push(tokio::spawn(async move { client.post(url).json(&body).send().await.unwrap().status() }));
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while conflicts(app).await < before + 1.0 {
+            assert!(std::time::Instant::now() < deadline, "{name} did not start waiting within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
     for waiter in waiters {
         assert_eq!(waiter.await.unwrap(), 200);
@@ -123,7 +128,7 @@ async fn waiters_run_in_arrival_order(apps: &[TestApp], names: &[&str]) {
         .filter(|m| m["role"] == "user")
         .map(|m| m["content"].as_str().unwrap().to_owned())
         .collect();
-    let mut expected = vec!["first turn is slow".to_owned()];
+    let mut expected = vec![slow];
     expected.extend(names.iter().map(|n| n.to_string()));
     assert_eq!(users, expected);
 }

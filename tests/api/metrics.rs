@@ -10,14 +10,14 @@ use crate::helpers::{Backend, KEY_A, TestApp, spawn_app, spawn_app_on, two_tenan
 use crate::servers::{ParleyProcess, free_port};
 
 /// The scrape's value of one series (a line `name{labels} value`), 0 when absent.
-fn value(scrape: &str, series: &str) -> f64 {
+pub fn value(scrape: &str, series: &str) -> f64 {
     scrape
         .lines()
         .find_map(|line| line.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .map_or(0.0, |v| v.trim().parse().expect("a number"))
 }
 
-async fn scrape(app: &TestApp) -> String {
+pub async fn scrape(app: &TestApp) -> String {
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();
     assert_eq!(response.status(), 200);
     let content_type = response.headers()["content-type"].to_str().unwrap().to_owned();
