@@ -1,10 +1,10 @@
 //! A turn's events as a feed that any number of clients can follow from the first event: the
 //! client that posted the turn, and an idempotent retry that attaches to the running turn.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use futures::Stream;
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use super::TurnEvent;
 
@@ -15,12 +15,18 @@ pub struct TurnFeed {
     log: Mutex<Vec<TurnEvent>>,
     /// How many events there are, and whether the feed is closed; followers wait on it.
     progress: watch::Sender<(usize, bool)>,
+    /// Told of every push and of the close: the process's event log writer, if it relays the feed.
+    writer: OnceLock<Arc<Notify>>,
 }
 
 impl TurnFeed {
     /// An empty, open feed.
     pub fn new() -> Arc<Self> {
-        Arc::new(TurnFeed { log: Mutex::new(Vec::new()), progress: watch::Sender::new((0, false)) })
+        Arc::new(TurnFeed {
+            log: Mutex::new(Vec::new()),
+            progress: watch::Sender::new((0, false)),
+            writer: OnceLock::new(),
+        })
     }
 
     fn log(&self) -> std::sync::MutexGuard<'_, Vec<TurnEvent>> {
@@ -35,23 +41,43 @@ impl TurnFeed {
             log.len()
         };
         self.progress.send_modify(|p| p.0 = len);
+        self.tell_writer();
     }
 
     /// Marks the end: followers finish once they have read every event.
     pub fn close(&self) {
         self.progress.send_modify(|p| p.1 = true);
+        self.tell_writer();
     }
 
-    /// A receiver of the feed's progress (how many events, whether closed), woken on each change.
-    pub fn progress(&self) -> watch::Receiver<(usize, bool)> {
-        self.progress.subscribe()
+    fn tell_writer(&self) {
+        if let Some(writer) = self.writer.get() {
+            writer.notify_one();
+        }
     }
 
-    /// At most `max` events from index `from` on (what a log writer has not written yet).
-    pub fn events_from(&self, from: usize, max: usize) -> Vec<TurnEvent> {
+    /// Has `writer` told of every push and of the close from now on (once per feed).
+    pub fn tell(&self, writer: Arc<Notify>) {
+        let _ = self.writer.set(writer);
+    }
+
+    /// How many events there are, and whether the feed is closed.
+    pub fn state(&self) -> (usize, bool) {
+        *self.progress.borrow()
+    }
+
+    /// `encode` applied to at most `max` events from index `from` on (what a log writer has not
+    /// written yet), without copying the events.
+    pub fn encode_from<T>(
+        &self,
+        from: usize,
+        max: usize,
+        mut encode: impl FnMut(usize, &TurnEvent) -> T,
+    ) -> Vec<T> {
         let log = self.log();
         let end = from.saturating_add(max).min(log.len());
-        log.get(from..end).map(<[TurnEvent]>::to_vec).unwrap_or_default()
+        let events = log.get(from..end).unwrap_or_default();
+        events.iter().enumerate().map(|(i, event)| encode(from + i, event)).collect()
     }
 
     /// The events from the first one on, as they come; ends when the feed is closed and read.

@@ -274,6 +274,8 @@ pub struct Agent {
     tools: Arc<ToolRegistry>,
     settings: AgentSettings,
     registry: TurnRegistry,
+    /// Relays streamed turns' events into the coordinator's event log.
+    log_writer: relay::LogWriter,
     /// Set once the lease keeper runs (it starts with the first turn).
     keeper: std::sync::OnceLock<()>,
     /// The empty tool list of a call that offers none.
@@ -416,6 +418,7 @@ impl Agent {
             tools: Arc::new(tools),
             settings,
             registry: TurnRegistry::new(),
+            log_writer: relay::LogWriter::default(),
             keeper: std::sync::OnceLock::new(),
             no_tools: Arc::from([]),
         }
@@ -528,13 +531,13 @@ impl Agent {
                 session_id: input.session_id.clone(),
                 turn_id,
             };
-            let relay = relay::relay(
-                Arc::clone(self.store.coordinator()),
+            self.log_writer.relay(
+                self.store.coordinator(),
                 key,
-                Arc::clone(feed),
+                feed,
                 self.settings.event_ttl,
+                self.registry.tracker(),
             );
-            self.registry.tracker().spawn(relay);
         }
         self.keeper.get_or_init(|| {
             tokio::spawn(claim::keep_leases(Arc::downgrade(self), self.renew_every()));

@@ -1,24 +1,29 @@
 //! A turn's events through the store's event log, so that any replica serves any turn's stream:
-//! the replica running a streamed turn relays its feed into the log, in batches (one append per
-//! round trip, however many events came meanwhile), and a follower on any replica reads the log
-//! after the last event it sent, then sleeps until the log announces more.
+//! this process's [`LogWriter`] relays every streamed turn's feed into the log, all turns at
+//! once (one append of every turn with news per round trip, however many events came
+//! meanwhile), and a follower on any replica reads the log after the last event it sent, then
+//! sleeps until the log announces more.
 //!
 //! A follower that hears nothing for [`IDLE_CHECK`] reads the turn's record once: a turn that
 //! ended without logging its end (its log expired, it was a JSON turn, its replica died and the
 //! lease ran out) is then told by its outcome, as a replica without a log tells it.
 
-use std::collections::VecDeque;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::stream::FuturesUnordered;
+use futures::{Stream, StreamExt};
+use tokio::sync::Notify;
 use tokio::time::Instant;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
 
 use super::feed::TurnFeed;
 use super::{Agent, TurnEvent};
 use crate::domain::{Turn, TurnStatus};
-use crate::store::event_log::{EventWatch, LoggedEvent};
-use crate::store::{DynCoordinator, LeaseKey};
+use crate::store::event_log::{EventWatch, LoggedEvent, MAX_TURNS_PER_APPEND, TurnAppend, TurnEventLog};
+use crate::store::{DynCoordinator, LeaseKey, StoreResult};
 
 /// How long a follower waits for news before it reads the turn's record.
 pub const IDLE_CHECK: Duration = Duration::from_secs(1);
@@ -26,58 +31,236 @@ pub const IDLE_CHECK: Duration = Duration::from_secs(1);
 /// Most events a follower reads from the log at once.
 const READ_BATCH: usize = 256;
 
-/// Most events the relay appends at once.
-const WRITE_BATCH: usize = 512;
+/// Most events of one turn in one append.
+const TURN_BATCH: usize = 512;
 
-/// How long the relay keeps retrying an append the store refuses, once its turn has ended.
+/// Most events in one append, all turns together.
+const APPEND_BATCH: usize = 4096;
+
+/// Appends in flight at once (each turn in at most one of them): while one waits for the store,
+/// the next carries what came meanwhile.
+const IN_FLIGHT: usize = 2;
+
+/// How long the writer keeps retrying a turn's append the store refuses, once the turn has ended.
 const GIVE_UP_AFTER_END: Duration = Duration::from_secs(30);
 
-/// Relays a turn's feed into the coordinator's event log until the feed is closed and written.
-/// An append that fails is retried (with what came since) until it succeeds: the log never has a
-/// gap. If the store stays unreachable past [`GIVE_UP_AFTER_END`] after the turn ended, the relay
-/// gives up; followers then learn the outcome from the turn's record.
-pub(super) async fn relay(coordinator: DynCoordinator, turn: LeaseKey, feed: Arc<TurnFeed>, ttl: Duration) {
-    let Some(log) = coordinator.event_log() else { return };
-    let mut progress = feed.progress();
-    let mut written = 0usize;
-    let mut pause = Duration::from_millis(20);
-    let mut ended_at: Option<Instant> = None;
+/// The first pause after a failed append (doubling up to a second while the store fails).
+const FIRST_PAUSE: Duration = Duration::from_millis(20);
+
+/// Relays the feeds of this process's streamed turns into the coordinator's event log: one task,
+/// running while there are turns to relay, appends every turn's new events together. A failed
+/// append is retried (with what came since) until it succeeds: the log never has a gap. A turn
+/// whose end stays unwritten for [`GIVE_UP_AFTER_END`] because the store refuses is given up;
+/// followers then learn its outcome from the turn's record.
+#[derive(Debug)]
+pub(super) struct LogWriter {
+    shared: Arc<Shared>,
+    /// [`GIVE_UP_AFTER_END`], but for tests.
+    give_up_after_end: Duration,
+}
+
+impl Default for LogWriter {
+    fn default() -> Self {
+        LogWriter { shared: Arc::default(), give_up_after_end: GIVE_UP_AFTER_END }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    /// Told by every relayed feed of each push and of its close.
+    news: Arc<Notify>,
+    state: Mutex<Joining>,
+}
+
+#[derive(Debug, Default)]
+struct Joining {
+    /// Turns to relay that the task has not taken yet.
+    turns: Vec<Relayed>,
+    /// Whether the task runs (it ends once it has nothing left to write).
+    running: bool,
+}
+
+/// A turn being relayed.
+#[derive(Debug)]
+struct Relayed {
+    key: LeaseKey,
+    feed: Arc<TurnFeed>,
+    /// Events written so far.
+    written: usize,
+    /// Whether an append carrying its events is in flight.
+    in_flight: bool,
+    /// Since when its feed has been closed.
+    ended_at: Option<Instant>,
+}
+
+impl Shared {
+    fn state(&self) -> std::sync::MutexGuard<'_, Joining> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// What holds the event log the writer appends to: the coordinator (or, in tests, a log alone).
+pub(super) trait LogSource: Clone + Send + Sync + 'static {
+    /// The log, if there is one.
+    fn log(&self) -> Option<&dyn TurnEventLog>;
+}
+
+impl LogSource for DynCoordinator {
+    fn log(&self) -> Option<&dyn TurnEventLog> {
+        self.event_log()
+    }
+}
+
+impl LogWriter {
+    /// Relays `feed` (the events of turn `key`) into the log, keeping the turn's log for `ttl`
+    /// after each append. The writing task runs on `tracker`.
+    pub(super) fn relay<S: LogSource>(
+        &self,
+        source: &S,
+        key: LeaseKey,
+        feed: &Arc<TurnFeed>,
+        ttl: Duration,
+        tracker: &TaskTracker,
+    ) {
+        feed.tell(Arc::clone(&self.shared.news));
+        let turn = Relayed { key, feed: Arc::clone(feed), written: 0, in_flight: false, ended_at: None };
+        let mut state = self.shared.state();
+        state.turns.push(turn);
+        if !std::mem::replace(&mut state.running, true) {
+            let give_up = self.give_up_after_end;
+            tracker.spawn(write(Arc::clone(&self.shared), source.clone(), ttl, give_up));
+        }
+        drop(state);
+        self.shared.news.notify_one();
+    }
+}
+
+/// What an append carried: each turn and how many of its events.
+type Sent = (Vec<(Uuid, usize)>, StoreResult<()>);
+
+/// The writing task: until no turn is left, appends what the turns not in flight have new (up to
+/// [`IN_FLIGHT`] appends at once), then waits for news or an answer.
+async fn write<S: LogSource>(shared: Arc<Shared>, source: S, ttl: Duration, give_up: Duration) {
+    if source.log().is_none() {
+        let mut joining = shared.state();
+        joining.turns.clear();
+        joining.running = false;
+        return;
+    }
+    let mut turns: HashMap<Uuid, Relayed> = HashMap::new();
+    let mut in_flight = FuturesUnordered::new();
+    let mut pause = FIRST_PAUSE;
+    let mut paused_until: Option<Instant> = None;
     let mut warned = false;
     loop {
-        let closed = progress.borrow_and_update().1;
-        if closed && ended_at.is_none() {
-            ended_at = Some(Instant::now());
-        }
-        let pending = feed.events_from(written, WRITE_BATCH);
-        if pending.is_empty() {
-            if closed || progress.changed().await.is_err() {
+        {
+            let mut joining = shared.state();
+            turns.extend(joining.turns.drain(..).map(|t| (t.key.turn_id, t)));
+            forget_done(&mut turns, give_up);
+            if turns.is_empty() && in_flight.is_empty() {
+                joining.running = false;
                 return;
             }
+        }
+        if in_flight.len() < IN_FLIGHT && paused_until.is_none_or(|at| at <= Instant::now()) {
+            paused_until = None;
+            let appends = compose(&mut turns);
+            if !appends.is_empty() {
+                let source = source.clone();
+                in_flight.push(async move {
+                    let log = source.log().expect("checked when the writer started");
+                    let result = log.append_events(&appends, ttl).await;
+                    let sent: Sent =
+                        (appends.iter().map(|a| (a.turn.turn_id, a.events.len())).collect(), result);
+                    sent
+                });
+                continue;
+            }
+        }
+        let pause_over = async {
+            match paused_until {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
+                match settle(&mut turns, sent) {
+                    Ok(()) => {
+                        pause = FIRST_PAUSE;
+                        warned = false;
+                    }
+                    Err(e) => {
+                        if !std::mem::replace(&mut warned, true) {
+                            tracing::warn!(error = %e, "cannot log the turns' events; retrying");
+                        }
+                        paused_until = Some(Instant::now() + pause);
+                        pause = (pause * 2).min(Duration::from_secs(1));
+                    }
+                }
+            }
+            () = shared.news.notified() => {}
+            () = pause_over => {}
+        }
+    }
+}
+
+/// Forgets the turns whose feed is closed and written, and those given up.
+fn forget_done(turns: &mut HashMap<Uuid, Relayed>, give_up: Duration) {
+    turns.retain(|_, turn| {
+        if turn.in_flight {
+            return true;
+        }
+        let (len, closed) = turn.feed.state();
+        if closed && turn.ended_at.is_none() {
+            turn.ended_at = Some(Instant::now());
+        }
+        if closed && turn.written >= len {
+            return false;
+        }
+        if turn.ended_at.is_some_and(|at| at.elapsed() > give_up) {
+            tracing::warn!(turn.id = %turn.key.turn_id, "gave up logging the turn's events");
+            return false;
+        }
+        true
+    });
+}
+
+/// The next append: the new events of every turn not in flight (marked in flight), within the
+/// bounds of one append.
+fn compose(turns: &mut HashMap<Uuid, Relayed>) -> Vec<TurnAppend> {
+    let mut appends = Vec::new();
+    let mut room = APPEND_BATCH;
+    for turn in turns.values_mut() {
+        if turn.in_flight || room == 0 || appends.len() == MAX_TURNS_PER_APPEND {
             continue;
         }
-        let batch: Vec<LoggedEvent> = pending
-            .iter()
-            .enumerate()
-            .map(|(i, event)| LoggedEvent { id: (written + i + 1) as u64, body: event.encode() })
-            .collect();
-        match log.append_events(&turn, &batch, ttl).await {
-            Ok(()) => {
-                written += batch.len();
-                pause = Duration::from_millis(20);
-            }
-            Err(e) => {
-                if !std::mem::replace(&mut warned, true) {
-                    tracing::warn!(turn.id = %turn.turn_id, error = %e, "cannot log the turn's events; retrying");
-                }
-                if ended_at.is_some_and(|at| at.elapsed() > GIVE_UP_AFTER_END) {
-                    tracing::warn!(turn.id = %turn.turn_id, "gave up logging the turn's events");
-                    return;
-                }
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(1));
+        let from = turn.written;
+        let events = turn.feed.encode_from(from, TURN_BATCH.min(room), |i, event| LoggedEvent {
+            id: i as u64 + 1,
+            body: event.encode(),
+        });
+        if events.is_empty() {
+            continue;
+        }
+        room -= events.len();
+        turn.in_flight = true;
+        appends.push(TurnAppend { turn: turn.key.clone(), events });
+    }
+    appends
+}
+
+/// Records what an append wrote (or, if it failed, that its turns are to be sent again).
+fn settle(turns: &mut HashMap<Uuid, Relayed>, (sent, result): Sent) -> StoreResult<()> {
+    for (turn_id, count) in sent {
+        if let Some(turn) = turns.get_mut(&turn_id) {
+            turn.in_flight = false;
+            if result.is_ok() {
+                turn.written += count;
             }
         }
     }
+    result
 }
 
 /// Where a log follower is.
@@ -243,5 +426,156 @@ impl Follower {
             self.done = true;
         }
         Some(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreError;
+
+    /// A log in memory that keeps each turn's events once (as the contract asks), records every
+    /// append, and fails the appends it is told to: `fail_applied` after applying them (an
+    /// unknown outcome), `fail_all` before.
+    #[derive(Default)]
+    struct FakeLog {
+        appends: Mutex<Vec<Vec<TurnAppend>>>,
+        kept: Mutex<HashMap<Uuid, Vec<LoggedEvent>>>,
+        fail_applied: std::sync::atomic::AtomicUsize,
+        fail_all: std::sync::atomic::AtomicBool,
+    }
+
+    #[async_trait::async_trait]
+    impl TurnEventLog for FakeLog {
+        async fn append_events(&self, appends: &[TurnAppend], _ttl: Duration) -> StoreResult<()> {
+            use std::sync::atomic::Ordering::SeqCst;
+            self.appends.lock().unwrap().push(appends.to_vec());
+            if self.fail_all.load(SeqCst) {
+                return Err(StoreError::Backend("down".into()));
+            }
+            let mut kept = self.kept.lock().unwrap();
+            for append in appends {
+                let log = kept.entry(append.turn.turn_id).or_default();
+                for event in &append.events {
+                    let last = log.last().map_or(0, |e| e.id);
+                    assert!(event.id <= last + 1, "no gap: {} after {last}", event.id);
+                    if event.id > last {
+                        log.push(event.clone());
+                    }
+                }
+            }
+            let fail = self.fail_applied.load(SeqCst);
+            if fail > 0 {
+                self.fail_applied.store(fail - 1, SeqCst);
+                return Err(StoreError::Backend("no answer".into()));
+            }
+            Ok(())
+        }
+
+        async fn read_events(&self, _: &LeaseKey, _: u64, _: usize) -> StoreResult<Vec<LoggedEvent>> {
+            unreachable!("the writer only appends")
+        }
+
+        fn watch(&self, _: Uuid) -> EventWatch {
+            EventWatch::never()
+        }
+    }
+
+    impl LogSource for Arc<FakeLog> {
+        fn log(&self) -> Option<&dyn TurnEventLog> {
+            Some(self.as_ref())
+        }
+    }
+
+    fn delta(text: &str) -> TurnEvent {
+        TurnEvent::Delta { turn_id: Uuid::nil(), message_id: Uuid::nil(), delta: text.to_owned() }
+    }
+
+    fn turn() -> LeaseKey {
+        LeaseKey { tenant: "t".into(), session_id: "s".into(), turn_id: Uuid::now_v7() }
+    }
+
+    /// Feeds of `n` events each, relayed (not yet written: the writer has not run).
+    fn relayed(
+        writer: &LogWriter,
+        log: &Arc<FakeLog>,
+        tracker: &TaskTracker,
+        n: usize,
+    ) -> Vec<(LeaseKey, Arc<TurnFeed>)> {
+        (0..3)
+            .map(|_| {
+                let (key, feed) = (turn(), TurnFeed::new());
+                for i in 0..n {
+                    feed.push(delta(&format!("d{i}")));
+                }
+                writer.relay(log, key.clone(), &feed, Duration::from_secs(60), tracker);
+                (key, feed)
+            })
+            .collect()
+    }
+
+    fn expected(feed: &TurnFeed) -> Vec<LoggedEvent> {
+        feed.encode_from(0, usize::MAX, |i, e| LoggedEvent { id: i as u64 + 1, body: e.encode() })
+    }
+
+    #[tokio::test]
+    async fn turns_are_written_together_and_the_writer_ends_once_all_are_written() {
+        let (writer, log, tracker) = (LogWriter::default(), Arc::new(FakeLog::default()), TaskTracker::new());
+        let turns = relayed(&writer, &log, &tracker, 2);
+        tokio::task::yield_now().await;
+        for (_, feed) in &turns {
+            feed.push(delta("more"));
+            feed.close();
+        }
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        let appends = log.appends.lock().unwrap().clone();
+        assert_eq!(appends[0].len(), 3, "the first append carries the three turns: {appends:?}");
+        assert!(appends.len() <= 2, "one more append for what came since: {appends:?}");
+        let kept = log.kept.lock().unwrap();
+        for (key, feed) in &turns {
+            assert_eq!(kept[&key.turn_id], expected(feed));
+        }
+        assert!(!writer.shared.state().running);
+    }
+
+    #[tokio::test]
+    async fn a_failed_append_is_sent_again_with_what_came_since() {
+        let (writer, log, tracker) = (LogWriter::default(), Arc::new(FakeLog::default()), TaskTracker::new());
+        log.fail_applied.store(2, std::sync::atomic::Ordering::SeqCst);
+        let turns = relayed(&writer, &log, &tracker, 3);
+        tokio::task::yield_now().await;
+        for (_, feed) in &turns {
+            feed.push(delta("after the failure"));
+            feed.close();
+        }
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        let appends = log.appends.lock().unwrap().clone();
+        assert!(appends.len() >= 3, "two failed appends, then one that succeeds: {appends:?}");
+        let last = appends.last().unwrap();
+        assert!(last.iter().all(|a| a.events[0].id == 1), "the failed events are sent again: {last:?}");
+        let kept = log.kept.lock().unwrap();
+        for (key, feed) in &turns {
+            assert_eq!(kept[&key.turn_id], expected(feed), "every event, once, in order");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_ended_turn_the_store_keeps_refusing_is_given_up() {
+        let give_up = Duration::from_millis(300);
+        let writer = LogWriter { give_up_after_end: give_up, ..LogWriter::default() };
+        let (log, tracker) = (Arc::new(FakeLog::default()), TaskTracker::new());
+        log.fail_all.store(true, std::sync::atomic::Ordering::SeqCst);
+        let turns = relayed(&writer, &log, &tracker, 1);
+        for (_, feed) in &turns {
+            feed.close();
+        }
+        tracker.close();
+        let started = Instant::now();
+        tokio::time::timeout(Duration::from_secs(10), tracker.wait()).await.expect("the writer gives up");
+        assert!(started.elapsed() >= give_up, "not before {give_up:?}");
+        assert!(log.appends.lock().unwrap().len() > 3, "it kept retrying meanwhile");
+        assert!(log.kept.lock().unwrap().is_empty());
     }
 }

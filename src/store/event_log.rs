@@ -24,6 +24,10 @@ use super::{LeaseKey, StoreResult};
 /// that needs them waits for the turn's end instead and is told its outcome).
 pub const MAX_EVENTS_PER_TURN: u64 = 50_000;
 
+/// Turns in one [`TurnEventLog::append_events`] at most (an announcement naming them all stays
+/// well within PostgreSQL's 8,000-byte `NOTIFY` payload).
+pub const MAX_TURNS_PER_APPEND: usize = 128;
+
 /// One logged event: its id within the turn (1, 2, 3…) and its encoded form (opaque to the store).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggedEvent {
@@ -33,18 +37,32 @@ pub struct LoggedEvent {
     pub body: String,
 }
 
+/// One turn's events to append: ids consecutive, in order, after those appended before for the
+/// turn (a retry after an unknown outcome may repeat some of them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TurnAppend {
+    /// The turn (and its session and tenant, which scope its log).
+    pub turn: LeaseKey,
+    /// The events, at least one.
+    pub events: Vec<LoggedEvent>,
+}
+
 /// The log of every running turn's events, shared by the replicas.
 ///
 /// Contract (pinned by `contract::events`): appends of one turn come with consecutive ids in
-/// order and are read back in id order; a read after `after` returns the events with greater
-/// ids, at most `limit`; an append wakes every [`TurnEventLog::watch`] of that turn on every
-/// replica; a turn's log goes `ttl` after its last append; each turn's log is bounded by
-/// [`MAX_EVENTS_PER_TURN`] (the oldest go first).
+/// order and are read back in id order; events appended twice (a batch retried after an unknown
+/// outcome) are kept once; a read after `after` returns the events with greater ids, at most
+/// `limit`; an append wakes every [`TurnEventLog::watch`] of that turn on every replica; a turn's
+/// log goes `ttl` after its last append; each turn's log is bounded by [`MAX_EVENTS_PER_TURN`]
+/// (the oldest go first).
 #[async_trait]
 pub trait TurnEventLog: Send + Sync + 'static {
-    /// Appends a batch of one turn's events (ids consecutive, after those appended before) and
-    /// keeps the turn's log for `ttl` from now; then wakes the turn's followers.
-    async fn append_events(&self, turn: &LeaseKey, events: &[LoggedEvent], ttl: Duration) -> StoreResult<()>;
+    /// Appends batches of events of several turns (each turn at most once, at most
+    /// [`MAX_TURNS_PER_APPEND`]), in one round trip
+    /// where the backend allows it: a replica writes what all its running turns produced since its
+    /// last append at once. Keeps each turn's log for `ttl` from now, then wakes the turns'
+    /// followers. On an error, any part may have been applied: the caller retries the batches.
+    async fn append_events(&self, appends: &[TurnAppend], ttl: Duration) -> StoreResult<()>;
 
     /// The turn's logged events with ids greater than `after`, at most `limit`, in id order.
     async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>>;
@@ -80,6 +98,20 @@ impl EventHub {
     pub fn notify(&self, turn_id: Uuid) {
         if let Some(tx) = self.turns().get(&turn_id) {
             tx.send_replace(());
+        }
+    }
+
+    /// Wakes the followers of each turn an announcement names: turn ids separated by commas
+    /// (what one append of several turns announces). Anything else in it is ignored.
+    pub fn notify_announced(&self, announcement: &str) {
+        let turns = self.turns();
+        if turns.is_empty() {
+            return;
+        }
+        for id in announcement.split(',') {
+            if let Some(tx) = Uuid::parse_str(id).ok().and_then(|turn| turns.get(&turn)) {
+                tx.send_replace(());
+            }
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use super::{Coordinated, OTHER_TENANT, Setup, TENANT, build};
 use crate::domain::new_id;
 use crate::store::LeaseKey;
-use crate::store::event_log::{LoggedEvent, TurnEventLog};
+use crate::store::event_log::{LoggedEvent, MAX_EVENTS_PER_TURN, TurnAppend, TurnEventLog};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -23,6 +23,11 @@ fn events(ids: std::ops::RangeInclusive<u64>) -> Vec<LoggedEvent> {
 
 fn key(tenant: &str, session: &str) -> LeaseKey {
     LeaseKey { tenant: tenant.into(), session_id: session.into(), turn_id: new_id() }
+}
+
+/// Appends one turn's events.
+async fn append(log: &dyn TurnEventLog, turn: &LeaseKey, events: Vec<LoggedEvent>, ttl: Duration) {
+    log.append_events(&[TurnAppend { turn: turn.clone(), events }], ttl).await.expect("appended");
 }
 
 fn log(coordinated: &Coordinated) -> &dyn TurnEventLog {
@@ -40,9 +45,9 @@ where
     let log = log(&coordinated);
     let turn = key(TENANT, "s1");
     assert!(log.read_events(&turn, 0, 100).await.unwrap().is_empty(), "an unknown turn has no events");
-    log.append_events(&turn, &events(1..=3), TTL).await.unwrap();
-    log.append_events(&turn, &events(4..=4), TTL).await.unwrap();
-    log.append_events(&turn, &events(5..=12), TTL).await.unwrap();
+    append(log, &turn, events(1..=3), TTL).await;
+    append(log, &turn, events(4..=4), TTL).await;
+    append(log, &turn, events(5..=12), TTL).await;
     assert_eq!(log.read_events(&turn, 0, 100).await.unwrap(), events(1..=12));
     assert_eq!(log.read_events(&turn, 3, 100).await.unwrap(), events(4..=12));
     assert_eq!(log.read_events(&turn, 4, 5).await.unwrap(), events(5..=9));
@@ -60,10 +65,80 @@ where
     coordinated.create_session(TENANT, "s1").await;
     let log = log(&coordinated);
     let turn = key(TENANT, "s1");
-    log.append_events(&turn, &events(1..=4), TTL).await.unwrap();
-    log.append_events(&turn, &events(1..=4), TTL).await.unwrap();
-    log.append_events(&turn, &events(3..=6), TTL).await.unwrap();
+    append(log, &turn, events(1..=4), TTL).await;
+    append(log, &turn, events(1..=4), TTL).await;
+    append(log, &turn, events(3..=6), TTL).await;
+    append(log, &turn, events(5..=6), TTL).await;
     assert_eq!(log.read_events(&turn, 0, 100).await.unwrap(), events(1..=6));
+    assert_eq!(log.read_events(&turn, 2, 100).await.unwrap(), events(3..=6));
+    assert_eq!(log.read_events(&turn, 3, 2).await.unwrap(), events(4..=5));
+    assert_eq!(log.read_events(&turn, 0, 5).await.unwrap(), events(1..=5));
+}
+
+/// One append of several turns (of other sessions and tenants too) lands in each turn's own log,
+/// after what each held, and wakes each turn's watchers.
+pub async fn several_turns_append_at_once<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = Coordinated>,
+{
+    let coordinated = build(factory, Setup::default()).await;
+    coordinated.create_session(TENANT, "s1").await;
+    coordinated.create_session(TENANT, "s2").await;
+    coordinated.create_session(OTHER_TENANT, "s1").await;
+    let log = log(&coordinated);
+    let turns = [key(TENANT, "s1"), key(TENANT, "s1"), key(TENANT, "s2"), key(OTHER_TENANT, "s1")];
+    let mut watches: Vec<_> = turns.iter().map(|t| log.watch(t.turn_id)).collect();
+    tokio::time::timeout(Duration::from_secs(10), watches[0].changed()).await.expect("listening within 10 s");
+    for watch in &mut watches[1..] {
+        // The wake-up everyone gets once listening, if it came.
+        let _ = tokio::time::timeout(Duration::from_millis(50), watch.changed()).await;
+    }
+    append(log, &turns[0], events(1..=2), TTL).await;
+    let appends: Vec<TurnAppend> = turns
+        .iter()
+        .enumerate()
+        .map(|(i, turn)| {
+            let first = if i == 0 { 3 } else { 1 };
+            TurnAppend { turn: turn.clone(), events: events(first..=first + i as u64) }
+        })
+        .collect();
+    log.append_events(&appends, TTL).await.unwrap();
+    for (i, (turn, watch)) in turns.iter().zip(&mut watches).enumerate() {
+        tokio::time::timeout(Duration::from_secs(5), watch.changed())
+            .await
+            .unwrap_or_else(|_| panic!("turn {i}'s watcher woken within 5 s"));
+        let expected = if i == 0 { events(1..=3) } else { events(1..=1 + i as u64) };
+        assert_eq!(log.read_events(turn, 0, 100).await.unwrap(), expected, "turn {i}'s log");
+    }
+    log.append_events(&appends, TTL).await.unwrap();
+    assert_eq!(
+        log.read_events(&turns[3], 0, 100).await.unwrap(),
+        events(1..=4),
+        "a retry adds nothing twice"
+    );
+}
+
+/// A turn's log keeps its newest [`MAX_EVENTS_PER_TURN`] events: an append drops those more than
+/// that before its last.
+pub async fn a_log_keeps_its_newest_events<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = Coordinated>,
+{
+    let coordinated = build(factory, Setup::default()).await;
+    coordinated.create_session(TENANT, "s1").await;
+    let log = log(&coordinated);
+    let turn = key(TENANT, "s1");
+    append(log, &turn, events(1..=3), TTL).await;
+    let newest = MAX_EVENTS_PER_TURN + 3;
+    append(log, &turn, events(4..=4), TTL).await;
+    append(log, &turn, events(newest..=newest), TTL).await;
+    assert_eq!(
+        log.read_events(&turn, 0, 100).await.unwrap(),
+        [events(4..=4), events(newest..=newest)].concat(),
+        "events 1 to 3 are more than {MAX_EVENTS_PER_TURN} before the last"
+    );
 }
 
 /// A turn's log is its own: another turn, session or tenant reads nothing of it.
@@ -78,7 +153,7 @@ where
     coordinated.create_session(OTHER_TENANT, "s1").await;
     let log = log(&coordinated);
     let turn = key(TENANT, "s1");
-    log.append_events(&turn, &events(1..=2), TTL).await.unwrap();
+    append(log, &turn, events(1..=2), TTL).await;
     let elsewhere = [
         LeaseKey { turn_id: new_id(), ..turn.clone() },
         LeaseKey { session_id: "s2".into(), ..turn.clone() },
@@ -106,7 +181,7 @@ where
     tokio::time::timeout(Duration::from_secs(10), watch.changed()).await.expect("listening within 10 s");
     let mut other_watch = log.watch(other.turn_id);
     for round in 1..=3u64 {
-        log.append_events(&turn, &events(round..=round), TTL).await.unwrap();
+        append(log, &turn, events(round..=round), TTL).await;
         tokio::time::timeout(Duration::from_secs(5), watch.changed())
             .await
             .unwrap_or_else(|_| panic!("append {round} woke the watcher within 5 s"));
@@ -127,9 +202,9 @@ where
     let log = log(&coordinated);
     let turn = key(TENANT, "s1");
     let ttl = Duration::from_millis(400);
-    log.append_events(&turn, &events(1..=2), ttl).await.unwrap();
+    append(log, &turn, events(1..=2), ttl).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
-    log.append_events(&turn, &events(3..=3), ttl).await.unwrap();
+    append(log, &turn, events(3..=3), ttl).await;
     tokio::time::sleep(Duration::from_millis(250)).await;
     assert_eq!(log.read_events(&turn, 0, 100).await.unwrap().len(), 3, "the last append slid the ttl");
     tokio::time::sleep(Duration::from_millis(400)).await;

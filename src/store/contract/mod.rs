@@ -298,6 +298,8 @@ macro_rules! event_log_contract_tests {
         $crate::event_log_contract_tests!(@cases $factory;
             events_are_read_back_in_order_after_any_id,
             a_retried_batch_is_added_once,
+            several_turns_append_at_once,
+            a_log_keeps_its_newest_events,
             a_log_is_read_only_by_its_turn,
             an_append_wakes_the_turns_watchers,
             a_log_expires_after_its_ttl

@@ -1,6 +1,6 @@
 //! The turn event log on PostgreSQL: `turn_events` rows under a `turn_logs` row per turn (which
-//! the sweeper deletes once expired), written one statement per batch that also announces the
-//! append with `pg_notify`; each replica `LISTEN`s once, on its first follower, on a connection
+//! the sweeper deletes once expired), written one statement per append of several turns that
+//! also announces them in one `pg_notify` (payload: their ids, comma-separated); each replica `LISTEN`s once, on its first follower, on a connection
 //! of its own.
 
 use std::sync::Weak;
@@ -14,7 +14,7 @@ use uuid::Uuid;
 use super::PgStore;
 use super::sql::{APPEND_EVENTS, READ_EVENTS};
 use crate::store::event_log::{
-    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog, keep_listening,
+    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnAppend, TurnEventLog, keep_listening,
 };
 use crate::store::sql_common::{to_i64, to_u64};
 use crate::store::{LeaseKey, StoreResult};
@@ -32,19 +32,37 @@ pub(super) fn channel(schema: Option<&str>) -> String {
 
 #[async_trait]
 impl TurnEventLog for PgStore {
-    async fn append_events(&self, turn: &LeaseKey, events: &[LoggedEvent], ttl: Duration) -> StoreResult<()> {
-        let Some(last) = events.last() else { return Ok(()) };
-        let ids: Vec<i64> = events.iter().map(|e| to_i64(e.id)).collect();
-        let bodies: Vec<&str> = events.iter().map(|e| e.body.as_str()).collect();
-        let drop_up_to = to_i64(last.id.saturating_sub(MAX_EVENTS_PER_TURN));
+    async fn append_events(&self, appends: &[TurnAppend], ttl: Duration) -> StoreResult<()> {
+        let appends: Vec<&TurnAppend> = appends.iter().filter(|a| !a.events.is_empty()).collect();
+        if appends.is_empty() {
+            return Ok(());
+        }
+        let events = appends.iter().map(|a| a.events.len()).sum();
+        let (mut turn_ids, mut tenants, mut sessions, mut drop_up_to) = (vec![], vec![], vec![], vec![]);
+        let (mut event_turns, mut ids, mut bodies) =
+            (Vec::with_capacity(events), Vec::with_capacity(events), Vec::with_capacity(events));
+        for append in &appends {
+            let turn = &append.turn;
+            turn_ids.push(turn.turn_id);
+            tenants.push(turn.tenant.as_str());
+            sessions.push(turn.session_id.as_str());
+            let last = append.events.last().map_or(0, |e| e.id);
+            drop_up_to.push(to_i64(last.saturating_sub(MAX_EVENTS_PER_TURN)));
+            for event in &append.events {
+                event_turns.push(turn.turn_id);
+                ids.push(to_i64(event.id));
+                bodies.push(event.body.as_str());
+            }
+        }
         let query = sqlx::query(APPEND_EVENTS)
-            .bind(turn.turn_id)
-            .bind(&turn.tenant)
-            .bind(&turn.session_id)
+            .bind(turn_ids)
+            .bind(tenants)
+            .bind(sessions)
             .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+            .bind(drop_up_to)
+            .bind(event_turns)
             .bind(ids)
             .bind(bodies)
-            .bind(drop_up_to)
             .bind(&self.events_channel);
         self.timed(query.execute(&self.conns)).await.map(drop)
     }
@@ -84,9 +102,7 @@ async fn listen(pool: PgPool, channel: String, hub: Weak<EventHub>) {
         // `None`: the connection was lost; listen again on a new one.
         while let Ok(Some(notification)) = listener.try_recv().await {
             let Some(hub) = hub.upgrade() else { return };
-            if let Ok(turn) = Uuid::parse_str(notification.payload()) {
-                hub.notify(turn);
-            }
+            hub.notify_announced(notification.payload());
         }
     };
     keep_listening(hub, connect, drain).await;

@@ -1,6 +1,13 @@
-//! The turn event log on Redis: a stream per turn in its session's hash slot (`XADD` by one
-//! script per batch, which skips events a retried batch already added), read with `XRANGE`, and
-//! announced on one pub/sub channel that each replica subscribes to once, on its first follower.
+//! The turn event log on Redis: a stream per turn in its session's hash slot, read with `XRANGE`
+//! and announced on one pub/sub channel that each replica subscribes to once, on its first
+//! follower.
+//!
+//! One append of several turns is one pipeline: per turn an `XADD` of one entry holding its
+//! batch (fields: event id, body; entry id `<last event id>-0`, so that the entries are ordered
+//! by the events they end with, trimmed exactly with `MINID`) and a `PEXPIRE`, then one `PUBLISH` naming
+//! every turn. A retried batch that was applied is refused by `XADD` (its id is not above the
+//! stream's top) and counts as held; one that grew since is added whole, and the reader skips
+//! the events it repeats.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -14,44 +21,77 @@ use super::RedisStore;
 use super::keys::{events_channel, events_key};
 use super::pool::Request;
 use crate::store::event_log::{
-    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnEventLog, keep_listening,
+    EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnAppend, TurnEventLog, keep_listening,
 };
 use crate::store::{LeaseKey, StoreError, StoreResult};
 
+/// What `XADD` answers when the entry's id is not above the stream's top: the batch is held.
+const ALREADY_HELD: &str = "equal or smaller";
+
 #[async_trait]
 impl TurnEventLog for RedisStore {
-    async fn append_events(&self, turn: &LeaseKey, events: &[LoggedEvent], ttl: Duration) -> StoreResult<()> {
-        if events.is_empty() {
+    async fn append_events(&self, appends: &[TurnAppend], ttl: Duration) -> StoreResult<()> {
+        let appends: Vec<&TurnAppend> = appends.iter().filter(|a| !a.events.is_empty()).collect();
+        if appends.is_empty() {
             return Ok(());
         }
-        let key = events_key(&self.prefix, &turn.tenant, &turn.session_id, turn.turn_id);
-        let mut call = self.scripts.append_events.key(key);
-        call.arg(ttl.as_millis().max(1) as u64)
-            .arg(MAX_EVENTS_PER_TURN)
-            .arg(events_channel(&self.prefix))
-            .arg(turn.turn_id.to_string());
-        for event in events {
-            call.arg(event.id).arg(event.body.as_str());
+        let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut announcement = String::with_capacity(appends.len() * 37);
+        for append in &appends {
+            let turn = &append.turn;
+            let key = events_key(&self.prefix, &turn.tenant, &turn.session_id, turn.turn_id);
+            let last = append.events.last().map_or(0, |e| e.id);
+            let xadd = pipe.cmd("XADD").arg(&key);
+            if last > MAX_EVENTS_PER_TURN {
+                xadd.arg("MINID").arg(last - MAX_EVENTS_PER_TURN + 1);
+            }
+            xadd.arg(format!("{last}-0"));
+            for event in &append.events {
+                xadd.arg(event.id).arg(event.body.as_str());
+            }
+            pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            if !announcement.is_empty() {
+                announcement.push(',');
+            }
+            announcement.push_str(&turn.turn_id.to_string());
         }
-        // The script skips what it already holds, so a retry on a fresh connection is harmless.
-        self.run::<i64>(Request::Script(&call), true).await.map(drop)
+        pipe.cmd("PUBLISH").arg(events_channel(&self.prefix)).arg(announcement).ignore();
+        // Every command repeats harmlessly, so a retry on a fresh connection is too.
+        let added: Vec<redis::RedisResult<redis::Value>> = self.run(Request::Pipe(&pipe), true).await?;
+        for result in added {
+            if let Err(e) = result
+                && !e.to_string().contains(ALREADY_HELD)
+            {
+                return Err(StoreError::Backend(format!("cannot log a turn's events: {e}")));
+            }
+        }
+        Ok(())
     }
 
     async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>> {
         let key = events_key(&self.prefix, &turn.tenant, &turn.session_id, turn.turn_id);
         let mut cmd = redis::cmd("XRANGE");
-        cmd.arg(key).arg(format!("0-{}", after.saturating_add(1))).arg("+").arg("COUNT").arg(limit.max(1));
+        // The entries that end after `after`; the first may begin before it.
+        cmd.arg(key).arg(after.saturating_add(1)).arg("+").arg("COUNT").arg(limit.max(1));
         let entries: Vec<(String, Vec<String>)> = self.query(&cmd).await?;
-        entries
-            .into_iter()
-            .map(|(id, mut fields)| {
-                let id = id.strip_prefix("0-").and_then(|n| n.parse().ok());
-                match (id, fields.len()) {
-                    (Some(id), 2) => Ok(LoggedEvent { id, body: fields.swap_remove(1) }),
-                    _ => Err(StoreError::Backend("unreadable entry in a turn's event log".into())),
+        let mut events: Vec<LoggedEvent> = Vec::new();
+        let mut last = after;
+        for (_, fields) in entries {
+            let mut fields = fields.into_iter();
+            while let (Some(id), Some(body)) = (fields.next(), fields.next()) {
+                let id: u64 = id
+                    .parse()
+                    .map_err(|_| StoreError::Backend("unreadable entry in a turn's event log".into()))?;
+                // A retried batch that grew repeats events of the entry before it.
+                if id > last && events.len() < limit {
+                    events.push(LoggedEvent { id, body });
+                    last = id;
                 }
-            })
-            .collect()
+            }
+        }
+        Ok(events)
     }
 
     fn watch(&self, turn_id: Uuid) -> EventWatch {
@@ -80,9 +120,8 @@ async fn listen(client: redis::Client, channel: String, hub: Weak<EventHub>, tim
         let mut messages = pubsub.into_on_message();
         while let Some(message) = messages.next().await {
             let Some(hub) = hub.upgrade() else { return };
-            let turn = message.get_payload::<String>().ok().and_then(|p| Uuid::parse_str(&p).ok());
-            if let Some(turn) = turn {
-                hub.notify(turn);
+            if let Ok(turns) = message.get_payload::<String>() {
+                hub.notify_announced(&turns);
             }
         }
     };

@@ -115,10 +115,6 @@ const COMPLETE_IDEM: &str = include_str!("scripts/complete_idempotent.lua");
 /// Forgets a key. ARGV: key. Returns 1 if it was remembered.
 const ABORT_IDEM: &str = include_str!("scripts/abort_idempotent.lua");
 
-/// Appends a batch of a turn's events to its stream (skipping those it holds), sets its expiry and
-/// publishes the append. See the file for `KEYS` and `ARGV`. Returns how many were added.
-const APPEND_EVENTS: &str = include_str!("scripts/append_events.lua");
-
 /// Lua shared by the wait queue scripts (`if_busy: wait` across replicas): the server clock and
 /// `hold_place`. KEYS: queue, queue_exp. ARGV: turn id, lease (ms).
 const QUEUE_PRELUDE: &str = include_str!("scripts/queue_prelude.lua");
@@ -157,7 +153,6 @@ pub(super) struct Scripts {
     pub(super) begin_idem: Script,
     pub(super) complete_idem: Script,
     pub(super) abort_idem: Script,
-    pub(super) append_events: Script,
     pub(super) join_queue: Script,
     pub(super) first_in_queue: Script,
     pub(super) leave_queue: Script,
@@ -189,7 +184,6 @@ impl Scripts {
             begin_idem: idem(BEGIN_IDEM),
             complete_idem: idem(COMPLETE_IDEM),
             abort_idem: idem(ABORT_IDEM),
-            append_events: Script::new(APPEND_EVENTS),
             join_queue: Script::new(&format!("{QUEUE_PRELUDE}{JOIN_QUEUE}")),
             first_in_queue: Script::new(&format!("{QUEUE_PRELUDE}{FIRST_IN_QUEUE}")),
             leave_queue: Script::new(LEAVE_QUEUE),
