@@ -142,9 +142,9 @@ pub struct LogSize {
     /// `turn.completed`).
     pub events: u64,
     /// What the store holds for the log, per event: Redis `MEMORY USAGE` of the turn's stream;
-    /// PostgreSQL's `pg_total_relation_size` growth of `turn_events` (heap and index).
+    /// PostgreSQL's `pg_total_relation_size` growth of `turn_event_batches` (heap, index, TOAST).
     pub store_bytes_per_event: f64,
-    /// PostgreSQL only: `pg_column_size` of the rows, per event.
+    /// PostgreSQL only: `pg_column_size` of the rows (a batch of events each), per event.
     pub row_bytes_per_event: Option<f64>,
     /// The encoded events' own length, per event.
     pub body_bytes_per_event: f64,
@@ -529,19 +529,30 @@ async fn redis_log_size(url: &str, prefix: &str, session: &str, turn_id: &str) -
     let usage: Option<u64> =
         redis::cmd("MEMORY").arg("USAGE").arg(&key).arg("SAMPLES").arg(0).query_async(&mut conn).await?;
     let usage = usage.with_context(|| format!("no key {key}"))?;
-    // Each entry is `0-<event id>` → `e`: the encoded event.
+    // Each entry is a batch: `<last event id>-0` → event id, encoded event, event id, …
     let entries: Vec<(String, Vec<String>)> =
         redis::cmd("XRANGE").arg(&key).arg("-").arg("+").query_async(&mut conn).await?;
-    let bodies: Vec<String> = entries.into_iter().filter_map(|(_, mut fields)| fields.pop()).collect();
+    let mut bodies: Vec<String> = Vec::new();
+    let mut last = 0u64;
+    for (_, fields) in entries {
+        for pair in fields.chunks_exact(2) {
+            let id: u64 = pair[0].parse().context("an event id")?;
+            // A retried batch that grew repeats events of the one before.
+            if id > last {
+                bodies.push(pair[1].clone());
+                last = id;
+            }
+        }
+    }
     Ok(sizes_of(&bodies, usage as f64, None))
 }
 
-/// The total size of the schema's `turn_events`: heap, indexes, TOAST.
+/// The total size of the schema's `turn_event_batches`: heap, indexes, TOAST.
 async fn pg_relation_size(url: &str, schema: &str) -> anyhow::Result<u64> {
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
     // The schema name is `bench_<pid>_log`: a plain identifier.
-    let sql = format!("select pg_total_relation_size('\"{schema}\".turn_events')");
+    let sql = format!("select pg_total_relation_size('\"{schema}\".turn_event_batches')");
     let size: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).fetch_one(&mut conn).await?;
     Ok(size as u64)
 }
@@ -550,12 +561,22 @@ async fn pg_log_size(url: &str, schema: &str, turn_id: &str, growth: u64) -> any
     use sqlx::Connection;
     let mut conn = sqlx::PgConnection::connect(url).await?;
     let sql = format!(
-        "select body, pg_column_size(e.*)::bigint from \"{schema}\".turn_events e where turn_id = $1::uuid order by id"
+        "select first_id, bodies, pg_column_size(e.*)::bigint from \"{schema}\".turn_event_batches e \
+         where turn_id = $1::uuid order by last_id"
     );
-    let rows: Vec<(String, i64)> =
+    let rows: Vec<(i64, Vec<String>, i64)> =
         sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(turn_id).fetch_all(&mut conn).await?;
-    let row_bytes: i64 = rows.iter().map(|(_, size)| size).sum();
-    let bodies: Vec<String> = rows.into_iter().map(|(body, _)| body).collect();
+    let row_bytes: i64 = rows.iter().map(|(_, _, size)| size).sum();
+    let mut bodies: Vec<String> = Vec::new();
+    let mut last = 0i64;
+    for (first, batch, _) in rows {
+        for (id, body) in (first..).zip(batch) {
+            if id > last {
+                bodies.push(body);
+                last = id;
+            }
+        }
+    }
     let per_row = row_bytes as f64 / bodies.len().max(1) as f64;
     Ok(sizes_of(&bodies, growth as f64, Some(per_row)))
 }

@@ -1,6 +1,9 @@
-//! The turn event log on PostgreSQL: `turn_events` rows under a `turn_logs` row per turn (which
-//! the sweeper deletes once expired), written one statement per append of several turns that
-//! also announces them in one `pg_notify` (payload: their ids, comma-separated); each replica `LISTEN`s once, on its first follower, on a connection
+//! The turn event log on PostgreSQL: `turn_event_batches` rows (one per turn and append: the
+//! batch's bodies, first and last event id) under a `turn_logs` row per turn (which the sweeper
+//! deletes once expired), written one statement per append of several turns that also
+//! announces them in one `pg_notify` (payload: their ids, comma-separated), on connections of
+//! their own that commit without waiting for the WAL flush (the log is a replay buffer: the
+//! history is what is durable, and a follower that finds a gap is told the turn's outcome); each replica `LISTEN`s once, on its first follower, on a connection
 //! of its own.
 
 use std::sync::Weak;
@@ -37,34 +40,39 @@ impl TurnEventLog for PgStore {
         if appends.is_empty() {
             return Ok(());
         }
-        let events = appends.iter().map(|a| a.events.len()).sum();
-        let (mut turn_ids, mut tenants, mut sessions, mut drop_up_to) = (vec![], vec![], vec![], vec![]);
-        let (mut event_turns, mut ids, mut bodies) =
-            (Vec::with_capacity(events), Vec::with_capacity(events), Vec::with_capacity(events));
+        let n = appends.len();
+        let (mut turn_ids, mut tenants, mut sessions) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut first_ids, mut last_ids, mut drop_up_to) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut los, mut his) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        let mut bodies: Vec<&str> = Vec::with_capacity(appends.iter().map(|a| a.events.len()).sum());
         for append in &appends {
             let turn = &append.turn;
+            let (first, last) = (append.events[0].id, append.events[append.events.len() - 1].id);
             turn_ids.push(turn.turn_id);
             tenants.push(turn.tenant.as_str());
             sessions.push(turn.session_id.as_str());
-            let last = append.events.last().map_or(0, |e| e.id);
+            first_ids.push(to_i64(first));
+            last_ids.push(to_i64(last));
             drop_up_to.push(to_i64(last.saturating_sub(MAX_EVENTS_PER_TURN)));
-            for event in &append.events {
-                event_turns.push(turn.turn_id);
-                ids.push(to_i64(event.id));
-                bodies.push(event.body.as_str());
-            }
+            los.push(i32::try_from(bodies.len() + 1).unwrap_or(i32::MAX));
+            bodies.extend(append.events.iter().map(|e| e.body.as_str()));
+            his.push(i32::try_from(bodies.len()).unwrap_or(i32::MAX));
         }
         let query = sqlx::query(APPEND_EVENTS)
             .bind(turn_ids)
             .bind(tenants)
             .bind(sessions)
             .bind(i64::try_from(ttl.as_micros()).unwrap_or(i64::MAX))
+            .bind(first_ids)
+            .bind(last_ids)
             .bind(drop_up_to)
-            .bind(event_turns)
-            .bind(ids)
+            .bind(los)
+            .bind(his)
             .bind(bodies)
             .bind(&self.events_channel);
-        self.timed(query.execute(&self.conns)).await.map(drop)
+        self.timed(query.execute(&self.event_conns)).await.map(drop)
     }
 
     async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>> {
@@ -75,13 +83,20 @@ impl TurnEventLog for PgStore {
             .bind(to_i64(after))
             .bind(to_i64(limit as u64));
         let rows = self.timed(query.fetch_all(&self.conns)).await?;
-        rows.iter()
-            .map(|row| {
-                let id: i64 = row.try_get("id").map_err(super::errors::db)?;
-                let body: String = row.try_get("body").map_err(super::errors::db)?;
-                Ok(LoggedEvent { id: to_u64(id), body })
-            })
-            .collect()
+        let mut events: Vec<LoggedEvent> = Vec::new();
+        let mut last = after;
+        for row in &rows {
+            let first: i64 = row.try_get("first_id").map_err(super::errors::db)?;
+            let bodies: Vec<String> = row.try_get("bodies").map_err(super::errors::db)?;
+            for (id, body) in (to_u64(first)..).zip(bodies) {
+                // A retried batch that grew repeats events of the batch before it.
+                if id > last && events.len() < limit {
+                    events.push(LoggedEvent { id, body });
+                    last = id;
+                }
+            }
+        }
+        Ok(events)
     }
 
     fn watch(&self, turn_id: Uuid) -> EventWatch {

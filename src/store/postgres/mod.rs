@@ -128,6 +128,9 @@ pub struct PgStore {
     /// The TTL in microseconds, as bound to queries.
     ttl_micros: Option<i64>,
     op_timeout: Duration,
+    /// The connections event log appends run on (see [`events`]): two, opened on the first
+    /// streamed turn, which commit without waiting for the WAL flush.
+    event_conns: ConnPool,
     /// One connection, opened on the first follower, that `LISTEN`s for event log appends.
     listen_pool: PgPool,
     /// Where event log appends are announced ([`events::channel`]).
@@ -162,11 +165,14 @@ impl PgStore {
             .max_connections(2)
             .acquire_timeout(opts.op_timeout)
             .connect_lazy_with(connect.clone());
+        let event_conns =
+            ConnPool::new(connect.clone().options([("synchronous_commit", "off")]), 2, opts.op_timeout, idle);
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(opts.op_timeout)
             .connect_lazy_with(connect.clone());
         Ok(PgStore {
+            event_conns,
             listen_pool,
             events_channel: events::channel(opts.schema.as_deref()),
             announcements: crate::store::event_log::Announcements::new(),
