@@ -16,3 +16,6 @@ create table if not exists turn_event_batches (
     bodies text[] not null,
     primary key (turn_id, last_id)
 ) with (toast_tuple_target = 8160);
+
+-- A session's logs go with it when it is deleted or its history cleared.
+create index if not exists turn_logs_session_idx on turn_logs (tenant, session_id);

@@ -476,6 +476,10 @@ mod tests {
             unreachable!("the writer only appends")
         }
 
+        async fn forget_session(&self, _: &str, _: &str) -> StoreResult<()> {
+            unreachable!("the writer only appends")
+        }
+
         fn watch(&self, _: Uuid) -> EventWatch {
             EventWatch::never()
         }

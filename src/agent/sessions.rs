@@ -63,12 +63,26 @@ impl Agent {
         session.ok_or_else(|| AppError::SessionNotFound(id.to_owned()))
     }
 
-    /// Deletes a session and its history; 404 when the tenant has no such session.
+    /// Deletes a session and its history (and its turns' event logs); 404 when the tenant has no
+    /// such session.
     pub async fn delete_session(&self, tenant: &str, id: &str) -> Result<(), AppError> {
         if self.store.history().delete_session(tenant, id).await? {
+            self.forget_event_logs(tenant, id).await;
             Ok(())
         } else {
             Err(AppError::SessionNotFound(id.to_owned()))
+        }
+    }
+
+    /// Drops the event logs of a session's turns, which hold what its turns streamed. The history
+    /// is already gone, so a failure only leaves them to expire (`PARLEY_EVENT_TTL`): logged,
+    /// not answered.
+    async fn forget_event_logs(&self, tenant: &str, id: &str) {
+        // The coordinator's log even when relaying is off: logs written before are dropped too.
+        if let Some(log) = self.store.coordinator().event_log()
+            && let Err(e) = log.forget_session(tenant, id).await
+        {
+            tracing::warn!(error = %e, "cannot drop the session's turn event logs; they expire on their own");
         }
     }
 
@@ -82,8 +96,11 @@ impl Agent {
         self.store.history().read_page(tenant, id, query).await.map_err(|e| AppError::from_store(e, id))
     }
 
-    /// Clears a session's history; the session stays, and seqs are never reused.
+    /// Clears a session's history (and its turns' event logs); the session stays, and seqs are
+    /// never reused.
     pub async fn clear_history(&self, tenant: &str, id: &str) -> Result<(), AppError> {
-        self.store.history().clear(tenant, id).await.map_err(|e| AppError::from_store(e, id))
+        self.store.history().clear(tenant, id).await.map_err(|e| AppError::from_store(e, id))?;
+        self.forget_event_logs(tenant, id).await;
+        Ok(())
     }
 }

@@ -53,7 +53,7 @@ pub struct TurnAppend {
 /// order and are read back in id order; events appended twice (a batch retried after an unknown
 /// outcome) are kept once; a read after `after` returns the events with greater ids, at most
 /// `limit`; an append wakes every [`TurnEventLog::watch`] of that turn on every replica; a turn's
-/// log goes `ttl` after its last append; each turn's log is bounded by [`MAX_EVENTS_PER_TURN`]
+/// log goes `ttl` after its last append, or when its session is forgotten; each turn's log is bounded by [`MAX_EVENTS_PER_TURN`]
 /// (the oldest go first).
 #[async_trait]
 pub trait TurnEventLog: Send + Sync + 'static {
@@ -66,6 +66,10 @@ pub trait TurnEventLog: Send + Sync + 'static {
 
     /// The turn's logged events with ids greater than `after`, at most `limit`, in id order.
     async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>>;
+
+    /// Drops the logs of every turn of a session (it was deleted, or its history cleared): what
+    /// they hold of its messages goes with them, not `ttl` later.
+    async fn forget_session(&self, tenant: &str, session_id: &str) -> StoreResult<()>;
 
     /// Wakes whenever events of `turn_id` are appended, by any replica. Take it before reading,
     /// so that nothing appended after the read goes unnoticed.

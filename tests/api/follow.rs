@@ -283,6 +283,50 @@ async fn following_an_unknown_turn_or_with_a_bad_last_event_id_is_a_problem() {
     assert_eq!(response.status(), 422, "after is an event id");
 }
 
+/// Deleting a session, or clearing its history, drops its turns' event logs at once (they hold
+/// what the turns streamed), and no other session's.
+async fn deleting_or_clearing_a_session_drops_its_turns_event_logs(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "0"]).await;
+    let app = &apps[0];
+    let log = app.coordinator.event_log().expect("this backend keeps an event log");
+    let mut turns = Vec::new();
+    for session in ["deleted", "cleared", "kept"] {
+        app.create_session(session).await;
+        let events = collect_events(app.open_stream(session, WORDS).await).await;
+        let turn = parley::store::LeaseKey {
+            tenant: parley::domain::DEFAULT_TENANT.to_owned(),
+            session_id: session.to_owned(),
+            turn_id: turn_id(&events).parse().unwrap(),
+        };
+        // The writer appends beside the stream: wait until the log holds every event.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.read_events(&turn, 0, 1000).await.unwrap().len() < events.len() {
+            assert!(tokio::time::Instant::now() < deadline, "{session}'s turn logged within 10 s");
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        turns.push((turn, events.len()));
+    }
+    let deleted = app.client.delete(app.url("/v1/sessions/deleted")).send().await.unwrap();
+    assert_eq!(deleted.status(), 204);
+    let cleared = app.client.delete(app.url("/v1/sessions/cleared/messages")).send().await.unwrap();
+    assert_eq!(cleared.status(), 204);
+    for (turn, events) in &turns {
+        let logged = log.read_events(turn, 0, 1000).await.unwrap().len();
+        let expected = if turn.session_id == "kept" { *events } else { 0 };
+        assert_eq!(logged, expected, "events logged for {}'s turn", turn.session_id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_or_clearing_a_redis_session_drops_its_turns_event_logs() {
+    deleting_or_clearing_a_session_drops_its_turns_event_logs(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_or_clearing_a_postgres_session_drops_its_turns_event_logs() {
+    deleting_or_clearing_a_session_drops_its_turns_event_logs(Backend::Postgres).await;
+}
+
 /// `PARLEY_EVENT_LOG=false`: nothing is logged, so another replica tells the turn's outcome once
 /// it ends, as a store without a log does.
 #[tokio::test]

@@ -141,6 +141,35 @@ where
     );
 }
 
+/// Forgetting a session drops the logs of its turns (several, written in several appends), and
+/// only theirs: another session's, or the same session id's in another tenant, stay.
+pub async fn forgetting_a_session_drops_its_turns_logs<F, Fut>(factory: &F)
+where
+    F: Fn(Setup) -> Fut,
+    Fut: Future<Output = Coordinated>,
+{
+    let coordinated = build(factory, Setup::default()).await;
+    coordinated.create_session(TENANT, "s1").await;
+    coordinated.create_session(TENANT, "s2").await;
+    coordinated.create_session(OTHER_TENANT, "s1").await;
+    let log = log(&coordinated);
+    let (first, second) = (key(TENANT, "s1"), key(TENANT, "s1"));
+    let kept = [key(TENANT, "s2"), key(OTHER_TENANT, "s1")];
+    for turn in [&first, &second].into_iter().chain(&kept) {
+        append(log, turn, events(1..=2), TTL).await;
+        append(log, turn, events(3..=3), TTL).await;
+    }
+    log.forget_session(TENANT, "s1").await.unwrap();
+    for turn in [&first, &second] {
+        assert!(log.read_events(turn, 0, 100).await.unwrap().is_empty(), "{turn:?} is dropped");
+    }
+    for turn in &kept {
+        assert_eq!(log.read_events(turn, 0, 100).await.unwrap(), events(1..=3), "{turn:?} stays");
+    }
+    log.forget_session(TENANT, "s1").await.expect("forgetting again is harmless");
+    log.forget_session(TENANT, "never").await.expect("a session without logs");
+}
+
 /// A turn's log is its own: another turn, session or tenant reads nothing of it.
 pub async fn a_log_is_read_only_by_its_turn<F, Fut>(factory: &F)
 where

@@ -300,6 +300,7 @@ macro_rules! event_log_contract_tests {
             a_retried_batch_is_added_once,
             several_turns_append_at_once,
             a_log_keeps_its_newest_events,
+            forgetting_a_session_drops_its_turns_logs,
             a_log_is_read_only_by_its_turn,
             an_append_wakes_the_turns_watchers,
             a_log_expires_after_its_ttl

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgListener, PgPool};
 use uuid::Uuid;
 
 use super::PgStore;
-use super::sql::{APPEND_EVENTS, READ_EVENTS};
+use super::sql::{APPEND_EVENTS, FORGET_EVENT_LOGS, READ_EVENTS};
 use crate::store::event_log::{
     EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnAppend, TurnEventLog, keep_listening,
 };
@@ -97,6 +97,11 @@ impl TurnEventLog for PgStore {
             }
         }
         Ok(events)
+    }
+
+    async fn forget_session(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
+        let query = sqlx::query(FORGET_EVENT_LOGS).bind(tenant).bind(session_id);
+        self.timed(query.execute(&self.conns)).await.map(drop)
     }
 
     fn watch(&self, turn_id: Uuid) -> EventWatch {

@@ -149,13 +149,17 @@ pub const COUNT_SESSIONS: &str = include_str!("sql/count_sessions.sql");
 /// Deletes up to `$1` expired sessions, skipping rows other sweepers hold.
 pub const SWEEP: &str = include_str!("sql/sweep_expired_sessions.sql");
 
-/// Appends a batch of a turn's events (skipping ids it holds), keeps its log `$4` µs from now,
-/// drops events with ids up to `$7` (the per-turn bound) and announces the append. Binds: turn
-/// id, tenant, session, ttl in µs, ids, bodies, highest id to drop, channel.
+/// Appends a batch of events of each of several turns (a row per turn; a batch already held is
+/// skipped), keeps each turn's log `$4` µs from now, drops its batches beyond the per-turn bound
+/// and announces the turns in one notification. Binds: see the file.
 pub const APPEND_EVENTS: &str = include_str!("sql/append_events.sql");
 
-/// A turn's logged events after an id, in id order. Binds: turn id, tenant, session, after, limit.
+/// The batches of a turn's log that end after an id, in order. Binds: turn id, tenant, session,
+/// after, limit.
 pub const READ_EVENTS: &str = include_str!("sql/read_events.sql");
+
+/// Drops the event logs of a session's turns (their batches go with them). Binds: tenant, session.
+pub const FORGET_EVENT_LOGS: &str = include_str!("sql/forget_event_logs.sql");
 
 /// Deletes up to `$1` expired turn event logs (their events with them), skipping rows others hold.
 pub const SWEEP_EVENT_LOGS: &str = include_str!("sql/sweep_expired_event_logs.sql");

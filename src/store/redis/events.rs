@@ -4,8 +4,9 @@
 //!
 //! One append of several turns is one pipeline: per turn an `XADD` of one entry holding its
 //! batch (fields: event id, body; entry id `<last event id>-0`, so that the entries are ordered
-//! by the events they end with, trimmed exactly with `MINID`) and a `PEXPIRE`, then one `PUBLISH` naming
-//! every turn. A retried batch that was applied is refused by `XADD` (its id is not above the
+//! by the events they end with, trimmed exactly with `MINID`) and a `PEXPIRE` (and, on its first
+//! append, its id added to its session's set of logged turns), then one `PUBLISH` naming every
+//! turn. A retried batch that was applied is refused by `XADD` (its id is not above the
 //! stream's top) and counts as held; one that grew since is added whole, and the reader skips
 //! the events it repeats.
 
@@ -18,7 +19,7 @@ use futures::StreamExt;
 use uuid::Uuid;
 
 use super::RedisStore;
-use super::keys::{events_channel, events_key};
+use super::keys::{event_logs_key, events_channel, events_key, events_key_prefix};
 use super::pool::Request;
 use crate::store::event_log::{
     EventHub, EventWatch, LoggedEvent, MAX_EVENTS_PER_TURN, TurnAppend, TurnEventLog, keep_listening,
@@ -52,6 +53,12 @@ impl TurnEventLog for RedisStore {
                 xadd.arg(event.id).arg(event.body.as_str());
             }
             pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
+            if append.events[0].id == 1 {
+                // The turn's first append (or its retry): listed with its session, to go with it.
+                let logs = event_logs_key(&self.prefix, &turn.tenant, &turn.session_id);
+                pipe.cmd("SADD").arg(&logs).arg(turn.turn_id.to_string()).ignore();
+                pipe.cmd("PEXPIRE").arg(&logs).arg(ttl_ms).ignore();
+            }
             if !announcement.is_empty() {
                 announcement.push(',');
             }
@@ -92,6 +99,13 @@ impl TurnEventLog for RedisStore {
             }
         }
         Ok(events)
+    }
+
+    async fn forget_session(&self, tenant: &str, session_id: &str) -> StoreResult<()> {
+        let mut call = self.scripts.forget_event_logs.key(event_logs_key(&self.prefix, tenant, session_id));
+        call.arg(events_key_prefix(&self.prefix, tenant, session_id));
+        // Harmless to repeat.
+        self.run::<i64>(Request::Script(&call), true).await.map(drop)
     }
 
     fn watch(&self, turn_id: Uuid) -> EventWatch {

@@ -16,9 +16,10 @@
 //! | `P:{T/S}:queue` | zset | turns waiting for the session (`if_busy: wait`), scored by arrival (server µs) |
 //! | `P:{T/S}:queue_exp` | zset | when each waiting turn's place lapses unless renewed (server ms) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
+//! | `P:{T/S}:event_logs` | set | the turns of the session with an event log, added by each turn's first append, expiring `PARLEY_EVENT_TTL` after the last one (dropped with their logs when the session is deleted or cleared) |
 //! | `P:{T/S}:events:<turn>` | stream | a running turn's events, an entry per append (`<last event id>-0` → event id, event, event id, event…), expiring `PARLEY_EVENT_TTL` after its last append |
 //!
-//! Appends to event logs are announced on the channel `P:events` (payload: the turn id).
+//! Appends to event logs are announced on the channel `P:events` (payload: the turn ids, comma-separated).
 //!
 //! The `{T/S}` hash tag puts every key of one session in one Redis Cluster slot. The seq counter
 //! (`last_seq`) lives in the meta hash, so `clear` (which only drops `messages`) keeps it.
@@ -90,7 +91,17 @@ impl SessionKeys {
 
 /// A turn's event log (a stream), in its session's hash slot.
 pub(super) fn events_key(prefix: &str, tenant: &str, session: &str, turn_id: uuid::Uuid) -> String {
-    format!("{prefix}:{{{}/{}}}:events:{turn_id}", encode_key_part(tenant), encode_key_part(session))
+    format!("{}{turn_id}", events_key_prefix(prefix, tenant, session))
+}
+
+/// What the event logs of a session's turns are named with, before the turn id.
+pub(super) fn events_key_prefix(prefix: &str, tenant: &str, session: &str) -> String {
+    format!("{prefix}:{{{}/{}}}:events:", encode_key_part(tenant), encode_key_part(session))
+}
+
+/// The set of a session's turns that have an event log (for dropping them with the session).
+pub(super) fn event_logs_key(prefix: &str, tenant: &str, session: &str) -> String {
+    format!("{prefix}:{{{}/{}}}:event_logs", encode_key_part(tenant), encode_key_part(session))
 }
 
 /// The pub/sub channel where appends to every turn's event log are announced.

@@ -129,6 +129,9 @@ const FIRST_IN_QUEUE: &str = include_str!("scripts/first_in_queue.lua");
 /// Leaves the queue. Returns 1.
 const LEAVE_QUEUE: &str = include_str!("scripts/leave_queue.lua");
 
+/// Drops the event logs of a session's turns, and their set. Returns how many turns it listed.
+const FORGET_EVENT_LOGS: &str = include_str!("scripts/forget_event_logs.lua");
+
 /// Every script, loaded on first use (`EVALSHA`, then `SCRIPT LOAD` on `NOSCRIPT`): the write
 /// scripts with [`PRELUDE`] in front, the idempotency ones with [`IDEMPOTENCY_PRELUDE`].
 pub(super) struct Scripts {
@@ -156,6 +159,7 @@ pub(super) struct Scripts {
     pub(super) join_queue: Script,
     pub(super) first_in_queue: Script,
     pub(super) leave_queue: Script,
+    pub(super) forget_event_logs: Script,
 }
 
 impl Scripts {
@@ -187,6 +191,7 @@ impl Scripts {
             join_queue: Script::new(&format!("{QUEUE_PRELUDE}{JOIN_QUEUE}")),
             first_in_queue: Script::new(&format!("{QUEUE_PRELUDE}{FIRST_IN_QUEUE}")),
             leave_queue: Script::new(LEAVE_QUEUE),
+            forget_event_logs: Script::new(FORGET_EVENT_LOGS),
         }
     }
 }

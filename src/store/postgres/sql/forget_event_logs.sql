@@ -1,0 +1,1 @@
+delete from turn_logs where tenant = $1 and session_id = $2
