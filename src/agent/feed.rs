@@ -40,7 +40,8 @@ impl TurnFeed {
             log.push(event);
             log.len()
         };
-        self.progress.send_modify(|p| p.0 = len);
+        // The highest count wins, should pushes ever race.
+        self.progress.send_modify(|p| p.0 = p.0.max(len));
         self.tell_writer();
     }
 

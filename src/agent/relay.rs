@@ -12,6 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{Stream, StreamExt};
 use tokio::sync::Notify;
@@ -48,10 +49,12 @@ const GIVE_UP_AFTER_END: Duration = Duration::from_secs(30);
 const FIRST_PAUSE: Duration = Duration::from_millis(20);
 
 /// Relays the feeds of this process's streamed turns into the coordinator's event log: one task,
-/// running while there are turns to relay, appends every turn's new events together. A failed
-/// append is retried (with what came since) until it succeeds: the log never has a gap. A turn
-/// whose end stays unwritten for [`GIVE_UP_AFTER_END`] because the store refuses is given up;
-/// followers then learn its outcome from the turn's record.
+/// running while there are turns to relay, appends every turn's new events together, the turns
+/// served longest ago first. A failed append is retried (with what came since) until it
+/// succeeds: the log never has a gap. A turn that has ended while the store refuses its appends,
+/// and goes on refusing them for [`GIVE_UP_AFTER_END`], is given up; followers then learn its
+/// outcome from the turn's record. The task, once running, appends to the source and with the
+/// ttl it was started with (an agent's are always the same).
 #[derive(Debug)]
 pub(super) struct LogWriter {
     shared: Arc<Shared>,
@@ -67,7 +70,7 @@ impl Default for LogWriter {
 
 #[derive(Debug, Default)]
 struct Shared {
-    /// Told by every relayed feed of each push and of its close.
+    /// Told by every relayed feed of each push and of its close, and of what joins.
     news: Arc<Notify>,
     state: Mutex<Joining>,
 }
@@ -76,6 +79,8 @@ struct Shared {
 struct Joining {
     /// Turns to relay that the task has not taken yet.
     turns: Vec<Relayed>,
+    /// Sessions forgotten (deleted, or their history cleared) whose turns the task is to drop.
+    forgotten: Vec<(String, String)>,
     /// Whether the task runs (it ends once it has nothing left to write).
     running: bool,
 }
@@ -89,8 +94,20 @@ struct Relayed {
     written: usize,
     /// Whether an append carrying its events is in flight.
     in_flight: bool,
+    /// Whether its session was forgotten: nothing more of it is written.
+    dropped: bool,
     /// Since when its feed has been closed.
     ended_at: Option<Instant>,
+    /// Since when the store has refused its appends, while it does.
+    failing_since: Option<Instant>,
+    /// The append it was last sent in (a count): the turns served longest ago go first.
+    last_sent: u64,
+}
+
+impl Relayed {
+    fn of_session(&self, (tenant, session): &(String, String)) -> bool {
+        self.key.tenant == *tenant && self.key.session_id == *session
+    }
 }
 
 impl Shared {
@@ -123,7 +140,16 @@ impl LogWriter {
         tracker: &TaskTracker,
     ) {
         feed.tell(Arc::clone(&self.shared.news));
-        let turn = Relayed { key, feed: Arc::clone(feed), written: 0, in_flight: false, ended_at: None };
+        let turn = Relayed {
+            key,
+            feed: Arc::clone(feed),
+            written: 0,
+            in_flight: false,
+            dropped: false,
+            ended_at: None,
+            failing_since: None,
+            last_sent: 0,
+        };
         let mut state = self.shared.state();
         state.turns.push(turn);
         if !std::mem::replace(&mut state.running, true) {
@@ -132,6 +158,20 @@ impl LogWriter {
         }
         drop(state);
         self.shared.news.notify_one();
+    }
+
+    /// Stops relaying the turns of a session whose logs are being dropped (it was deleted, or its
+    /// history cleared): nothing more of them is written here, and an append of theirs that was
+    /// in flight is followed by dropping the session's logs again.
+    pub(super) fn forget_session(&self, tenant: &str, session_id: &str) {
+        let session = (tenant.to_owned(), session_id.to_owned());
+        let mut state = self.shared.state();
+        state.turns.retain(|turn| !turn.of_session(&session));
+        if state.running {
+            state.forgotten.push(session);
+            drop(state);
+            self.shared.news.notify_one();
+        }
     }
 }
 
@@ -148,7 +188,8 @@ async fn write<S: LogSource>(shared: Arc<Shared>, source: S, ttl: Duration, give
         return;
     }
     let mut turns: HashMap<Uuid, Relayed> = HashMap::new();
-    let mut in_flight = FuturesUnordered::new();
+    let mut in_flight: FuturesUnordered<BoxFuture<'static, Sent>> = FuturesUnordered::new();
+    let mut appends = 0u64;
     let mut pause = FIRST_PAUSE;
     let mut paused_until: Option<Instant> = None;
     let mut warned = false;
@@ -156,24 +197,29 @@ async fn write<S: LogSource>(shared: Arc<Shared>, source: S, ttl: Duration, give
         {
             let mut joining = shared.state();
             turns.extend(joining.turns.drain(..).map(|t| (t.key.turn_id, t)));
+            for session in joining.forgotten.drain(..) {
+                turns.values_mut().filter(|t| t.of_session(&session)).for_each(|t| t.dropped = true);
+            }
             forget_done(&mut turns, give_up);
             if turns.is_empty() && in_flight.is_empty() {
                 joining.running = false;
                 return;
             }
         }
-        if in_flight.len() < IN_FLIGHT && paused_until.is_none_or(|at| at <= Instant::now()) {
+        if paused_until.is_some_and(|at| at <= Instant::now()) {
             paused_until = None;
-            let appends = compose(&mut turns);
-            if !appends.is_empty() {
+        }
+        let can_send = in_flight.len() < IN_FLIGHT && paused_until.is_none();
+        if can_send {
+            appends += 1;
+            let batch = compose(&mut turns, appends);
+            if !batch.is_empty() {
                 let source = source.clone();
-                in_flight.push(async move {
+                in_flight.push(Box::pin(async move {
                     let log = source.log().expect("checked when the writer started");
-                    let result = log.append_events(&appends, ttl).await;
-                    let sent: Sent =
-                        (appends.iter().map(|a| (a.turn.turn_id, a.events.len())).collect(), result);
-                    sent
-                });
+                    let result = log.append_events(&batch, ttl).await;
+                    (batch.iter().map(|a| (a.turn.turn_id, a.events.len())).collect(), result)
+                }));
                 continue;
             }
         }
@@ -185,7 +231,21 @@ async fn write<S: LogSource>(shared: Arc<Shared>, source: S, ttl: Duration, give
         };
         tokio::select! {
             Some(sent) = in_flight.next(), if !in_flight.is_empty() => {
-                match settle(&mut turns, sent) {
+                let refound = settle(&mut turns, &sent);
+                if !refound.is_empty() {
+                    // An append of a forgotten session's turn was in flight: it may have logged
+                    // again after the session's logs were dropped. Drop them once more.
+                    let source = source.clone();
+                    in_flight.push(Box::pin(async move {
+                        let log = source.log().expect("checked when the writer started");
+                        let mut result = Ok(());
+                        for (tenant, session) in &refound {
+                            result = result.and(log.forget_session(tenant, session).await);
+                        }
+                        (Vec::new(), result)
+                    }));
+                }
+                match sent.1 {
                     Ok(()) => {
                         pause = FIRST_PAUSE;
                         warned = false;
@@ -199,17 +259,22 @@ async fn write<S: LogSource>(shared: Arc<Shared>, source: S, ttl: Duration, give
                     }
                 }
             }
-            () = shared.news.notified() => {}
+            // Only when an append could go: what came meanwhile is read after every answer.
+            () = shared.news.notified(), if can_send => {}
             () = pause_over => {}
         }
     }
 }
 
-/// Forgets the turns whose feed is closed and written, and those given up.
+/// Forgets the turns whose feed is closed and written, those of forgotten sessions, and those
+/// given up: ended, and refused by the store for `give_up` since (the later of the two).
 fn forget_done(turns: &mut HashMap<Uuid, Relayed>, give_up: Duration) {
     turns.retain(|_, turn| {
         if turn.in_flight {
             return true;
+        }
+        if turn.dropped {
+            return false;
         }
         let (len, closed) = turn.feed.state();
         if closed && turn.ended_at.is_none() {
@@ -218,7 +283,9 @@ fn forget_done(turns: &mut HashMap<Uuid, Relayed>, give_up: Duration) {
         if closed && turn.written >= len {
             return false;
         }
-        if turn.ended_at.is_some_and(|at| at.elapsed() > give_up) {
+        if let (Some(ended), Some(failing)) = (turn.ended_at, turn.failing_since)
+            && ended.max(failing).elapsed() > give_up
+        {
             tracing::warn!(turn.id = %turn.key.turn_id, "gave up logging the turn's events");
             return false;
         }
@@ -226,17 +293,19 @@ fn forget_done(turns: &mut HashMap<Uuid, Relayed>, give_up: Duration) {
     });
 }
 
-/// The next append: the new events of every turn not in flight (marked in flight), within the
-/// bounds of one append.
-fn compose(turns: &mut HashMap<Uuid, Relayed>) -> Vec<TurnAppend> {
+/// The next append (number `append`): the new events of the turns not in flight, those served
+/// longest ago first, within the bounds of one append; its turns are marked in flight.
+fn compose(turns: &mut HashMap<Uuid, Relayed>, append: u64) -> Vec<TurnAppend> {
+    let mut waiting: Vec<&mut Relayed> =
+        turns.values_mut().filter(|t| !t.in_flight && !t.dropped && t.feed.state().0 > t.written).collect();
+    waiting.sort_unstable_by_key(|t| t.last_sent);
     let mut appends = Vec::new();
     let mut room = APPEND_BATCH;
-    for turn in turns.values_mut() {
-        if turn.in_flight || room == 0 || appends.len() == MAX_TURNS_PER_APPEND {
-            continue;
+    for turn in waiting {
+        if room == 0 || appends.len() == MAX_TURNS_PER_APPEND {
+            break;
         }
-        let from = turn.written;
-        let events = turn.feed.encode_from(from, TURN_BATCH.min(room), |i, event| LoggedEvent {
+        let events = turn.feed.encode_from(turn.written, TURN_BATCH.min(room), |i, event| LoggedEvent {
             id: i as u64 + 1,
             body: event.encode(),
         });
@@ -245,22 +314,32 @@ fn compose(turns: &mut HashMap<Uuid, Relayed>) -> Vec<TurnAppend> {
         }
         room -= events.len();
         turn.in_flight = true;
+        turn.last_sent = append;
         appends.push(TurnAppend { turn: turn.key.clone(), events });
     }
     appends
 }
 
-/// Records what an append wrote (or, if it failed, that its turns are to be sent again).
-fn settle(turns: &mut HashMap<Uuid, Relayed>, (sent, result): Sent) -> StoreResult<()> {
+/// Records what an append wrote (or, if it failed, that its turns are to be sent again). Returns
+/// the forgotten sessions it carried turns of.
+fn settle(turns: &mut HashMap<Uuid, Relayed>, (sent, result): &Sent) -> Vec<(String, String)> {
+    let mut refound: Vec<(String, String)> = Vec::new();
     for (turn_id, count) in sent {
-        if let Some(turn) = turns.get_mut(&turn_id) {
+        if let Some(turn) = turns.get_mut(turn_id) {
             turn.in_flight = false;
             if result.is_ok() {
                 turn.written += count;
+                turn.failing_since = None;
+            } else {
+                turn.failing_since.get_or_insert_with(Instant::now);
+            }
+            let session = (turn.key.tenant.clone(), turn.key.session_id.clone());
+            if turn.dropped && !refound.contains(&session) {
+                refound.push(session);
             }
         }
     }
-    result
+    refound
 }
 
 /// Where a log follower is.
@@ -355,9 +434,10 @@ impl Follower {
         }
     }
 
-    /// Reads what the log holds after the last event sent into `ready`: `Ok(true)` if it got
-    /// any. A gap (events dropped by the log's bound) counts as the log not holding the turn: the
-    /// follower waits for the end and tells the outcome. `Err` once the store has failed for
+    /// Reads what the log holds after the last event sent into `ready`, up to any gap: `Ok(true)`
+    /// if it got any. A gap at the start (events dropped by the log's bound, or lost by a store
+    /// that crashed) counts as the log not holding the turn: the follower waits for the end and
+    /// tells the outcome. `Err` once the store has failed for
     /// longer than its timeout.
     async fn read(&mut self) -> Result<bool, ()> {
         let log = self.agent.event_log().ok_or(())?;
@@ -370,6 +450,10 @@ impl Follower {
                     return Ok(false);
                 }
                 for event in events {
+                    if event.id != self.next_after + 1 {
+                        // A gap after what this read queued: the next read starts at it.
+                        break;
+                    }
                     match TurnEvent::decode(&event.body) {
                         Some(decoded) => self.ready.push_back(decoded),
                         None => {
@@ -476,8 +560,16 @@ mod tests {
             unreachable!("the writer only appends")
         }
 
-        async fn forget_session(&self, _: &str, _: &str) -> StoreResult<()> {
-            unreachable!("the writer only appends")
+        async fn forget_session(&self, tenant: &str, session: &str) -> StoreResult<()> {
+            let mut kept = self.kept.lock().unwrap();
+            let appends = self.appends.lock().unwrap();
+            let of_session = |turn_id: &Uuid| {
+                appends.iter().flatten().any(|a| {
+                    a.turn.turn_id == *turn_id && a.turn.tenant == tenant && a.turn.session_id == session
+                })
+            };
+            kept.retain(|turn_id, _| !of_session(turn_id));
+            Ok(())
         }
 
         fn watch(&self, _: Uuid) -> EventWatch {
@@ -495,8 +587,10 @@ mod tests {
         TurnEvent::Delta { turn_id: Uuid::nil(), message_id: Uuid::nil(), delta: text.to_owned() }
     }
 
+    /// A turn of a session of its own.
     fn turn() -> LeaseKey {
-        LeaseKey { tenant: "t".into(), session_id: "s".into(), turn_id: Uuid::now_v7() }
+        let turn_id = Uuid::now_v7();
+        LeaseKey { tenant: "t".into(), session_id: format!("s-{turn_id}"), turn_id }
     }
 
     /// Feeds of `n` events each, relayed (not yet written: the writer has not run).
@@ -562,6 +656,63 @@ mod tests {
         let kept = log.kept.lock().unwrap();
         for (key, feed) in &turns {
             assert_eq!(kept[&key.turn_id], expected(feed), "every event, once, in order");
+        }
+    }
+
+    #[test]
+    fn the_turns_served_longest_ago_go_first() {
+        let mut turns: HashMap<Uuid, Relayed> = HashMap::new();
+        for _ in 0..300 {
+            let (key, feed) = (turn(), TurnFeed::new());
+            feed.push(delta("a"));
+            let relayed = Relayed {
+                key: key.clone(),
+                feed,
+                written: 0,
+                in_flight: false,
+                dropped: false,
+                ended_at: None,
+                failing_since: None,
+                last_sent: 0,
+            };
+            turns.insert(key.turn_id, relayed);
+        }
+        let first = compose(&mut turns, 1);
+        let second = compose(&mut turns, 2);
+        assert_eq!((first.len(), second.len()), (MAX_TURNS_PER_APPEND, MAX_TURNS_PER_APPEND));
+        let sent: Sent = (first.iter().map(|a| (a.turn.turn_id, a.events.len())).collect(), Ok(()));
+        settle(&mut turns, &sent);
+        for turn in turns.values() {
+            turn.feed.push(delta("b"));
+        }
+        let third = compose(&mut turns, 3);
+        let served: std::collections::HashSet<Uuid> =
+            first.iter().chain(&second).chain(&third).map(|a| a.turn.turn_id).collect();
+        assert_eq!(served.len(), 300, "the 44 turns not served yet come before those served first");
+    }
+
+    #[tokio::test]
+    async fn a_forgotten_sessions_turns_are_no_longer_written() {
+        let (writer, log, tracker) = (LogWriter::default(), Arc::new(FakeLog::default()), TaskTracker::new());
+        let turns = relayed(&writer, &log, &tracker, 2);
+        let (gone, _) = &turns[0];
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while log.kept.lock().unwrap().len() < turns.len() {
+            assert!(Instant::now() < deadline, "the first events written within 5 s");
+            tokio::task::yield_now().await;
+        }
+        writer.forget_session(&gone.tenant, &gone.session_id);
+        log.forget_session(&gone.tenant, &gone.session_id).await.unwrap();
+        for (_, feed) in &turns {
+            feed.push(delta("after the delete"));
+            feed.close();
+        }
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        let kept = log.kept.lock().unwrap();
+        assert!(!kept.contains_key(&gone.turn_id), "nothing of the forgotten turn is logged again");
+        for (key, feed) in &turns[1..] {
+            assert_eq!(kept[&key.turn_id], expected(feed), "the other sessions' turns are written whole");
         }
     }
 

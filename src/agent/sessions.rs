@@ -78,6 +78,8 @@ impl Agent {
     /// is already gone, so a failure only leaves them to expire (`PARLEY_EVENT_TTL`): logged,
     /// not answered.
     async fn forget_event_logs(&self, tenant: &str, id: &str) {
+        // Turns of the session still running here log nothing more.
+        self.log_writer.forget_session(tenant, id);
         // The coordinator's log even when relaying is off: logs written before are dropped too.
         if let Some(log) = self.store.coordinator().event_log()
             && let Err(e) = log.forget_session(tenant, id).await

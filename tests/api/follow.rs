@@ -327,6 +327,54 @@ async fn deleting_or_clearing_a_postgres_session_drops_its_turns_event_logs() {
     deleting_or_clearing_a_session_drops_its_turns_event_logs(Backend::Postgres).await;
 }
 
+/// A log with a gap in the middle (events lost by a store that crashed, say): a follower sends
+/// what comes before the gap, then the turn's outcome, never what comes after the gap as if
+/// nothing were missing.
+async fn a_gap_in_the_middle_of_a_log_ends_in_the_outcome(backend: Backend) {
+    let apps = spawn_replicas(backend, 1, &["--echo-delay-ms", "0"]).await;
+    let app = &apps[0];
+    let log = app.coordinator.event_log().expect("this backend keeps an event log");
+    app.create_session("holes").await;
+    let streamed = collect_events(app.open_stream("holes", WORDS).await).await;
+    let turn = parley::store::LeaseKey {
+        tenant: parley::domain::DEFAULT_TENANT.to_owned(),
+        session_id: "holes".to_owned(),
+        turn_id: turn_id(&streamed).parse().unwrap(),
+    };
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    let logged = loop {
+        let logged = log.read_events(&turn, 0, 1000).await.unwrap();
+        if logged.len() == streamed.len() {
+            break logged;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the turn logged within 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(logged.len() > 6, "{} events", logged.len());
+    // The log again, without events 4 and 5, in two appends (each consecutive).
+    log.forget_session(&turn.tenant, &turn.session_id).await.unwrap();
+    let ttl = std::time::Duration::from_secs(60);
+    for part in [&logged[..3], &logged[5..]] {
+        let append = parley::store::event_log::TurnAppend { turn: turn.clone(), events: part.to_vec() };
+        log.append_events(&[append], ttl).await.unwrap();
+    }
+    let followed = collect_events(follow(app, "holes", &turn.turn_id.to_string(), None).await).await;
+    let (last, before) = followed.split_last().unwrap();
+    assert_eq!(ids(before), vec!["1", "2", "3"], "what comes before the gap, and only that");
+    assert_eq!(last.event, "turn.completed");
+    assert_eq!(last.data["messages"], json!(app.history("holes").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_middle_of_a_redis_log_ends_in_the_outcome() {
+    a_gap_in_the_middle_of_a_log_ends_in_the_outcome(Backend::Redis).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gap_in_the_middle_of_a_postgres_log_ends_in_the_outcome() {
+    a_gap_in_the_middle_of_a_log_ends_in_the_outcome(Backend::Postgres).await;
+}
+
 /// `PARLEY_EVENT_LOG=false`: nothing is logged, so another replica tells the turn's outcome once
 /// it ends, as a store without a log does.
 #[tokio::test]

@@ -2,7 +2,8 @@
 //! batch's bodies, first and last event id) under a `turn_logs` row per turn (which the sweeper
 //! deletes once expired), written one statement per append of several turns that also
 //! announces them in one `pg_notify` (payload: their ids, comma-separated), on connections of
-//! their own that commit without waiting for the WAL flush (the log is a replay buffer: the
+//! their own, and commits without waiting for the WAL flush (`synchronous_commit` off for that
+//! transaction only) (the log is a replay buffer: the
 //! history is what is durable, and a follower that finds a gap is told the turn's outcome); each replica `LISTEN`s once, on its first follower, on a connection
 //! of its own.
 

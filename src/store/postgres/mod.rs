@@ -129,7 +129,7 @@ pub struct PgStore {
     ttl_micros: Option<i64>,
     op_timeout: Duration,
     /// The connections event log appends run on (see [`events`]): two, opened on the first
-    /// streamed turn, which commit without waiting for the WAL flush.
+    /// streamed turn, beside those of the turns themselves.
     event_conns: ConnPool,
     /// One connection, opened on the first follower, that `LISTEN`s for event log appends.
     listen_pool: PgPool,
@@ -165,8 +165,7 @@ impl PgStore {
             .max_connections(2)
             .acquire_timeout(opts.op_timeout)
             .connect_lazy_with(connect.clone());
-        let event_conns =
-            ConnPool::new(connect.clone().options([("synchronous_commit", "off")]), 2, opts.op_timeout, idle);
+        let event_conns = ConnPool::new(connect.clone(), 2, opts.op_timeout, idle);
         let listen_pool = PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(opts.op_timeout)

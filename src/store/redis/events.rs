@@ -4,9 +4,9 @@
 //!
 //! One append of several turns is one pipeline: per turn an `XADD` of one entry holding its
 //! batch (fields: event id, body; entry id `<last event id>-0`, so that the entries are ordered
-//! by the events they end with, trimmed exactly with `MINID`) and a `PEXPIRE` (and, on its first
-//! append, its id added to its session's set of logged turns), then one `PUBLISH` naming every
-//! turn. A retried batch that was applied is refused by `XADD` (its id is not above the
+//! by the events they end with, trimmed exactly with `MINID`, whole batches at a time) and a
+//! `PEXPIRE`, and its id added to its session's set of logged turns (kept as long), then one
+//! `PUBLISH` naming every turn. A retried batch that was applied is refused by `XADD` (its id is not above the
 //! stream's top) and counts as held; one that grew since is added whole, and the reader skips
 //! the events it repeats.
 
@@ -36,7 +36,7 @@ impl TurnEventLog for RedisStore {
         if appends.is_empty() {
             return Ok(());
         }
-        let ttl_ms = ttl.as_millis().clamp(1, u64::MAX as u128) as u64;
+        let ttl_ms = super::lease_millis(ttl);
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
         let mut announcement = String::with_capacity(appends.len() * 37);
@@ -53,12 +53,10 @@ impl TurnEventLog for RedisStore {
                 xadd.arg(event.id).arg(event.body.as_str());
             }
             pipe.cmd("PEXPIRE").arg(&key).arg(ttl_ms).ignore();
-            if append.events[0].id == 1 {
-                // The turn's first append (or its retry): listed with its session, to go with it.
-                let logs = event_logs_key(&self.prefix, &turn.tenant, &turn.session_id);
-                pipe.cmd("SADD").arg(&logs).arg(turn.turn_id.to_string()).ignore();
-                pipe.cmd("PEXPIRE").arg(&logs).arg(ttl_ms).ignore();
-            }
+            // Listed with its session (for as long as its log lives), to go with it.
+            let logs = event_logs_key(&self.prefix, &turn.tenant, &turn.session_id);
+            pipe.cmd("SADD").arg(&logs).arg(turn.turn_id.to_string()).ignore();
+            pipe.cmd("PEXPIRE").arg(&logs).arg(ttl_ms).ignore();
             if !announcement.is_empty() {
                 announcement.push(',');
             }
@@ -79,10 +77,16 @@ impl TurnEventLog for RedisStore {
 
     async fn read_events(&self, turn: &LeaseKey, after: u64, limit: usize) -> StoreResult<Vec<LoggedEvent>> {
         let key = events_key(&self.prefix, &turn.tenant, &turn.session_id, turn.turn_id);
-        let mut cmd = redis::cmd("XRANGE");
-        // The entries that end after `after`; the first may begin before it.
-        cmd.arg(key).arg(after.saturating_add(1)).arg("+").arg("COUNT").arg(limit.max(1));
-        let entries: Vec<(String, Vec<String>)> = self.query(&cmd).await?;
+        // The entries that end within `limit` events after `after` (the first may begin before
+        // it), and the one after them, which may begin within: no more than `limit` events past
+        // `after` and one batch are read.
+        let (from, upto) = (after.saturating_add(1), after.saturating_add(limit.max(1) as u64));
+        let mut pipe = redis::pipe();
+        pipe.cmd("XRANGE").arg(&key).arg(from).arg(upto);
+        pipe.cmd("XRANGE").arg(&key).arg(upto.saturating_add(1)).arg("+").arg("COUNT").arg(1);
+        let (within, next): (Vec<(String, Vec<String>)>, Vec<(String, Vec<String>)>) =
+            self.query_pipe(&pipe).await?;
+        let entries = within.into_iter().chain(next);
         let mut events: Vec<LoggedEvent> = Vec::new();
         let mut last = after;
         for (_, fields) in entries {

@@ -16,7 +16,7 @@
 //! | `P:{T/S}:queue` | zset | turns waiting for the session (`if_busy: wait`), scored by arrival (server µs) |
 //! | `P:{T/S}:queue_exp` | zset | when each waiting turn's place lapses unless renewed (server ms) |
 //! | `P:{T}:sessions` | zset | the tenant's index: session id scored by `updated_at` (µs) |
-//! | `P:{T/S}:event_logs` | set | the turns of the session with an event log, added by each turn's first append, expiring `PARLEY_EVENT_TTL` after the last one (dropped with their logs when the session is deleted or cleared) |
+//! | `P:{T/S}:event_logs` | set | the turns of the session with an event log, added by each append, expiring `PARLEY_EVENT_TTL` after the last one (dropped with their logs when the session is deleted or cleared) |
 //! | `P:{T/S}:events:<turn>` | stream | a running turn's events, an entry per append (`<last event id>-0` → event id, event, event id, event…), expiring `PARLEY_EVENT_TTL` after its last append |
 //!
 //! Appends to event logs are announced on the channel `P:events` (payload: the turn ids, comma-separated).

@@ -23,4 +23,8 @@ with turns as (
   delete from turn_event_batches e using turns t
   where t.drop_up_to > 0 and e.turn_id = t.turn_id and e.last_id <= t.drop_up_to
 )
-select pg_notify($11, string_agg(turn_id::text, ',')) from turns
+-- The log is a replay buffer (the history is what is durable): its commit does not wait for the
+-- WAL flush. Set for this statement's own transaction, at its end.
+select pg_notify($11, string_agg(turn_id::text, ',')),
+       set_config('synchronous_commit', 'off', true)
+from turns
