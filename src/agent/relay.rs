@@ -616,17 +616,22 @@ mod tests {
         feed.encode_from(0, usize::MAX, |i, e| LoggedEvent { id: i as u64 + 1, body: e.encode() })
     }
 
+    /// Ends every turn with one more event, then waits until the writer has ended.
+    async fn end_all(turns: &[(LeaseKey, Arc<TurnFeed>)], last: &str, tracker: &TaskTracker) {
+        for (_, feed) in turns {
+            feed.push(delta(last));
+            feed.close();
+        }
+        tracker.close();
+        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+    }
+
     #[tokio::test]
     async fn turns_are_written_together_and_the_writer_ends_once_all_are_written() {
         let (writer, log, tracker) = (LogWriter::default(), Arc::new(FakeLog::default()), TaskTracker::new());
         let turns = relayed(&writer, &log, &tracker, 2);
         tokio::task::yield_now().await;
-        for (_, feed) in &turns {
-            feed.push(delta("more"));
-            feed.close();
-        }
-        tracker.close();
-        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        end_all(&turns, "more", &tracker).await;
         let appends = log.appends.lock().unwrap().clone();
         assert_eq!(appends[0].len(), 3, "the first append carries the three turns: {appends:?}");
         assert!(appends.len() <= 2, "one more append for what came since: {appends:?}");
@@ -643,12 +648,7 @@ mod tests {
         log.fail_applied.store(2, std::sync::atomic::Ordering::SeqCst);
         let turns = relayed(&writer, &log, &tracker, 3);
         tokio::task::yield_now().await;
-        for (_, feed) in &turns {
-            feed.push(delta("after the failure"));
-            feed.close();
-        }
-        tracker.close();
-        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        end_all(&turns, "after the failure", &tracker).await;
         let appends = log.appends.lock().unwrap().clone();
         assert!(appends.len() >= 3, "two failed appends, then one that succeeds: {appends:?}");
         let last = appends.last().unwrap();
@@ -703,12 +703,7 @@ mod tests {
         }
         writer.forget_session(&gone.tenant, &gone.session_id);
         log.forget_session(&gone.tenant, &gone.session_id).await.unwrap();
-        for (_, feed) in &turns {
-            feed.push(delta("after the delete"));
-            feed.close();
-        }
-        tracker.close();
-        tokio::time::timeout(Duration::from_secs(5), tracker.wait()).await.expect("the writer ends");
+        end_all(&turns, "after the delete", &tracker).await;
         let kept = log.kept.lock().unwrap();
         assert!(!kept.contains_key(&gone.turn_id), "nothing of the forgotten turn is logged again");
         for (key, feed) in &turns[1..] {

@@ -283,6 +283,31 @@ async fn following_an_unknown_turn_or_with_a_bad_last_event_id_is_a_problem() {
     assert_eq!(response.status(), 422, "after is an event id");
 }
 
+/// Streams a turn on `session` (created) to its end, then waits until the writer has logged
+/// every event of it: the turn and its logged events.
+async fn streamed_and_logged(
+    app: &TestApp,
+    session: &str,
+) -> (parley::store::LeaseKey, Vec<parley::store::event_log::LoggedEvent>) {
+    let log = app.coordinator.event_log().expect("this backend keeps an event log");
+    let events = collect_events(app.open_stream(session, WORDS).await).await;
+    let turn = parley::store::LeaseKey {
+        tenant: parley::domain::DEFAULT_TENANT.to_owned(),
+        session_id: session.to_owned(),
+        turn_id: turn_id(&events).parse().unwrap(),
+    };
+    // The writer appends beside the stream.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let logged = log.read_events(&turn, 0, 1000).await.unwrap();
+        if logged.len() == events.len() {
+            return (turn, logged);
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{session}'s turn logged within 10 s");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Deleting a session, or clearing its history, drops its turns' event logs at once (they hold
 /// what the turns streamed), and no other session's.
 async fn deleting_or_clearing_a_session_drops_its_turns_event_logs(backend: Backend) {
@@ -292,19 +317,8 @@ async fn deleting_or_clearing_a_session_drops_its_turns_event_logs(backend: Back
     let mut turns = Vec::new();
     for session in ["deleted", "cleared", "kept"] {
         app.create_session(session).await;
-        let events = collect_events(app.open_stream(session, WORDS).await).await;
-        let turn = parley::store::LeaseKey {
-            tenant: parley::domain::DEFAULT_TENANT.to_owned(),
-            session_id: session.to_owned(),
-            turn_id: turn_id(&events).parse().unwrap(),
-        };
-        // The writer appends beside the stream: wait until the log holds every event.
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-        while log.read_events(&turn, 0, 1000).await.unwrap().len() < events.len() {
-            assert!(tokio::time::Instant::now() < deadline, "{session}'s turn logged within 10 s");
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
-        turns.push((turn, events.len()));
+        let (turn, logged) = streamed_and_logged(app, session).await;
+        turns.push((turn, logged.len()));
     }
     let deleted = app.client.delete(app.url("/v1/sessions/deleted")).send().await.unwrap();
     assert_eq!(deleted.status(), 204);
@@ -335,21 +349,7 @@ async fn a_gap_in_the_middle_of_a_log_ends_in_the_outcome(backend: Backend) {
     let app = &apps[0];
     let log = app.coordinator.event_log().expect("this backend keeps an event log");
     app.create_session("holes").await;
-    let streamed = collect_events(app.open_stream("holes", WORDS).await).await;
-    let turn = parley::store::LeaseKey {
-        tenant: parley::domain::DEFAULT_TENANT.to_owned(),
-        session_id: "holes".to_owned(),
-        turn_id: turn_id(&streamed).parse().unwrap(),
-    };
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
-    let logged = loop {
-        let logged = log.read_events(&turn, 0, 1000).await.unwrap();
-        if logged.len() == streamed.len() {
-            break logged;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "the turn logged within 10 s");
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
+    let (turn, logged) = streamed_and_logged(app, "holes").await;
     assert!(logged.len() > 6, "{} events", logged.len());
     // The log again, without events 4 and 5, in two appends (each consecutive).
     log.forget_session(&turn.tenant, &turn.session_id).await.unwrap();
