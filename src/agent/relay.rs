@@ -105,6 +105,20 @@ struct Relayed {
 }
 
 impl Relayed {
+    /// A turn whose events are all to be written.
+    fn new(key: LeaseKey, feed: Arc<TurnFeed>) -> Self {
+        Relayed {
+            key,
+            feed,
+            written: 0,
+            in_flight: false,
+            dropped: false,
+            ended_at: None,
+            failing_since: None,
+            last_sent: 0,
+        }
+    }
+
     fn of_session(&self, (tenant, session): &(String, String)) -> bool {
         self.key.tenant == *tenant && self.key.session_id == *session
     }
@@ -140,16 +154,7 @@ impl LogWriter {
         tracker: &TaskTracker,
     ) {
         feed.tell(Arc::clone(&self.shared.news));
-        let turn = Relayed {
-            key,
-            feed: Arc::clone(feed),
-            written: 0,
-            in_flight: false,
-            dropped: false,
-            ended_at: None,
-            failing_since: None,
-            last_sent: 0,
-        };
+        let turn = Relayed::new(key, Arc::clone(feed));
         let mut state = self.shared.state();
         state.turns.push(turn);
         if !std::mem::replace(&mut state.running, true) {
@@ -665,17 +670,7 @@ mod tests {
         for _ in 0..300 {
             let (key, feed) = (turn(), TurnFeed::new());
             feed.push(delta("a"));
-            let relayed = Relayed {
-                key: key.clone(),
-                feed,
-                written: 0,
-                in_flight: false,
-                dropped: false,
-                ended_at: None,
-                failing_since: None,
-                last_sent: 0,
-            };
-            turns.insert(key.turn_id, relayed);
+            turns.insert(key.turn_id, Relayed::new(key, feed));
         }
         let first = compose(&mut turns, 1);
         let second = compose(&mut turns, 2);
