@@ -276,6 +276,8 @@ pub struct Agent {
     registry: TurnRegistry,
     /// Relays streamed turns' events into the coordinator's event log.
     log_writer: relay::LogWriter,
+    /// Reads of the event log shared by the followers of one turn.
+    shared_reads: relay::SharedReads,
     /// Set once the lease keeper runs (it starts with the first turn).
     keeper: std::sync::OnceLock<()>,
     /// The empty tool list of a call that offers none.
@@ -419,6 +421,7 @@ impl Agent {
             settings,
             registry: TurnRegistry::new(),
             log_writer: relay::LogWriter::default(),
+            shared_reads: relay::SharedReads::default(),
             keeper: std::sync::OnceLock::new(),
             no_tools: Arc::from([]),
         }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::task::TaskTracker;
@@ -347,6 +347,78 @@ fn settle(turns: &mut HashMap<Uuid, Relayed>, (sent, result): &Sent) -> Vec<(Str
     refound
 }
 
+/// What a read of the log gives its followers: the events, or why it failed.
+type ReadResult = Result<Arc<Vec<LoggedEvent>>, Arc<str>>;
+
+/// Reads the turn's log after `after`.
+fn read_log(agent: Arc<Agent>, turn: LeaseKey, after: u64) -> BoxFuture<'static, ReadResult> {
+    Box::pin(async move {
+        let log = agent.event_log().ok_or_else(|| Arc::<str>::from("no event log"))?;
+        let events = log.read_events(&turn, after, READ_BATCH).await;
+        events.map(Arc::new).map_err(|e| Arc::from(e.to_string()))
+    })
+}
+
+/// The reads of the log in flight in this process, each shared by the followers of one turn at
+/// one place: N followers woken by one append make one read, not N. A follower joins a read only
+/// if it started once the hub had received the announcement that last woke the follower, so
+/// the read sees what the follower was woken for.
+#[derive(Default)]
+pub(super) struct SharedReads {
+    reads: Mutex<HashMap<(LeaseKey, u64), InFlightRead>>,
+    started: std::sync::atomic::AtomicU64,
+}
+
+impl std::fmt::Debug for SharedReads {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedReads").finish_non_exhaustive()
+    }
+}
+
+struct InFlightRead {
+    /// Which read (to forget only this one once done).
+    id: u64,
+    /// The hub's count of announcements when it started.
+    announced: u64,
+    read: futures::future::Shared<BoxFuture<'static, ReadResult>>,
+}
+
+impl SharedReads {
+    /// The turn's events after `after`: from a read in flight that started once `generation`
+    /// announcements had been received, or else from one `start`ed now (the hub's count being
+    /// `announced`).
+    async fn read(
+        &self,
+        turn: &LeaseKey,
+        after: u64,
+        generation: u64,
+        announced: u64,
+        start: impl FnOnce() -> BoxFuture<'static, ReadResult>,
+    ) -> ReadResult {
+        let key = (turn.clone(), after);
+        let (id, read) = {
+            let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+            match reads.get(&key) {
+                Some(in_flight) if in_flight.announced >= generation => {
+                    (in_flight.id, in_flight.read.clone())
+                }
+                _ => {
+                    let id = self.started.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    let read = start().shared();
+                    reads.insert(key.clone(), InFlightRead { id, announced, read: read.clone() });
+                    (id, read)
+                }
+            }
+        };
+        let result = read.await;
+        let mut reads = self.reads.lock().unwrap_or_else(|e| e.into_inner());
+        if reads.get(&key).is_some_and(|in_flight| in_flight.id == id) {
+            reads.remove(&key);
+        }
+        result
+    }
+}
+
 /// Where a log follower is.
 struct Follower {
     agent: Arc<Agent>,
@@ -445,8 +517,19 @@ impl Follower {
     /// tells the outcome. `Err` once the store has failed for
     /// longer than its timeout.
     async fn read(&mut self) -> Result<bool, ()> {
-        let log = self.agent.event_log().ok_or(())?;
-        match log.read_events(&self.turn, self.next_after, READ_BATCH).await {
+        self.agent.event_log().ok_or(())?;
+        let read = match (self.watch.generation(), self.watch.announced()) {
+            // Followers of the turn at the same place share a read that saw what woke them.
+            (Some(generation), Some(announced)) => {
+                let (agent, turn, after) = (Arc::clone(&self.agent), self.turn.clone(), self.next_after);
+                let reads = &self.agent.shared_reads;
+                reads
+                    .read(&self.turn, after, generation, announced, move || read_log(agent, turn, after))
+                    .await
+            }
+            _ => read_log(Arc::clone(&self.agent), self.turn.clone(), self.next_after).await,
+        };
+        match read {
             Ok(events) => {
                 self.failing_since = None;
                 let Some(first) = events.first() else { return Ok(false) };
@@ -454,7 +537,7 @@ impl Follower {
                     self.ended = self.wait_for_end().await?;
                     return Ok(false);
                 }
-                for event in events {
+                for event in events.iter() {
                     if event.id != self.next_after + 1 {
                         // A gap after what this read queued: the next read starts at it.
                         break;
@@ -704,6 +787,40 @@ mod tests {
         for (key, feed) in &turns[1..] {
             assert_eq!(kept[&key.turn_id], expected(feed), "the other sessions' turns are written whole");
         }
+    }
+
+    #[tokio::test]
+    async fn followers_at_one_place_share_a_read_that_saw_what_woke_them() {
+        let reads = SharedReads::default();
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (open, gate) = tokio::sync::watch::channel(false);
+        let start = || {
+            let (calls, mut gate) = (Arc::clone(&calls), gate.clone());
+            move || -> BoxFuture<'static, ReadResult> {
+                calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Box::pin(async move {
+                    gate.wait_for(|open| *open).await.expect("the gate opens");
+                    Ok(Arc::new(vec![LoggedEvent { id: 4, body: "four".into() }]))
+                })
+            }
+        };
+        let key = turn();
+        // Ten followers after event 3, woken by announcement 5 (the hub at 5): one read.
+        let mut waiting: Vec<BoxFuture<'_, ReadResult>> = (0..10)
+            .map(|_| Box::pin(reads.read(&key, 3, 5, 5, start())) as BoxFuture<'_, ReadResult>)
+            .collect();
+        // One woken by announcement 6, after that read started: a read of its own.
+        waiting.push(Box::pin(reads.read(&key, 3, 6, 6, start())));
+        // One at another place: a read of its own.
+        waiting.push(Box::pin(reads.read(&key, 2, 5, 6, start())));
+        let opener = async {
+            tokio::task::yield_now().await;
+            open.send_replace(true);
+        };
+        let (results, ()) = tokio::join!(futures::future::join_all(waiting), opener);
+        assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3, "twelve followers, three reads");
+        assert!(results.iter().all(|r| r.as_ref().is_ok_and(|events| events[0].id == 4)));
+        assert!(reads.reads.lock().unwrap().is_empty(), "finished reads are forgotten");
     }
 
     #[tokio::test]

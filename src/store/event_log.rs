@@ -76,10 +76,15 @@ pub trait TurnEventLog: Send + Sync + 'static {
     fn watch(&self, turn_id: Uuid) -> EventWatch;
 }
 
-/// Routes "events of turn T were appended" to the followers of T in this process.
+/// Routes "events of turn T were appended" to the followers of T in this process, numbering the
+/// announcements (see [`EventWatch::generation`]).
 #[derive(Debug, Default)]
 pub struct EventHub {
-    turns: Mutex<HashMap<Uuid, watch::Sender<()>>>,
+    /// Each followed turn's watch, holding the number of the last announcement that named it (or
+    /// the count when it was first watched).
+    turns: Mutex<HashMap<Uuid, watch::Sender<u64>>>,
+    /// Announcements received so far (every wake-up counts one), kept under the `turns` lock.
+    announced: std::sync::atomic::AtomicU64,
 }
 
 impl EventHub {
@@ -88,20 +93,28 @@ impl EventHub {
         Arc::default()
     }
 
-    fn turns(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<()>>> {
+    fn turns(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, watch::Sender<u64>>> {
         self.turns.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The next announcement's number (under the `turns` lock).
+    fn next_announcement(&self) -> u64 {
+        self.announced.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
     }
 
     /// A watch of one turn's appends.
     pub fn watch(self: &Arc<Self>, turn_id: Uuid) -> EventWatch {
-        let rx = self.turns().entry(turn_id).or_insert_with(|| watch::Sender::new(())).subscribe();
+        let mut turns = self.turns();
+        let now = self.announced.load(std::sync::atomic::Ordering::Relaxed);
+        let rx = turns.entry(turn_id).or_insert_with(|| watch::Sender::new(now)).subscribe();
         EventWatch { hub: Some(Arc::clone(self)), turn_id, rx: Some(rx) }
     }
 
     /// Wakes the followers of `turn_id`, if any follow it here.
     pub fn notify(&self, turn_id: Uuid) {
-        if let Some(tx) = self.turns().get(&turn_id) {
-            tx.send_replace(());
+        let turns = self.turns();
+        if let Some(tx) = turns.get(&turn_id) {
+            tx.send_replace(self.next_announcement());
         }
     }
 
@@ -112,9 +125,10 @@ impl EventHub {
         if turns.is_empty() {
             return;
         }
+        let number = self.next_announcement();
         for id in announcement.split(',') {
             if let Some(tx) = Uuid::parse_str(id).ok().and_then(|turn| turns.get(&turn)) {
-                tx.send_replace(());
+                tx.send_replace(number);
             }
         }
     }
@@ -122,9 +136,18 @@ impl EventHub {
     /// Wakes every follower (after the notification channel was lost and found again: what was
     /// appended meanwhile went unannounced).
     pub fn notify_all(&self) {
-        for tx in self.turns().values() {
-            tx.send_replace(());
+        let turns = self.turns();
+        let number = self.next_announcement();
+        for tx in turns.values() {
+            tx.send_replace(number);
         }
+    }
+
+    /// The number of the last announcement received: a read of the log started now sees what
+    /// every announcement so far announced.
+    pub fn announced(&self) -> u64 {
+        let _turns = self.turns();
+        self.announced.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How many turns are followed here.
@@ -223,13 +246,26 @@ pub async fn keep_listening<C, Connecting, Draining>(
 pub struct EventWatch {
     hub: Option<Arc<EventHub>>,
     turn_id: Uuid,
-    rx: Option<watch::Receiver<()>>,
+    rx: Option<watch::Receiver<u64>>,
 }
 
 impl EventWatch {
     /// A watch that never wakes (a log without notifications).
     pub fn never() -> Self {
         EventWatch { hub: None, turn_id: Uuid::nil(), rx: None }
+    }
+
+    /// The number of the last announcement that named the turn (or of the last one before the
+    /// turn was first watched here): a read of the log that started once the hub had received
+    /// that many announcements ([`EventHub::announced`]) sees everything this watch was woken
+    /// for. `None` for a watch that never wakes.
+    pub fn generation(&self) -> Option<u64> {
+        self.rx.as_ref().map(|rx| *rx.borrow())
+    }
+
+    /// The hub's count of announcements now ([`EventHub::announced`]); `None` without a hub.
+    pub fn announced(&self) -> Option<u64> {
+        self.hub.as_ref().map(|hub| hub.announced())
     }
 
     /// Waits until events are appended after the last wake-up (at once if they were meanwhile).
@@ -268,7 +304,10 @@ mod tests {
         let mut first = hub.watch(a);
         let mut second = hub.watch(a);
         let mut other = hub.watch(b);
+        assert_eq!(other.generation(), Some(0), "no announcement yet");
         hub.notify(a);
+        assert_eq!(first.generation(), Some(hub.announced()), "numbered by the announcement that woke it");
+        assert_eq!(other.generation(), Some(0), "another turn's is unchanged");
         tokio::time::timeout(Duration::from_secs(1), first.changed()).await.expect("woken");
         tokio::time::timeout(Duration::from_secs(1), second.changed()).await.expect("woken");
         let quiet = tokio::time::timeout(Duration::from_millis(20), other.changed()).await;

@@ -243,7 +243,7 @@ pub struct FinishedTurn {
 }
 
 /// A running turn whose lease to renew (see [`TurnCoordinator::renew_turn_locks`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct LeaseKey {
     /// The tenant.
     pub tenant: String,
